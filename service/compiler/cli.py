@@ -1,0 +1,128 @@
+"""Compiler sub-commands of ``kiln``: convert, validate.
+
+    kiln convert SRC OUT --dtype bfloat16 --tp-size 2 --pp-size 1
+    kiln validate OUT [--strict] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from .errors import KilnError
+
+
+class ProgressBar:
+    """A dependency-free progress bar on stderr (plain lines when stderr is not a terminal)."""
+
+    def __init__(self, label: str, stream=sys.stderr):
+        self.label = label
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.start = time.perf_counter()
+        self.last_line = -1
+
+    def __call__(self, fraction: float, message: str) -> None:
+        pct = int(fraction * 100)
+        elapsed = time.perf_counter() - self.start
+        if self.tty:
+            width = 30
+            fill = int(fraction * width)
+            bar = "#" * fill + "-" * (width - fill)
+            self.stream.write(f"\r{self.label} [{bar}] {pct:3d}% {elapsed:6.1f}s {message[:40]:<40}")
+            if fraction >= 1.0:
+                self.stream.write("\n")
+            self.stream.flush()
+        elif pct // 10 != self.last_line or fraction >= 1.0:
+            self.last_line = pct // 10
+            self.stream.write(f"{self.label}: {pct}% ({elapsed:.1f}s)\n")
+            self.stream.flush()
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from .convert import convert_checkpoint
+    from .hub import resolve_model_dir
+    from .mapping import Mapping
+
+    try:
+        model_dir = resolve_model_dir(
+            args.src,
+            revision=args.revision,
+            cache_dir=args.cache_dir,
+            token=os.environ.get(args.token_env) if args.token_env else None,
+            allow_download=not args.offline,
+        )
+        summary = convert_checkpoint(
+            model_dir,
+            args.out,
+            dtype=args.dtype,
+            mapping=Mapping(tp_size=args.tp_size, pp_size=args.pp_size),
+            allow_pickle=args.allow_pickle,
+            overwrite=args.overwrite,
+            progress=None if args.quiet else ProgressBar("convert"),
+            workers=args.workers,
+        )
+    except KilnError as exc:
+        print(f"error [{exc.code}]: {exc.message}", file=sys.stderr)
+        if exc.hint:
+            print(f"hint: {exc.hint}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(summary.to_dict()))
+    else:
+        print(summary.line())
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from .checkpoint import validate_checkpoint
+
+    report = validate_checkpoint(args.dir, strict=args.strict)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        for line in report.warnings:
+            print(f"warning: {line}")
+        for line in report.errors:
+            print(f"error: {line}")
+        n = sum(1 for r in report.ranks if r.ok)
+        status = "OK" if report.ok else "INVALID"
+        print(f"{status}: {args.dir} ({report.architecture}, {n}/{report.world_size} rank files valid, "
+              f"{len(report.errors)} errors, {len(report.warnings)} warnings)")
+    return 0 if report.ok else 1
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from .models import supported_hf_architectures
+
+    p = sub.add_parser(
+        "convert",
+        help="convert a Hugging Face model into a TensorRT-LLM checkpoint",
+        description="Convert a HF model folder or cached repo id into config.json + rank{N}.safetensors. "
+        f"Supported architectures: {', '.join(supported_hf_architectures())}.",
+    )
+    p.add_argument("src", help="local HF model folder, or a repo id resolved through the HF cache")
+    p.add_argument("out", help="output checkpoint directory (written atomically)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    p.add_argument("--tp-size", type=int, default=1)
+    p.add_argument("--pp-size", type=int, default=1)
+    p.add_argument("--revision", default=None, help="repo revision (with a repo id)")
+    p.add_argument("--cache-dir", default=None, help="HF cache folder (default: huggingface_hub's)")
+    p.add_argument("--token-env", default=None, help="name of the environment variable holding an HF token")
+    p.add_argument("--offline", action="store_true", help="never download (same as HF_HUB_OFFLINE=1)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="accept *.bin/*.pt weights (loaded with torch.load(weights_only=True))")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (atomically)")
+    p.add_argument("--workers", type=int, default=2, help="threads producing tensors (default 2)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=_convert)
+
+    v = sub.add_parser("validate", help="check a TensorRT-LLM checkpoint's tensors against its config.json")
+    v.add_argument("dir")
+    v.add_argument("--strict", action="store_true", help="unexpected tensors are errors")
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(func=_validate)

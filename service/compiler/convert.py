@@ -1,0 +1,283 @@
+"""HF folder -> TensorRT-LLM checkpoint, streamed: ``from_hugging_face(...).save_checkpoint(out)``.
+
+Everything that can fail is checked before the first byte is written (architecture, config
+fields, tp/pp split, every safetensors header, the full per-rank plan against the expected
+names and shapes). Then each output tensor is produced in bounded row chunks from memory-mapped
+source slices and written at its precomputed offset, on ``workers`` threads. The output
+directory is assembled under a temporary name and renamed into place only when complete.
+
+    python -m service.cli convert ./SmolLM2-135M ./ckpt --dtype bfloat16 --tp-size 3
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .errors import InvalidArgument, KilnError, ModelNotFound, OutputExists
+from .mapping import Mapping
+from .models import spec_for_hf
+from .models.base import ArchSpec, TensorPlan
+from .models.hf_config import resolve_dtype
+from .safetensors_io import SafetensorsWriter, dtype_name, fsync_dir
+from .source import WeightSource, open_weights, read_json
+
+ProgressFn = Callable[[float, str], None]
+CHUNK_BYTES = 64 << 20
+
+
+@dataclass
+class ConvertSummary:
+    out_dir: str
+    architecture: str
+    dtype: str
+    tp_size: int
+    pp_size: int
+    tensors: int
+    bytes: int
+    seconds: float
+    peak_rss_bytes: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def line(self) -> str:
+        return (
+            f"converted {self.architecture} -> {self.out_dir}: {self.tensors} tensors, "
+            f"{self.bytes / 1e9:.2f} GB, {self.seconds:.1f} s "
+            f"({self.bytes / 1e9 / max(self.seconds, 1e-9):.2f} GB/s), peak RSS {self.peak_rss_bytes / 2**20:.0f} MiB"
+        )
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _read_hf_config(model_dir: Path) -> dict:
+    if not model_dir.is_dir():
+        raise ModelNotFound(f"model folder not found: {model_dir}")
+    return read_json(model_dir / "config.json", "config.json")
+
+
+class HFCheckpointModel:
+    """A converted model that exists only as a plan over memory-mapped source weights."""
+
+    def __init__(self, model_dir: Path, spec: ArchSpec, config: dict, source: WeightSource):
+        self.model_dir = model_dir
+        self.spec = spec
+        self.config = config
+        self.mapping = Mapping.from_dict(config["mapping"])
+        self.source = source
+        self._plans = {rank: spec.plan(config, rank, source) for rank in self.mapping.ranks()}
+
+    def plans(self, rank: int) -> list[TensorPlan]:
+        return self._plans[rank]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(p.nbytes for plans in self._plans.values() for p in plans)
+
+    def tensors(self, rank: int) -> Iterator[tuple[str, torch.Tensor]]:
+        """Materialize one output tensor at a time (for in-memory consumers such as the quantizer)."""
+        for plan in self._plans[rank]:
+            out = torch.empty(plan.shape, dtype=plan.dtype)
+            flat = out.view(-1).view(torch.uint8)
+            for offset, chunk in produce_chunks(plan, self.source):
+                raw = chunk.contiguous().view(-1).view(torch.uint8)
+                flat[offset:offset + raw.numel()] = raw
+            yield plan.name, out
+
+    def save_checkpoint(self, out_dir: str | os.PathLike, *, overwrite: bool = False,
+                        progress: ProgressFn | None = None, workers: int = 2) -> ConvertSummary:
+        return write_checkpoint(self, Path(out_dir), overwrite=overwrite, progress=progress, workers=workers)
+
+    def close(self) -> None:
+        self.source.close()
+
+
+def from_hugging_face(model_dir: str | os.PathLike, dtype: str = "auto", mapping: Mapping | None = None,
+                      *, allow_pickle: bool = False) -> HFCheckpointModel:
+    """Read config and weight headers, check the split, and plan every rank; reads no tensor data."""
+    model_dir = Path(model_dir)
+    hf = _read_hf_config(model_dir)
+    spec = spec_for_hf(hf)
+    mapping = mapping or Mapping()
+    cfg = spec.trt_config(hf, resolve_dtype(dtype, hf), mapping)
+    spec.check_mapping(cfg, mapping)
+    source = open_weights(model_dir, allow_pickle=allow_pickle)
+    try:
+        return HFCheckpointModel(model_dir, spec, cfg, source)
+    except BaseException:
+        source.close()
+        raise
+
+
+def produce_chunks(plan: TensorPlan, source: WeightSource,
+                   chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield (byte offset inside the output tensor, chunk in the output dtype), in order."""
+    elt = torch.empty((), dtype=plan.dtype).element_size()
+    width = plan.shape[1] if len(plan.shape) == 2 else 1
+    step = max(1, chunk_bytes // max(width * elt, 1))
+    offset = 0
+    for piece in plan.pieces:
+        if piece.source is None:  # zero rows (vocab padding)
+            for r in range(0, piece.nrows, step):
+                n = min(step, piece.nrows - r)
+                z = torch.zeros((n, width) if len(plan.shape) == 2 else (n,), dtype=plan.dtype)
+                yield offset, z
+                offset += z.numel() * elt
+            continue
+        view = source.view(piece.source)
+        if view.dim() == 1:
+            chunk = view[piece.rows[0]:piece.rows[1]].to(plan.dtype)
+            yield offset, chunk
+            offset += chunk.numel() * elt
+            source.release(piece.source)
+            continue
+        mat = view.t() if piece.transpose else view
+        c0, c1 = piece.cols if piece.cols is not None else (0, mat.shape[1])
+        r0, r1 = piece.rows
+        for r in range(r0, r1, step):
+            r2 = min(r + step, r1)
+            chunk = mat[r:r2, c0:c1].to(plan.dtype)
+            yield offset, chunk
+            offset += chunk.numel() * elt
+            if not piece.transpose:
+                source.release(piece.source, r, r2)
+        if piece.transpose:
+            source.release(piece.source)
+
+
+def _temp_sibling(out_dir: Path, tag: str) -> Path:
+    return out_dir.parent / f".{out_dir.name}.{tag}-{uuid.uuid4().hex[:12]}"
+
+
+def write_checkpoint(model: HFCheckpointModel, out_dir: Path, *, overwrite: bool = False,
+                     progress: ProgressFn | None = None, workers: int = 2) -> ConvertSummary:
+    """Stream every rank's tensors into ``out_dir`` atomically (temp dir + rename)."""
+    out_dir = out_dir.absolute()
+    if out_dir.exists() and not overwrite:
+        raise OutputExists(f"output directory already exists: {out_dir}")
+    if not out_dir.parent.is_dir():
+        raise InvalidArgument(f"parent directory of the output does not exist: {out_dir.parent}")
+    start = time.perf_counter()
+    total = model.total_bytes
+    done = 0
+    lock = threading.Lock()
+    last_report = [-1.0]
+
+    def advance(n: int, what: str) -> None:
+        nonlocal done
+        with lock:
+            done += n
+            frac = done / total if total else 1.0
+            if progress is not None and (frac - last_report[0] >= 0.005 or frac >= 1.0):
+                last_report[0] = frac
+                progress(frac, what)
+
+    tmp = _temp_sibling(out_dir, "tmp")
+    tmp.mkdir()
+    try:
+        config = dict(model.config)
+        (tmp / "config.json").write_text(_dump_json(config))
+        writers = {}
+        jobs: list[tuple[SafetensorsWriter, TensorPlan]] = []
+        for rank in model.mapping.ranks():
+            plans = model.plans(rank)
+            w = SafetensorsWriter(
+                tmp / f"rank{rank}.safetensors",
+                [(p.name, dtype_name(p.dtype), p.shape) for p in plans],
+                metadata={"format": "pt", "producer": f"kiln {__version__}"},
+            )
+            writers[rank] = w
+            jobs += [(w, p) for p in plans]
+
+        def run(job: tuple[SafetensorsWriter, TensorPlan]) -> None:
+            writer, plan = job
+            for offset, chunk in produce_chunks(plan, model.source):
+                advance(writer.write(plan.name, offset, chunk), plan.name)
+
+        try:
+            if workers > 1:
+                with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kiln-convert") as pool:
+                    for _ in pool.map(run, jobs):
+                        pass
+            else:
+                for job in jobs:
+                    run(job)
+        finally:
+            for w in writers.values():
+                w.close(fsync=True)
+        fsync_dir(tmp)
+        if out_dir.exists():  # overwrite: swap the old one out only once the new one is complete
+            old = _temp_sibling(out_dir, "old")
+            os.rename(out_dir, old)
+            os.rename(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out_dir)
+        fsync_dir(out_dir.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    n_tensors = sum(len(model.plans(r)) for r in model.mapping.ranks())
+    return ConvertSummary(
+        out_dir=str(out_dir),
+        architecture=model.config["architecture"],
+        dtype=model.config["dtype"],
+        tp_size=model.mapping.tp_size,
+        pp_size=model.mapping.pp_size,
+        tensors=n_tensors,
+        bytes=total,
+        seconds=time.perf_counter() - start,
+        peak_rss_bytes=peak_rss_bytes(),
+    )
+
+
+def _dump_json(obj: dict) -> str:
+    import json
+
+    return json.dumps(obj, indent=2, sort_keys=False) + "\n"
+
+
+def convert_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str = "auto",
+                       mapping: Mapping | None = None, allow_pickle: bool = False, overwrite: bool = False,
+                       progress: ProgressFn | None = None, workers: int = 2) -> ConvertSummary:
+    """The convert stage: a typed function from paths and a config to a summary (see module doc)."""
+    model = from_hugging_face(model_dir, dtype=dtype, mapping=mapping, allow_pickle=allow_pickle)
+    try:
+        return model.save_checkpoint(out_dir, overwrite=overwrite, progress=progress, workers=workers)
+    finally:
+        model.close()
+
+
+def preflight(model_dir: str | os.PathLike, dtype: str = "auto", mapping: Mapping | None = None,
+              *, allow_pickle: bool = False) -> dict:
+    """Every check ``convert_checkpoint`` makes before writing, and the checkpoint config it would write."""
+    model = from_hugging_face(model_dir, dtype=dtype, mapping=mapping, allow_pickle=allow_pickle)
+    try:
+        return dict(model.config)
+    finally:
+        model.close()
+
+
+__all__ = [
+    "ConvertSummary",
+    "HFCheckpointModel",
+    "KilnError",
+    "convert_checkpoint",
+    "from_hugging_face",
+    "preflight",
+    "produce_chunks",
+]
