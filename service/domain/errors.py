@@ -1,0 +1,96 @@
+"""Domain errors and THE error table: each stable error code -> (HTTP status, gRPC status code name).
+
+REST and gRPC both translate errors through ``status_for`` so the two protocols never drift. The
+compiler's ``KilnError`` codes are listed here too: a compiler error surfaces to the user unchanged.
+"""
+
+from __future__ import annotations
+
+
+class DomainError(Exception):
+    code = "internal"
+    default_hint = ""
+
+    def __init__(self, message: str, *, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint if hint is not None else self.default_hint
+
+    def to_dict(self) -> dict[str, str]:
+        return {"code": self.code, "message": self.message, "hint": self.hint}
+
+
+class InvalidSpec(DomainError):
+    code = "invalid_argument"
+
+
+class JobNotFound(DomainError):
+    code = "job_not_found"
+
+
+class ArtifactNotFound(DomainError):
+    code = "artifact_not_found"
+
+
+class IdempotencyConflict(DomainError):
+    code = "idempotency_conflict"
+    default_hint = "an Idempotency-Key names exactly one request; use a new key for a different spec"
+
+
+class JobFinished(DomainError):
+    code = "job_finished"
+
+
+class NoWorker(DomainError):
+    code = "no_worker"
+    default_hint = "GET /v1/workers lists the queues live workers serve"
+
+
+class Unauthenticated(DomainError):
+    code = "unauthenticated"
+    default_hint = "send 'Authorization: Bearer <api key>'"
+
+
+class PayloadTooLarge(DomainError):
+    code = "payload_too_large"
+
+
+class RangeNotSatisfiable(DomainError):
+    code = "range_not_satisfiable"
+
+
+# code -> (HTTP status, gRPC code name). Unknown codes are internal errors (500 / INTERNAL).
+ERROR_TABLE: dict[str, tuple[int, str]] = {
+    "invalid_argument": (400, "INVALID_ARGUMENT"),
+    "unsupported_architecture": (422, "INVALID_ARGUMENT"),
+    "invalid_mapping": (422, "INVALID_ARGUMENT"),
+    "model_not_found": (422, "INVALID_ARGUMENT"),
+    "unsafe_weights": (422, "INVALID_ARGUMENT"),
+    "malformed_weights": (422, "INVALID_ARGUMENT"),
+    "weights_mismatch": (422, "INVALID_ARGUMENT"),
+    "invalid_checkpoint": (422, "INVALID_ARGUMENT"),
+    "no_worker": (422, "INVALID_ARGUMENT"),
+    "output_exists": (409, "ALREADY_EXISTS"),
+    "idempotency_conflict": (409, "ALREADY_EXISTS"),
+    "job_finished": (409, "FAILED_PRECONDITION"),
+    "job_not_found": (404, "NOT_FOUND"),
+    "artifact_not_found": (404, "NOT_FOUND"),
+    "not_found": (404, "NOT_FOUND"),
+    "unauthenticated": (401, "UNAUTHENTICATED"),
+    "payload_too_large": (413, "RESOURCE_EXHAUSTED"),
+    "range_not_satisfiable": (416, "OUT_OF_RANGE"),
+    "unavailable": (503, "UNAVAILABLE"),
+    "internal": (500, "INTERNAL"),
+}
+
+
+def status_for(code: str) -> tuple[int, str]:
+    return ERROR_TABLE.get(code, ERROR_TABLE["internal"])
+
+
+def error_body(exc: BaseException) -> dict[str, str]:
+    """The public {code, message, hint} of any error; internals never leak."""
+    code = getattr(exc, "code", None)
+    if isinstance(code, str) and code in ERROR_TABLE:
+        return {"code": code, "message": getattr(exc, "message", str(exc)), "hint": getattr(exc, "hint", "") or ""}
+    return {"code": "internal", "message": "internal error", "hint": "see the server log"}

@@ -1,0 +1,160 @@
+"""One typed Settings object (``KILN_*`` environment variables) read by the API, workers and CLI.
+
+Defaults are the embedded mode: everything under ``KILN_STORAGE`` (./.kiln), SQLite for jobs, a
+file-backed Celery transport, loopback, no API keys. Scaled mode only changes URLs
+(``KILN_DATABASE_URL=postgresql://…``, ``KILN_BROKER_URL=redis://…``). Anything that listens
+beyond loopback refuses to start without API keys (``Settings.check_listen``).
+
+API keys: ``KILN_API_KEYS="tenant-a:sha256:<hex>,tenant-b:sha256:<hex>"`` (hashes, preferred) or
+``tenant:plaintext`` (hashed at load, the plaintext is not kept). ``KILN_API_KEYS_FILE`` names a
+file with one entry per line.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import ipaddress
+import os
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class UnsafeConfiguration(RuntimeError):
+    """The configuration would expose the service without authentication."""
+
+
+def hash_api_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="KILN_", extra="ignore")
+
+    storage: Path = Field(default=Path(".kiln"), description="shared filesystem root for artifacts and caches")
+    database_url: str | None = Field(default=None, description="SQLAlchemy URL; default sqlite under storage")
+    broker_url: str | None = Field(default=None, description="Celery broker; default file-backed transport")
+    api_keys: str = Field(default="", description="tenant:key or tenant:sha256:<hex>, comma separated")
+    api_keys_file: Path | None = None
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    grpc_port: int = 50051
+    max_body_bytes: int = 1 << 20
+    grpc_max_message_bytes: int = 4 << 20
+    page_size_max: int = 200
+
+    # Hugging Face token by reference only: the name of an environment variable, or a secret file.
+    hf_token_env: str | None = None
+    hf_token_file: Path | None = None
+
+    # Worker reliability knobs (seconds). task_time_limit stays below the broker visibility timeout.
+    attempt_cap: int = 3
+    lease_ttl_s: float = 120.0
+    heartbeat_s: float = 30.0
+    reconcile_interval_s: float = 30.0
+    requeue_after_s: float = 300.0
+    task_time_limit_s: int = 6 * 3600
+    visibility_timeout_s: int = 7 * 3600
+    worker_queues: str = "cpu"
+    worker_heartbeat_s: float = 10.0
+    worker_ttl_s: float = 60.0
+    stage_plugins: str = Field(default="", description="comma-separated modules that register extra stages")
+
+    # Webhooks
+    webhook_secret: str = ""
+    webhook_allow_private: bool = False
+    webhook_attempts: int = 5
+    webhook_backoff_s: float = 1.0
+
+    @property
+    def storage_root(self) -> Path:
+        return self.storage.expanduser().resolve()
+
+    @property
+    def hf_cache(self) -> Path:
+        return self.storage_root / "hf-cache"
+
+    @property
+    def db_url(self) -> str:
+        if self.database_url:
+            url = self.database_url
+            # psycopg 3 is the driver we install; plain postgresql:// would pick psycopg2.
+            if url.startswith("postgresql://") or url.startswith("postgres://"):
+                url = "postgresql+psycopg://" + url.split("://", 1)[1]
+            return url
+        return f"sqlite:///{self.storage_root / 'kiln.db'}"
+
+    @property
+    def broker(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def uses_filesystem_broker(self) -> bool:
+        return self.broker.startswith("filesystem://")
+
+    @property
+    def broker_folder(self) -> Path:
+        return self.storage_root / "broker"
+
+    @property
+    def queues(self) -> list[str]:
+        return [q.strip() for q in self.worker_queues.split(",") if q.strip()]
+
+    def api_key_hashes(self) -> dict[str, str]:
+        """sha256 hex of each key -> tenant. Plaintext keys are hashed here and never stored."""
+        entries = [e for e in self.api_keys.split(",") if e.strip()]
+        if self.api_keys_file:
+            entries += [ln for ln in self.api_keys_file.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+        table: dict[str, str] = {}
+        for entry in entries:
+            tenant, _, key = entry.strip().partition(":")
+            if not tenant or not key:
+                raise UnsafeConfiguration("KILN_API_KEYS entries must look like tenant:key or tenant:sha256:<hex>")
+            if key.startswith("sha256:"):
+                digest = key[len("sha256:"):].lower()
+                if len(digest) != 64:
+                    raise UnsafeConfiguration(f"API key hash for tenant {tenant!r} is not a sha256 hex digest")
+            else:
+                digest = hash_api_key(key)
+            table[digest] = tenant
+        return table
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_key_hashes())
+
+    def check_listen(self, host: str | None = None) -> None:
+        """Refuse to expose the service beyond loopback without API keys."""
+        host = host or self.host
+        if not is_loopback(host) and not self.auth_enabled:
+            raise UnsafeConfiguration(
+                f"refusing to listen on {host!r} without API keys: set KILN_API_KEYS "
+                "(tenant:sha256:<hex>) or listen on 127.0.0.1"
+            )
+
+    def read_hf_token(self) -> str | None:
+        """The HF token, read from its reference at the moment of use; never persisted."""
+        if self.hf_token_env:
+            value = os.environ.get(self.hf_token_env)
+            if value:
+                return value.strip()
+        if self.hf_token_file and self.hf_token_file.is_file():
+            return self.hf_token_file.read_text().strip() or None
+        return None
+
+
+@functools.lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
