@@ -79,9 +79,23 @@ def load_config(ckpt_dir: Path) -> dict:
     return cfg
 
 
+def _is_quantized(config: dict) -> bool:
+    q = config.get("quantization") or {}
+    return bool(q.get("quant_algo") or q.get("kv_cache_quant_algo"))
+
+
+def expected_list(config: dict, rank: int) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """Every tensor of ``rank`` with shape and dtype, from config.json alone (quantized layouts too)."""
+    base = spec_for_checkpoint(config).expected(config, rank)
+    if _is_quantized(config):
+        from .quantization.layout import quantized_expected  # the quantizer owns its layouts
+
+        return quantized_expected(config, rank, base)
+    return base
+
+
 def expected_tensors(config: dict, rank: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    spec = spec_for_checkpoint(config)
-    return {name: (tuple(shape), dt) for name, shape, dt in spec.expected(config, rank)}
+    return {name: (tuple(shape), dt) for name, shape, dt in expected_list(config, rank)}
 
 
 def validate_checkpoint(ckpt_dir: str | os.PathLike, *, strict: bool = False) -> ValidationReport:
@@ -96,7 +110,7 @@ def validate_checkpoint(ckpt_dir: str | os.PathLike, *, strict: bool = False) ->
         report.architecture = cfg["architecture"]
         mapping = Mapping.from_dict(cfg["mapping"])
         report.world_size = mapping.world_size
-        spec = spec_for_checkpoint(cfg)
+        spec_for_checkpoint(cfg)
     except KilnError as exc:
         report.errors.append(str(exc))
         return report
@@ -109,7 +123,7 @@ def validate_checkpoint(ckpt_dir: str | os.PathLike, *, strict: bool = False) ->
         rr = RankReport(rank=rank, file=fname)
         report.ranks.append(rr)
         try:
-            expected = {n: (tuple(s), d) for n, s, d in spec.expected(cfg, rank)}
+            expected = {n: (tuple(s), d) for n, s, d in expected_list(cfg, rank)}
         except KilnError as exc:
             rr.error = str(exc)
             report.errors.append(f"{fname}: {exc}")
