@@ -6,8 +6,15 @@ export PYTHONPATH := $(CURDIR)
 
 .PHONY: setup proto demo test test-fast bench-convert lint services clean
 
+STAMP := $(VENV)/.kiln-setup
+
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
+
+# `make demo` and `make test` set up the environment themselves (once, again when pyproject changes).
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(MAKE) setup
+	touch $(STAMP)
 
 setup: $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip
@@ -26,13 +33,14 @@ services:
 	bash .ci/services.sh
 
 # The main job: compile the real SmolLM2-135M end to end on the embedded default.
-demo:
+demo: $(STAMP)
 	$(BIN)/python -m service.demo
 
-test:
+test: $(STAMP)
+	bash .ci/services.sh
 	$(BIN)/python -m pytest -q -rs
 
-test-fast:
+test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -rs -m "not slow"
 
 bench-convert:
