@@ -149,7 +149,7 @@ class ArtifactStore:
         if not stages.is_dir():
             return 0
         cutoff = time.time() - older_than_s
-        for tmp in stages.glob("*/.tmp-*"):
+        for tmp in stages.glob("*/.*"):  # ours (.tmp-*) and the compiler's temp siblings
             try:
                 if tmp.stat().st_mtime < cutoff:
                     shutil.rmtree(tmp, ignore_errors=True)

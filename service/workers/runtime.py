@@ -1,0 +1,150 @@
+"""Per-process worker state and the worker's background duties.
+
+In each pool process: the job store, artifact store and pipeline runner (created lazily, after fork).
+In the worker's main process: registration with capabilities and a heartbeat (``GET /v1/workers``),
+and the reconciler that re-publishes queued jobs whose message was lost and running jobs whose
+lease expired (the broker message is only a wake-up; the job row is the truth).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+import os
+import socket
+import threading
+
+from celery import signals
+
+from service.settings import get_settings
+from service.store import ArtifactStore, JobStore, make_engine, migrate
+
+log = logging.getLogger("kiln.worker")
+
+
+def detect_capabilities() -> dict:
+    gpus = []
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            for i in range(torch.cuda.device_count()):
+                p = torch.cuda.get_device_properties(i)
+                gpus.append({"name": p.name, "sm": f"sm{p.major}{p.minor}", "memory_bytes": p.total_memory})
+    except Exception:  # no torch or no driver: a CPU worker
+        pass
+    backends = ["torch"]
+    if importlib.util.find_spec("onnxruntime"):
+        backends.append("onnx")
+    if gpus and importlib.util.find_spec("tensorrt"):
+        backends.append("tensorrt")
+    if gpus and importlib.util.find_spec("tensorrt_llm"):
+        backends.append("trtllm")
+    return {"gpus": gpus, "backends": backends}
+
+
+def worker_queues(settings, caps: dict) -> list[str]:
+    queues = list(settings.queues)
+    for gpu in caps["gpus"]:
+        q = f"build.{gpu['sm']}"
+        if q not in queues:
+            queues.append(q)
+    return queues
+
+
+class WorkerRuntime:
+    def __init__(self):
+        from .app import app, load_stage_plugins, publish
+        from .pipeline import PipelineRunner
+        from .webhooks import notify_job
+
+        self.settings = get_settings()
+        load_stage_plugins(self.settings)
+        self.engine = make_engine(self.settings.db_url)
+        migrate(self.engine)
+        self.store = JobStore(self.engine)
+        self.artifacts = ArtifactStore(self.settings.storage_root)
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+        self.runner = PipelineRunner(
+            self.settings, self.store, self.artifacts, self.worker_id,
+            enqueue=lambda job_id, queue, countdown: publish(app, job_id, queue, countdown),
+            on_finished=lambda job_id: notify_job(self.settings, self.store, job_id),
+        )
+
+
+@functools.lru_cache(maxsize=1)
+def worker_runtime() -> WorkerRuntime:
+    return WorkerRuntime()
+
+
+class MainProcessDuties:
+    """Registration heartbeat + reconciler, on a daemon thread in the worker's main process."""
+
+    def __init__(self, hostname: str):
+        from .app import app, publish
+
+        self.settings = get_settings()
+        self.engine = make_engine(self.settings.db_url)
+        migrate(self.engine)
+        self.store = JobStore(self.engine)
+        self.artifacts = ArtifactStore(self.settings.storage_root)
+        self.caps = detect_capabilities()
+        self.queues = worker_queues(self.settings, self.caps)
+        self.worker_id = hostname
+        self._publish = lambda job_id, queue: publish(app, job_id, queue)
+        self._stop = threading.Event()
+
+    def start(self) -> None:
+        self.store.upsert_worker(self.worker_id, socket.gethostname(), self.queues, self.caps)
+        threading.Thread(target=self._loop, name="kiln-worker-duties", daemon=True).start()
+
+    def _loop(self) -> None:
+        interval = min(self.settings.worker_heartbeat_s, self.settings.reconcile_interval_s)
+        ticks = 0.0
+        while not self._stop.wait(interval):
+            ticks += interval
+            try:
+                self.store.upsert_worker(self.worker_id, socket.gethostname(), self.queues, self.caps)
+                if ticks >= self.settings.reconcile_interval_s:
+                    ticks = 0.0
+                    self.reconcile()
+            except Exception:
+                log.warning("worker duties failed", exc_info=True)
+
+    def reconcile(self) -> int:
+        republished = 0
+        for job_id, queue in self.store.stale_jobs(self.settings.requeue_after_s):
+            job = self.store.get(job_id)
+            if job is None or queue not in self.queues:
+                continue
+            if self.store.mark_requeued(job_id, expected_state=job.state):
+                log.info("reconciler: re-publishing job %s (%s)", job_id, job.state)
+                self._publish(job_id, queue)
+                republished += 1
+        self.artifacts.sweep(older_than_s=max(self.settings.lease_ttl_s * 2, 60.0))
+        return republished
+
+    def stop(self) -> None:
+        self._stop.set()
+        try:
+            self.store.remove_worker(self.worker_id)
+        except Exception:
+            log.warning("could not deregister worker %s", self.worker_id, exc_info=True)
+
+
+_duties: MainProcessDuties | None = None
+
+
+@signals.worker_ready.connect
+def _on_worker_ready(sender=None, **_kw) -> None:
+    global _duties
+    _duties = MainProcessDuties(getattr(sender, "hostname", None) or f"kiln@{socket.gethostname()}:{os.getpid()}")
+    _duties.start()
+    log.info("worker %s ready: queues=%s capabilities=%s", _duties.worker_id, _duties.queues, _duties.caps)
+
+
+@signals.worker_shutdown.connect
+def _on_worker_shutdown(**_kw) -> None:
+    if _duties is not None:
+        _duties.stop()

@@ -1,0 +1,93 @@
+"""The stages Kiln runs today (fetch, convert), registered into the pipeline, and submit-time checks.
+
+Each stage is a thin call into ``service.compiler``; later stages (quantize, build, evaluate) register
+the same way from their own modules or through ``KILN_STAGE_PLUGINS``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from service.domain.spec import JobSpec
+from service.settings import Settings
+
+from .pipeline import Progress, Stage, StageContext, register_stage, validate_spec
+
+
+def _hf_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def resolve_in_cache(settings: Settings, spec: JobSpec, *, allow_download: bool, token: str | None = None) -> Path:
+    """The repo's snapshot folder inside ``$KILN_STORAGE/hf-cache`` (never a server path)."""
+    from service.compiler.errors import ModelNotFound
+    from service.compiler.hub import resolve_model_dir
+
+    cache = settings.hf_cache
+    cache.mkdir(parents=True, exist_ok=True)
+    folder = resolve_model_dir(spec.model, revision=spec.revision, cache_dir=cache, token=token,
+                               allow_download=allow_download)
+    if os.path.commonpath([cache.resolve(), Path(folder).absolute()]) != str(cache.resolve()):
+        # resolve_model_dir also accepts local folders; a repo id must never name one on the server.
+        raise ModelNotFound(f"{spec.model!r} is not a Hugging Face repo in the cache")
+    return Path(folder)
+
+
+def fetch_stage(ctx: StageContext, input_dir: Path | None, output_dir: Path, cfg: dict, progress: Progress) -> dict:
+    progress(0.0, f"resolving {ctx.spec.model}")
+    model_dir = resolve_in_cache(ctx.settings, ctx.spec, allow_download=not _hf_offline(), token=ctx.hf_token())
+    files = sorted((p.relative_to(model_dir).as_posix(), p.stat().st_size) for p in model_dir.rglob("*") if p.is_file())
+    commit = model_dir.name  # snapshot folders are named by the resolved commit sha
+    output_dir.mkdir(parents=True, exist_ok=True)
+    source = {"model": ctx.spec.model, "revision": ctx.spec.revision, "commit": commit,
+              "files": [{"path": p, "size": s} for p, s in files]}
+    (output_dir / "source.json").write_text(json.dumps(source, indent=1))
+    progress(1.0, f"{len(files)} files at commit {commit[:12]}")
+    return {
+        "commit": commit, "files": len(files), "bytes": sum(s for _, s in files),
+        "output_dir": str(model_dir),
+        "content_key": hashlib.sha256(json.dumps([commit, files]).encode()).hexdigest(),
+    }
+
+
+def convert_stage(ctx: StageContext, input_dir: Path | None, output_dir: Path, cfg: dict, progress: Progress) -> dict:
+    from service.compiler import Mapping, convert_checkpoint
+
+    assert input_dir is not None
+    summary = convert_checkpoint(input_dir, output_dir, dtype=cfg["dtype"],
+                                 mapping=Mapping(tp_size=cfg["tp_size"], pp_size=cfg["pp_size"]), progress=progress)
+    result = summary.to_dict()
+    result.pop("out_dir", None)
+    return result
+
+
+register_stage(Stage("fetch", fetch_stage, config=lambda s: {"model": s.model, "revision": s.revision},
+                     keyed_by_output=True, weight=0.1))
+register_stage(Stage("convert", convert_stage, artifact="checkpoint", weight=1.0,
+                     config=lambda s: {"dtype": s.dtype, "tp_size": s.mapping.tp_size, "pp_size": s.mapping.pp_size}))
+
+
+def make_submit_validator(settings: Settings):
+    """Checks at submit time, writing nothing: stages exist for the spec; with the model already in
+    the cache, the compiler's preflight (architecture, shapes, tp/pp split); offline, the model must be cached."""
+    from service.compiler import Mapping, preflight
+    from service.compiler.errors import ModelNotFound
+
+    def validate(spec: JobSpec) -> None:
+        validate_spec(spec)
+        if spec.webhook_url:
+            from .webhooks import check_webhook_url
+
+            check_webhook_url(spec.webhook_url, allow_private=settings.webhook_allow_private)
+        try:
+            model_dir = resolve_in_cache(settings, spec, allow_download=False)
+        except ModelNotFound:
+            if _hf_offline():
+                raise
+            return  # online: the fetch stage downloads it
+        preflight(model_dir, dtype=spec.dtype, mapping=Mapping(tp_size=spec.mapping.tp_size, pp_size=spec.mapping.pp_size))
+
+    return validate

@@ -1,0 +1,74 @@
+"""Start real Kiln processes (Celery workers, the API server) for tests, and wait on conditions."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def service_env(storage: Path, *, database_url: str | None = None, broker_url: str | None = None, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KILN_")}
+    env.update({
+        "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "KILN_STORAGE": str(storage),
+        "KILN_LEASE_TTL_S": "3", "KILN_HEARTBEAT_S": "0.5", "KILN_RECONCILE_INTERVAL_S": "1",
+        "KILN_WORKER_HEARTBEAT_S": "1", "KILN_STAGE_PLUGINS": "tests.service.slow_stage",
+        "KILN_TASK_TIME_LIMIT_S": "600", "KILN_VISIBILITY_TIMEOUT_S": "900",
+    })
+    if database_url:
+        env["KILN_DATABASE_URL"] = database_url
+    if broker_url:
+        env["KILN_BROKER_URL"] = broker_url
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def settings_from(env: dict):
+    from service.settings import Settings
+
+    saved = dict(os.environ)
+    try:
+        os.environ.update({k: v for k, v in env.items() if k.startswith("KILN_")})
+        return Settings()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def start_worker(env: dict, log: Path, name: str = "w1") -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "celery", "-A", "service.workers.app", "worker", "-Q", "cpu", "-c", "1",
+           "-n", f"{name}@%h", "--without-gossip", "--without-mingle", "--without-heartbeat", "--loglevel", "INFO"]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        kill_group(proc, signal.SIGTERM)
+
+
+def wait_for(predicate, timeout: float = 60.0, interval: float = 0.1, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
