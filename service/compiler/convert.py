@@ -28,13 +28,14 @@ from . import __version__
 from .errors import InvalidArgument, KilnError, ModelNotFound, OutputExists
 from .mapping import Mapping
 from .models import spec_for_hf
-from .models.base import ArchSpec, TensorPlan
+from .models.base import ArchSpec, Piece, TensorPlan
 from .models.hf_config import resolve_dtype
 from .safetensors_io import SafetensorsWriter, dtype_name, fsync_dir
 from .source import WeightSource, open_weights, read_json
 
 ProgressFn = Callable[[float, str], None]
 CHUNK_BYTES = 64 << 20
+KERNEL_COPY = True  # copy verbatim byte ranges with copy_file_range (False: always through the mmap)
 
 
 @dataclass
@@ -123,40 +124,92 @@ def from_hugging_face(model_dir: str | os.PathLike, dtype: str = "auto", mapping
         raise
 
 
-def produce_chunks(plan: TensorPlan, source: WeightSource,
-                   chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[int, torch.Tensor]]:
-    """Yield (byte offset inside the output tensor, chunk in the output dtype), in order."""
+def _piece_chunks(plan: TensorPlan, piece: Piece, source: WeightSource, step: int) -> Iterator[torch.Tensor]:
+    """The rows of one piece, ``step`` rows at a time, cast to the output dtype."""
+    width = plan.shape[1] if len(plan.shape) == 2 else 1
+    if piece.source is None:  # zero rows (vocab padding)
+        for r in range(0, piece.nrows, step):
+            n = min(step, piece.nrows - r)
+            yield torch.zeros((n, width) if len(plan.shape) == 2 else (n,), dtype=plan.dtype)
+        return
+    view = source.view(piece.source)
+    if view.dim() == 1:
+        yield view[piece.rows[0]:piece.rows[1]].to(plan.dtype)
+        source.release(piece.source)
+        return
+    mat = view.t() if piece.transpose else view
+    c0, c1 = piece.cols if piece.cols is not None else (0, mat.shape[1])
+    r0, r1 = piece.rows
+    for r in range(r0, r1, step):
+        r2 = min(r + step, r1)
+        yield mat[r:r2, c0:c1].to(plan.dtype)
+        if not piece.transpose:
+            source.release(piece.source, r, r2)
+    if piece.transpose:
+        source.release(piece.source)
+
+
+def _step(plan: TensorPlan, chunk_bytes: int) -> int:
     elt = torch.empty((), dtype=plan.dtype).element_size()
     width = plan.shape[1] if len(plan.shape) == 2 else 1
-    step = max(1, chunk_bytes // max(width * elt, 1))
+    return max(1, chunk_bytes // max(width * elt, 1))
+
+
+def produce_chunks(plan: TensorPlan, source: WeightSource,
+                   chunk_bytes: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield (byte offset inside the output tensor, chunk in the output dtype), in order."""
+    step = _step(plan, chunk_bytes or CHUNK_BYTES)
     offset = 0
     for piece in plan.pieces:
-        if piece.source is None:  # zero rows (vocab padding)
-            for r in range(0, piece.nrows, step):
-                n = min(step, piece.nrows - r)
-                z = torch.zeros((n, width) if len(plan.shape) == 2 else (n,), dtype=plan.dtype)
-                yield offset, z
-                offset += z.numel() * elt
-            continue
-        view = source.view(piece.source)
-        if view.dim() == 1:
-            chunk = view[piece.rows[0]:piece.rows[1]].to(plan.dtype)
+        for chunk in _piece_chunks(plan, piece, source, step):
             yield offset, chunk
-            offset += chunk.numel() * elt
-            source.release(piece.source)
-            continue
-        mat = view.t() if piece.transpose else view
-        c0, c1 = piece.cols if piece.cols is not None else (0, mat.shape[1])
-        r0, r1 = piece.rows
-        for r in range(r0, r1, step):
-            r2 = min(r + step, r1)
-            chunk = mat[r:r2, c0:c1].to(plan.dtype)
-            yield offset, chunk
-            offset += chunk.numel() * elt
-            if not piece.transpose:
-                source.release(piece.source, r, r2)
-        if piece.transpose:
-            source.release(piece.source)
+            offset += chunk.numel() * chunk.element_size()
+
+
+def _piece_nbytes(plan: TensorPlan, piece: Piece) -> int:
+    elt = torch.empty((), dtype=plan.dtype).element_size()
+    return piece.nrows * max(piece.ncols, 1) * elt
+
+
+def _byte_identical(plan: TensorPlan, piece: Piece, source: WeightSource) -> tuple[int, int, int] | None:
+    """Where a piece is a verbatim byte range of its source (same dtype, whole rows), its span."""
+    if piece.source is None or piece.transpose or piece.cols is not None:
+        return None
+    if source.info(piece.source).dtype != plan.dtype:
+        return None
+    return source.byte_span(piece.source, piece.rows[0], piece.rows[1])
+
+
+def write_plan(plan: TensorPlan, source: WeightSource, writer: SafetensorsWriter,
+               advance: Callable[[int, str], None] | None = None, *, kernel_copy: bool = True) -> None:
+    """Write one output tensor: verbatim byte ranges are copied in the kernel (copy_file_range, no
+    page ever mapped into this process); everything else is sliced from the memory map, cast and
+    written chunk by chunk."""
+    chunk_bytes = CHUNK_BYTES
+    step = _step(plan, chunk_bytes)
+    offset = 0
+    for piece in plan.pieces:
+        span = _byte_identical(plan, piece, source) if kernel_copy else None
+        if span is not None:
+            fd, start, length = span
+            for pos in range(0, length, chunk_bytes):
+                n = min(chunk_bytes, length - pos)
+                try:
+                    writer.copy_from(plan.name, offset + pos, fd, start + pos, n)
+                except OSError:  # filesystem without copy_file_range: fall back to the mmap path
+                    span = None
+                    break
+                if advance:
+                    advance(n, plan.name)
+            if span is not None:
+                offset += length
+                continue
+            # fallback: redo this piece from its first byte through the memory map
+        for chunk in _piece_chunks(plan, piece, source, step):
+            n = writer.write(plan.name, offset, chunk)
+            offset += n
+            if advance:
+                advance(n, plan.name)
 
 
 def _temp_sibling(out_dir: Path, tag: str) -> Path:
@@ -205,8 +258,7 @@ def write_checkpoint(model: HFCheckpointModel, out_dir: Path, *, overwrite: bool
 
         def run(job: tuple[SafetensorsWriter, TensorPlan]) -> None:
             writer, plan = job
-            for offset, chunk in produce_chunks(plan, model.source):
-                advance(writer.write(plan.name, offset, chunk), plan.name)
+            write_plan(plan, model.source, writer, advance, kernel_copy=KERNEL_COPY)
 
         try:
             if workers > 1:

@@ -169,6 +169,7 @@ class SafetensorsFile:
         self.path = Path(path)
         self.infos, self.metadata = read_header(self.path)
         self._mm: mmap.mmap | None = None
+        self._fd = -1
         self._lock = threading.Lock()
 
     def keys(self) -> list[str]:
@@ -184,6 +185,13 @@ class SafetensorsFile:
                     # ACCESS_COPY: writable private mapping (torch wants writable buffers); never written.
                     self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
             return self._mm
+
+    def fileno(self) -> int:
+        """A read-only descriptor of the file (for kernel-side copies of byte ranges)."""
+        with self._lock:
+            if self._fd < 0:
+                self._fd = os.open(self.path, os.O_RDONLY)
+            return self._fd
 
     def tensor(self, name: str) -> torch.Tensor:
         """Zero-copy view of a whole tensor (do not modify it)."""
@@ -212,6 +220,9 @@ class SafetensorsFile:
 
     def close(self) -> None:
         with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
             if self._mm is not None:
                 try:
                     self._mm.close()
@@ -268,6 +279,20 @@ class SafetensorsWriter:
             view = view[n:]
             pos += n
         return data.nbytes
+
+    def copy_from(self, name: str, byte_offset: int, src_fd: int, src_offset: int, nbytes: int) -> int:
+        """Kernel-side copy (copy_file_range) of ``nbytes`` from ``src_fd`` into tensor ``name``."""
+        start, end = self.offsets[name]
+        if start + byte_offset + nbytes > end:
+            raise ValueError(f"copy overruns tensor {name!r}")
+        dst = self.base + start + byte_offset
+        done = 0
+        while done < nbytes:
+            n = os.copy_file_range(src_fd, self._fd, nbytes - done, src_offset + done, dst + done)
+            if n == 0:
+                raise OSError("copy_file_range made no progress (source shorter than its header says?)")
+            done += n
+        return done
 
     def close(self, fsync: bool = True) -> None:
         if self._fd >= 0:

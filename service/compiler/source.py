@@ -81,6 +81,10 @@ class WeightSource:
     def release(self, name: str, row_start: int | None = None, row_end: int | None = None) -> None:
         """Tell the source that rows [row_start, row_end) (or the whole tensor) are consumed."""
 
+    def byte_span(self, name: str, row_start: int, row_end: int) -> tuple[int, int, int] | None:
+        """(fd, file offset, length) of rows [row_start, row_end) when they are stored contiguously."""
+        return None
+
     def close(self) -> None:
         pass
 
@@ -148,6 +152,13 @@ class SafetensorsSource(WeightSource):
             return
         row_bytes = i.nbytes // max(i.shape[0], 1)
         f.release(i.start + row_start * row_bytes, i.start + (row_end or i.shape[0]) * row_bytes)
+
+    def byte_span(self, name: str, row_start: int, row_end: int) -> tuple[int, int, int] | None:
+        f = self.files[self.where[name]]
+        i = f.infos[name]
+        rows = i.shape[0] if i.shape else 1
+        row_bytes = i.nbytes // max(rows, 1)
+        return f.fileno(), i.start + row_start * row_bytes, (row_end - row_start) * row_bytes
 
     def close(self) -> None:
         for f in self.files.values():

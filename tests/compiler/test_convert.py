@@ -137,17 +137,22 @@ def test_sharded_input_with_index_matches_single_file(llama_dir, tmp_path):
             assert torch.equal(ta[n], tb[n]), n
 
 
-def test_small_chunks_give_identical_bytes(llama_dir, tmp_path, monkeypatch):
-    """Row-chunked streaming (forced to tiny chunks) must not change a single byte."""
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_chunking_and_copy_paths_give_identical_bytes(llama_dir, tmp_path, monkeypatch, dtype):
+    """Kernel copies vs memory-mapped slices, big vs tiny row chunks, 1 vs 2 workers: same bytes."""
     import service.compiler.convert as conv
 
     src, _ = llama_dir
-    a, b = tmp_path / "a", tmp_path / "b"
-    convert_checkpoint(src, a, dtype="bfloat16", mapping=Mapping(tp_size=2), workers=1)
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    convert_checkpoint(src, a, dtype=dtype, mapping=Mapping(tp_size=2), workers=1)
     monkeypatch.setattr(conv, "CHUNK_BYTES", 256)
-    convert_checkpoint(src, b, dtype="bfloat16", mapping=Mapping(tp_size=2), workers=2)
+    convert_checkpoint(src, b, dtype=dtype, mapping=Mapping(tp_size=2), workers=2)
+    monkeypatch.setattr(conv, "KERNEL_COPY", False)
+    convert_checkpoint(src, c, dtype=dtype, mapping=Mapping(tp_size=2), workers=2)
     for r in range(2):
-        assert (a / f"rank{r}.safetensors").read_bytes() == (b / f"rank{r}.safetensors").read_bytes()
+        ref = (a / f"rank{r}.safetensors").read_bytes()
+        assert ref == (b / f"rank{r}.safetensors").read_bytes()
+        assert ref == (c / f"rank{r}.safetensors").read_bytes()
 
 
 def test_from_hugging_face_lazy_api_and_in_memory_tensors(llama_dir, tmp_path):
