@@ -72,3 +72,34 @@ def wait_for(predicate, timeout: float = 60.0, interval: float = 0.1, what: str 
             return value
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(env: dict, log: Path, http_port: int, grpc_port: int = -1, *, worker: bool = True) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "service.cli", "serve", "--port", str(http_port), "--grpc-port", str(grpc_port)]
+    if not worker:
+        cmd.append("--no-worker")
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def wait_http(url: str, timeout: float = 60.0, predicate=None):
+    import httpx
+
+    def ok():
+        try:
+            r = httpx.get(url, timeout=2)
+        except httpx.HTTPError:
+            return None
+        if r.status_code == 200 and (predicate is None or predicate(r.json())):
+            return r
+        return None
+
+    return wait_for(ok, timeout, 0.2, url)

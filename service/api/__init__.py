@@ -1,0 +1,1 @@
+"""API layer: FastAPI app, gRPC server, dashboard, and the `kiln` service commands."""

@@ -1,0 +1,290 @@
+"""The REST API: a thin FastAPI adapter over JobService. Run it with ``kiln serve``.
+
+Errors leave through the one error table (``service.domain.errors``) as ``{"error": {code, message, hint}}``.
+Artifacts are served from their manifests only (no StaticFiles over storage), as attachments.
+"""
+
+
+import asyncio
+import json
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+
+from service.domain import JobService, JobSpec, error_body, status_for
+from service.compiler.errors import KilnError
+from service.domain.errors import DomainError, InvalidSpec
+from service.settings import Settings, get_settings
+
+from .auth import KeyRing, key_from_headers
+from .downloads import parse_range, stream_tar
+from .schemas import (
+    ArtifactList,
+    ArtifactOut,
+    ErrorOut,
+    JobCreated,
+    JobList,
+    JobOut,
+    WorkerList,
+    WorkerOut,
+    links_for,
+)
+
+DASHBOARD = Path(__file__).with_name("dashboard")
+ERRORS = {code: {"model": ErrorOut} for code in (400, 401, 404, 409, 413, 422)}
+
+
+class BodySizeLimit:
+    """Pure ASGI middleware: 413 when Content-Length or the streamed body exceeds the limit."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        for name, value in scope.get("headers", []):
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                return await self._reject(send)
+        seen = 0
+        started = False
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _TooLarge()
+            return message
+
+        async def tracking_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _TooLarge:
+            if not started:
+                await self._reject(send)
+
+    async def _reject(self, send):
+        body = json.dumps({"error": {"code": "payload_too_large", "message": f"request body exceeds {self.max_bytes} bytes",
+                                     "hint": "send a JobSpec, not model data"}}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class Metrics:
+    def __init__(self):
+        self.requests: dict[tuple[str, str, int], int] = {}
+        self.seconds: dict[str, float] = {}
+
+    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        key = (method, route, status)
+        self.requests[key] = self.requests.get(key, 0) + 1
+        self.seconds[route] = self.seconds.get(route, 0.0) + seconds
+
+
+def create_app(settings: Settings | None = None, *, runtime=None) -> FastAPI:
+    settings = settings or get_settings()
+    keys = KeyRing(settings.api_key_hashes())
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        own = runtime is None
+        if own:
+            from .wiring import build_runtime
+
+            app.state.runtime = await asyncio.to_thread(build_runtime, settings)
+        else:
+            app.state.runtime = runtime
+        yield
+        if own:
+            app.state.runtime.close()
+
+    app = FastAPI(title="Kiln", version="1.0", lifespan=lifespan,
+                  description="Compile Hugging Face models into TensorRT-LLM checkpoints and engines.")
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+
+    @app.middleware("http")
+    async def _observe(request: Request, call_next):
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        metrics.observe(request.method, getattr(route, "path", "unmatched"), response.status_code, time.perf_counter() - start)
+        return response
+
+    @app.exception_handler(DomainError)
+    async def _domain_error(_req, exc: DomainError):
+        return _error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_req, exc: RequestValidationError):
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors()[:10])
+        return _error_response(InvalidSpec(f"invalid request: {problems}", hint="see /docs for the JobSpec schema"))
+
+    @app.exception_handler(KilnError)
+    async def _compiler_error(_req, exc: KilnError):  # e.g. invalid_mapping from the submit-time preflight
+        return _error_response(exc)
+
+    def service_dep(request: Request) -> JobService:
+        return request.app.state.runtime.service
+
+    def tenant_dep(authorization: Annotated[str | None, Header()] = None,
+                   x_api_key: Annotated[str | None, Header()] = None) -> str:
+        return keys.tenant_for(key_from_headers(authorization, x_api_key))
+
+    Service = Annotated[JobService, Depends(service_dep)]
+    Tenant = Annotated[str, Depends(tenant_dep)]
+
+    @app.post("/v1/jobs", status_code=202, response_model=JobCreated, responses=ERRORS, tags=["jobs"])
+    def submit_job(spec: JobSpec, svc: Service, tenant: Tenant,
+                   idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None) -> JobCreated:
+        """Queue a compilation. The same Idempotency-Key and spec return the first job (`created: false`)."""
+        job, created = svc.submit(tenant, spec, idempotency_key)
+        return JobCreated(id=job.id, state=job.state, created=created, links=links_for(job.id))
+
+    @app.get("/v1/jobs", response_model=JobList, responses=ERRORS, tags=["jobs"])
+    def list_jobs(svc: Service, tenant: Tenant, state: str | None = None,
+                  label: Annotated[list[str] | None, Query(description="key=value, repeatable")] = None,
+                  limit: int = 50, cursor: str | None = None) -> JobList:
+        labels = {}
+        for item in label or []:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise InvalidSpec(f"label filter {item!r} must look like key=value")
+            labels[key] = value
+        jobs, next_cursor = svc.list(tenant, state=state, labels=labels, limit=limit, cursor=cursor)
+        return JobList(jobs=[JobOut.of(j) for j in jobs], next_cursor=next_cursor)
+
+    @app.get("/v1/jobs/{job_id}", response_model=JobOut, responses=ERRORS, tags=["jobs"])
+    def get_job(job_id: str, svc: Service, tenant: Tenant) -> JobOut:
+        return JobOut.of(svc.get(tenant, job_id))
+
+    @app.post("/v1/jobs/{job_id}:cancel", response_model=JobOut, responses=ERRORS, tags=["jobs"])
+    def cancel_job(job_id: str, svc: Service, tenant: Tenant) -> JobOut:
+        return JobOut.of(svc.cancel(tenant, job_id))
+
+    @app.get("/v1/jobs/{job_id}/events", responses=ERRORS, tags=["jobs"],
+             response_class=StreamingResponse)
+    async def job_events(job_id: str, svc: Service, tenant: Tenant):
+        """Server-sent events: one `job` event per change, then `end` at a terminal state."""
+        await asyncio.to_thread(svc.get, tenant, job_id)  # 404 before the stream starts
+
+        async def events():
+            async for job in svc.watch(tenant, job_id):
+                yield f"event: job\nid: {job.version}\ndata: {JobOut.of(job).model_dump_json()}\n\n"
+            yield "event: end\ndata: {}\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.get("/v1/jobs/{job_id}/artifacts", response_model=ArtifactList, responses=ERRORS, tags=["artifacts"])
+    def list_artifacts(job_id: str, svc: Service, tenant: Tenant) -> ArtifactList:
+        job = svc.get(tenant, job_id)
+        out = []
+        for ref in job.artifacts:
+            stage, key, manifest = svc.artifact(tenant, job_id, ref.name)
+            base = f"/v1/jobs/{job_id}/artifacts/{ref.name}"
+            out.append(ArtifactOut(name=ref.name, stage=stage, key=key, bytes=manifest.get("bytes", 0),
+                                   files=manifest["files"], download=f"{base}/files/", archive=f"{base}.tar"))
+        return ArtifactList(artifacts=out)
+
+    @app.get("/v1/jobs/{job_id}/artifacts/{name}.tar", responses=ERRORS, tags=["artifacts"],
+             response_class=StreamingResponse)
+    def artifact_tar(job_id: str, name: str, svc: Service, tenant: Tenant):
+        """The whole artifact as a tar stream (files + manifest.json)."""
+        stage, key, manifest = svc.artifact(tenant, job_id, name)
+        entries = [(f"{name}/{f['path']}", svc.artifact_file(tenant, job_id, name, f["path"])[0]) for f in manifest["files"]]
+        entries.append((f"{name}/manifest.json", svc.artifacts.path(stage, key) / "manifest.json"))
+        return StreamingResponse(stream_tar(entries), media_type="application/x-tar",
+                                 headers={"Content-Disposition": f'attachment; filename="{name}.tar"'})
+
+    @app.get("/v1/jobs/{job_id}/artifacts/{name}/files/{path:path}", responses={**ERRORS, 416: {"model": ErrorOut}},
+             tags=["artifacts"], response_class=StreamingResponse)
+    def artifact_file(job_id: str, name: str, path: str, svc: Service, tenant: Tenant,
+                      range_header: Annotated[str | None, Header(alias="Range")] = None):
+        """One file of an artifact; honours a single `Range: bytes=` request (resume)."""
+        file, entry = svc.artifact_file(tenant, job_id, name, path)
+        size = entry["size"]
+        headers = {"Accept-Ranges": "bytes", "ETag": f'"{entry["sha256"]}"', "X-Content-SHA256": entry["sha256"],
+                   "Content-Disposition": f'attachment; filename="{Path(entry["path"]).name}"',
+                   "X-Content-Type-Options": "nosniff"}
+        try:
+            rng = parse_range(range_header, size)
+        except DomainError as exc:
+            return _error_response(exc, {"Content-Range": f"bytes */{size}"})
+        if rng is None:
+            headers["Content-Length"] = str(size)
+            return StreamingResponse(svc.artifacts.iter_file(file), media_type="application/octet-stream", headers=headers)
+        start, end = rng
+        headers.update({"Content-Range": f"bytes {start}-{end}/{size}", "Content-Length": str(end - start + 1)})
+        return StreamingResponse(svc.artifacts.iter_file(file, start, end), status_code=206,
+                                 media_type="application/octet-stream", headers=headers)
+
+    @app.get("/v1/jobs/{job_id}/report", responses=ERRORS, tags=["jobs"])
+    def job_report(job_id: str, svc: Service, tenant: Tenant) -> dict:
+        """Stages with timings and cache hits, the spec, errors, and every artifact file with its sha256."""
+        return svc.report(tenant, job_id)
+
+    @app.get("/v1/workers", response_model=WorkerList, responses=ERRORS, tags=["workers"])
+    def list_workers(svc: Service, tenant: Tenant) -> WorkerList:
+        return WorkerList(workers=[WorkerOut(id=w["id"], hostname=w["hostname"], queues=w["queues"],
+                                             gpus=w["capabilities"].get("gpus", []),
+                                             backends=w["capabilities"].get("backends", []),
+                                             heartbeat_at=w["heartbeat_at"]) for w in svc.workers()])
+
+    @app.get("/healthz", tags=["ops"])
+    def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["ops"])
+    def readyz(svc: Service) -> Response:
+        try:
+            svc.store.version("readyz-probe")
+            svc.artifacts.root.mkdir(parents=True, exist_ok=True)
+        except Exception as exc:  # database or storage down
+            return JSONResponse({"status": "unavailable", "reason": type(exc).__name__}, status_code=503)
+        return JSONResponse({"status": "ready", "workers": len(svc.workers())})
+
+    @app.get("/metrics", response_class=PlainTextResponse, tags=["ops"])
+    def prometheus(svc: Service) -> str:
+        lines = ["# HELP kiln_http_requests_total HTTP requests by route and status",
+                 "# TYPE kiln_http_requests_total counter"]
+        for (method, route, status), n in sorted(metrics.requests.items()):
+            lines.append(f'kiln_http_requests_total{{method="{method}",route="{route}",status="{status}"}} {n}')
+        lines += ["# HELP kiln_http_request_seconds_total time spent per route", "# TYPE kiln_http_request_seconds_total counter"]
+        lines += [f'kiln_http_request_seconds_total{{route="{r}"}} {s:.6f}' for r, s in sorted(metrics.seconds.items())]
+        lines += ["# HELP kiln_jobs jobs by state", "# TYPE kiln_jobs gauge"]
+        lines += [f'kiln_jobs{{state="{s}"}} {n}' for s, n in sorted(svc.store.count_by_state().items())]
+        lines += ["# HELP kiln_workers live workers", "# TYPE kiln_workers gauge", f"kiln_workers {len(svc.workers())}"]
+        return "\n".join(lines) + "\n"
+
+    @app.get("/", include_in_schema=False)
+    def root() -> RedirectResponse:
+        return RedirectResponse("/dashboard/")
+
+    if DASHBOARD.is_dir():
+        app.mount("/dashboard", StaticFiles(directory=DASHBOARD, html=True), name="dashboard")
+
+    return app
+
+
+def _error_response(exc, headers: dict | None = None) -> JSONResponse:
+    body = error_body(exc)
+    status, _grpc = status_for(body["code"])
+    return JSONResponse({"error": body}, status_code=status, headers=headers)

@@ -1,0 +1,420 @@
+"""`kiln` service commands: serve, worker, submit, status, watch, download, cancel, workers, compile.
+
+Client commands talk to ``--server`` (``KILN_SERVER``, default http://127.0.0.1:8080) with ``--api-key``
+(``KILN_API_KEY``). ``serve`` with no configuration is the embedded default: API + gRPC + one worker
+process, SQLite and a file-backed broker under ./.kiln, listening on loopback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the API (REST + gRPC) and, by default, one worker process")
+    p.add_argument("--host", default=None)
+    p.add_argument("--port", type=int, default=None)
+    p.add_argument("--grpc-port", type=int, default=None, help="-1 disables gRPC")
+    p.add_argument("--no-worker", action="store_true", help="API only (workers run elsewhere)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("worker", help="run a Celery worker for this machine's queues")
+    p.add_argument("--queues", default=None, help="comma-separated; default KILN_WORKER_QUEUES plus build.<sm> per GPU")
+    p.add_argument("--concurrency", type=int, default=1)
+    p.add_argument("--name", default=None)
+    p.add_argument("--loglevel", default="INFO")
+    p.set_defaults(func=cmd_worker)
+
+    def client(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--server", default=os.environ.get("KILN_SERVER", "http://127.0.0.1:8080"))
+        p.add_argument("--api-key", default=os.environ.get("KILN_API_KEY"))
+        return p
+
+    p = client(sub.add_parser("submit", help="submit a job (a repo id or a JSON JobSpec file)"))
+    p.add_argument("model", nargs="?", help="Hugging Face repo id")
+    p.add_argument("--spec", type=Path, help="JSON JobSpec file")
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--tp-size", type=int, default=None)
+    p.add_argument("--pp-size", type=int, default=None)
+    p.add_argument("--revision", default=None)
+    p.add_argument("--label", action="append", default=[], help="key=value")
+    p.add_argument("--idempotency-key", default=None)
+    p.add_argument("--watch", action="store_true", help="watch until the job finishes")
+    p.set_defaults(func=cmd_submit)
+
+    p = client(sub.add_parser("status", help="show a job, or list jobs"))
+    p.add_argument("job_id", nargs="?")
+    p.add_argument("--state", default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    p = client(sub.add_parser("watch", help="follow a job with a progress bar until it finishes"))
+    p.add_argument("job_id")
+    p.set_defaults(func=cmd_watch)
+
+    p = client(sub.add_parser("download", help="download a job's artifacts, resuming and verifying sha256"))
+    p.add_argument("job_id")
+    p.add_argument("out", type=Path)
+    p.add_argument("--artifact", default=None)
+    p.set_defaults(func=cmd_download)
+
+    p = client(sub.add_parser("cancel", help="cancel a job"))
+    p.add_argument("job_id")
+    p.set_defaults(func=cmd_cancel)
+
+    p = client(sub.add_parser("workers", help="list live workers"))
+    p.set_defaults(func=cmd_workers)
+
+    p = sub.add_parser("compile", help="run the whole pipeline in this process (no server, no broker)")
+    p.add_argument("model", help="Hugging Face repo id")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--tp-size", type=int, default=1)
+    p.add_argument("--pp-size", type=int, default=1)
+    p.add_argument("--revision", default=None)
+    p.set_defaults(func=cmd_compile)
+
+
+# -- server side ------------------------------------------------------------------------------
+
+def cmd_serve(args) -> int:
+    from service.settings import Settings, UnsafeConfiguration
+
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port), ("grpc_port", args.grpc_port)) if v is not None}
+    settings = Settings(**overrides)
+    try:
+        settings.check_listen()
+    except UnsafeConfiguration as exc:
+        print(f"kiln serve: {exc}", file=sys.stderr)
+        return 2
+    settings.storage_root.mkdir(parents=True, exist_ok=True)
+    worker = None
+    if not args.no_worker:
+        env = dict(os.environ, KILN_STORAGE=str(settings.storage_root))
+        worker = subprocess.Popen([sys.executable, "-m", "service.cli", "worker"], env=env, start_new_session=True)
+    try:
+        import asyncio
+
+        asyncio.run(_serve(settings))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if worker is not None and worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGTERM)
+            try:
+                worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(worker.pid, signal.SIGKILL)
+    return 0
+
+
+async def _serve(settings) -> None:
+    import asyncio
+
+    import uvicorn
+
+    from .app import create_app
+    from .wiring import build_runtime
+
+    runtime = await asyncio.to_thread(build_runtime, settings)
+    app = create_app(settings, runtime=runtime)
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
+                                           access_log=False, timeout_graceful_shutdown=5))
+    grpc_server = None
+    if settings.grpc_port >= 0:
+        try:
+            from .grpc_server import create_server
+        except ImportError as exc:  # stubs not generated: `make proto`
+            print(f"kiln serve: gRPC disabled ({exc})", file=sys.stderr)
+        else:
+            grpc_server, port = await create_server(runtime.service, settings, port=settings.grpc_port)
+            await grpc_server.start()
+            print(f"kiln: gRPC on {settings.host}:{port}", flush=True)
+    print(f"kiln: REST on http://{settings.host}:{settings.port} (dashboard /dashboard/, storage {settings.storage_root})",
+          flush=True)
+    try:
+        await server.serve()
+    finally:
+        if grpc_server is not None:
+            await grpc_server.stop(grace=2)
+        runtime.close()
+
+
+def cmd_worker(args) -> int:
+    from service.settings import get_settings
+    from service.workers.app import app
+    from service.workers.runtime import detect_capabilities, worker_queues
+
+    settings = get_settings()
+    queues = args.queues or ",".join(worker_queues(settings, detect_capabilities()))
+    name = args.name or f"kiln-{os.getpid()}@%h"
+    argv = ["worker", "-Q", queues, "-c", str(args.concurrency), "-n", name, "--loglevel", args.loglevel,
+            "--without-gossip", "--without-mingle", "--without-heartbeat"]
+    app.worker_main(argv)
+    return 0
+
+
+def cmd_compile(args) -> int:
+    """The pipeline in-process: same stages, same storage layout, a job row in the local store."""
+    from service.domain import JobService, JobSpec
+    from service.settings import get_settings
+    from service.store import ArtifactStore, JobStore, make_engine, migrate
+    from service.workers.app import load_stage_plugins
+    from service.workers.pipeline import PipelineRunner
+    from service.workers.stages import make_submit_validator
+
+    settings = get_settings()
+    load_stage_plugins(settings)
+    engine = make_engine(settings.db_url)
+    migrate(engine)
+    store, artifacts = JobStore(engine), ArtifactStore(settings.storage_root)
+    svc = JobService(store, artifacts, enqueue=lambda *_: None, validate=make_submit_validator(settings))
+    spec = JobSpec(model=args.model, revision=args.revision, dtype=args.dtype,
+                   mapping={"tp_size": args.tp_size, "pp_size": args.pp_size})
+    try:
+        job, _ = svc.submit("default", spec)
+    except Exception as exc:
+        print(f"kiln compile: {getattr(exc, 'code', 'error')}: {getattr(exc, 'message', exc)}", file=sys.stderr)
+        return 2
+    bar = _Bar()
+    runner = PipelineRunner(settings, store, artifacts, worker_id=f"compile:{os.getpid()}")
+    import threading
+
+    done = threading.Event()
+
+    def follow():
+        while not done.wait(0.3):
+            bar.show(store.get(job.id))
+
+    threading.Thread(target=follow, daemon=True).start()
+    runner.run(job.id)
+    done.set()
+    final = store.get(job.id)
+    bar.show(final, final=True)
+    return _print_result(final.model_dump(mode="json"), {a.name: artifacts.path(a.stage, a.key) for a in final.artifacts})
+
+
+def _print_result(job: dict, paths: dict[str, Path]) -> int:
+    if job["state"] != "succeeded":
+        err = job.get("error") or {}
+        print(f"job {job['id']} {job['state']}: {err.get('code')}: {err.get('message')}", file=sys.stderr)
+        if err.get("hint"):
+            print(f"hint: {err['hint']}", file=sys.stderr)
+        return 1
+    for name, path in paths.items():
+        print(f"artifact {name}: {path}")
+    return 0
+
+
+# -- client side ------------------------------------------------------------------------------
+
+class _Bar:
+    def __init__(self):
+        self.tty = sys.stderr.isatty()
+        self.last = ""
+
+    def show(self, job, final: bool = False) -> None:
+        j = job if isinstance(job, dict) else job.model_dump(mode="json")
+        width = 30
+        filled = int(width * (j.get("progress") or 0))
+        line = f"{j['state']:<9} [{'#' * filled}{'.' * (width - filled)}] {100 * (j.get('progress') or 0):5.1f}% {j.get('stage') or ''} {j.get('message', '')[:60]}"
+        if line != self.last or final:
+            self.last = line
+            if self.tty:
+                print("\r" + line.ljust(120), end="\n" if final else "", file=sys.stderr, flush=True)
+            else:
+                print(line, file=sys.stderr, flush=True)
+
+
+class Client:
+    def __init__(self, server: str, api_key: str | None):
+        import httpx
+
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(base_url=server.rstrip("/"), headers=headers, timeout=httpx.Timeout(30.0, read=None))
+
+    def call(self, method: str, url: str, **kw):
+        resp = self.http.request(method, url, **kw)
+        if resp.status_code >= 400:
+            try:
+                err = resp.json()["error"]
+            except Exception:
+                err = {"code": str(resp.status_code), "message": resp.text[:200], "hint": ""}
+            raise ClientError(resp.status_code, err)
+        return resp
+
+
+class ClientError(Exception):
+    def __init__(self, status: int, error: dict):
+        super().__init__(f"{error.get('code')}: {error.get('message')}")
+        self.status, self.error = status, error
+
+
+def _client_command(fn):
+    def wrapper(args) -> int:
+        try:
+            return fn(args, Client(args.server, args.api_key))
+        except ClientError as exc:
+            print(f"kiln {args.command}: HTTP {exc.status} {exc}", file=sys.stderr)
+            if exc.error.get("hint"):
+                print(f"hint: {exc.error['hint']}", file=sys.stderr)
+            return 2 if exc.status < 500 else 1
+        except OSError as exc:
+            print(f"kiln {args.command}: cannot reach {args.server}: {exc}", file=sys.stderr)
+            return 1
+    return wrapper
+
+
+@_client_command
+def cmd_submit(args, client: Client) -> int:
+    spec: dict = json.loads(args.spec.read_text()) if args.spec else {}
+    if args.model:
+        spec["model"] = args.model
+    if args.dtype:
+        spec["dtype"] = args.dtype
+    if args.revision:
+        spec["revision"] = args.revision
+    if args.tp_size or args.pp_size:
+        spec["mapping"] = {"tp_size": args.tp_size or 1, "pp_size": args.pp_size or 1}
+    if args.label:
+        spec["labels"] = dict(item.split("=", 1) for item in args.label)
+    headers = {"Idempotency-Key": args.idempotency_key} if args.idempotency_key else {}
+    created = client.call("POST", "/v1/jobs", json=spec, headers=headers).json()
+    print(created["id"])
+    if args.watch:
+        return _watch(client, created["id"])
+    return 0
+
+
+@_client_command
+def cmd_status(args, client: Client) -> int:
+    if args.job_id:
+        job = client.call("GET", f"/v1/jobs/{args.job_id}").json()
+        if args.json:
+            print(json.dumps(job, indent=2))
+        else:
+            print(f"{job['id']}  {job['state']}  {job['stage'] or '-'}  {100 * job['progress']:.0f}%  {job['spec']['model']}")
+            for s in job["stages"]:
+                hit = " (cache hit)" if s["cache_hit"] else ""
+                secs = f"{s['seconds']:.2f}s" if s["seconds"] is not None else ""
+                print(f"  {s['name']:<10} {s['state']:<8} {secs}{hit}")
+            if job["error"]:
+                print(f"  error: {job['error']['code']}: {job['error']['message']}")
+        return 0
+    params = {"state": args.state} if args.state else {}
+    jobs = client.call("GET", "/v1/jobs", params=params).json()["jobs"]
+    if args.json:
+        print(json.dumps(jobs, indent=2))
+    for job in jobs:
+        print(f"{job['id']}  {job['state']:<9}  {100 * job['progress']:3.0f}%  {job['spec']['model']}")
+    return 0
+
+
+def _watch(client: Client, job_id: str) -> int:
+    bar, job = _Bar(), None
+    with client.http.stream("GET", f"/v1/jobs/{job_id}/events") as resp:
+        if resp.status_code >= 400:
+            resp.read()
+            raise ClientError(resp.status_code, resp.json().get("error", {}))
+        event = None
+        for line in resp.iter_lines():
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: ") and event == "job":
+                job = json.loads(line[6:])
+                bar.show(job)
+    if job is None:
+        return 1
+    bar.show(job, final=True)
+    if job["state"] != "succeeded":
+        err = job.get("error") or {}
+        print(f"job {job_id} {job['state']}: {err.get('code', '')} {err.get('message', '')}", file=sys.stderr)
+        return 1
+    return 0
+
+
+@_client_command
+def cmd_watch(args, client: Client) -> int:
+    return _watch(client, args.job_id)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download_artifacts(client: Client, job_id: str, out: Path, only: str | None = None) -> list[Path]:
+    """Download every file, resuming partial files with Range, and verify each sha256."""
+    from service.store.artifacts import safe_relpath
+
+    written = []
+    artifacts = client.call("GET", f"/v1/jobs/{job_id}/artifacts").json()["artifacts"]
+    for art in artifacts:
+        if only and art["name"] != only:
+            continue
+        for f in art["files"]:
+            target = out / safe_relpath(art["name"]) / safe_relpath(f["path"])
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_name(target.name + ".part")
+            if target.exists() and target.stat().st_size == f["size"] and _sha256(target) == f["sha256"]:
+                written.append(target)
+                continue
+            have = partial.stat().st_size if partial.exists() else 0
+            if have > f["size"]:
+                partial.unlink()
+                have = 0
+            headers = {"Range": f"bytes={have}-"} if 0 < have < f["size"] else {}
+            if have < f["size"] or f["size"] == 0:
+                with client.http.stream("GET", f"/v1/jobs/{job_id}/artifacts/{art['name']}/files/{f['path']}",
+                                        headers=headers) as resp:
+                    if resp.status_code >= 400:
+                        resp.read()
+                        raise ClientError(resp.status_code, resp.json().get("error", {}))
+                    mode = "ab" if resp.status_code == 206 else "wb"
+                    with open(partial, mode) as fh:
+                        for chunk in resp.iter_bytes(1 << 20):
+                            fh.write(chunk)
+            digest = _sha256(partial)
+            if digest != f["sha256"]:
+                partial.unlink()
+                raise ClientError(0, {"code": "checksum_mismatch",
+                                      "message": f"{f['path']}: sha256 {digest} != {f['sha256']}", "hint": "run download again"})
+            os.replace(partial, target)
+            written.append(target)
+    return written
+
+
+@_client_command
+def cmd_download(args, client: Client) -> int:
+    files = download_artifacts(client, args.job_id, args.out, args.artifact)
+    print(f"{len(files)} files verified (sha256) under {args.out}")
+    return 0
+
+
+@_client_command
+def cmd_cancel(args, client: Client) -> int:
+    job = client.call("POST", f"/v1/jobs/{args.job_id}:cancel").json()
+    print(f"{job['id']} {job['state']}{' (cancel requested)' if job['cancel_requested'] and job['state'] == 'running' else ''}")
+    return 0
+
+
+@_client_command
+def cmd_workers(args, client: Client) -> int:
+    workers = client.call("GET", "/v1/workers").json()["workers"]
+    if not workers:
+        print("no live workers")
+    for w in workers:
+        gpus = ", ".join(f"{g['name']} ({g['sm']})" for g in w["gpus"]) or "no GPU"
+        print(f"{w['id']}  queues={','.join(w['queues'])}  backends={','.join(w['backends'])}  {gpus}")
+    return 0
+
+

@@ -1,0 +1,97 @@
+"""Public wire schemas of the REST API (input: JobSpec from the domain; output: these)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+from service.domain.job import Job, JobError, JobState, StageRecord
+from service.domain.spec import JobSpec
+
+
+class Links(BaseModel):
+    self: str
+    events: str
+    artifacts: str
+    report: str
+    cancel: str
+
+
+def links_for(job_id: str) -> Links:
+    base = f"/v1/jobs/{job_id}"
+    return Links(self=base, events=f"{base}/events", artifacts=f"{base}/artifacts", report=f"{base}/report",
+                 cancel=f"{base}:cancel")
+
+
+class JobCreated(BaseModel):
+    id: str
+    state: JobState
+    created: bool = Field(description="false when an Idempotency-Key returned an earlier job")
+    links: Links
+
+
+class JobOut(BaseModel):
+    id: str
+    state: JobState
+    stage: str | None
+    progress: float = Field(ge=0.0, le=1.0)
+    message: str
+    reason: str
+    spec: JobSpec
+    queue: str
+    attempts: int
+    error: JobError | None
+    stages: list[StageRecord]
+    artifacts: list[str]
+    cancel_requested: bool
+    created_at: float
+    updated_at: float
+    started_at: float | None
+    finished_at: float | None
+    links: Links
+
+    @classmethod
+    def of(cls, job: Job) -> JobOut:
+        data = job.model_dump(exclude={"tenant", "version", "artifacts"})
+        return cls(**data, artifacts=[a.name for a in job.artifacts], links=links_for(job.id))
+
+
+class JobList(BaseModel):
+    jobs: list[JobOut]
+    next_cursor: str | None
+
+
+class ArtifactFile(BaseModel):
+    path: str
+    size: int
+    sha256: str
+
+
+class ArtifactOut(BaseModel):
+    name: str
+    stage: str
+    key: str
+    bytes: int
+    files: list[ArtifactFile]
+    download: str
+    archive: str
+
+
+class ArtifactList(BaseModel):
+    artifacts: list[ArtifactOut]
+
+
+class WorkerOut(BaseModel):
+    id: str
+    hostname: str
+    queues: list[str]
+    gpus: list[dict]
+    backends: list[str]
+    heartbeat_at: float
+
+
+class WorkerList(BaseModel):
+    workers: list[WorkerOut]
+
+
+class ErrorOut(BaseModel):
+    error: JobError
