@@ -1,0 +1,138 @@
+"""REST edges in-process (real app, real SQLite, real pipeline): tenants, keys, paths, sizes, Range, tar, SSE."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.api.app import create_app
+from service.api.wiring import build_runtime
+from service.domain import JobSpec
+from service.settings import Settings, UnsafeConfiguration, hash_api_key
+from service.workers.pipeline import PipelineRunner
+
+from .conftest import TINY_REPO, install_in_hf_cache
+
+ALICE, BOB = "alice-key-123", "bob-key-456"
+
+
+@pytest.fixture(scope="module")
+def keyed(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("keyed")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("HF_HUB_OFFLINE", "1")
+    settings = Settings(storage=root, api_keys=f"alice:sha256:{hash_api_key(ALICE)},bob:{BOB}", max_body_bytes=4096)
+    install_in_hf_cache(tiny_model_dir, settings.hf_cache, TINY_REPO)
+    runtime = build_runtime(settings)
+    job, _ = runtime.service.submit("alice", JobSpec(model=TINY_REPO, dtype="float16"))
+    PipelineRunner(settings, runtime.service.store, runtime.service.artifacts, "inproc").run(job.id)
+    with TestClient(create_app(settings, runtime=runtime)) as client:
+        yield client, job.id
+    runtime.close()
+    mp.undo()
+
+
+def h(key):
+    return {"Authorization": f"Bearer {key}"}
+
+
+def routes(job_id):
+    base = f"/v1/jobs/{job_id}"
+    return [("GET", base), ("POST", f"{base}:cancel"), ("GET", f"{base}/events"), ("GET", f"{base}/artifacts"),
+            ("GET", f"{base}/artifacts/checkpoint/files/config.json"), ("GET", f"{base}/artifacts/checkpoint.tar"),
+            ("GET", f"{base}/report")]
+
+
+def test_other_tenants_job_is_404_on_every_route(keyed):
+    client, job_id = keyed
+    for method, url in routes(job_id):
+        assert client.request(method, url, headers=h(ALICE)).status_code in (200, 409), url
+        r = client.request(method, url, headers=h(BOB))
+        assert r.status_code == 404 and r.json()["error"]["code"] == "job_not_found", url
+    assert job_id not in [j["id"] for j in client.get("/v1/jobs", headers=h(BOB)).json()["jobs"]]
+
+
+def test_no_key_or_wrong_key_is_401(keyed):
+    client, job_id = keyed
+    for method, url in routes(job_id) + [("GET", "/v1/jobs"), ("GET", "/v1/workers"), ("POST", "/v1/jobs")]:
+        assert client.request(method, url).status_code == 401, url
+        assert client.request(method, url, headers=h("nope")).status_code == 401, url
+    assert client.get("/healthz").status_code == 200
+
+
+@pytest.mark.parametrize("path", ["../../kiln.db", "..%2F..%2Fkiln.db", "%2Fetc%2Fpasswd", "a%2F..%2Fconfig.json", "manifest.json", "config.json%00"])
+def test_path_traversal_in_artifact_paths_is_refused(keyed, path):
+    client, job_id = keyed
+    r = client.get(f"/v1/jobs/{job_id}/artifacts/checkpoint/files/{path}", headers=h(ALICE))
+    assert r.status_code in (400, 404), (path, r.status_code)
+    assert b"CREATE TABLE" not in r.content and b"root:" not in r.content
+
+
+def test_oversized_body_is_413(keyed):
+    client, _ = keyed
+    spec = {"model": TINY_REPO, "labels": {"x": "y" * 100}, "padding": "z" * 10000}
+    r = client.post("/v1/jobs", json=spec, headers=h(ALICE))
+    assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+
+
+def test_range_download_resumes_and_matches_sha256(keyed):
+    client, job_id = keyed
+    files = client.get(f"/v1/jobs/{job_id}/artifacts", headers=h(ALICE)).json()["artifacts"][0]["files"]
+    entry = next(f for f in files if f["path"] == "rank0.safetensors")
+    url = f"/v1/jobs/{job_id}/artifacts/checkpoint/files/rank0.safetensors"
+    head = client.get(url, headers={**h(ALICE), "Range": "bytes=0-999"})
+    assert head.status_code == 206 and len(head.content) == 1000
+    assert head.headers["content-range"] == f"bytes 0-999/{entry['size']}"
+    tail = client.get(url, headers={**h(ALICE), "Range": "bytes=1000-"})
+    assert tail.status_code == 206
+    assert hashlib.sha256(head.content + tail.content).hexdigest() == entry["sha256"]
+    assert client.get(url, headers={**h(ALICE), "Range": f"bytes={entry['size']}-"}).status_code == 416
+    full = client.get(url, headers=h(ALICE))
+    assert full.headers["content-disposition"].startswith("attachment")
+    assert hashlib.sha256(full.content).hexdigest() == entry["sha256"]
+
+
+def test_tar_stream_holds_every_file(keyed):
+    client, job_id = keyed
+    files = client.get(f"/v1/jobs/{job_id}/artifacts", headers=h(ALICE)).json()["artifacts"][0]["files"]
+    r = client.get(f"/v1/jobs/{job_id}/artifacts/checkpoint.tar", headers=h(ALICE))
+    with tarfile.open(fileobj=io.BytesIO(r.content)) as tar:
+        names = tar.getnames()
+        for f in files:
+            assert hashlib.sha256(tar.extractfile(f"checkpoint/{f['path']}").read()).hexdigest() == f["sha256"]
+    assert "checkpoint/manifest.json" in names
+
+
+def test_events_report_metrics_and_openapi(keyed):
+    client, job_id = keyed
+    events = client.get(f"/v1/jobs/{job_id}/events", headers=h(ALICE)).text
+    assert "event: job" in events and '"state":"succeeded"' in events and "event: end" in events
+    report = client.get(f"/v1/jobs/{job_id}/report", headers=h(ALICE)).json()
+    assert [s["name"] for s in report["stages"]] == ["fetch", "convert", "publish"]
+    assert report["artifacts"][0]["files"]
+    metrics = client.get("/metrics", headers=h(ALICE)).text
+    assert "kiln_http_requests_total" in metrics and 'kiln_jobs{state="succeeded"}' in metrics
+    schema = client.get("/openapi.json").json()
+    for path in ("/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}:cancel", "/v1/jobs/{job_id}/events",
+                 "/v1/jobs/{job_id}/artifacts", "/v1/jobs/{job_id}/artifacts/{name}.tar",
+                 "/v1/jobs/{job_id}/artifacts/{name}/files/{path}", "/v1/jobs/{job_id}/report", "/v1/workers"):
+        assert path in schema["paths"], path
+    assert schema["components"]["schemas"]["JobSpec"].get("examples")
+
+
+def test_non_loopback_without_keys_refuses_to_start():
+    with pytest.raises(UnsafeConfiguration):
+        Settings(host="0.0.0.0").check_listen()
+    Settings(host="127.0.0.1").check_listen()
+    Settings(host="0.0.0.0", api_keys="t:k").check_listen()
+    assert "k" not in Settings(api_keys="t:k").api_key_hashes()
+
+
+def test_webhook_to_private_address_is_refused_at_submit(keyed):
+    client, _ = keyed
+    r = client.post("/v1/jobs", json={"model": TINY_REPO, "webhook_url": "http://127.0.0.1:9/hook"}, headers=h(ALICE))
+    assert r.status_code == 400 and "private" in r.json()["error"]["message"]
