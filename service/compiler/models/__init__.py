@@ -7,6 +7,7 @@ from ..errors import UnsupportedArchitecture
 from .base import ArchSpec
 from .gpt import GPT2_SPEC, OPT_SPEC
 from .llama import LLAMA
+from .nemotron_nas import NEMOTRON_NAS
 
 _BY_HF: dict[str, ArchSpec] = {}
 _BY_TRT: dict[str, ArchSpec] = {}
@@ -20,7 +21,7 @@ def register(spec: ArchSpec) -> ArchSpec:
     return spec
 
 
-for _spec in (LLAMA, GPT2_SPEC, OPT_SPEC):
+for _spec in (LLAMA, GPT2_SPEC, OPT_SPEC, NEMOTRON_NAS):
     register(_spec)
 
 
