@@ -1,0 +1,57 @@
+"""The dashboard in a real headless Chromium against a running `kiln serve`: a submitted job reaches succeeded."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from .conftest import TINY_REPO, install_in_hf_cache
+from .harness import free_port, service_env, start_server, stop, wait_http
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+@pytest.fixture
+def server_url(tmp_path, tiny_model_dir):
+    env = service_env(tmp_path / "storage")
+    install_in_hf_cache(tiny_model_dir, tmp_path / "storage" / "hf-cache", TINY_REPO)
+    port = free_port()
+    proc = start_server(env, tmp_path / "serve.log", port, -1)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/v1/workers", 90, lambda body: body["workers"])
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop(proc)
+
+
+def test_dashboard_shows_a_submitted_job_reaching_succeeded(server_url):
+    if not shutil.which("chromium") and not __import__("os").path.exists(CHROMIUM):
+        pytest.skip("Debian chromium is not installed (apt-get install chromium)")
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--no-first-run"])
+        try:
+            page = browser.new_page()
+            page.goto(server_url + "/")
+            expect(page.locator("#conn")).to_have_text("live", timeout=15000)
+            page.fill("#f-model", TINY_REPO)
+            page.select_option("#f-dtype", "float16")
+            page.fill("#f-labels", "from=browser")
+            page.click("#f-submit")
+            expect(page.locator("#submit-result")).to_contain_text("submitted", timeout=15000)
+            job_id = page.locator("#submit-result").inner_text().split()[-1]
+            row = page.locator(f"tr[data-id='{job_id}'] td[data-role='state']")
+            expect(row).to_have_text("succeeded", timeout=60000)
+            page.locator(f"tr[data-id='{job_id}']").click()
+            expect(page.locator("#d-stages")).to_contain_text("convert: done")
+            expect(page.locator("#d-artifacts")).to_contain_text("checkpoint/rank0.safetensors", timeout=10000)
+            # a bad spec shows the error code and message from the API
+            page.fill("#f-model", "https://evil.example/model")
+            page.click("#f-submit")
+            expect(page.locator("#submit-result")).to_contain_text("invalid_argument", timeout=10000)
+        finally:
+            browser.close()
