@@ -23,7 +23,7 @@ from functools import cache
 
 from .errors import InvalidMapping
 from .mapping import Mapping
-from .models.base import TORCH_DTYPES
+from .models.base import TORCH_DTYPES, pad_vocab
 from .models.nemotron_nas import LayerConfig, checkpoint_layers
 
 DEFAULT_CONTEXT_LEN = 4096  # tokens of context priced into attention FLOPs (QK^T and AV)
@@ -44,34 +44,38 @@ def _dtype_bytes(cfg: dict) -> int:
     return TORCH_DTYPES[cfg.get("dtype", "bfloat16")].itemsize
 
 
-def layer_cost(cfg: dict, layer: LayerConfig, context_len: int = DEFAULT_CONTEXT_LEN) -> Cost:
-    """Weight bytes, FLOPs per token (2 per multiply-add) and KV-cache bytes per token of one layer."""
+def layer_cost(cfg: dict, layer: LayerConfig, tp: int = 1, context_len: int = DEFAULT_CONTEXT_LEN) -> Cost:
+    """Weight bytes, FLOPs per token (2 per multiply-add) and KV-cache bytes per token of one layer
+    on one GPU of a tp-wide stage (KV heads duplicated when fewer than tp; norms replicated)."""
     H, nh = cfg["hidden_size"], cfg["num_attention_heads"]
     d = cfg.get("head_size") or H // nh
     b = _dtype_bytes(cfg)
     params = flops = kv = 0
     if layer.attention == "attention":
-        mat = (nh * d + 2 * layer.num_kv_heads * d) * H + nh * d * H
-        params, flops, kv = H + mat, 2 * mat + 4 * nh * d * context_len, 2 * layer.num_kv_heads * d * b
+        q, kv_rows = nh * d // tp, max(layer.num_kv_heads // tp, 1) * d
+        mat = (q + 2 * kv_rows) * H + H * q
+        params, flops, kv = H + mat, 2 * mat + 4 * q * context_len, 2 * kv_rows * b
     elif layer.attention == "linear":
-        params, flops = H + H * H, 2 * H * H
+        params, flops = H + H * H // tp, 2 * H * H // tp
     if layer.ffn == "mlp":
-        params += H + 3 * H * layer.intermediate_size
-        flops += 6 * H * layer.intermediate_size
+        params += H + 3 * H * (layer.intermediate_size // tp)
+        flops += 6 * H * (layer.intermediate_size // tp)
     elif layer.ffn == "linear":
-        params += H + H * H
-        flops += 2 * H * H
+        params += H + H * H // tp
+        flops += 2 * H * H // tp
     return Cost(params * b, flops, kv)
 
 
-def layer_costs(cfg: dict, context_len: int = DEFAULT_CONTEXT_LEN) -> list[Cost]:
-    return [layer_cost(cfg, layer, context_len) for layer in checkpoint_layers(cfg)]
+def layer_costs(cfg: dict, tp: int = 1, context_len: int = DEFAULT_CONTEXT_LEN) -> list[Cost]:
+    return [layer_cost(cfg, layer, tp, context_len) for layer in checkpoint_layers(cfg)]
 
 
-def edge_costs(cfg: dict) -> tuple[Cost, Cost]:
-    """(first stage extra: embedding lookup table, last stage extra: ln_f + lm_head)."""
+def edge_costs(cfg: dict, tp: int = 1) -> tuple[Cost, Cost]:
+    """Per GPU: (first stage extra: the replicated embedding table, last stage extra: ln_f and its
+    slice of the vocab-padded lm_head)."""
     H, V, b = cfg["hidden_size"], cfg["vocab_size"], _dtype_bytes(cfg)
-    return Cost(V * H * b, 0, 0), Cost((V * H + H) * b, 2 * V * H, 0)
+    head_rows = pad_vocab(V, tp) // tp
+    return Cost(V * H * b, 0, 0), Cost((head_rows * H + H) * b, 2 * head_rows * H, 0)
 
 
 def kv_cache_bytes_per_token(cfg: dict, tp_size: int = 1) -> int:
@@ -90,9 +94,10 @@ def even_split(num_layers: int, pp: int) -> list[int]:
     return [num_layers // pp + (1 if s < num_layers % pp else 0) for s in range(pp)]
 
 
-def stage_costs(cfg: dict, sizes: list[int], context_len: int = DEFAULT_CONTEXT_LEN) -> list[Cost]:
-    costs = layer_costs(cfg, context_len)
-    first, last = edge_costs(cfg)
+def stage_costs(cfg: dict, sizes: list[int], tp: int = 1, context_len: int = DEFAULT_CONTEXT_LEN) -> list[Cost]:
+    """Cost of each stage on one of its GPUs."""
+    costs = layer_costs(cfg, tp, context_len)
+    first, last = edge_costs(cfg, tp)
     out, start = [], 0
     for s, n in enumerate(sizes):
         c = sum(costs[start:start + n], Cost())
@@ -130,14 +135,14 @@ def _minimax(n: int, pp: int, cost: Callable[[int, int, int], float]) -> tuple[f
     return best[pp - 1][n], [j] + sizes[::-1]
 
 
-def balanced_split(cfg: dict, pp: int, context_len: int = DEFAULT_CONTEXT_LEN) -> list[int]:
+def balanced_split(cfg: dict, pp: int, tp: int = 1, context_len: int = DEFAULT_CONTEXT_LEN) -> list[int]:
     """The contiguous split whose worst stage, on its worst metric, is smallest (the bottleneck);
     among those, the one whose largest summed share over all metrics is smallest. Exact (DP)."""
-    costs = layer_costs(cfg, context_len)
+    costs = layer_costs(cfg, tp, context_len)
     n = len(costs)
     if pp > n:
         raise InvalidMapping(f"pp_size={pp} is larger than num_hidden_layers={n}")
-    first, last = edge_costs(cfg)
+    first, last = edge_costs(cfg, tp)
     totals = sum(costs, first + last)
     prefix = [Cost()]
     for c in costs:
@@ -169,8 +174,8 @@ def spread(stages: list[Cost]) -> dict[str, float]:
     return out
 
 
-def _describe(cfg: dict, sizes: list[int], context_len: int) -> dict:
-    stages = stage_costs(cfg, sizes, context_len)
+def _describe(cfg: dict, sizes: list[int], tp: int, context_len: int) -> dict:
+    stages = stage_costs(cfg, sizes, tp, context_len)
     starts = [sum(sizes[:s]) for s in range(len(sizes))]
     return {
         "layers_per_stage": list(sizes),
@@ -182,19 +187,19 @@ def _describe(cfg: dict, sizes: list[int], context_len: int) -> dict:
 def split_record(cfg: dict, mapping: Mapping, context_len: int = DEFAULT_CONTEXT_LEN) -> dict:
     """What goes in the checkpoint config (``kiln_pipeline_split``): the split used, and both
     candidate splits with their per-stage costs."""
-    n, pp = cfg["num_hidden_layers"], mapping.pp_size
+    n, pp, tp = cfg["num_hidden_layers"], mapping.pp_size, mapping.tp_size
     used = mapping.stage_sizes(n) if mapping.layers_per_stage is not None or n % pp == 0 else even_split(n, pp)
     even = even_split(n, pp)
-    balanced = balanced_split(cfg, pp, context_len)
+    balanced = balanced_split(cfg, pp, tp, context_len)
     kind = "even" if used == even else "balanced" if used == balanced else "custom"
     return {
         "split": kind,
         "layers_per_stage": used,
         "trtllm_compatible": used == even and n % pp == 0,
-        "cost_model": {"metrics": list(METRICS), "context_len": context_len,
+        "cost_model": {"metrics": list(METRICS), "per": f"GPU (tp_size={tp})", "context_len": context_len,
                        "objective": "minimize the largest stage share of any metric, then of their sum"},
-        "even": _describe(cfg, even, context_len),
-        "balanced": _describe(cfg, balanced, context_len),
+        "even": _describe(cfg, even, tp, context_len),
+        "balanced": _describe(cfg, balanced, tp, context_len),
     }
 
 
@@ -205,13 +210,14 @@ def balanced_mapping(cfg: dict, tp: int, pp: int, context_len: int = DEFAULT_CON
         from .models import spec_for_hf
 
         cfg = spec_for_hf(cfg).trt_config(cfg, "bfloat16", Mapping())
-    return Mapping(tp_size=tp, pp_size=pp, layers_per_stage=tuple(balanced_split(cfg, pp, context_len)))
+    return Mapping(tp_size=tp, pp_size=pp, layers_per_stage=tuple(balanced_split(cfg, pp, tp, context_len)))
 
 
 def format_split(record: dict) -> str:
     """Lines for the convert summary and the job report."""
     lines = [f"pipeline split used: {record['split']} {record['layers_per_stage']}"
-             + ("" if record["trtllm_compatible"] else " (Kiln engine only)")]
+             + ("" if record["trtllm_compatible"] else " (Kiln engine only)")
+             + f"; per-stage cost per {record['cost_model']['per']}"]
     for kind in ("even", "balanced"):
         r = record[kind]
         sp = r["spread"]

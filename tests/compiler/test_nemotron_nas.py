@@ -32,6 +32,7 @@ from service.compiler.pipeline_split import (
     format_split,
     kv_cache_bytes_per_token,
     split_record,
+    stage_costs,
 )
 from service.compiler.runtime.decilm import DeciLMReference
 from service.compiler.source import MetaSource
@@ -511,3 +512,12 @@ def test_51b_balanced_split_narrows_the_stage_spread(nemotron_51b):
         assert bal["worst_max_over_mean"] < even["worst_max_over_mean"]
         assert sum(rec["balanced"]["layers_per_stage"]) == 80
     assert balanced_split(cfg, 2) != [40, 40]
+
+
+def test_51b_cost_model_weight_bytes_equal_the_planned_rank_files(nemotron_51b):
+    _, shapes, cfg, plans = nemotron_51b
+    whole = stage_costs(cfg, [80], tp=1)[0]
+    assert whole.weight_bytes == 2 * sum(math.prod(s) for s, _ in shapes.values())
+    for stage, cost in enumerate(stage_costs(cfg, [40, 40], tp=8)):
+        for tp_rank in range(8):
+            assert cost.weight_bytes == sum(p.nbytes for p in plans[stage * 8 + tp_rank])
