@@ -116,3 +116,26 @@ def tiny_model_variants(tmp_path_factory) -> dict[str, Path]:
     cfg["model_type"] = "weirdnet"
     (base / "config.json").write_text(json.dumps(cfg))
     return {"unsupported": base}
+
+
+WEIRD_REPO = "kiln-test/weird-net"
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, tiny_model_dir, tiny_model_variants):
+    """One real `kiln serve` (REST + gRPC + a Celery worker on the file transport) shared by API tests."""
+    from .harness import free_port, service_env, start_server, stop, wait_http
+
+    root = tmp_path_factory.mktemp("serve")
+    env = service_env(root / "storage")
+    install_in_hf_cache(tiny_model_dir, root / "storage" / "hf-cache", TINY_REPO)
+    install_in_hf_cache(tiny_model_variants["unsupported"], root / "storage" / "hf-cache", WEIRD_REPO)
+    http_port, grpc_port = free_port(), free_port()
+    proc = start_server(env, root / "serve.log", http_port, grpc_port)
+    try:
+        wait_http(f"http://127.0.0.1:{http_port}/v1/workers", 90, lambda body: body["workers"])
+    except TimeoutError:
+        stop(proc)
+        raise AssertionError((root / "serve.log").read_text()[-3000:]) from None
+    yield {"http": f"http://127.0.0.1:{http_port}", "grpc": f"127.0.0.1:{grpc_port}", "root": root, "env": env}
+    stop(proc)

@@ -9,27 +9,7 @@ import grpc
 import httpx
 import pytest
 
-from .conftest import TINY_REPO, install_in_hf_cache
-from .harness import free_port, service_env, start_server, stop, wait_http
-
-WEIRD_REPO = "kiln-test/weird-net"
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_model_dir, tiny_model_variants):
-    root = tmp_path_factory.mktemp("serve")
-    env = service_env(root / "storage")
-    install_in_hf_cache(tiny_model_dir, root / "storage" / "hf-cache", TINY_REPO)
-    install_in_hf_cache(tiny_model_variants["unsupported"], root / "storage" / "hf-cache", WEIRD_REPO)
-    http_port, grpc_port = free_port(), free_port()
-    proc = start_server(env, root / "serve.log", http_port, grpc_port)
-    try:
-        wait_http(f"http://127.0.0.1:{http_port}/v1/workers", 90, lambda body: body["workers"])
-    except TimeoutError:
-        stop(proc)
-        raise AssertionError((root / "serve.log").read_text()[-3000:]) from None
-    yield {"http": f"http://127.0.0.1:{http_port}", "grpc": f"127.0.0.1:{grpc_port}", "root": root}
-    stop(proc)
+from .conftest import TINY_REPO, WEIRD_REPO
 
 
 class ApiError(Exception):

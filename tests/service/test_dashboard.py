@@ -6,23 +6,14 @@ import shutil
 
 import pytest
 
-from .conftest import TINY_REPO, install_in_hf_cache
-from .harness import free_port, service_env, start_server, stop, wait_http
+from .conftest import TINY_REPO
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
 @pytest.fixture
-def server_url(tmp_path, tiny_model_dir):
-    env = service_env(tmp_path / "storage")
-    install_in_hf_cache(tiny_model_dir, tmp_path / "storage" / "hf-cache", TINY_REPO)
-    port = free_port()
-    proc = start_server(env, tmp_path / "serve.log", port, -1)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/v1/workers", 90, lambda body: body["workers"])
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop(proc)
+def server_url(server):
+    return server["http"]
 
 
 def test_dashboard_shows_a_submitted_job_reaching_succeeded(server_url):

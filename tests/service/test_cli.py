@@ -1,0 +1,65 @@
+"""`kiln` client commands against the shared `kiln serve`, and `kiln compile` in-process."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+
+from .conftest import TINY_REPO, install_in_hf_cache
+from .harness import ROOT, service_env
+
+
+def kiln(server, *args, env=None, timeout=120):
+    cmd = [sys.executable, "-m", "service.cli", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env or server["env"], capture_output=True, text=True, timeout=timeout)
+
+
+def test_submit_watch_status_download_resume_cancel_workers(server, tmp_path):
+    url = ["--server", server["http"]]
+    r = kiln(server, "submit", TINY_REPO, "--dtype", "float16", "--label", "via=cli", "--watch", *url)
+    assert r.returncode == 0, r.stderr
+    job_id = r.stdout.split()[0]
+    assert "succeeded" in r.stderr and "100.0%" in r.stderr
+    r = kiln(server, "status", job_id, *url)
+    assert r.returncode == 0 and "succeeded" in r.stdout and "convert" in r.stdout
+    r = kiln(server, "status", *url)
+    assert job_id in r.stdout
+
+    # a partial file from an interrupted download is resumed with Range, then verified
+    out = tmp_path / "out"
+    target = out / "checkpoint" / "rank0.safetensors"
+    kiln(server, "download", job_id, str(out), *url)
+    full = target.read_bytes()
+    target.unlink()
+    target.with_name("rank0.safetensors.part").write_bytes(full[:1234])
+    r = kiln(server, "download", job_id, str(out), *url)
+    assert r.returncode == 0 and "verified" in r.stdout, r.stderr
+    assert hashlib.sha256(target.read_bytes()).hexdigest() == hashlib.sha256(full).hexdigest()
+    # corrupt partial data is detected by the checksum
+    target.unlink()
+    target.with_name("rank0.safetensors.part").write_bytes(b"x" * 1234)
+    r = kiln(server, "download", job_id, str(out), *url)
+    assert r.returncode != 0 and "sha256" in r.stderr
+
+    r = kiln(server, "workers", *url)
+    assert r.returncode == 0 and "queues=cpu" in r.stdout
+    r = kiln(server, "submit", TINY_REPO, "--label", "slow=30", *url)
+    slow_id = r.stdout.split()[0]
+    r = kiln(server, "cancel", slow_id, *url)
+    assert r.returncode == 0 and slow_id in r.stdout
+    r = kiln(server, "watch", slow_id, *url)
+    assert r.returncode == 1 and "cancelled" in r.stderr
+    r = kiln(server, "submit", TINY_REPO, "--tp-size", "3", *url)
+    assert r.returncode == 2 and "invalid_mapping" in r.stderr
+
+
+def test_compile_runs_the_whole_pipeline_in_process(tmp_path, tiny_model_dir):
+    env = service_env(tmp_path / "storage")
+    install_in_hf_cache(tiny_model_dir, tmp_path / "storage" / "hf-cache", TINY_REPO)
+    r = kiln(None, "compile", TINY_REPO, "--dtype", "float32", "--tp-size", "2", env=env)
+    assert r.returncode == 0, r.stderr
+    artifact = r.stdout.strip().split(": ", 1)[1]
+    manifest = json.loads((tmp_path / "storage" / "stages" / "convert" / artifact.rsplit("/", 1)[1] / "manifest.json").read_text())
+    assert {f["path"] for f in manifest["files"]} == {"config.json", "rank0.safetensors", "rank1.safetensors"}
