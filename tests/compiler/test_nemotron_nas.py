@@ -194,6 +194,8 @@ def tiny(tmp_path_factory):
     hf = hf_config()
     sd = random_weights(hf)
     d = write_model(tmp_path_factory.mktemp("decilm") / "hf", hf, sd)
+    for module in ("configuration_decilm.py", "modeling_decilm.py"):  # remote code that must never run
+        (d / module).write_text("import pathlib\npathlib.Path(__file__).with_suffix('.ran').touch()\n")
     return d, hf, sd, block_semantics_logits(hf, sd, IDS)
 
 
@@ -223,6 +225,7 @@ def test_checkpoint_layout_follows_trtllm_nemotron_nas(tiny, tmp_path):
     assert cfg["layer_configs"][8] == {"attention": {"impl": "no_op", "num_key_value_heads": None},
                                        "ffn": {"impl": "no_op", "intermediate_size": None}}
     assert "block_configs" not in cfg and cfg["kiln_pipeline_split"]["split"] == "even"
+    assert not list(src.glob("*.ran")), "repository code was executed"
     r0, r1 = load_file(str(out / "rank0.safetensors")), load_file(str(out / "rank1.safetensors"))
     assert not [n for n in r0 if n.startswith("transformer.layers.8.")]  # no_op + no_op: nothing at all
     assert not [n for n in r0 if ".mlp." in n]
@@ -288,6 +291,32 @@ def test_decilm_7b_style_per_layer_kv_heads(tmp_path):
     assert validate_checkpoint(out, strict=True).ok
     got = DeciLMReference.from_checkpoint(out).forward(IDS)
     assert rel_err(got, block_semantics_logits(hf, sd, IDS)) <= 1e-4
+
+
+def test_validate_flags_llama_names_and_tensors_for_no_op_parts(tiny, tmp_path):
+    src, *_ = tiny
+    out = tmp_path / "ckpt"
+    convert_checkpoint(src, out, dtype="float32")
+    tensors = load_file(str(out / "rank0.safetensors"))
+    tensors["transformer.layers.0.mlp.fc.weight"] = tensors.pop("transformer.layers.0.ffn.fc.weight")
+    tensors["transformer.layers.8.input_layernorm.weight"] = torch.ones(H)  # layer 8 is no_op / no_op
+    save_file(tensors, str(out / "rank0.safetensors"))
+    report = validate_checkpoint(out, strict=True)
+    assert "rank0.safetensors: missing tensor transformer.layers.0.ffn.fc.weight" in report.errors
+    assert "rank0.safetensors: unexpected tensor transformer.layers.0.mlp.fc.weight" in report.errors
+    assert "rank0.safetensors: unexpected tensor transformer.layers.8.input_layernorm.weight" in report.errors
+
+
+def test_tied_embeddings_without_lm_head(tiny, tmp_path):
+    _, hf, sd, _ = tiny
+    hf = dict(hf, tie_word_embeddings=True)
+    sd = {n: t for n, t in sd.items() if n != "lm_head.weight"}
+    src = write_model(tmp_path / "hf", hf, sd)
+    out = tmp_path / "ckpt"
+    convert_checkpoint(src, out, dtype="float32", mapping=Mapping(tp_size=2, pp_size=2))
+    assert validate_checkpoint(out, strict=True).ok
+    want = block_semantics_logits(hf, dict(sd, **{"lm_head.weight": sd["model.embed_tokens.weight"]}), IDS)
+    assert rel_err(DeciLMReference.from_checkpoint(out).forward(IDS), want) <= 1e-4
 
 
 # -- bad configs: typed error naming the problem, nothing written ------------------------------
