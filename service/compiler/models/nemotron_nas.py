@@ -23,6 +23,7 @@ names) are imported by ``import_modelopt_checkpoint``.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import uuid
@@ -69,13 +70,13 @@ class LayerConfig:
     """One normalized layer: attention in ATTENTION_IMPLS, ffn in FFN_IMPLS (TensorRT-LLM's schema)."""
 
     attention: str
-    num_kv_heads: int | None  # only for attention == "attention"
+    num_kv_heads: int  # 0 unless attention == "attention"
     ffn: str
-    intermediate_size: int | None  # only for ffn == "mlp"
+    intermediate_size: int  # 0 unless ffn == "mlp"
 
     def to_dict(self) -> dict:
-        return {"attention": {"impl": self.attention, "num_key_value_heads": self.num_kv_heads},
-                "ffn": {"impl": self.ffn, "intermediate_size": self.intermediate_size}}
+        return {"attention": {"impl": self.attention, "num_key_value_heads": self.num_kv_heads or None},
+                "ffn": {"impl": self.ffn, "intermediate_size": self.intermediate_size or None}}
 
 
 def ffn_mult_to_intermediate_size(ffn_mult: float, hidden: int) -> int:
@@ -113,15 +114,15 @@ def _check_block_keys(block: object, known: set[str], where: str) -> dict:
     return block
 
 
-def _attention_layer(block: object, heads: int, where: str) -> tuple[str, int | None]:
+def _attention_layer(block: object, heads: int, where: str) -> tuple[str, int]:
     block = _check_block_keys(block, ATTENTION_KEYS, where)
     for key, default in ATTENTION_DEFAULTS.items():
         if block.get(key, default) not in (default, None):
             raise UnsupportedArchitecture(f"{where}.{key}={block[key]!r} is not supported (only {default!r})")
     if _switch(block, "no_op", where):
-        return "no_op", None
+        return "no_op", 0
     if _switch(block, "replace_with_linear", where):
-        return "linear", None
+        return "linear", 0
     group = block.get("n_heads_in_group")
     if not isinstance(group, int) or isinstance(group, bool) or group < 1 or heads % group:
         raise InvalidArgument(
@@ -131,12 +132,12 @@ def _attention_layer(block: object, heads: int, where: str) -> tuple[str, int | 
     return "attention", heads // group
 
 
-def _ffn_layer(block: object, hidden: int, where: str) -> tuple[str, int | None]:
+def _ffn_layer(block: object, hidden: int, where: str) -> tuple[str, int]:
     block = _check_block_keys(block, FFN_KEYS, where)
     if _switch(block, "no_op", where):
-        return "no_op", None
+        return "no_op", 0
     if _switch(block, "replace_with_linear", where):
-        return "linear", None
+        return "linear", 0
     mult = block.get("ffn_mult")
     if not isinstance(mult, (int, float)) or isinstance(mult, bool) or mult <= 0:
         raise InvalidArgument(f"{where}.ffn_mult must be a positive number, got {mult!r}")
@@ -193,8 +194,8 @@ def checkpoint_layers(cfg: dict) -> list[LayerConfig]:
     """Per-layer configs of a checkpoint config.json: ``layer_configs`` with nulls falling back to the
     global values (TensorRT-LLM's ``get_layer_config``); configs without it are uniform Llama layers."""
     n = cfg["num_hidden_layers"]
-    g_kv = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
-    g_inter = cfg.get("intermediate_size")
+    g_kv = int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"])
+    g_inter = int(cfg.get("intermediate_size") or 0)
     raw = cfg.get("layer_configs")
     if raw is None:
         return [LayerConfig("attention", g_kv, "mlp", g_inter)] * n
@@ -209,8 +210,10 @@ def checkpoint_layers(cfg: dict) -> list[LayerConfig]:
             raise InvalidCheckpoint(f"layer_configs[{i}] lacks attention.impl / ffn.impl") from exc
         if a_impl not in ATTENTION_IMPLS or f_impl not in FFN_IMPLS:
             raise InvalidCheckpoint(f"layer_configs[{i}] has unknown impl {a_impl!r} / {f_impl!r}")
-        kv = (attn.get("num_key_value_heads") or g_kv) if a_impl == "attention" else None
-        inter = (ffn.get("intermediate_size") or g_inter) if f_impl == "mlp" else None
+        kv = int(attn.get("num_key_value_heads") or g_kv) if a_impl == "attention" else 0
+        inter = int(ffn.get("intermediate_size") or g_inter) if f_impl == "mlp" else 0
+        if f_impl == "mlp" and not inter:
+            raise InvalidCheckpoint(f"layer_configs[{i}] is an mlp without an intermediate_size")
         out.append(LayerConfig(a_impl, kv, f_impl, inter))
     return out
 
@@ -243,7 +246,7 @@ class NemotronNAS(TableArch):
         hidden, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
         kv_heads = [layer.num_kv_heads for layer in layers if layer.attention == "attention"]
         inters = [layer.intermediate_size for layer in layers if layer.ffn == "mlp"]
-        cfg = {
+        cfg: dict = {
             "architecture": ARCH,
             "dtype": dtype,
             "logits_dtype": "float32",
@@ -394,7 +397,7 @@ def import_modelopt_checkpoint(src_dir: str | os.PathLike, out_dir: str | os.Pat
     src, out = Path(src_dir), Path(out_dir).absolute()
     if out.exists() and not overwrite:
         raise OutputExists(f"output directory already exists: {out}")
-    cfg = dict(read_json(src / "config.json", "ModelOpt config.json"))
+    cfg: dict = dict(read_json(src / "config.json", "ModelOpt config.json"))
     if cfg.get("architecture") != ARCH:
         raise UnsupportedArchitecture(f"ModelOpt export architecture {cfg.get('architecture')!r} is not {ARCH}")
     if cfg.get("block_configs") is not None:
@@ -424,8 +427,6 @@ def import_modelopt_checkpoint(src_dir: str | os.PathLike, out_dir: str | os.Pat
                 raise InvalidCheckpoint(
                     f"rank{r}.safetensors after ModelOpt renames: missing {missing[:5]}, mis-shaped {wrong[:5]}")
         tmp.mkdir()
-        import json
-
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         for r, names in renamed.items():
             f = files[r]

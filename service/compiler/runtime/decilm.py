@@ -96,8 +96,8 @@ def rope_inv_freq(cfg: dict) -> torch.Tensor:
     """GPT-NeoX rotary frequencies, with TensorRT-LLM's linear / llama3 scaling."""
     dim = cfg.get("rotary_embedding_dim") or cfg["head_size"]
     inv = 1.0 / (cfg.get("rotary_base", 10000.0) ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
-    sc = cfg.get("rotary_scaling")
-    kind = (sc or {}).get("rope_type", (sc or {}).get("type"))
+    sc: dict = cfg.get("rotary_scaling") or {}
+    kind = sc.get("rope_type", sc.get("type"))
     if kind == "linear":
         inv = inv / sc["factor"]
     elif kind == "llama3":
