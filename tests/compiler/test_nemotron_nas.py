@@ -136,14 +136,14 @@ def write_model(d, hf, sd):
     return d
 
 
-def block_semantics_logits(hf, sd, ids):
+def block_semantics_logits(hf, sd, ids, inv_freq=None):
     """The DeciLM decoder written out plainly: pre-norm residual blocks, skipped when no_op."""
     eps, n = hf["rms_norm_eps"], ids.shape[0]
 
     def rms(x, w):
         return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * w
 
-    inv = 1.0 / hf["rope_theta"] ** (torch.arange(0, D, 2, dtype=torch.float64) / D)
+    inv = 1.0 / hf["rope_theta"] ** (torch.arange(0, D, 2, dtype=torch.float64) / D) if inv_freq is None else inv_freq
     ang = (torch.arange(n, dtype=torch.float64)[:, None] * inv[None]).float()
     cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
 
@@ -316,6 +316,25 @@ def test_tied_embeddings_without_lm_head(tiny, tmp_path):
     convert_checkpoint(src, out, dtype="float32", mapping=Mapping(tp_size=2, pp_size=2))
     assert validate_checkpoint(out, strict=True).ok
     want = block_semantics_logits(hf, dict(sd, **{"lm_head.weight": sd["model.embed_tokens.weight"]}), IDS)
+    assert rel_err(DeciLMReference.from_checkpoint(out).forward(IDS), want) <= 1e-4
+
+
+def test_llama3_rope_scaling_matches_transformers_frequencies(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 4}
+    hf = hf_config(rope_theta=500000.0, rope_scaling=scaling)
+    sd = random_weights(hf, seed=2)
+    src = write_model(tmp_path / "hf", hf, sd)
+    out = tmp_path / "ckpt"
+    convert_checkpoint(src, out, dtype="float32", mapping=Mapping(tp_size=2))
+    llama = transformers.LlamaConfig(hidden_size=H, num_attention_heads=NH, rope_theta=500000.0,
+                                     rope_scaling=scaling, max_position_embeddings=256)
+    inv, _ = ROPE_INIT_FUNCTIONS["llama3"](llama)
+    want = block_semantics_logits(hf, sd, IDS, inv_freq=inv.double())
+    assert rel_err(want, block_semantics_logits(hf, sd, IDS)) > 1e-3  # the scaling matters here
     assert rel_err(DeciLMReference.from_checkpoint(out).forward(IDS), want) <= 1e-4
 
 
