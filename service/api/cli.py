@@ -97,7 +97,13 @@ def cmd_serve(args) -> int:
     worker = None
     if not args.no_worker:
         env = dict(os.environ, KILN_STORAGE=str(settings.storage_root))
-        worker = subprocess.Popen([sys.executable, "-m", "service.cli", "worker"], env=env, start_new_session=True)
+        worker = subprocess.Popen([sys.executable, "-m", "service.cli", "worker"], env=env, start_new_session=True,
+                                  preexec_fn=_die_with_parent)
+
+    def _terminate(signum, _frame):  # uvicorn re-raises SIGTERM after its graceful stop: exit through finally
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         import asyncio
 
@@ -112,6 +118,16 @@ def cmd_serve(args) -> int:
             except subprocess.TimeoutExpired:
                 os.killpg(worker.pid, signal.SIGKILL)
     return 0
+
+
+def _die_with_parent() -> None:
+    """Linux: the embedded worker gets SIGTERM if `kiln serve` dies without cleaning up."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 async def _serve(settings) -> None:

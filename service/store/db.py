@@ -29,7 +29,8 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+    # no pre-ping: it costs a round trip per checkout on the polling path; stale connections are recycled
+    return create_engine(url, pool_size=10, max_overflow=20, pool_recycle=1800)
 
 
 def migrate(engine: Engine) -> None:

@@ -79,6 +79,9 @@ def decode_cursor(cursor: str) -> tuple[float, str]:
 class JobStore:
     def __init__(self, engine: Engine):
         self.engine = engine
+        # Single-statement reads need no transaction: with AUTOCOMMIT a PostgreSQL read is one round
+        # trip instead of three (BEGIN, SELECT, ROLLBACK) on the status-polling path.
+        self.reader = engine.execution_options(isolation_level="AUTOCOMMIT")
 
     # -- jobs -------------------------------------------------------------------------------
     def create(self, *, tenant: str, spec: JobSpec, idempotency_key: str | None, queue: str, reason: str = "") -> tuple[Job, bool]:
@@ -108,24 +111,24 @@ class JobStore:
         return job, True
 
     def get_by_idempotency_key(self, tenant: str, key: str) -> Job | None:
-        with self.engine.connect() as conn:
+        with self.reader.connect() as conn:
             row = conn.execute(select(jobs).where(jobs.c.tenant == tenant, jobs.c.idempotency_key == key)).mappings().first()
         return row_to_job(row) if row else None
 
     def spec_digest_of(self, job_id: str) -> str | None:
-        with self.engine.connect() as conn:
+        with self.reader.connect() as conn:
             return conn.execute(select(jobs.c.spec_digest).where(jobs.c.id == job_id)).scalar()
 
     def get(self, job_id: str, tenant: str | None = None) -> Job | None:
         q = select(jobs).where(jobs.c.id == job_id)
         if tenant is not None:
             q = q.where(jobs.c.tenant == tenant)
-        with self.engine.connect() as conn:
+        with self.reader.connect() as conn:
             row = conn.execute(q).mappings().first()
         return row_to_job(row) if row else None
 
     def version(self, job_id: str) -> int | None:
-        with self.engine.connect() as conn:
+        with self.reader.connect() as conn:
             return conn.execute(select(jobs.c.version).where(jobs.c.id == job_id)).scalar()
 
     def list(self, *, tenant: str | None, state: str | None = None, labels: dict[str, str] | None = None,
@@ -142,14 +145,14 @@ class JobStore:
             created, last_id = decode_cursor(cursor)
             q = q.where(or_(jobs.c.created_at < created, and_(jobs.c.created_at == created, jobs.c.id < last_id)))
         q = q.order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(limit + 1)
-        with self.engine.connect() as conn:
+        with self.reader.connect() as conn:
             rows = conn.execute(q).mappings().all()
         page = [row_to_job(r) for r in rows[:limit]]
         next_cursor = encode_cursor(page[-1].created_at, page[-1].id) if len(rows) > limit and page else None
         return page, next_cursor
 
     def count_by_state(self) -> dict[str, int]:
-        with self.engine.connect() as conn:
+        with self.reader.connect() as conn:
             return {s: n for s, n in conn.execute(select(jobs.c.state, func.count()).group_by(jobs.c.state))}
 
     def update(self, job_id: str, *, token: int | None = None, only_states: Iterable[str] | None = None, **values) -> bool:
@@ -222,7 +225,7 @@ class JobStore:
             and_(jobs.c.state == "running", jobs.c.lease_expires_at < now),
             and_(jobs.c.state == "queued", jobs.c.enqueued_at < now - requeue_after),
         ))
-        with self.engine.connect() as conn:
+        with self.reader.connect() as conn:
             return [(r.id, r.queue) for r in conn.execute(q)]
 
     def mark_requeued(self, job_id: str, *, expected_state: str) -> bool:
@@ -253,7 +256,7 @@ class JobStore:
 
     def live_workers(self, ttl: float) -> list[dict]:
         cutoff = time.time() - ttl
-        with self.engine.connect() as conn:
+        with self.reader.connect() as conn:
             rows = conn.execute(select(workers).where(workers.c.heartbeat_at >= cutoff).order_by(workers.c.id)).mappings().all()
         return [dict(id=r["id"], hostname=r["hostname"], queues=json.loads(r["queues"]),
                      capabilities=json.loads(r["capabilities"]), started_at=r["started_at"],
