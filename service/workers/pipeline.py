@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -124,6 +125,14 @@ PERMANENT_CODES = {
     "invalid_argument", "unsupported_architecture", "invalid_mapping", "model_not_found", "unsafe_weights",
     "malformed_weights", "weights_mismatch", "invalid_checkpoint",
 }
+
+
+_SECRET_RE = re.compile(r"\b(hf_[A-Za-z0-9]{8,}|api_[A-Za-z0-9]{8,})\b")
+
+
+def redact(text: str) -> str:
+    """Hide anything shaped like a Hugging Face token before it reaches a job row or a log line."""
+    return _SECRET_RE.sub("hf_***", text)
 
 
 def _is_permanent(exc: BaseException) -> bool:
@@ -269,12 +278,12 @@ class PipelineRunner:
         except Exception as exc:
             record.state = "failed"
             err = JobError(code=getattr(exc, "code", "internal") if _is_permanent(exc) else "internal",
-                           message=getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}",
+                           message=redact(getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}")[:2000],
                            hint=getattr(exc, "hint", "") or "")
             if _is_permanent(exc) or lease.attempts >= self.settings.attempt_cap:
                 log.info("job %s failed: %s", lease.job_id, err.message)
                 return "failed" if self._finish(lease, "failed", error=err, stages=records) else "lease_lost"
-            log.warning("job %s attempt %d failed (%s); retrying", lease.job_id, lease.attempts, err.message, exc_info=True)
+            log.warning("job %s attempt %d failed (%s); retrying", lease.job_id, lease.attempts, err.message)
             if self.store.release(lease, state="queued", error=err, stages=records, enqueued_at=time.time(),
                                   message=f"attempt {lease.attempts} failed; retrying") and self.enqueue:
                 self.enqueue(lease.job_id, spec.queue(), min(60.0, 2.0 ** lease.attempts))
