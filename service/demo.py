@@ -49,7 +49,7 @@ def main() -> int:
     storage = settings.storage_root
     storage.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    print(f"[demo] preparing SmolLM2-135M-Instruct (built once from the bundled GGUF) ...", flush=True)
+    print("[demo] preparing SmolLM2-135M-Instruct (built once from the bundled GGUF) ...", flush=True)
     snapshot = install_into_hf_cache(smollm2_hf_dir(), settings.hf_cache, repo_id=REPO)
     print(f"[demo] HF cache entry: {snapshot}", flush=True)
 
