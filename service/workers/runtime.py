@@ -81,7 +81,7 @@ def worker_runtime() -> WorkerRuntime:
 class MainProcessDuties:
     """Registration heartbeat + reconciler, on a daemon thread in the worker's main process."""
 
-    def __init__(self, hostname: str):
+    def __init__(self, hostname: str, consuming: list[str] | None = None):
         from .app import app, publish
 
         self.settings = get_settings()
@@ -90,7 +90,8 @@ class MainProcessDuties:
         self.store = JobStore(self.engine)
         self.artifacts = ArtifactStore(self.settings.storage_root)
         self.caps = detect_capabilities()
-        self.queues = worker_queues(self.settings, self.caps)
+        # advertise exactly the queues this worker consumes (``-Q``), else the configured ones
+        self.queues = consuming or worker_queues(self.settings, self.caps)
         self.worker_id = hostname
         self._publish = lambda job_id, queue: publish(app, job_id, queue)
         self._stop = threading.Event()
@@ -139,7 +140,13 @@ _duties: MainProcessDuties | None = None
 @signals.worker_ready.connect
 def _on_worker_ready(sender=None, **_kw) -> None:
     global _duties
-    _duties = MainProcessDuties(getattr(sender, "hostname", None) or f"kiln@{socket.gethostname()}:{os.getpid()}")
+    consuming = None
+    try:  # sender is the worker's Consumer
+        consuming = sorted(sender.app.amqp.queues.consume_from)
+    except AttributeError:
+        pass
+    _duties = MainProcessDuties(getattr(sender, "hostname", None) or f"kiln@{socket.gethostname()}:{os.getpid()}",
+                                consuming)
     _duties.start()
     log.info("worker %s ready: queues=%s capabilities=%s", _duties.worker_id, _duties.queues, _duties.caps)
 

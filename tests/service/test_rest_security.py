@@ -21,7 +21,8 @@ ALICE, BOB = "alice-key-123", "bob-key-456"
 
 
 @pytest.fixture(scope="module")
-def keyed(tmp_path_factory, tiny_model_dir):
+def keyed_runtime(tmp_path_factory, tiny_model_dir):
+    """A keyed service (alice, bob) with one finished job of alice's, run through the real pipeline."""
     root = tmp_path_factory.mktemp("keyed")
     mp = pytest.MonkeyPatch()
     mp.setenv("HF_HUB_OFFLINE", "1")
@@ -30,10 +31,16 @@ def keyed(tmp_path_factory, tiny_model_dir):
     runtime = build_runtime(settings)
     job, _ = runtime.service.submit("alice", JobSpec(model=TINY_REPO, dtype="float16"))
     PipelineRunner(settings, runtime.service.store, runtime.service.artifacts, "inproc").run(job.id)
-    with TestClient(create_app(settings, runtime=runtime)) as client:
-        yield client, job.id
+    yield settings, runtime, job.id
     runtime.close()
     mp.undo()
+
+
+@pytest.fixture(scope="module")
+def keyed(keyed_runtime):
+    settings, runtime, job_id = keyed_runtime
+    with TestClient(create_app(settings, runtime=runtime)) as client:
+        yield client, job_id
 
 
 def h(key):
@@ -136,3 +143,64 @@ def test_webhook_to_private_address_is_refused_at_submit(keyed):
     client, _ = keyed
     r = client.post("/v1/jobs", json={"model": TINY_REPO, "webhook_url": "http://127.0.0.1:9/hook"}, headers=h(ALICE))
     assert r.status_code == 400 and "private" in r.json()["error"]["message"]
+
+
+def test_grpc_tenants_keys_resume_health_and_reflection(keyed_runtime):
+    import asyncio
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    from service.api.grpc_server import create_server, pb2, pb2_grpc
+
+    settings, runtime, job_id = keyed_runtime
+    rank0 = runtime.service.artifact_file("alice", job_id, "checkpoint", "rank0.safetensors")[0].read_bytes()
+
+    async def scenario():
+        server, port = await create_server(runtime.service, settings, port=0, host="127.0.0.1")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = pb2_grpc.KilnStub(channel)
+                alice, bob = (("authorization", f"Bearer {ALICE}"),), (("authorization", f"Bearer {BOB}"),)
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await stub.GetJob(pb2.GetJobRequest(id=job_id))
+                assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                calls = [
+                    lambda md: stub.GetJob(pb2.GetJobRequest(id=job_id), metadata=md),
+                    lambda md: stub.CancelJob(pb2.CancelJobRequest(id=job_id), metadata=md),
+                    lambda md: stub.ListArtifacts(pb2.ListArtifactsRequest(job_id=job_id), metadata=md),
+                ]
+                for call in calls:
+                    with pytest.raises(grpc.aio.AioRpcError) as err:
+                        await call(bob)
+                    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+                for stream in (stub.WatchJob(pb2.WatchJobRequest(id=job_id), metadata=bob),
+                               stub.DownloadArtifact(pb2.DownloadArtifactRequest(job_id=job_id, name="checkpoint"), metadata=bob)):
+                    with pytest.raises(grpc.aio.AioRpcError) as err:
+                        async for _ in stream:
+                            pass
+                    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+                assert job_id not in [j.id for j in (await stub.ListJobs(pb2.ListJobsRequest(), metadata=bob)).jobs]
+                # alice resumes a download from an offset; the last chunk carries the file's sha256
+                data, digest = b"", ""
+                async for chunk in stub.DownloadArtifact(pb2.DownloadArtifactRequest(
+                        job_id=job_id, name="checkpoint", path="rank0.safetensors", offset=1000), metadata=alice):
+                    data += chunk.data
+                    digest = chunk.sha256 or digest
+                assert data == rank0[1000:] and digest == hashlib.sha256(rank0).hexdigest()
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await stub.GetJob(pb2.GetJobRequest(id="../../etc"), metadata=alice)
+                assert err.value.code() == grpc.StatusCode.NOT_FOUND
+                health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="kiln.v1.Kiln"))
+                assert health.status == health_pb2.HealthCheckResponse.SERVING
+                refl = reflection_pb2_grpc.ServerReflectionStub(channel)
+                async for resp in refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])):
+                    names = [s.name for s in resp.list_services_response.service]
+                    assert "kiln.v1.Kiln" in names and "grpc.health.v1.Health" in names
+                    break
+        finally:
+            await server.stop(None)
+
+    asyncio.run(scenario())
