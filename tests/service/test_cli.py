@@ -63,3 +63,9 @@ def test_compile_runs_the_whole_pipeline_in_process(tmp_path, tiny_model_dir):
     artifact = r.stdout.strip().split(": ", 1)[1]
     manifest = json.loads((tmp_path / "storage" / "stages" / "convert" / artifact.rsplit("/", 1)[1] / "manifest.json").read_text())
     assert {f["path"] for f in manifest["files"]} == {"config.json", "rank0.safetensors", "rank1.safetensors"}
+
+
+def test_serve_refuses_non_loopback_without_keys(tmp_path):
+    env = service_env(tmp_path / "storage")
+    r = kiln(None, "serve", "--host", "0.0.0.0", "--port", "0", env=env, timeout=60)
+    assert r.returncode == 2 and "without API keys" in r.stderr

@@ -1,4 +1,5 @@
-"""Real Celery workers (subprocesses) on the embedded file transport and on the real Redis."""
+"""Real Celery workers (subprocesses): the embedded default (file transport + SQLite) and the scaled
+deployment (the real Redis + the running PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -10,15 +11,15 @@ from service.domain import JobService, JobSpec
 from service.store import ArtifactStore, JobStore, make_engine, migrate, sha256_file
 from service.workers.app import make_celery, publish
 
-from .conftest import REDIS_HOST, REDIS_PORT, TINY_REPO, install_in_hf_cache, reachable
+from .conftest import REDIS_HOST, REDIS_PORT, TINY_REPO, PgDatabase, install_in_hf_cache, reachable
 from .harness import kill_group, service_env, settings_from, start_worker, stop, wait_for
 
 REDIS_DB = 11
 
 
-@pytest.fixture(params=["filesystem", "redis"])
+@pytest.fixture(params=["filesystem+sqlite", "redis+postgresql"])
 def broker_url(request):
-    if request.param == "filesystem":
+    if request.param.startswith("filesystem"):
         yield None
         return
     if not reachable(REDIS_HOST, REDIS_PORT):
@@ -32,9 +33,21 @@ def broker_url(request):
 
 
 @pytest.fixture
-def cluster(tmp_path, broker_url, tiny_model_dir):
+def database_url(broker_url):
+    if broker_url is None:
+        yield None  # SQLite under the storage root
+        return
+    if not reachable("127.0.0.1", 5432):
+        pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432")
+    db = PgDatabase()
+    yield db.url
+    db.close()
+
+
+@pytest.fixture
+def cluster(tmp_path, broker_url, database_url, tiny_model_dir):
     """A storage root with the tiny model in its HF cache, a job store and a way to start workers."""
-    env = service_env(tmp_path / "storage", broker_url=broker_url)
+    env = service_env(tmp_path / "storage", broker_url=broker_url, database_url=database_url)
     settings = settings_from(env)
     install_in_hf_cache(tiny_model_dir, settings.hf_cache, TINY_REPO)
     engine = make_engine(settings.db_url)
