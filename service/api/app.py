@@ -16,6 +16,7 @@ from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.compiler.errors import KilnError
 from service.domain import JobService, JobSpec, error_body, status_for
@@ -52,28 +53,27 @@ class BodySizeLimit:
         for name, value in scope.get("headers", []):
             if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
                 return await self._reject(send)
-        seen = 0
-        started = False
-
-        async def limited_receive():
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
+        if not any(name == b"content-length" for name, _ in scope.get("headers", [])) and \
+                scope["method"] in ("POST", "PUT", "PATCH"):
+            # chunked upload: read it here (bounded by the limit) so an oversized one is a 413, not a parse error
+            chunks, seen = [], 0
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    break
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
-                    raise _TooLarge()
-            return message
+                    return await self._reject(send)
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body"):
+                    break
+            replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
 
-        async def tracking_send(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
+            async def replay_receive():
+                return replay.pop() if replay else await receive()
 
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _TooLarge:
-            if not started:
-                await self._reject(send)
+            return await self.app(scope, replay_receive, send)
+        return await self.app(scope, receive, send)
 
     async def _reject(self, send):
         body = json.dumps({"error": {"code": "payload_too_large", "message": f"request body exceeds {self.max_bytes} bytes",
@@ -81,10 +81,6 @@ class BodySizeLimit:
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
-
-
-class _TooLarge(Exception):
-    pass
 
 
 class Metrics:
@@ -153,6 +149,13 @@ def create_app(settings: Settings | None = None, *, runtime=None) -> FastAPI:
     async def _validation_error(_req, exc: RequestValidationError):
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors()[:10])
         return _error_response(InvalidSpec(f"invalid request: {problems}", hint="see /docs for the JobSpec schema"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_req, exc: StarletteHTTPException):  # unknown routes, wrong methods: same envelope
+        code = {400: "invalid_argument", 401: "unauthenticated", 404: "not_found", 413: "payload_too_large"}.get(
+            exc.status_code, f"http_{exc.status_code}")
+        return JSONResponse({"error": {"code": code, "message": str(exc.detail), "hint": ""}},
+                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(KilnError)
     async def _compiler_error(_req, exc: KilnError):  # e.g. invalid_mapping from the submit-time preflight

@@ -19,6 +19,7 @@ def server_url(server):
 def test_dashboard_shows_a_submitted_job_reaching_succeeded(server_url):
     if not shutil.which("chromium") and not __import__("os").path.exists(CHROMIUM):
         pytest.skip("Debian chromium is not installed (apt-get install chromium)")
+    pytest.importorskip("playwright", reason="playwright (python) is not installed")
     from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as p:

@@ -85,6 +85,16 @@ def test_oversized_body_is_413(keyed):
     r = client.post("/v1/jobs", json=spec, headers=h(ALICE))
     assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
 
+    def chunked():  # no Content-Length: counted while streaming
+        yield b'{"model": "org/m", "labels": {"x": "'
+        for _ in range(100):
+            yield b"y" * 100
+        yield b'"}}'
+
+    r = client.post("/v1/jobs", content=chunked(), headers={**h(ALICE), "Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+    assert client.get("/v1/nope", headers=h(ALICE)).json()["error"]["code"] == "not_found"
+
 
 def test_range_download_resumes_and_matches_sha256(keyed):
     client, job_id = keyed
