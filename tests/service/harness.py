@@ -47,13 +47,13 @@ def start_worker(env: dict, log: Path, name: str = "w1") -> subprocess.Popen:
                             start_new_session=True)
 
 
-def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL, grace: float = 20.0) -> None:
     try:
         os.killpg(proc.pid, sig)
     except ProcessLookupError:
         pass
     try:
-        proc.wait(timeout=20)
+        proc.wait(timeout=grace)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -61,7 +61,7 @@ def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
 
 def stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
-        kill_group(proc, signal.SIGTERM)
+        kill_group(proc, signal.SIGTERM, grace=8.0)
 
 
 def wait_for(predicate, timeout: float = 60.0, interval: float = 0.1, what: str = "condition"):
