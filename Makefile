@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: setup proto demo test test-fast bench-convert lint services clean
+.PHONY: setup proto demo test test-fast bench-convert bench-api lint services clean
 
 STAMP := $(VENV)/.kiln-setup
 
@@ -45,6 +45,9 @@ test-fast: $(STAMP)
 
 bench-convert:
 	$(BIN)/python benchmarks/convert_bench.py
+
+bench-api:
+	$(BIN)/python benchmarks/api_bench.py
 
 lint:
 	$(BIN)/ruff check service tests benchmarks

@@ -29,9 +29,9 @@ def resolve_in_cache(settings: Settings, spec: JobSpec, *, allow_download: bool,
     cache = settings.hf_cache
     cache.mkdir(parents=True, exist_ok=True)
     folder = resolve_model_dir(spec.model, revision=spec.revision, cache_dir=cache, token=token,
-                               allow_download=allow_download)
+                               allow_download=allow_download, repo_only=True)
     if os.path.commonpath([cache.resolve(), Path(folder).absolute()]) != str(cache.resolve()):
-        # resolve_model_dir also accepts local folders; a repo id must never name one on the server.
+        # belt and braces: a repo id must never name a folder on the server
         raise ModelNotFound(f"{spec.model!r} is not a Hugging Face repo in the cache")
     return Path(folder)
 
