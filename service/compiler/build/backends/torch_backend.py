@@ -1,0 +1,175 @@
+"""The ``torch`` backend: a checkpoint -> Kiln's own engine directory (the default backend).
+
+The engine directory (assembled under a temporary name, renamed into place when complete):
+
+    config.json            {version, backend, pretrained_config, build_config, engine, build_stats}
+    rank0.safetensors      the weights in the engine layout (fused qkv and gate_up, unpadded lm_head),
+                           cast to the engine dtype, streamed tensor by tensor
+    compile_cache/sm90/    Inductor + Triton compile cache for the target arch (GPU builds only),
+                           filled by a fresh process that loads the engine and compiles + captures
+                           every graph, so a later process on the same GPU type skips compiling
+    tokenizer files        copied from the checkpoint folder when present
+
+No weight is ever put inside a compiled artifact (an AOTInductor package with embedded weights
+segfaulted on load on our H100): compiled code and weights travel separately.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from ... import __version__
+from ...checkpoint import load_config
+from ...errors import InvalidCheckpoint
+from ...mapping import Mapping
+from ...runtime.engine_model import ENGINE_LAYOUT, checkpoint_to_engine_table
+from ...safetensors_io import SafetensorsFile, SafetensorsWriter, dtype_name, fsync_dir
+from ..config import ResolvedBuild
+
+ENGINE_VERSION = f"kiln-engine/1 (kiln {__version__})"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "generation_config.json", "vocab.json", "merges.txt")
+CHUNK_ROWS_BYTES = 64 << 20
+ProgressFn = Callable[[float, str], None]
+
+
+def _checkpoint_tensors(ckpt_dir: Path, cfg: dict) -> tuple[dict[str, torch.Tensor], list[SafetensorsFile]]:
+    """Global-named checkpoint tensors: zero-copy views of rank0 for tp=pp=1, else merged ranks."""
+    m = Mapping.from_dict(cfg["mapping"])
+    if m.world_size == 1:
+        f = SafetensorsFile(ckpt_dir / "rank0.safetensors")
+        return {name: f.tensor(name) for name in f.keys()}, [f]
+    try:
+        from ...runtime import load_checkpoint_weights  # type: ignore[attr-defined]
+    except ImportError as exc:
+        raise InvalidCheckpoint(
+            f"{ckpt_dir} is split tp={m.tp_size} pp={m.pp_size}; merging it needs the reference runtime's "
+            "load_checkpoint_weights, which is not importable here"
+        ) from exc
+    _, merged = load_checkpoint_weights(ckpt_dir)
+    return merged, []
+
+
+def write_engine_weights(ckpt_dir: Path, cfg: dict, dtype: torch.dtype, out: Path,
+                         progress: ProgressFn | None = None) -> int:
+    """Stream the checkpoint into ``out`` in the engine layout; returns bytes written."""
+    tensors, files = _checkpoint_tensors(ckpt_dir, cfg)
+    try:
+        table = checkpoint_to_engine_table(cfg)
+        vocab = int(cfg["vocab_size"])
+        entries = []
+        for name, sources in table:
+            missing = [s for s in sources if s not in tensors]
+            if missing:
+                raise InvalidCheckpoint(f"checkpoint lacks {', '.join(missing)} (needed for engine tensor {name})")
+            shapes = [tuple(tensors[s].shape) for s in sources]
+            rows = vocab if name == "lm_head" else sum(s[0] for s in shapes)
+            entries.append((name, dtype_name(dtype), (rows, *shapes[0][1:])))
+        total = 0
+        with SafetensorsWriter(out, entries, metadata={"format": "pt", "layout": ENGINE_LAYOUT}) as w:
+            for n, (name, sources) in enumerate(table):
+                offset = 0
+                limit = vocab if name == "lm_head" else None  # drop the rows padding vocab to a multiple of tp
+                for src in sources:
+                    t = tensors[src][:limit] if limit is not None else tensors[src]
+                    row_bytes = t[0].numel() * t.element_size() if t.dim() > 1 else CHUNK_ROWS_BYTES
+                    step = max(1, CHUNK_ROWS_BYTES // max(row_bytes, 1)) if t.dim() > 1 else t.shape[0]
+                    for r in range(0, t.shape[0], step):
+                        offset += w.write(name, offset, t[r:r + step].to(dtype))
+                total += offset
+                if progress:
+                    progress((n + 1) / len(table), name)
+        return total
+    finally:
+        for f in files:
+            f.close()
+
+
+def _copy_tokenizer(ckpt_dir: Path, out: Path) -> list[str]:
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (ckpt_dir / name).is_file():
+            shutil.copy2(ckpt_dir / name, out / name)
+            copied.append(name)
+    return copied
+
+
+def _repo_root() -> str:
+    return str(Path(__file__).resolve().parents[4])
+
+
+def fill_compile_cache(engine_dir: Path, arch_tag: str, timeout_s: float = 1800) -> float:
+    """Load the engine in a fresh process with the cache dir pointing into the engine, compile and
+    capture every graph there; returns the seconds it took."""
+    cache = engine_dir / "compile_cache" / arch_tag
+    cache.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (_repo_root(), env.get("PYTHONPATH", "")) if p)
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "service.compiler.runtime.engine", "warmup", str(engine_dir)],
+        env=env, capture_output=True, text=True, timeout=timeout_s,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"compiling the engine failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return time.perf_counter() - start
+
+
+def build_torch_engine(ckpt_dir: Path, resolved: ResolvedBuild, out_dir: Path, *,
+                       progress: ProgressFn | None = None) -> dict:
+    """Write the engine directory atomically; returns build stats (also stored in config.json)."""
+    start = time.perf_counter()
+    cfg = load_config(ckpt_dir)
+    bc = resolved.config
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[bc.dtype]
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir(parents=True)
+    try:
+        nbytes = write_engine_weights(ckpt_dir, cfg, dtype, tmp / "rank0.safetensors", progress)
+        weights_s = time.perf_counter() - start
+        engine_cfg = {
+            "version": ENGINE_VERSION,
+            "backend": "torch",
+            "pretrained_config": {**cfg, "mapping": {"world_size": 1, "tp_size": 1, "pp_size": 1}},
+            "build_config": bc.to_dict(),
+            "engine": {
+                "layout": ENGINE_LAYOUT,
+                "files": ["rank0.safetensors"],
+                "arch": resolved.arch_tag,
+                "compile_cache": None,
+                "tokenizer_files": _copy_tokenizer(ckpt_dir, tmp),
+                "torch_version": torch.__version__,
+                "memory_estimate": resolved.estimate.to_dict(),
+            },
+        }
+        (tmp / "config.json").write_text(json.dumps(engine_cfg, indent=2) + "\n")
+        compile_s = 0.0
+        if resolved.target is not None and bc.compile:
+            compile_s = fill_compile_cache(tmp, resolved.arch_tag)
+            engine_cfg["engine"]["compile_cache"] = f"compile_cache/{resolved.arch_tag}"
+        stats = {"weights_bytes": nbytes, "weights_seconds": round(weights_s, 3),
+                 "compile_seconds": round(compile_s, 3), "build_seconds": round(time.perf_counter() - start, 3)}
+        engine_cfg["build_stats"] = stats
+        (tmp / "config.json").write_text(json.dumps(engine_cfg, indent=2) + "\n")
+        fsync_dir(tmp)
+        if out_dir.exists():
+            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:12]}"
+            os.rename(out_dir, old)
+            os.rename(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out_dir)
+        return stats
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

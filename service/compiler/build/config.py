@@ -1,0 +1,297 @@
+"""BuildConfig: the engine build's knobs (named after ``trtllm-build``'s), validated before any work.
+
+``BuildConfig(...).validate(checkpoint_config)`` resolves defaults against the model, checks every
+limit, and checks a memory estimate (weights + KV cache at the limits + activations) against the
+target's memory, raising a typed error that names the numbers. Nothing is read but config.json.
+
+    cfg = BuildConfig(max_batch_size=8, max_seq_len=4096, dtype="bfloat16", target="h100")
+    plan = cfg.validate(load_config(ckpt_dir))    # -> ResolvedBuild (with .estimate)
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+from ..errors import InvalidArgument, KilnError
+
+BACKENDS = ("torch", "onnx", "tensorrt", "trtllm")
+KV_CACHE_TYPES = ("continuous", "paged", "disabled")  # trtllm-build's --kv_cache_type values
+ENGINE_DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2}
+LLAMA_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+GIB = 1 << 30
+
+
+class InvalidBuildConfig(InvalidArgument):
+    code = "invalid_build_config"
+
+
+class UnknownBackend(InvalidBuildConfig):
+    code = "unknown_backend"
+    default_hint = f"backends are {', '.join(BACKENDS)}; `kiln capabilities` lists those installed here"
+
+
+class BackendUnavailable(KilnError):
+    """A known backend that cannot run on this machine (its package does not import, no GPU...)."""
+
+    code = "backend_unavailable"
+
+
+class TargetUnavailable(KilnError):
+    """The target GPU is not present on the machine asked to build for it."""
+
+    code = "target_unavailable"
+    default_hint = "send the build to a worker on that GPU (queue build.<sm>), or build with target='cpu'"
+
+
+class EngineDoesNotFit(KilnError):
+    """The memory estimate at the configured limits exceeds the target's memory."""
+
+    code = "engine_does_not_fit"
+    default_hint = "lower max_batch_size or max_seq_len, use a 16-bit dtype, or use tensor parallelism"
+
+
+@dataclass(frozen=True)
+class GpuTarget:
+    name: str
+    sm: int  # compute capability as major*10+minor (90 for Hopper)
+    memory_bytes: int
+
+
+# Nominal memory of known targets (used when the target is not on this machine, e.g. a CPU pre-check).
+KNOWN_TARGETS: dict[str, GpuTarget] = {
+    "h100": GpuTarget("h100", 90, 80 * GIB),
+    "h200": GpuTarget("h200", 90, 141 * GIB),
+    "gh200": GpuTarget("gh200", 90, 96 * GIB),
+    "a100": GpuTarget("a100", 80, 80 * GIB),
+    "a10g": GpuTarget("a10g", 86, 24 * GIB),
+    "l4": GpuTarget("l4", 89, 24 * GIB),
+    "l40s": GpuTarget("l40s", 89, 48 * GIB),
+    "sm80": GpuTarget("sm80", 80, 80 * GIB),
+    "sm86": GpuTarget("sm86", 86, 24 * GIB),
+    "sm89": GpuTarget("sm89", 89, 24 * GIB),
+    "sm90": GpuTarget("sm90", 90, 80 * GIB),
+}
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """What to build. ``None`` means "derive from the model" (as trtllm-build does)."""
+
+    max_batch_size: int = 8
+    max_input_len: int = 1024
+    max_seq_len: int | None = None  # default: min(max_position_embeddings, max_input_len + 1024)
+    max_num_tokens: int | None = None  # tokens per prefill forward; default max_batch_size * max_input_len
+    kv_cache_type: str = "continuous"  # the torch engine's static KV cache is a continuous one
+    dtype: str = "auto"  # engine dtype; auto = the checkpoint's
+    target: str = "auto"  # "cpu", "auto" (this machine), a GPU name ("h100") or an arch ("sm90")
+    backend: str = "torch"
+    use_cuda_graph: bool = True  # decode step captured per batch-size bucket (torch backend, GPU)
+    compile: bool = True  # torch.compile on GPU; CPU engines run eagerly unless compile_on_cpu
+    compile_on_cpu: bool = False
+    memory_fraction: float = 0.92  # share of the target's memory the estimate may use
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> BuildConfig:
+        known = {f for f in cls.__dataclass_fields__}
+        extra = sorted(set(d) - known)
+        if extra:
+            raise InvalidBuildConfig(f"unknown build_config keys: {', '.join(extra)}")
+        return cls(**d)
+
+    def validate(self, ckpt_config: dict, *, weight_bytes: int | None = None,
+                 machine_gpus: list[GpuTarget] | None = None) -> ResolvedBuild:
+        return validate_build(self, ckpt_config, weight_bytes=weight_bytes, machine_gpus=machine_gpus)
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    weights_bytes: int
+    kv_cache_bytes: int
+    activations_bytes: int
+    overhead_bytes: int
+    budget_bytes: int  # memory_fraction x the target's memory
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.kv_cache_bytes + self.activations_bytes + self.overhead_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= self.budget_bytes
+
+    def line(self) -> str:
+        g = 1e9
+        return (f"weights {self.weights_bytes / g:.2f} GB + KV cache {self.kv_cache_bytes / g:.2f} GB + "
+                f"activations {self.activations_bytes / g:.2f} GB + overhead {self.overhead_bytes / g:.2f} GB = "
+                f"{self.total_bytes / g:.2f} GB vs {self.budget_bytes / g:.2f} GB usable")
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "total_bytes": self.total_bytes, "fits": self.fits}
+
+
+@dataclass(frozen=True)
+class ResolvedBuild:
+    config: BuildConfig  # every None resolved
+    target: GpuTarget | None  # None = CPU
+    estimate: MemoryEstimate
+
+    @property
+    def arch_tag(self) -> str:
+        return "cpu" if self.target is None else f"sm{self.target.sm}"
+
+
+def _positive_int(name: str, value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise InvalidBuildConfig(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def kv_bytes_per_token(ckpt: dict, dtype: str) -> int:
+    layers = int(ckpt["num_hidden_layers"])
+    nkv = int(ckpt.get("num_key_value_heads") or ckpt["num_attention_heads"])
+    head = int(ckpt.get("head_size") or ckpt["hidden_size"] // ckpt["num_attention_heads"])
+    return 2 * layers * nkv * head * ENGINE_DTYPES[dtype]
+
+
+def estimate_weight_bytes(ckpt: dict, dtype: str) -> int:
+    """Parameter count of a Llama-family model from config.json alone, times the engine dtype's size."""
+    H, L, V = int(ckpt["hidden_size"]), int(ckpt["num_hidden_layers"]), int(ckpt["vocab_size"])
+    nh = int(ckpt["num_attention_heads"])
+    nkv = int(ckpt.get("num_key_value_heads") or nh)
+    d = int(ckpt.get("head_size") or H // nh)
+    inter = int(ckpt.get("intermediate_size") or 4 * H)
+    per_layer = (nh + 2 * nkv) * d * H + nh * d * H + 3 * inter * H + 2 * H
+    return (L * per_layer + 2 * V * H + H) * ENGINE_DTYPES[dtype]
+
+
+def resolve_target(name: str, machine_gpus: list[GpuTarget]) -> GpuTarget | None:
+    """None for CPU; a GpuTarget (with this machine's real memory when the GPU is present)."""
+    key = name.lower()
+    if key == "cpu":
+        return None
+    if key == "auto":
+        return machine_gpus[0] if machine_gpus else None
+    if key not in KNOWN_TARGETS:
+        raise InvalidBuildConfig(
+            f"unknown target {name!r}", hint=f"use cpu, auto, or one of {', '.join(sorted(KNOWN_TARGETS))}"
+        )
+    nominal = KNOWN_TARGETS[key]
+    for gpu in machine_gpus:
+        if gpu.sm == nominal.sm:
+            return GpuTarget(key, gpu.sm, gpu.memory_bytes)
+    return nominal
+
+
+def validate_build(cfg: BuildConfig, ckpt: dict, *, weight_bytes: int | None = None,
+                   machine_gpus: list[GpuTarget] | None = None) -> ResolvedBuild:
+    """Resolve defaults and fail fast, before any tensor is read."""
+    from .capabilities import machine_gpu_targets
+
+    if cfg.backend not in BACKENDS:
+        raise UnknownBackend(f"unknown backend {cfg.backend!r}")
+    if cfg.kv_cache_type not in KV_CACHE_TYPES:
+        raise InvalidBuildConfig(f"kv_cache_type must be one of {', '.join(KV_CACHE_TYPES)}, got {cfg.kv_cache_type!r}")
+    if cfg.backend in ("torch", "onnx") and cfg.kv_cache_type != "continuous":
+        raise InvalidBuildConfig(
+            f"the {cfg.backend} backend supports kv_cache_type='continuous' only (a static KV cache), "
+            f"got {cfg.kv_cache_type!r}", hint="paged KV caches are built by the trtllm backend",
+        )
+    arch = ckpt.get("architecture")
+    if cfg.backend in ("torch", "onnx") and arch not in LLAMA_ARCHS:
+        raise InvalidBuildConfig(
+            f"the {cfg.backend} backend builds the Llama family ({', '.join(LLAMA_ARCHS)}), not {arch!r}"
+        )
+    quant = (ckpt.get("quantization") or {}).get("quant_algo")
+    if quant and cfg.backend in ("torch", "onnx"):
+        raise InvalidBuildConfig(f"quantized checkpoints ({quant}) are not built by the {cfg.backend} backend yet")
+    dtype = ckpt["dtype"] if cfg.dtype == "auto" else cfg.dtype
+    if dtype not in ENGINE_DTYPES:
+        raise InvalidBuildConfig(f"dtype must be auto, {', '.join(ENGINE_DTYPES)}; got {cfg.dtype!r}")
+    if not 0 < cfg.memory_fraction <= 1:
+        raise InvalidBuildConfig(f"memory_fraction must be in (0, 1], got {cfg.memory_fraction!r}")
+    batch = _positive_int("max_batch_size", cfg.max_batch_size)
+    max_input = _positive_int("max_input_len", cfg.max_input_len)
+    model_max = int(ckpt.get("max_position_embeddings") or 2048)
+    if cfg.max_seq_len is None:
+        seq = min(model_max, max_input + 1024)
+    else:
+        seq = _positive_int("max_seq_len", cfg.max_seq_len)
+    if seq > model_max:
+        raise InvalidBuildConfig(
+            f"max_seq_len={seq} is beyond the model's max_position_embeddings={model_max}",
+            hint=f"use max_seq_len <= {model_max}",
+        )
+    if max_input > seq:
+        if cfg.max_seq_len is not None:
+            raise InvalidBuildConfig(f"max_input_len={max_input} exceeds max_seq_len={seq}")
+        max_input = seq
+    num_tokens = batch * max_input if cfg.max_num_tokens is None else _positive_int("max_num_tokens", cfg.max_num_tokens)
+    if num_tokens < max_input:
+        raise InvalidBuildConfig(
+            f"max_num_tokens={num_tokens} is smaller than max_input_len={max_input}: a prompt must fit one forward"
+        )
+
+    gpus = machine_gpu_targets() if machine_gpus is None else machine_gpus
+    target = resolve_target(cfg.target, gpus)
+    if cfg.backend in ("torch", "tensorrt", "trtllm") and target is not None:
+        if not any(g.sm == target.sm for g in gpus):
+            present = ", ".join(f"{g.name} (sm{g.sm})" for g in gpus) or "no GPU"
+            raise TargetUnavailable(
+                f"target {cfg.target!r} (sm{target.sm}) is not present on this machine ({present}); "
+                f"a {cfg.backend} engine is compiled on the GPU it is built for"
+            )
+    if cfg.backend in ("tensorrt", "trtllm") and target is None:
+        raise InvalidBuildConfig(f"the {cfg.backend} backend builds for a GPU; target='cpu' is not possible")
+
+    resolved = replace(cfg, dtype=dtype, max_seq_len=seq, max_input_len=max_input, max_num_tokens=num_tokens)
+    estimate = memory_estimate(resolved, ckpt, target, weight_bytes)
+    if not estimate.fits:
+        where = "host memory" if target is None else f"{target.name} (sm{target.sm})"
+        raise EngineDoesNotFit(
+            f"engine does not fit {where} at max_batch_size={batch}, max_seq_len={seq}: {estimate.line()}"
+        )
+    return ResolvedBuild(config=resolved, target=target, estimate=estimate)
+
+
+def memory_estimate(cfg: BuildConfig, ckpt: dict, target: GpuTarget | None,
+                    weight_bytes: int | None = None) -> MemoryEstimate:
+    """Weights + KV cache for max_batch_size x max_seq_len + the largest forward's activations."""
+    import psutil
+
+    dtype = cfg.dtype
+    assert cfg.max_seq_len is not None and cfg.max_num_tokens is not None  # resolved by validate_build
+    weights = weight_bytes if weight_bytes is not None else estimate_weight_bytes(ckpt, dtype)
+    kv = kv_bytes_per_token(ckpt, dtype) * cfg.max_batch_size * cfg.max_seq_len
+    H = int(ckpt["hidden_size"])
+    inter = int(ckpt.get("intermediate_size") or 4 * H)
+    nh = int(ckpt["num_attention_heads"])
+    elt = ENGINE_DTYPES[dtype]
+    # prefill: a few hidden-size buffers plus the fused gate/up output per token, and fp32 logits of
+    # the last token of every row (all tokens' logits only when asked for, in evaluation)
+    per_token = (6 * H + 3 * inter + 2 * nh * 64) * elt
+    acts = cfg.max_num_tokens * per_token + cfg.max_batch_size * int(ckpt["vocab_size"]) * 4 * 2
+    overhead = 0 if target is None else 1 * GIB  # CUDA context, cuBLAS workspaces, graph pools
+    total_mem = psutil.virtual_memory().total if target is None else target.memory_bytes
+    return MemoryEstimate(weights, kv, acts, overhead, int(total_mem * cfg.memory_fraction))
+
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailable",
+    "BuildConfig",
+    "EngineDoesNotFit",
+    "GpuTarget",
+    "InvalidBuildConfig",
+    "KNOWN_TARGETS",
+    "MemoryEstimate",
+    "ResolvedBuild",
+    "TargetUnavailable",
+    "UnknownBackend",
+    "estimate_weight_bytes",
+    "kv_bytes_per_token",
+    "memory_estimate",
+    "validate_build",
+]

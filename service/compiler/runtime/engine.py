@@ -1,0 +1,343 @@
+"""Engine runtime: load a ``torch``-backend engine directory and generate, on GPU or CPU.
+
+    engine = Engine.load("./engine")                       # GPU if the engine was built for one
+    out = engine.generate([[1, 2, 3], [4, 5]], max_new_tokens=32)          # greedy
+    out = engine.generate(["Hello"], 32, SamplingConfig(temperature=0.8, top_p=0.9, seed=0))
+    out.tokens, out.texts, out.stats                       # new tokens per prompt, timings
+
+On GPU the engine compiles its step functions with torch.compile against the Inductor/Triton cache
+shipped in the engine directory (so a fresh process does not compile from scratch) and captures the
+decode step, greedy selection included, in one CUDA graph per batch-size bucket. Prompts are batched
+up to ``max_batch_size``; prompt and generation limits are those of the build.
+
+    python -m service.compiler.runtime.engine warmup ENGINE_DIR   # compile + capture (used by build)
+    python -m service.compiler.runtime.engine generate ENGINE_DIR 1,2,3 --max-new-tokens 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import InvalidArgument, InvalidCheckpoint
+from .engine_model import ENGINE_LAYOUT, EngineModel
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    seed: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None  # generation stops after it (it is kept)
+
+
+@dataclass
+class GenerationOutput:
+    tokens: list[list[int]]  # new tokens, per prompt
+    texts: list[str] | None = None
+    stats: dict = field(default_factory=dict)
+
+
+def _buckets(max_batch: int) -> list[int]:
+    out, b = [], 1
+    while b < max_batch:
+        out.append(b)
+        b *= 2
+    return out + [max_batch]
+
+
+def _sm_tag() -> str:
+    major, minor = torch.cuda.get_device_capability()
+    return f"sm{major * 10 + minor}"
+
+
+def _use_compile_cache(engine_dir: Path) -> str | None:
+    """Point Inductor (and Triton, beneath it) at the cache shipped for this GPU's arch, if any."""
+    cache = engine_dir / "compile_cache" / _sm_tag()
+    if not cache.is_dir():
+        return None
+    if not os.access(cache, os.W_OK):  # Inductor writes lock files next to its entries
+        copy = Path(tempfile.mkdtemp(prefix="kiln-inductor-")) / cache.name
+        shutil.copytree(cache, copy)
+        cache = copy
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
+    os.environ.pop("TRITON_CACHE_DIR", None)  # Triton's cache then lives under Inductor's
+    return str(cache)
+
+
+class Engine:
+    def __init__(self, engine_dir: Path, config: dict, model: EngineModel, *, use_graphs: bool, tokenizer=None):
+        self.engine_dir, self.config, self.model = engine_dir, config, model
+        self.build_config = config["build_config"]
+        self.max_batch = int(self.build_config["max_batch_size"])
+        self.max_seq = int(self.build_config["max_seq_len"])
+        self.max_input = int(self.build_config["max_input_len"])
+        self.max_num_tokens = int(self.build_config["max_num_tokens"])
+        self.device = model.device
+        self.tokenizer = tokenizer
+        self.use_graphs = use_graphs
+        self.ids_buf = torch.zeros(self.max_batch, dtype=torch.long, device=self.device)
+        self.pos_buf = torch.zeros(self.max_batch, dtype=torch.long, device=self.device)
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool = None
+        self.load_stats: dict = {}
+
+    # -- loading ---------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, engine_dir: str | os.PathLike, *, device: str | None = None, compile: bool | None = None,
+             cuda_graphs: bool | None = None, tokenizer=None, warmup: bool = True) -> Engine:
+        start = time.perf_counter()
+        engine_dir = Path(engine_dir)
+        try:
+            config = json.loads((engine_dir / "config.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise InvalidCheckpoint(f"{engine_dir} is not an engine directory: {exc}") from exc
+        if config.get("backend") != "torch" or config.get("engine", {}).get("layout") != ENGINE_LAYOUT:
+            raise InvalidCheckpoint(
+                f"{engine_dir} holds a {config.get('backend')!r} engine with layout "
+                f"{config.get('engine', {}).get('layout')!r}; Engine runs torch engines of layout {ENGINE_LAYOUT}"
+            )
+        bc = config["build_config"]
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() and config["engine"]["arch"] != "cpu" else "cpu"
+        on_gpu = torch.device(device).type == "cuda"
+        if compile is None:
+            compile = bool(bc.get("compile", True)) if on_gpu else bool(bc.get("compile_on_cpu", False))
+        cache = _use_compile_cache(engine_dir) if (on_gpu and compile) else None
+        from safetensors.torch import load_file
+
+        weights = load_file(str(engine_dir / "rank0.safetensors"), device=str(device))
+        weights_s = time.perf_counter() - start
+        model = EngineModel(config["pretrained_config"], weights,
+                            max_batch=int(bc["max_batch_size"]), max_seq=int(bc["max_seq_len"]))
+        if compile:
+            model.compile()
+        use_graphs = on_gpu and (bc.get("use_cuda_graph", True) if cuda_graphs is None else cuda_graphs)
+        if tokenizer is None and config["engine"].get("tokenizer_files"):
+            tokenizer = _load_tokenizer(engine_dir)
+        engine = cls(engine_dir, config, model, use_graphs=use_graphs, tokenizer=tokenizer)
+        if warmup and on_gpu:
+            engine.warmup()
+        engine.load_stats = {"weights_seconds": round(weights_s, 3), "compile_cache": cache,
+                             "load_seconds": round(time.perf_counter() - start, 3)}
+        return engine
+
+    def warmup(self) -> None:
+        """Compile (or load from cache) every graph and capture the decode step of each bucket."""
+        with torch.inference_mode():
+            for b in (1, 2) if self.max_batch > 1 else (1,):
+                ids = torch.zeros(b, min(16, self.max_seq), dtype=torch.long, device=self.device)
+                self.model.prefill(ids, torch.full((b,), ids.shape[1], device=self.device))
+            for b in _buckets(self.max_batch):
+                self._step(b)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    # -- the decode step -------------------------------------------------------------------------
+    def _step_eager(self, b: int) -> torch.Tensor:
+        logits = self.model.decode(self.ids_buf[:b], self.pos_buf[:b])
+        self.pos_buf[:b] += 1
+        self.ids_buf[:b] = torch.argmax(logits, -1)
+        return logits
+
+    def _step(self, b: int) -> torch.Tensor:
+        """Decode one token for rows [:b] (greedy choice written back into ids_buf); returns logits."""
+        if not self.use_graphs:
+            return self._step_eager(b)
+        if b not in self._graphs:
+            ids, pos = self.ids_buf.clone(), self.pos_buf.clone()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # compile (or load) and settle allocations outside the capture
+                    self._step_eager(b)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            self._pool = self._pool or torch.cuda.graph_pool_handle()
+            with torch.cuda.graph(graph, pool=self._pool):
+                logits = self._step_eager(b)
+            self._graphs[b] = (graph, logits)
+            self.ids_buf.copy_(ids)
+            self.pos_buf.copy_(pos)
+        graph, logits = self._graphs[b]
+        graph.replay()
+        return logits
+
+    # -- generation ------------------------------------------------------------------------------
+    def _encode(self, prompts: list) -> tuple[list[list[int]], bool]:
+        if all(isinstance(p, str) for p in prompts):
+            if self.tokenizer is None:
+                raise InvalidArgument("text prompts need a tokenizer", hint="pass token ids, or tokenizer= to Engine.load")
+            return [list(self.tokenizer.encode(p)) for p in prompts], True
+        out = []
+        for p in prompts:
+            ids = p.tolist() if isinstance(p, torch.Tensor) else list(p)
+            if not ids or not all(isinstance(t, int) for t in ids):
+                raise InvalidArgument("each prompt must be a non-empty list of token ids (or a string)")
+            out.append(ids)
+        return out, False
+
+    def generate(self, prompts: list, max_new_tokens: int = 64, sampling: SamplingConfig | None = None) -> GenerationOutput:
+        sampling = sampling or SamplingConfig()
+        if isinstance(prompts, (str, torch.Tensor)) and not (isinstance(prompts, torch.Tensor) and prompts.dim() == 2):
+            prompts = [prompts]
+        seqs, text = self._encode(list(prompts))
+        if max_new_tokens < 1:
+            raise InvalidArgument(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        vocab = self.model.vocab
+        for i, s in enumerate(seqs):
+            if len(s) > self.max_input:
+                raise InvalidArgument(f"prompt {i} has {len(s)} tokens; the engine's max_input_len is {self.max_input}")
+            if len(s) + max_new_tokens > self.max_seq:
+                raise InvalidArgument(
+                    f"prompt {i} ({len(s)} tokens) + max_new_tokens={max_new_tokens} exceeds max_seq_len={self.max_seq}"
+                )
+            if min(s) < 0 or max(s) >= vocab:
+                raise InvalidArgument(f"prompt {i} has token ids outside [0, {vocab})")
+        gen = None
+        if sampling.temperature > 0:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(sampling.seed if sampling.seed is not None else int(time.time_ns()))
+        tokens: list[list[int]] = []
+        stats = {"prefill_seconds": 0.0, "decode_seconds": 0.0, "batches": 0, "new_tokens": 0}
+        with torch.inference_mode():
+            for c in range(0, len(seqs), self.max_batch):
+                chunk_tokens, st = self._generate_batch(seqs[c:c + self.max_batch], max_new_tokens, sampling, gen)
+                tokens += chunk_tokens
+                for k in ("prefill_seconds", "decode_seconds", "new_tokens"):
+                    stats[k] += st[k]
+                stats["batches"] += 1
+                stats.setdefault("ttft_seconds", st["prefill_seconds"])
+        if stats["decode_seconds"] > 0:
+            stats["decode_tokens_per_second"] = stats["new_tokens"] / (stats["prefill_seconds"] + stats["decode_seconds"])
+        texts = [self.tokenizer.decode(t) for t in tokens] if (text and self.tokenizer is not None) else None
+        return GenerationOutput(tokens=tokens, texts=texts, stats=stats)
+
+    def _choose(self, logits: torch.Tensor, sampling: SamplingConfig, gen: torch.Generator | None) -> torch.Tensor:
+        if sampling.temperature <= 0:
+            return torch.argmax(logits, -1)
+        logits = logits / sampling.temperature
+        if sampling.top_k > 0:
+            kth = torch.topk(logits, min(sampling.top_k, logits.shape[-1]), -1).values[..., -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if sampling.top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, descending=True)
+            probs = torch.softmax(sorted_logits, -1)
+            drop = probs.cumsum(-1) - probs > sampling.top_p  # keep the smallest set reaching top_p
+            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+            logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+        return torch.multinomial(torch.softmax(logits, -1), 1, generator=gen).squeeze(-1)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def _prefill_rows(self, seqs: list[list[int]]) -> torch.Tensor:
+        """Right-padded prefill, split into forwards of at most max_num_tokens; last-token logits."""
+        T = max(len(s) for s in seqs)
+        T = min(-(-T // 8) * 8, self.max_seq)  # pad to a multiple of 8: fewer distinct shapes
+        rows_per = max(1, self.max_num_tokens // T)
+        out = []
+        for r0 in range(0, len(seqs), rows_per):
+            part = seqs[r0:r0 + rows_per]
+            ids = torch.zeros(len(part), T, dtype=torch.long)
+            for i, s in enumerate(part):
+                ids[i, :len(s)] = torch.tensor(s)
+            lengths = torch.tensor([len(s) for s in part])
+            out.append(self.model.prefill(ids.to(self.device), lengths.to(self.device), row0=r0))
+        return torch.cat(out, 0)
+
+    def _generate_batch(self, seqs: list[list[int]], max_new: int, sampling: SamplingConfig,
+                        gen: torch.Generator | None) -> tuple[list[list[int]], dict]:
+        n = len(seqs)
+        b = next(x for x in _buckets(self.max_batch) if x >= n)
+        self._sync()
+        t0 = time.perf_counter()
+        logits = self._prefill_rows(seqs)
+        self.ids_buf[:b].zero_()
+        self.pos_buf[:b].zero_()
+        self.ids_buf[:n] = self._choose(logits, sampling, gen)
+        self.pos_buf[:n] = torch.tensor([len(s) for s in seqs], device=self.device)
+        out = torch.empty(b, max_new, dtype=torch.long, device=self.device)
+        out[:, 0] = self.ids_buf[:b]
+        self._sync()
+        t1 = time.perf_counter()
+        eos = sampling.eos_token_id
+        eos_t = None if eos is None else torch.tensor([eos] if isinstance(eos, int) else list(eos), device=self.device)
+        steps = max_new
+        for t in range(1, max_new):
+            logits = self._step(b)
+            if sampling.temperature > 0:
+                self.ids_buf[:b] = self._choose(logits, sampling, gen)
+            out[:, t] = self.ids_buf[:b]
+            if eos_t is not None and t % 16 == 0 and bool(torch.isin(out[:n, :t + 1], eos_t).any(1).all()):
+                steps = t + 1
+                break
+        host = out[:n, :steps].tolist()
+        t2 = time.perf_counter()
+        eos_set = set() if eos is None else ({eos} if isinstance(eos, int) else set(eos))
+        result = []
+        for row in host:
+            cut = next((i + 1 for i, tok in enumerate(row) if tok in eos_set), len(row))
+            result.append(row[:cut])
+        return result, {"prefill_seconds": t1 - t0, "decode_seconds": t2 - t1, "new_tokens": n * steps}
+
+    def forward(self, ids: torch.Tensor | list[list[int]]) -> torch.Tensor:
+        """Float32 logits of every position, [batch, tokens, vocab] (evaluation; equal-length rows)."""
+        ids = torch.as_tensor(ids, dtype=torch.long)
+        if ids.dim() == 1:
+            ids = ids[None]
+        B, T = ids.shape
+        if T > self.max_seq or B > self.max_batch:
+            raise InvalidArgument(f"forward of [{B}, {T}] exceeds the engine's limits "
+                                  f"(max_batch_size={self.max_batch}, max_seq_len={self.max_seq})")
+        with torch.inference_mode():
+            lengths = torch.full((B,), T, device=self.device)
+            return self.model.prefill(ids.to(self.device), lengths, all_logits=True).cpu()
+
+
+def _load_tokenizer(engine_dir: Path):
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(str(engine_dir))
+    except Exception:  # a partial tokenizer is not worth failing the load for; text prompts will say so
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m service.compiler.runtime.engine")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    w = sub.add_parser("warmup", help="load, compile and capture every graph (fills the compile cache)")
+    w.add_argument("engine_dir")
+    g = sub.add_parser("generate", help="greedy generation from comma-separated token ids")
+    g.add_argument("engine_dir")
+    g.add_argument("ids")
+    g.add_argument("--max-new-tokens", type=int, default=16)
+    args = parser.parse_args(argv)
+    t0 = time.perf_counter()
+    engine = Engine.load(args.engine_dir)
+    if args.cmd == "warmup":
+        print(json.dumps({"load_seconds": round(time.perf_counter() - t0, 3), **engine.load_stats}))
+        return 0
+    out = engine.generate([[int(x) for x in args.ids.split(",")]], args.max_new_tokens)
+    print(json.dumps({"tokens": out.tokens[0], "stats": out.stats, "load": engine.load_stats}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

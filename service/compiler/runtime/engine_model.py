@@ -1,0 +1,193 @@
+"""The Llama-family engine model: fused weights, a static KV cache and per-layer step functions.
+
+The engine layout fuses what the checkpoint keeps apart: ``qkv`` is already one matrix, and
+``gate_up`` stacks ``mlp.fc`` (the activated branch) over ``mlp.gate``, so a decode step runs two
+matrix-vector products per layer where HF runs five. One ``decode_layer`` / ``prefill_layer``
+function serves every layer (weights are arguments), so torch.compile compiles one layer, not
+32 copies of it, and a CUDA graph captures the whole step, launch gaps included.
+
+Batches are right-padded: every row starts at position 0, prefill is plain causal attention (flash
+on GPU), and decode writes each row's K/V at its own position ``pos[b]`` and masks slots > pos[b].
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+ENGINE_LAYOUT = "kiln-llama-fused/1"
+LayerWeights = tuple  # (attn_norm, qkv, qkv_bias, o, o_bias, mlp_norm, gate_up, gate_up_bias, down, down_bias)
+LAYER_FIELDS = ("attn_norm", "qkv", "qkv_bias", "o", "o_bias", "mlp_norm", "gate_up", "gate_up_bias", "down",
+                "down_bias")
+
+
+def checkpoint_to_engine_table(cfg: dict) -> list[tuple[str, tuple[str, ...]]]:
+    """(engine tensor, checkpoint tensors concatenated along dim 0), global layer indices; a table."""
+    table: list[tuple[str, tuple[str, ...]]] = [("embed", ("transformer.vocab_embedding.weight",))]
+    for i in range(int(cfg["num_hidden_layers"])):
+        p, e = f"transformer.layers.{i}.", f"layers.{i}."
+        table += [
+            (e + "attn_norm", (p + "input_layernorm.weight",)),
+            (e + "qkv", (p + "attention.qkv.weight",)),
+            (e + "o", (p + "attention.dense.weight",)),
+            (e + "mlp_norm", (p + "post_layernorm.weight",)),
+            (e + "gate_up", (p + "mlp.fc.weight", p + "mlp.gate.weight")),  # fc = silu branch, first
+            (e + "down", (p + "mlp.proj.weight",)),
+        ]
+        if cfg.get("attn_bias"):
+            table.append((e + "qkv_bias", (p + "attention.qkv.bias",)))
+            if cfg["architecture"] != "Qwen2ForCausalLM":
+                table.append((e + "o_bias", (p + "attention.dense.bias",)))
+        if cfg.get("mlp_bias"):
+            table += [
+                (e + "gate_up_bias", (p + "mlp.fc.bias", p + "mlp.gate.bias")),
+                (e + "down_bias", (p + "mlp.proj.bias",)),
+            ]
+    table += [("final_norm", ("transformer.ln_f.weight",)), ("lm_head", ("lm_head.weight",))]
+    return table
+
+
+def rope_inv_freq(cfg: dict) -> torch.Tensor:
+    """Inverse frequencies for rope_gpt_neox, with linear or llama3 scaling (as transformers computes them)."""
+    d = int(cfg.get("rotary_embedding_dim") or cfg["head_size"])
+    base = float(cfg.get("rotary_base", 10000.0))
+    inv = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    scaling = cfg.get("rotary_scaling") or None
+    kind = scaling.get("rope_type", scaling.get("type")) if scaling else None
+    if kind == "linear":
+        inv = inv / float(scaling["factor"])
+    elif kind == "llama3":
+        factor = float(scaling["factor"])
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old = float(scaling["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old / low, inv / factor, inv)
+        smooth = (old / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old / high) & (wavelen <= old / low)
+        inv = torch.where(medium, smoothed, scaled)
+    elif kind is not None:
+        raise ValueError(f"rope scaling {kind!r} is not supported by the engine")
+    return inv.to(torch.float32)
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype)
+
+
+def _mlp_and_residual(h: torch.Tensor, attn: torch.Tensor, w: LayerWeights, eps: float) -> torch.Tensor:
+    _, _, _, wo, bo, ln2, w13, b13, w2, b2 = w
+    h = h + F.linear(attn, wo, bo)
+    gu = F.linear(rms_norm(h, ln2, eps), w13, b13)
+    a, u = gu.chunk(2, -1)
+    return h + F.linear(F.silu(a) * u, w2, b2)
+
+
+def decode_layer(h: torch.Tensor, w: LayerWeights, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                 nh: int, nkv: int, d: int, eps: float) -> torch.Tensor:
+    """One token per row. h [B, H]; caches [B, nkv, S, d]; pos [B]; cos/sin [B, d/2]; mask [B, 1, 1, S]."""
+    B = h.shape[0]
+    qkv = F.linear(rms_norm(h, w[0], eps), w[1], w[2])
+    q, k, v = qkv.split([nh * d, nkv * d, nkv * d], -1)
+    q = apply_rope(q.view(B, nh, d), cos[:, None], sin[:, None])
+    k = apply_rope(k.view(B, nkv, d), cos[:, None], sin[:, None])
+    rows = torch.arange(B, device=h.device)
+    k_cache[rows, :, pos] = k
+    v_cache[rows, :, pos] = v.view(B, nkv, d)
+    # GQA without repeating K/V: the g query heads of a KV head are g "query positions" of it
+    attn = F.scaled_dot_product_attention(q.view(B, nkv, nh // nkv, d), k_cache, v_cache, attn_mask=mask)
+    return _mlp_and_residual(h, attn.reshape(B, nh * d), w, eps)
+
+
+def prefill_layer(h: torch.Tensor, w: LayerWeights, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  cos: torch.Tensor, sin: torch.Tensor, nh: int, nkv: int, d: int, eps: float) -> torch.Tensor:
+    """A right-padded batch from position 0. h [B, T, H]; caches [B, nkv, S, d]; cos/sin [T, d/2]."""
+    B, T, _ = h.shape
+    qkv = F.linear(rms_norm(h, w[0], eps), w[1], w[2])
+    q, k, v = qkv.split([nh * d, nkv * d, nkv * d], -1)
+    q = apply_rope(q.view(B, T, nh, d), cos[None, :, None], sin[None, :, None]).transpose(1, 2)
+    k = apply_rope(k.view(B, T, nkv, d), cos[None, :, None], sin[None, :, None]).transpose(1, 2)
+    v = v.view(B, T, nkv, d).transpose(1, 2)
+    k_cache[:, :, :T] = k
+    v_cache[:, :, :T] = v
+    if nkv != nh:
+        k = k.repeat_interleave(nh // nkv, 1)
+        v = v.repeat_interleave(nh // nkv, 1)
+    attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return _mlp_and_residual(h, attn.transpose(1, 2).reshape(B, T, nh * d), w, eps)
+
+
+def lm_head(h: torch.Tensor, norm: torch.Tensor, head: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.linear(rms_norm(h, norm, eps), head).float()
+
+
+class EngineModel:
+    """Weights (engine layout) + static KV cache + the step functions, optionally compiled."""
+
+    def __init__(self, cfg: dict, weights: dict[str, torch.Tensor], *, max_batch: int, max_seq: int):
+        self.cfg = cfg
+        self.nh, self.d = int(cfg["num_attention_heads"]), int(cfg["head_size"])
+        self.nkv = int(cfg.get("num_key_value_heads") or self.nh)
+        self.eps = float(cfg["norm_epsilon"])
+        self.vocab = int(cfg["vocab_size"])
+        self.max_batch, self.max_seq = max_batch, max_seq
+        self.embed = weights["embed"]
+        self.device, self.dtype = self.embed.device, self.embed.dtype
+        self.layers: list[LayerWeights] = [
+            tuple(weights.get(f"layers.{i}.{f}") for f in LAYER_FIELDS) for i in range(int(cfg["num_hidden_layers"]))
+        ]
+        self.final_norm = weights["final_norm"]
+        self.head = weights["lm_head"][: self.vocab]
+        shape = (max_batch, self.nkv, max_seq, self.d)
+        self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        t = torch.arange(max_seq, dtype=torch.float32)
+        freqs = torch.outer(t, rope_inv_freq(cfg))
+        self.cos, self.sin = freqs.cos().to(self.device), freqs.sin().to(self.device)
+        self.slots = torch.arange(max_seq, device=self.device)
+        self._decode_layer, self._prefill_layer, self._head = decode_layer, prefill_layer, lm_head
+
+    def compile(self, mode: str | None = None) -> None:
+        import torch._dynamo
+
+        # one compiled graph per decode batch bucket plus the dynamic prefill; never fall back silently
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        kw = {"fullgraph": True} | ({"mode": mode} if mode else {})
+        self._decode_layer = torch.compile(decode_layer, dynamic=False, **kw)
+        self._head = torch.compile(lm_head, dynamic=False, **kw)
+        self._prefill_layer = torch.compile(prefill_layer, dynamic=True, **kw)
+
+    def decode(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """ids, pos [B] -> float32 logits [B, vocab]; writes K/V at pos."""
+        B = ids.shape[0]
+        h = F.embedding(ids, self.embed)
+        cos, sin = self.cos[pos], self.sin[pos]
+        mask = (self.slots[None, :] <= pos[:, None])[:, None, None, :]
+        for i, w in enumerate(self.layers):
+            h = self._decode_layer(h, w, self.k_cache[i][:B], self.v_cache[i][:B], pos, cos, sin, mask,
+                                   self.nh, self.nkv, self.d, self.eps)
+        return self._head(h, self.final_norm, self.head, self.eps)
+
+    def prefill(self, ids: torch.Tensor, lengths: torch.Tensor, *, all_logits: bool = False,
+                row0: int = 0) -> torch.Tensor:
+        """ids [B, T] right-padded, lengths [B] -> float32 logits of each row's last token [B, vocab]
+        (or of every token [B, T, vocab]); K/V go to cache rows [row0, row0 + B)."""
+        B, T = ids.shape
+        h = F.embedding(ids, self.embed)
+        cos, sin = self.cos[:T], self.sin[:T]
+        for i, w in enumerate(self.layers):
+            h = self._prefill_layer(h, w, self.k_cache[i][row0:row0 + B], self.v_cache[i][row0:row0 + B], cos, sin,
+                                    self.nh, self.nkv, self.d, self.eps)
+        if not all_logits:
+            h = h[torch.arange(B, device=h.device), lengths - 1]
+        return lm_head(h, self.final_norm, self.head, self.eps)  # eager: one matmul, any shape

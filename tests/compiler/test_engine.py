@@ -1,0 +1,230 @@
+"""torch-backend engines on CPU: build from tiny converted checkpoints, generate, compare.
+
+The oracles are the reference runtime (service.compiler.runtime.ReferenceModel, when importable)
+and transformers itself; generations must be identical token for token (float32, greedy).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from service.compiler import convert_checkpoint
+from service.compiler.build import (
+    BackendUnavailable,
+    BuildConfig,
+    EngineDoesNotFit,
+    InvalidBuildConfig,
+    TargetUnavailable,
+    UnknownBackend,
+    build,
+    plan_build,
+)
+from service.compiler.build.config import GpuTarget, validate_build
+from service.compiler.checkpoint import load_config
+from service.compiler.runtime.engine import Engine, SamplingConfig
+
+transformers = pytest.importorskip("transformers")
+
+PROMPTS = [[5, 17, 3, 88, 41, 9, 2], [60, 1, 33], [7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 12], [96]]
+
+ARCHS = {
+    "llama-gqa-llama3rope": lambda: transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=101, max_position_embeddings=128,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 32}),
+    "llama-tied-mha": lambda: transformers.LlamaConfig(
+        hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=3,
+        vocab_size=97, max_position_embeddings=96, tie_word_embeddings=True, rope_theta=500000.0),
+    "qwen2-bias": lambda: transformers.Qwen2Config(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=103, max_position_embeddings=128, use_sliding_window=False),
+    "mistral": lambda: transformers.MistralConfig(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+        vocab_size=101, max_position_embeddings=128, sliding_window=None),
+}
+HF_CLASSES = {"llama-gqa-llama3rope": "LlamaForCausalLM", "llama-tied-mha": "LlamaForCausalLM",
+              "qwen2-bias": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+
+
+def _hf_model(name: str, seed: int = 0):
+    torch.manual_seed(seed)
+    model = getattr(transformers, HF_CLASSES[name])(ARCHS[name]())
+    if name == "qwen2-bias":  # default init leaves biases at zero; make them matter
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.5)
+    return model.eval()
+
+
+@pytest.fixture(scope="module", params=list(ARCHS))
+def built(request, tmp_path_factory):
+    name = request.param
+    model = _hf_model(name)
+    root = tmp_path_factory.mktemp(name)
+    model.save_pretrained(root / "hf", safe_serialization=True)
+    convert_checkpoint(root / "hf", root / "ckpt", dtype="float32")
+    stats = build(root / "ckpt", BuildConfig(max_batch_size=4, max_input_len=32, max_seq_len=64, target="cpu"),
+                  root / "engine")
+    return name, model, root, stats
+
+
+def _hf_greedy(model, prompt: list[int], n: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, min_new_tokens=n,
+                             pad_token_id=0, eos_token_id=None)
+    return out[0, len(prompt):].tolist()
+
+
+def test_engine_dir_has_trtllm_shaped_config(built):
+    _, _, root, stats = built
+    cfg = json.loads((root / "engine" / "config.json").read_text())
+    assert {"version", "pretrained_config", "build_config"} <= set(cfg)
+    assert cfg["build_config"]["max_batch_size"] == 4 and cfg["build_config"]["max_seq_len"] == 64
+    assert cfg["pretrained_config"]["architecture"] == load_config(root / "ckpt")["architecture"]
+    assert (root / "engine" / "rank0.safetensors").is_file()
+    assert cfg["engine"]["arch"] == "cpu" and cfg["engine"]["compile_cache"] is None
+    assert stats["weights_bytes"] > 0
+
+
+def test_batched_greedy_generation_matches_transformers(built):
+    _, model, root, _ = built
+    engine = Engine.load(root / "engine")
+    out = engine.generate(PROMPTS, max_new_tokens=12)
+    assert out.tokens == [_hf_greedy(model, p, 12) for p in PROMPTS]
+
+
+def test_more_prompts_than_max_batch_are_chunked(built):
+    _, model, root, _ = built
+    engine = Engine.load(root / "engine")
+    prompts = PROMPTS + [[3, 4], [8, 9, 10, 11, 12]]  # 6 prompts, max_batch_size 4
+    out = engine.generate(prompts, max_new_tokens=5)
+    assert out.stats["batches"] == 2
+    assert out.tokens == [_hf_greedy(model, p, 5) for p in prompts]
+
+
+def test_forward_logits_match_transformers(built):
+    _, model, root, _ = built
+    engine = Engine.load(root / "engine")
+    ids = torch.tensor([PROMPTS[0], PROMPTS[0][::-1]])
+    with torch.no_grad():
+        ref = model(ids).logits.float()
+    torch.testing.assert_close(engine.forward(ids), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_generation_matches_reference_runtime(built):
+    runtime = pytest.importorskip("service.compiler.runtime", reason="reference runtime not importable")
+    _, _, root, _ = built
+    ref = runtime.ReferenceModel.from_checkpoint(root / "ckpt")
+    engine = Engine.load(root / "engine")
+    for p in PROMPTS:
+        assert engine.generate([p], max_new_tokens=10).tokens[0] == ref.generate(p, max_new_tokens=10)
+    torch.testing.assert_close(engine.forward([PROMPTS[0]]), ref.forward([PROMPTS[0]]), rtol=1e-4, atol=1e-4)
+
+
+def test_sampling_is_seeded_and_eos_stops(built):
+    _, _, root, _ = built
+    engine = Engine.load(root / "engine")
+    s = SamplingConfig(temperature=0.9, top_k=20, top_p=0.9, seed=123)
+    a = engine.generate(PROMPTS[:2], 20, s).tokens
+    assert a == engine.generate(PROMPTS[:2], 20, s).tokens
+    greedy = engine.generate([PROMPTS[0]], 20).tokens[0]
+    eos = greedy[3]
+    stopped = engine.generate([PROMPTS[0]], 20, SamplingConfig(eos_token_id=eos)).tokens[0]
+    assert stopped == greedy[: greedy.index(eos) + 1]
+
+
+def test_prompt_beyond_limits_is_refused(built):
+    _, _, root, _ = built
+    engine = Engine.load(root / "engine")
+    with pytest.raises(Exception, match="max_input_len"):
+        engine.generate([[1] * 33], 4)
+    with pytest.raises(Exception, match="max_seq_len"):
+        engine.generate([[1] * 30], 40)
+
+
+# -- bad build configs fail fast, before any tensor is read ------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    model = _hf_model("llama-gqa-llama3rope")
+    root = tmp_path_factory.mktemp("tiny")
+    model.save_pretrained(root / "hf", safe_serialization=True)
+    convert_checkpoint(root / "hf", root / "ckpt", dtype="float32")
+    return root / "ckpt"
+
+
+def test_max_seq_len_beyond_the_model_is_refused(tiny_ckpt, tmp_path):
+    with pytest.raises(InvalidBuildConfig, match="max_position_embeddings=128"):
+        build(tiny_ckpt, BuildConfig(max_seq_len=4096, target="cpu"), tmp_path / "e")
+    assert not (tmp_path / "e").exists()
+
+
+def test_unknown_backend_is_refused(tiny_ckpt, tmp_path):
+    with pytest.raises(UnknownBackend):
+        build(tiny_ckpt, BuildConfig(backend="tvm", target="cpu"), tmp_path / "e")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_target_gpu_absent_is_refused(tiny_ckpt, tmp_path):
+    with pytest.raises(TargetUnavailable, match="sm90"):
+        build(tiny_ckpt, BuildConfig(target="h100"), tmp_path / "e")
+
+
+def test_tensorrt_backend_not_installed_is_refused_with_reason(tiny_ckpt, tmp_path):
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("tensorrt imports here; the refusal path is for machines without it")
+    except ImportError:
+        pass
+    with pytest.raises(BackendUnavailable, match="import tensorrt"):
+        build(tiny_ckpt, BuildConfig(backend="tensorrt", target="h100"), tmp_path / "e")
+
+
+def test_batch_that_does_not_fit_the_memory_estimate_is_refused():
+    # an 8B-shaped config on a (nominal) 24 GiB L4: weights 16 GB + KV for 64 x 8192 tokens
+    cfg = {"architecture": "LlamaForCausalLM", "dtype": "bfloat16", "hidden_size": 4096, "num_hidden_layers": 32,
+           "num_attention_heads": 32, "num_key_value_heads": 8, "head_size": 128, "intermediate_size": 14336,
+           "vocab_size": 128256, "max_position_embeddings": 131072}
+    l4 = GpuTarget("l4", 89, 24 << 30)
+    with pytest.raises(EngineDoesNotFit, match=r"KV cache 68\.72 GB"):
+        validate_build(BuildConfig(max_batch_size=64, max_seq_len=8192, target="l4"), cfg, machine_gpus=[l4])
+    ok = validate_build(BuildConfig(max_batch_size=1, max_seq_len=2048, target="l4"), cfg, machine_gpus=[l4])
+    assert 16.0e9 < ok.estimate.weights_bytes < 16.1e9 and ok.estimate.fits
+    h100 = GpuTarget("NVIDIA H100 80GB HBM3", 90, 81559 << 20)
+    big = validate_build(BuildConfig(max_batch_size=32, max_seq_len=2048, target="h100"), cfg, machine_gpus=[h100])
+    assert big.arch_tag == "sm90" and big.estimate.kv_cache_bytes == 32 * 2048 * 128 * 1024
+
+
+def test_plan_build_uses_exact_weight_bytes(tiny_ckpt):
+    plan = plan_build(tiny_ckpt, BuildConfig(target="cpu", max_seq_len=64, max_input_len=32))
+    from service.compiler.safetensors_io import read_header
+
+    infos, _ = read_header(tiny_ckpt / "rank0.safetensors")
+    assert plan.estimate.weights_bytes == sum(i.nbytes for i in infos.values())
+    assert plan.config.max_num_tokens == 8 * 32 and plan.config.dtype == "float32"
+
+
+def test_paged_kv_and_non_llama_are_refused_by_torch_backend(tiny_ckpt):
+    cfg = load_config(tiny_ckpt)
+    with pytest.raises(InvalidBuildConfig, match="continuous"):
+        validate_build(BuildConfig(kv_cache_type="paged", target="cpu"), cfg, machine_gpus=[])
+    with pytest.raises(InvalidBuildConfig, match="Llama family"):
+        validate_build(BuildConfig(target="cpu"), {**cfg, "architecture": "GPTForCausalLM"}, machine_gpus=[])
+
+
+def test_tp2_checkpoint_builds_a_merged_engine(tmp_path):
+    pytest.importorskip("service.compiler.runtime", reason="merging ranks needs the reference runtime's loader")
+    from service.compiler import Mapping
+
+    model = _hf_model("llama-gqa-llama3rope", seed=1)
+    model.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    convert_checkpoint(tmp_path / "hf", tmp_path / "ckpt", dtype="float32", mapping=Mapping(tp_size=2, pp_size=1))
+    build(tmp_path / "ckpt", BuildConfig(max_batch_size=2, max_input_len=16, max_seq_len=48, target="cpu"),
+          tmp_path / "engine")
+    out = Engine.load(tmp_path / "engine").generate(PROMPTS[:2], max_new_tokens=8)
+    assert out.tokens == [_hf_greedy(model, p, 8) for p in PROMPTS[:2]]
