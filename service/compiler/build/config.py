@@ -88,6 +88,8 @@ class BuildConfig:
     use_cuda_graph: bool = True  # decode step captured per batch-size bucket (torch backend, GPU)
     compile: bool = True  # torch.compile on GPU; CPU engines run eagerly unless compile_on_cpu
     compile_on_cpu: bool = False
+    compile_mode: str | None = None  # torch.compile mode (None = "default"; chosen by measurement)
+    compile_options: dict | None = None  # Inductor options, e.g. {"coordinate_descent_tuning": True}
     memory_fraction: float = 0.92  # share of the target's memory the estimate may use
 
     def to_dict(self) -> dict:

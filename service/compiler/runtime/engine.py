@@ -58,6 +58,15 @@ def _buckets(max_batch: int) -> list[int]:
     return out + [max_batch]
 
 
+def _kv_buckets(max_seq: int) -> list[int]:
+    """Attention spans for decode: powers of two from 256, then max_seq_len itself."""
+    out, k = [], 256
+    while k < max_seq:
+        out.append(k)
+        k *= 2
+    return out + [max_seq]
+
+
 def _sm_tag() -> str:
     major, minor = torch.cuda.get_device_capability()
     return f"sm{major * 10 + minor}"
@@ -90,7 +99,7 @@ class Engine:
         self.use_graphs = use_graphs
         self.ids_buf = torch.zeros(self.max_batch, dtype=torch.long, device=self.device)
         self.pos_buf = torch.zeros(self.max_batch, dtype=torch.long, device=self.device)
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None
         self.load_stats: dict = {}
 
@@ -123,7 +132,7 @@ class Engine:
         model = EngineModel(config["pretrained_config"], weights,
                             max_batch=int(bc["max_batch_size"]), max_seq=int(bc["max_seq_len"]))
         if compile:
-            model.compile()
+            model.compile(bc.get("compile_mode"), bc.get("compile_options"))
         use_graphs = on_gpu and (bc.get("use_cuda_graph", True) if cuda_graphs is None else cuda_graphs)
         if tokenizer is None and config["engine"].get("tokenizer_files"):
             tokenizer = _load_tokenizer(engine_dir)
@@ -140,38 +149,41 @@ class Engine:
             for b in (1, 2) if self.max_batch > 1 else (1,):
                 ids = torch.zeros(b, min(16, self.max_seq), dtype=torch.long, device=self.device)
                 self.model.prefill(ids, torch.full((b,), ids.shape[1], device=self.device))
-            for b in _buckets(self.max_batch):
-                self._step(b)
+            for b in _buckets(self.max_batch):  # every batch at full span, batch 1 at every span
+                self._step(b, self.max_seq)
+            for kv in _kv_buckets(self.max_seq)[:-1]:
+                self._step(1, kv)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
     # -- the decode step -------------------------------------------------------------------------
-    def _step_eager(self, b: int) -> torch.Tensor:
-        logits = self.model.decode(self.ids_buf[:b], self.pos_buf[:b])
+    def _step_eager(self, b: int, kv: int) -> torch.Tensor:
+        logits = self.model.decode(self.ids_buf[:b], self.pos_buf[:b], kv)
         self.pos_buf[:b] += 1
         self.ids_buf[:b] = torch.argmax(logits, -1)
         return logits
 
-    def _step(self, b: int) -> torch.Tensor:
-        """Decode one token for rows [:b] (greedy choice written back into ids_buf); returns logits."""
+    def _step(self, b: int, kv: int) -> torch.Tensor:
+        """Decode one token for rows [:b] over the first kv cache slots (greedy choice written back
+        into ids_buf); returns logits. One CUDA graph per (b, kv) bucket, captured on first use."""
         if not self.use_graphs:
-            return self._step_eager(b)
-        if b not in self._graphs:
+            return self._step_eager(b, kv)
+        if (b, kv) not in self._graphs:
             ids, pos = self.ids_buf.clone(), self.pos_buf.clone()
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(2):  # compile (or load) and settle allocations outside the capture
-                    self._step_eager(b)
+                    self._step_eager(b, kv)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             self._pool = self._pool or torch.cuda.graph_pool_handle()
             with torch.cuda.graph(graph, pool=self._pool):
-                logits = self._step_eager(b)
-            self._graphs[b] = (graph, logits)
+                logits = self._step_eager(b, kv)
+            self._graphs[(b, kv)] = (graph, logits)
             self.ids_buf.copy_(ids)
             self.pos_buf.copy_(pos)
-        graph, logits = self._graphs[b]
+        graph, logits = self._graphs[(b, kv)]
         graph.replay()
         return logits
 
@@ -277,8 +289,9 @@ class Engine:
         eos = sampling.eos_token_id
         eos_t = None if eos is None else torch.tensor([eos] if isinstance(eos, int) else list(eos), device=self.device)
         steps = max_new
+        kv = next(k for k in _kv_buckets(self.max_seq) if k >= max(len(s) for s in seqs) + max_new)
         for t in range(1, max_new):
-            logits = self._step(b)
+            logits = self._step(b, kv)
             if sampling.temperature > 0:
                 self.ids_buf[:b] = self._choose(logits, sampling, gen)
             out[:, t] = self.ids_buf[:b]

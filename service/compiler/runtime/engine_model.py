@@ -157,25 +157,32 @@ class EngineModel:
         self.slots = torch.arange(max_seq, device=self.device)
         self._decode_layer, self._prefill_layer, self._head = decode_layer, prefill_layer, lm_head
 
-    def compile(self, mode: str | None = None) -> None:
+    def compile(self, mode: str | None = None, options: dict | None = None) -> None:
         import torch._dynamo
 
-        # one compiled graph per decode batch bucket plus the dynamic prefill; never fall back silently
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        kw = {"fullgraph": True} | ({"mode": mode} if mode else {})
+        # one compiled graph per decode (batch, kv) bucket plus the dynamic prefill; never fall back silently
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
+        torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit, 1024)
+        kw: dict = {"fullgraph": True}
+        if options:
+            kw["options"] = options
+        elif mode:
+            kw["mode"] = mode
         self._decode_layer = torch.compile(decode_layer, dynamic=False, **kw)
         self._head = torch.compile(lm_head, dynamic=False, **kw)
         self._prefill_layer = torch.compile(prefill_layer, dynamic=True, **kw)
 
-    def decode(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """ids, pos [B] -> float32 logits [B, vocab]; writes K/V at pos."""
+    def decode(self, ids: torch.Tensor, pos: torch.Tensor, kv: int | None = None) -> torch.Tensor:
+        """ids, pos [B] -> float32 logits [B, vocab]; writes K/V at pos. Attention reads only the
+        first ``kv`` cache slots (every pos must be < kv), so short contexts do not pay for max_seq_len."""
         B = ids.shape[0]
+        kv = kv or self.max_seq
         h = F.embedding(ids, self.embed)
         cos, sin = self.cos[pos], self.sin[pos]
-        mask = (self.slots[None, :] <= pos[:, None])[:, None, None, :]
+        mask = (self.slots[None, :kv] <= pos[:, None])[:, None, None, :]
         for i, w in enumerate(self.layers):
-            h = self._decode_layer(h, w, self.k_cache[i][:B], self.v_cache[i][:B], pos, cos, sin, mask,
-                                   self.nh, self.nkv, self.d, self.eps)
+            h = self._decode_layer(h, w, self.k_cache[i][:B, :, :kv], self.v_cache[i][:B, :, :kv], pos, cos, sin,
+                                   mask, self.nh, self.nkv, self.d, self.eps)
         return self._head(h, self.final_norm, self.head, self.eps)
 
     def prefill(self, ids: torch.Tensor, lengths: torch.Tensor, *, all_logits: bool = False,
