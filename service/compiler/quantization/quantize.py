@@ -1,0 +1,360 @@
+"""The quantize stage: HF folder (or ``HFCheckpointModel``) -> quantized TensorRT-LLM checkpoint.
+
+    from service.compiler.quantization import QuantConfig, CalibrationSettings, quantize_checkpoint
+    quantize_checkpoint("./SmolLM2-135M", "./ckpt-awq", QuantConfig("W4A16_AWQ"),
+                        calibration=CalibrationSettings(samples=64, seq_len=512), progress=print)
+
+Every refusal (unknown or unsupported algo, algo on Nemotron-NAS, FP8 on a target below SM 8.9,
+group_size not dividing an input dimension, missing calibration data, existing output) happens before
+anything is written. Pass 1 streams the float checkpoint layer by layer (``calibration.py``) collecting
+activation statistics and running the AWQ and SmoothQuant-alpha searches; pass 2 streams it again and
+writes each quantized tensor straight into rank files sized from ``layout.quantized_expected``; the
+directory appears atomically (temp dir + rename).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import InvalidArgument, InvalidCheckpoint, OutputExists
+from ..safetensors_io import SafetensorsWriter, dtype_name, fsync_dir
+from . import config as qc
+from .awq import awq_search, awq_tensors
+from .calibration import (
+    CalibrationData,
+    CalibrationSettings,
+    ModuleStats,
+    calibration_data,
+    hooked_linear,
+    kv_amax_hook,
+    stream_layers,
+)
+from .config import QuantConfig
+from .decoder import Decoder
+from .fp8 import quantize_per_channel as fp8_per_channel
+from .fp8 import quantize_per_tensor as fp8_per_tensor
+from .fp8 import scale_from_amax
+from .kv_cache import kv_cache_scale
+from .layout import is_quantized_linear, linear_module, quantized_expected
+from .qlinear import layer_kv, layer_linear
+from .smoothquant import sq_group_tensors
+from .weight_only import quantize_weight_only
+
+ProgressFn = Callable[[float, str], None]
+MICRO_BATCH = 8  # calibration samples per layer forward
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class LayerResult:
+    amax: dict[str, torch.Tensor] = field(default_factory=dict)
+    awq: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
+    awq_gain: dict[str, float] = field(default_factory=dict)  # search loss / RTN loss
+    kv_amax: float = 0.0
+
+
+@dataclass
+class QuantizeSummary:
+    out_dir: str
+    quant_algo: str | None
+    kv_cache_quant_algo: str | None
+    seconds: float
+    record: dict
+
+    def line(self) -> str:
+        return (f"quantized -> {self.out_dir}: {self.quant_algo or '-'} / KV {self.kv_cache_quant_algo or '-'} "
+                f"in {self.seconds:.1f} s")
+
+
+def linear_groups(t: dict[str, torch.Tensor]) -> list[list[str]]:
+    """Linears of one layer that share an input (layer-local module names)."""
+    mods = [n[: -len(".weight")] for n in t if linear_module("transformer.layers.0." + n, tuple(t[n].shape))]
+    groups = []
+    for first, *rest in (["attention.qkv"], ["attention.dense"], ["mlp.fc", "mlp.gate"], ["mlp.proj"]):
+        g = [m for m in [first, *rest] if m in mods]
+        if g:
+            groups.append(g)
+    return groups
+
+
+# --- per-layer quantization (shared by the alpha search and the writer) ---------------------------
+
+
+def quantize_layer(t: dict[str, torch.Tensor], layer: int, res: LayerResult, cfg: QuantConfig, quant: dict,
+                   dtype: torch.dtype, alpha: float | None) -> dict[str, torch.Tensor]:
+    """Layer-local float tensors -> layer-local checkpoint tensors (quantized linears, KV scale)."""
+    out = dict(t)
+    algo = cfg.quant_algo
+    full = f"transformer.layers.{layer}."
+
+    def quantized(m: str) -> bool:
+        return is_quantized_linear(full + m + ".weight", tuple(t[m + ".weight"].shape), quant)
+
+    for group in linear_groups(t) if algo else []:
+        mods = [m for m in group if quantized(m)]
+        if not mods:
+            continue
+        made: list[dict[str, torch.Tensor]]
+        ws = [t[m + ".weight"] for m in mods]
+        if algo == qc.FP8:
+            a_scale = scale_from_amax(res.amax[group[0]].max()).reshape(1)
+            made = []
+            for w in ws:
+                w8, s = fp8_per_tensor(w)
+                made.append({"weight": w8, "weights_scaling_factor": s, "activation_scaling_factor": a_scale})
+        elif algo == qc.FP8_PER_CHANNEL_PER_TOKEN:
+            made = [dict(zip(("weight", "per_channel_scale"), fp8_per_channel(w), strict=False)) for w in ws]
+        elif algo in qc.WEIGHT_ONLY:
+            made = [quantize_weight_only(w, 8 if algo == qc.W8A16 else 4, dtype) for w in ws]
+        elif algo == qc.W4A16_AWQ:
+            made = [awq_tensors(w, *res.awq[m], cfg.group_size, dtype, zero_point=cfg.has_zero_point)
+                    for m, w in zip(mods, ws, strict=False)]
+        elif algo == qc.W8A8_SQ_PER_CHANNEL:
+            assert alpha is not None
+            made = sq_group_tensors(ws, res.amax[group[0]], alpha, dtype)
+        else:
+            raise InvalidArgument(f"{algo} quantization is not implemented by Kiln yet",
+                                  hint="use FP8, FP8_PER_CHANNEL_PER_TOKEN, W8A16, W4A16, W4A16_AWQ or W8A8_SQ_PER_CHANNEL")
+        for m, tensors in zip(mods, made, strict=False):
+            for k, v in tensors.items():
+                out[f"{m}.{k}"] = v
+    if cfg.kv_cache_quant_algo and "attention.qkv.weight" in t:
+        out["attention.kv_cache_scaling_factor"] = kv_cache_scale(res.kv_amax, cfg.kv_cache_quant_algo)
+    return out
+
+
+# --- pass 1: sequential calibration ------------------------------------------------------------------
+
+
+def _nll(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    return float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)))
+
+
+def calibrate(model, cfg: QuantConfig, data: CalibrationData, settings: CalibrationSettings, quant: dict,
+              dtype: torch.dtype, progress: ProgressFn | None) -> tuple[dict[int, LayerResult], dict]:
+    dec = Decoder(model.config)
+    n_layers = model.config["num_hidden_layers"]
+    results: dict[int, LayerResult] = {}
+    search = cfg.quant_algo == qc.W8A8_SQ_PER_CHANNEL and cfg.smoothquant_alpha is None
+    alphas = list(cfg.alpha_grid) if search else []
+    gen = torch.Generator().manual_seed(settings.seed)
+    h: torch.Tensor | None = None
+    streams: dict[float, torch.Tensor] = {}
+    record: dict = {}
+    for idx, t in stream_layers(model.tensors(0)):
+        if idx is None and h is None:  # globals before the layers: embed
+            h = dec.embed(t, data.calib)
+            if search:
+                e = dec.embed(t, data.heldout)
+                streams = {a: e for a in alphas}
+            continue
+        if idx is None:  # the tail: score the alpha streams
+            if search:
+                losses = {a: _nll(dec.head(t, s), data.heldout) for a, s in streams.items()}
+                best = min(losses, key=lambda a: (losses[a], -a))
+                record["smoothquant_alpha"] = best
+                record["alpha_heldout_nll"] = {str(a): round(v, 5) for a, v in losses.items()}
+            continue
+        assert h is not None
+        res = LayerResult()
+        stats: dict[str, ModuleStats] = {}
+        kvbox = [0.0]
+        n = h.shape[0]
+        batches = list(range(0, n, MICRO_BATCH))
+        per_batch = max(1, -(-settings.awq_tokens // len(batches)))
+        outs, samples = [], {}
+        for b0 in batches:
+            hb = h[b0:b0 + MICRO_BATCH]
+            tokens = hb.shape[0] * hb.shape[1]
+            idx_s = (torch.randperm(tokens, generator=gen)[:per_batch]
+                     if cfg.quant_algo == qc.W4A16_AWQ else None)
+            outs.append(dec.layer(t, hb, linear=hooked_linear(t, stats, idx_s),
+                                  kv=kv_amax_hook(kvbox) if cfg.kv_cache_quant_algo else None))
+            for m, st in stats.items():
+                if st.sample is not None:
+                    samples.setdefault(m, []).append(st.sample)
+                    st.sample = None
+        h_next = torch.cat(outs)
+        res.amax = {m: st.amax for m, st in stats.items() if st.amax is not None}
+        res.kv_amax = kvbox[0]
+        if cfg.quant_algo == qc.W4A16_AWQ:
+            full = f"transformer.layers.{idx}."
+            for group in linear_groups(t):
+                mods = [m for m in group if is_quantized_linear(full + m + ".weight", tuple(t[m + ".weight"].shape), quant)]
+                if not mods:
+                    continue
+                r = awq_search([t[m + ".weight"] for m in mods], torch.cat(samples[group[0]]),
+                               stats[group[0]].mean_abs, cfg.group_size, dtype, zero_point=cfg.has_zero_point,
+                               n_grid=cfg.awq_grid, clip=cfg.awq_clip)
+                for m, c in zip(mods, r.clips, strict=False):
+                    res.awq[m] = (r.pre_quant_scale, c)
+                    res.awq_gain[m] = r.loss / r.rtn_loss if r.rtn_loss > 0 else 1.0
+        for a in alphas:
+            qt = quantize_layer(t, idx, res, cfg, quant, dtype, a)
+            streams[a] = dec.layer(qt, streams[a], linear=layer_linear(qt, quant), kv=layer_kv(qt, quant))
+        results[idx] = res
+        h = h_next
+        if progress:
+            progress(0.85 * (idx + 1) / n_layers, f"calibrated layer {idx + 1}/{n_layers}")
+    if cfg.quant_algo == qc.W4A16_AWQ:
+        gains = [g for r in results.values() for g in r.awq_gain.values()]
+        record["awq_mean_loss_vs_rtn"] = round(sum(gains) / max(len(gains), 1), 4)
+    return results, record
+
+
+# --- checks before any work ----------------------------------------------------------------------
+
+
+def preflight_quantization(model, cfg: QuantConfig, target_sm: int | None) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """Every refusal, then the base (float) spec of rank 0."""
+    if not cfg.enabled:
+        raise InvalidArgument("no quantization requested", hint="set quant_algo and/or kv_cache_quant_algo")
+    arch = model.config["architecture"]
+    qc.check_combination(cfg, arch, target_sm)
+    if model.mapping.world_size != 1:
+        raise InvalidArgument("Kiln quantizes at tp_size=1, pp_size=1",
+                              hint="quantize first, then shard the quantized checkpoint")
+    if cfg.needs_calibration or cfg.quant_algo in qc.SMOOTHQUANT:
+        Decoder(model.config)  # raises UnsupportedArchitecture for layers the calibrator cannot run
+    if cfg.quant_algo == qc.W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN:
+        raise InvalidArgument(f"{cfg.quant_algo} is a known layout (validate, import, execute) but Kiln cannot "
+                              "produce it yet", hint="use W8A8_SQ_PER_CHANNEL")
+    base = [(p.name, tuple(p.shape), p.dtype) for p in model.plans(0)]
+    quant = cfg.to_checkpoint_dict()
+    for name, shape, _ in base:
+        if not is_quantized_linear(name, shape, quant):
+            continue
+        module = name[: -len(".weight")]
+        if cfg.quant_algo == qc.W4A16_AWQ and shape[1] % cfg.group_size:
+            raise InvalidArgument(
+                f"group_size {cfg.group_size} does not divide the {shape[1]} input features of {module}",
+                hint="choose a group_size that divides every linear's input dimension (64 or 128 usually do)")
+        if cfg.quant_algo in (qc.W4A16, qc.W4A16_AWQ) and shape[0] % 2:
+            raise InvalidArgument(f"{module} has an odd number of output features ({shape[0]}); int4 packs two per byte")
+    return base
+
+
+def _open(model, dtype: str):
+    if hasattr(model, "plans"):
+        return model, False
+    from ..convert import from_hugging_face
+
+    return from_hugging_face(model, dtype=dtype), True
+
+
+def quantize_checkpoint(model, out_dir: str | os.PathLike, cfg: QuantConfig, *,
+                        calibration: CalibrationSettings | None = None, progress: ProgressFn | None = None,
+                        target_sm: int | str | None = None, dtype: str = "auto",
+                        overwrite: bool = False) -> QuantizeSummary:
+    """Quantize ``model`` (HF folder or ``HFCheckpointModel``) into ``out_dir`` atomically."""
+    start = time.perf_counter()
+    out = Path(out_dir).absolute()
+    if out.exists() and not overwrite:
+        raise OutputExists(f"output directory already exists: {out}")
+    if not out.parent.is_dir():
+        raise InvalidArgument(f"parent directory of the output does not exist: {out.parent}")
+    model, owned = _open(model, dtype)
+    try:
+        sm = qc.parse_sm(target_sm)
+        base = preflight_quantization(model, cfg, sm)
+        settings = calibration or CalibrationSettings()
+        mdt = TORCH_DTYPES[model.config["dtype"]]
+        config = dict(model.config)
+        quant = cfg.to_checkpoint_dict()
+        config["quantization"] = quant
+        data = None
+        if cfg.needs_calibration:
+            search = cfg.quant_algo == qc.W8A8_SQ_PER_CHANNEL and cfg.smoothquant_alpha is None
+            data = calibration_data(settings, getattr(model, "model_dir", None), config["vocab_size"], heldout=search)
+        spec = quantized_expected(config, 0, base)  # raises on layouts that cannot exist, before writing
+        results: dict[int, LayerResult] = {}
+        record: dict = {"quant_algo": cfg.quant_algo, "kv_cache_quant_algo": cfg.kv_cache_quant_algo,
+                        "group_size": cfg.group_size, "has_zero_point": cfg.has_zero_point,
+                        "exclude_modules": cfg.excludes, "target_sm": sm}
+        if data is not None:
+            results, extra = calibrate(model, cfg, data, settings, quant, mdt, progress)
+            record["calibration"] = data.record
+            record.update(extra)
+        if cfg.quant_algo == qc.W4A16_AWQ:
+            record.update(awq_grid=cfg.awq_grid, awq_clip=cfg.awq_clip)
+        alpha = cfg.smoothquant_alpha if cfg.smoothquant_alpha is not None else record.get("smoothquant_alpha")
+        if cfg.quant_algo == qc.W8A8_SQ_PER_CHANNEL:
+            record["smoothquant_alpha"] = alpha
+            record["alpha_searched"] = cfg.smoothquant_alpha is None
+        config["kiln_quantization"] = record
+        _write(model, out, config, spec, results, cfg, quant, mdt, alpha, progress)
+    finally:
+        if owned:
+            model.close()
+    if progress:
+        progress(1.0, "done")
+    return QuantizeSummary(str(out), cfg.quant_algo, cfg.kv_cache_quant_algo, time.perf_counter() - start, record)
+
+
+# --- pass 2: write ----------------------------------------------------------------------------------
+
+
+def _write(model, out: Path, config: dict, spec, results: dict[int, LayerResult], cfg: QuantConfig, quant: dict,
+           dtype: torch.dtype, alpha: float | None, progress: ProgressFn | None) -> None:
+    from .. import __version__
+
+    expected = {n: (s, d) for n, s, d in spec}
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir()
+    written: set[str] = set()
+    try:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        with SafetensorsWriter(tmp / "rank0.safetensors", [(n, dtype_name(d), s) for n, s, d in spec],
+                               metadata={"format": "pt", "producer": f"kiln {__version__} quantize"}) as w:
+
+            def put(name: str, t: torch.Tensor) -> None:
+                if name not in expected:
+                    raise InvalidCheckpoint(f"quantizer produced {name}, which the layout does not list")
+                shape, dt = expected[name]
+                if tuple(t.shape) != tuple(shape) or t.dtype != dt:
+                    raise InvalidCheckpoint(f"quantizer produced {name} {list(t.shape)} {t.dtype}, "
+                                            f"layout says {list(shape)} {dt}")
+                w.write(name, 0, t.contiguous())
+                written.add(name)
+
+            n_layers = config["num_hidden_layers"]
+            for idx, t in stream_layers(model.tensors(0)):
+                if idx is None:
+                    for name, v in t.items():
+                        put(name, v)
+                    continue
+                qt = quantize_layer(t, idx, results.get(idx, LayerResult()), cfg, quant, dtype, alpha)
+                for local, v in qt.items():
+                    name = f"transformer.layers.{idx}.{local}"
+                    if name in expected:
+                        put(name, v)
+                if progress:
+                    progress(0.85 + 0.15 * (idx + 1) / n_layers, f"wrote layer {idx + 1}/{n_layers}")
+        missing = sorted(set(expected) - written)
+        if missing:
+            raise InvalidCheckpoint(f"quantizer did not produce {len(missing)} tensors, e.g. {missing[:3]}")
+        fsync_dir(tmp)
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:12]}"
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+        fsync_dir(out.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+__all__ = ["QuantizeSummary", "preflight_quantization", "quantize_checkpoint"]

@@ -1,0 +1,208 @@
+"""Accuracy report of a quantized checkpoint against the unquantized model, measured on the artifact.
+
+The quantized checkpoint is executed from its stored low-precision tensors (``qlinear``), the
+reference from the float checkpoint (or the HF folder converted in memory), on held-out windows of
+the evaluation text (from the end of the bundled text; calibration reads from its front):
+
+* perplexity of both and the relative increase; % recovery = ppl_ref / ppl_quant x 100;
+* top-1 agreement (share of positions whose argmax tokens agree) and mean KL(P_ref || P_quant);
+* ROUGE-1 / ROUGE-L F1 of the quantized model's greedy continuations against the reference's;
+* the calibration settings and searched hyper-parameters recorded in the checkpoint.
+
+Default thresholds (``Thresholds``) are loose "catch garbage" bounds for small models; a JobSpec sets
+its own. A report that fails any threshold has ``passed = False`` and lists why.
+
+    rep = accuracy_report(ckpt_dir, reference=hf_dir, tokenizer_dir=hf_dir)
+    print(rep.markdown_row())
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..safetensors_io import SafetensorsFile
+from .calibration import evaluation_windows, stream_layers
+from .decoder import Decoder, layer_index, local_name
+from .qlinear import layer_kv, layer_linear
+
+
+@dataclass
+class Thresholds:
+    max_perplexity_increase_pct: float = 10.0
+    min_top1_agreement: float = 0.80
+    max_kl_divergence: float = 0.25
+    min_rouge_l: float = 0.30
+
+
+class CheckpointRunner:
+    """A whole (world-size-1) checkpoint in memory, executed through ``qlinear``; float or quantized."""
+
+    def __init__(self, config: dict, tensors: dict[str, torch.Tensor]):
+        self.config = config
+        self.quant = config.get("quantization") or {}
+        self.dec = Decoder(config)
+        self.globals: dict[str, torch.Tensor] = {}
+        self.layers: dict[int, dict[str, torch.Tensor]] = {}
+        for name, t in tensors.items():
+            i = layer_index(name)
+            if i is None:
+                self.globals[name] = t
+            else:
+                self.layers.setdefault(i, {})[local_name(name)] = t
+
+    @classmethod
+    def from_dir(cls, ckpt_dir: str | os.PathLike) -> CheckpointRunner:
+        d = Path(ckpt_dir)
+        config = json.loads((d / "config.json").read_text())
+        with SafetensorsFile(d / "rank0.safetensors") as f:
+            tensors = {n: f.tensor(n).clone() for n in f.keys()}
+        return cls(config, tensors)
+
+    @classmethod
+    def from_hf(cls, model_dir: str | os.PathLike, dtype: str = "float32") -> CheckpointRunner:
+        from ..convert import from_hugging_face
+
+        m = from_hugging_face(model_dir, dtype=dtype)
+        try:
+            return cls(m.config, dict(m.tensors(0)))
+        finally:
+            m.close()
+
+    @torch.no_grad()
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.dec.embed(self.globals, ids)
+        for i in sorted(self.layers):
+            t = self.layers[i]
+            h = self.dec.layer(t, h, linear=layer_linear(t, self.quant), kv=layer_kv(t, self.quant))
+        return self.dec.head(self.globals, h)
+
+    @torch.no_grad()
+    def generate(self, ids: list[int], max_new_tokens: int) -> list[int]:
+        out = list(ids)
+        for _ in range(max_new_tokens):
+            out.append(int(self.logits(torch.tensor([out]))[0, -1].argmax()))
+        return out[len(ids):]
+
+
+def perplexity(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    return math.exp(float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))))
+
+
+def _lcs(a: list[int], b: list[int]) -> int:
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]
+
+
+def rouge(candidate: list[int], reference: list[int]) -> tuple[float, float]:
+    """ROUGE-1 and ROUGE-L F1 over token ids."""
+    if not candidate or not reference:
+        return 0.0, 0.0
+    from collections import Counter
+
+    overlap = sum((Counter(candidate) & Counter(reference)).values())
+    f1 = lambda m: 0.0 if m == 0 else 2 * m / (len(candidate) + len(reference))  # noqa: E731
+    return f1(overlap), f1(_lcs(candidate, reference))
+
+
+@dataclass
+class AccuracyReport:
+    quant_algo: str | None
+    kv_cache_quant_algo: str | None
+    perplexity_reference: float
+    perplexity: float
+    perplexity_increase_pct: float
+    recovery_pct: float
+    top1_agreement: float
+    kl_divergence: float
+    rouge1: float
+    rouge_l: float
+    eval_samples: int
+    eval_seq_len: int
+    calibration: dict = field(default_factory=dict)
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"passed": self.passed}
+
+    def markdown_row(self, label: str | None = None) -> str:
+        name = label or f"{self.quant_algo or 'none'}" + (f" + KV {self.kv_cache_quant_algo}" if self.kv_cache_quant_algo else "")
+        return (f"| {name} | {self.perplexity:.3f} | {self.perplexity_increase_pct:+.2f}% | {self.recovery_pct:.2f}% | "
+                f"{100 * self.top1_agreement:.2f}% | {self.kl_divergence:.4f} | {self.rouge_l:.3f} | "
+                f"{'pass' if self.passed else 'FAIL'} |")
+
+
+MARKDOWN_HEADER = ("| algo | perplexity | Δ ppl | recovery | top-1 agreement | KL | ROUGE-L | verdict |\n"
+                   "|---|---|---|---|---|---|---|---|")
+
+
+def compare(quantized: CheckpointRunner, reference: CheckpointRunner, windows: torch.Tensor,
+            prompts: list[list[int]] | None = None, max_new_tokens: int = 16,
+            thresholds: Thresholds | None = None, ref_logits: torch.Tensor | None = None) -> AccuracyReport:
+    th = thresholds or Thresholds()
+    lr = reference.logits(windows) if ref_logits is None else ref_logits
+    lq = quantized.logits(windows)
+    ppl_r, ppl_q = perplexity(lr, windows), perplexity(lq, windows)
+    lpr, lpq = F.log_softmax(lr.float(), -1), F.log_softmax(lq.float(), -1)
+    kl = float((lpr.exp() * (lpr - lpq)).sum(-1).mean())
+    agree = float((lr.argmax(-1) == lq.argmax(-1)).float().mean())
+    r1s, rls = [], []
+    for p in prompts or []:
+        a, b = quantized.generate(p, max_new_tokens), reference.generate(p, max_new_tokens)
+        r1, rl = rouge(a, b)
+        r1s.append(r1)
+        rls.append(rl)
+    q = quantized.quant
+    rep = AccuracyReport(
+        quant_algo=q.get("quant_algo"), kv_cache_quant_algo=q.get("kv_cache_quant_algo"),
+        perplexity_reference=ppl_r, perplexity=ppl_q, perplexity_increase_pct=100 * (ppl_q / ppl_r - 1),
+        recovery_pct=100 * ppl_r / ppl_q, top1_agreement=agree, kl_divergence=kl,
+        rouge1=sum(r1s) / len(r1s) if r1s else float("nan"), rouge_l=sum(rls) / len(rls) if rls else float("nan"),
+        eval_samples=windows.shape[0], eval_seq_len=windows.shape[1],
+        calibration=quantized.config.get("kiln_quantization", {}), thresholds=th)
+    if rep.perplexity_increase_pct > th.max_perplexity_increase_pct:
+        rep.failures.append(f"perplexity +{rep.perplexity_increase_pct:.2f}% > {th.max_perplexity_increase_pct}%")
+    if agree < th.min_top1_agreement:
+        rep.failures.append(f"top-1 agreement {agree:.3f} < {th.min_top1_agreement}")
+    if kl > th.max_kl_divergence:
+        rep.failures.append(f"KL {kl:.4f} > {th.max_kl_divergence}")
+    if rls and rep.rouge_l < th.min_rouge_l:
+        rep.failures.append(f"ROUGE-L {rep.rouge_l:.3f} < {th.min_rouge_l}")
+    return rep
+
+
+def accuracy_report(ckpt_dir: str | os.PathLike, reference: str | os.PathLike, tokenizer_dir: str | os.PathLike,
+                    *, samples: int = 8, seq_len: int = 256, prompts: list[str] | None = None,
+                    max_new_tokens: int = 16, thresholds: Thresholds | None = None) -> AccuracyReport:
+    """``reference``: the HF folder (converted in memory, float32) or an unquantized checkpoint dir."""
+    ref_path = Path(reference)
+    ref = (CheckpointRunner.from_dir(ref_path) if (ref_path / "rank0.safetensors").exists()
+           else CheckpointRunner.from_hf(ref_path))
+    windows = evaluation_windows(tokenizer_dir, samples, seq_len)
+    prompt_ids = None
+    if prompts:
+        from .calibration import load_tokenizer
+
+        tok = load_tokenizer(tokenizer_dir)
+        prompt_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    return compare(CheckpointRunner.from_dir(ckpt_dir), ref, windows, prompt_ids, max_new_tokens, thresholds)
+
+
+__all__ = ["AccuracyReport", "CheckpointRunner", "MARKDOWN_HEADER", "Thresholds", "accuracy_report", "compare",
+           "rouge", "stream_layers"]

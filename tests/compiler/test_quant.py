@@ -1,0 +1,252 @@
+"""Quantizer on tiny random Llama / Qwen2 / GPT-2 / OPT models built with transformers in the test.
+
+Every algo: quantize, ``validate_checkpoint``, reload and execute from the stored low-precision
+tensors; dequantized weights within each algo's error bound of the float weights; int4 packing
+round-trips bit-exactly; refusals happen before any file is written.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from service.compiler.checkpoint import validate_checkpoint  # noqa: E402
+from service.compiler.convert import from_hugging_face  # noqa: E402
+from service.compiler.errors import InvalidArgument, OutputExists, UnsupportedArchitecture  # noqa: E402
+from service.compiler.quantization import (  # noqa: E402
+    CalibrationSettings,
+    QuantConfig,
+    dequantize_weight,
+    qlinear,
+    quantize_checkpoint,
+)
+from service.compiler.quantization import config as qc  # noqa: E402
+from service.compiler.quantization.layout import linear_module  # noqa: E402
+from service.compiler.quantization.report import CheckpointRunner  # noqa: E402
+from service.compiler.quantization.weight_only import (  # noqa: E402
+    pack_int4_cols,
+    pack_int4_rows,
+    unpack_int4_cols,
+    unpack_int4_rows,
+)
+
+VOCAB = 128
+IDS = torch.randint(0, VOCAB, (10, 24), generator=torch.Generator().manual_seed(0))
+
+
+def _build(kind: str, root: Path) -> Path:
+    torch.manual_seed(0)
+    common = dict(vocab_size=VOCAB)
+    if kind == "llama":
+        cfg = transformers.LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, **common)
+        model = transformers.LlamaForCausalLM(cfg)
+    elif kind == "qwen2":
+        cfg = transformers.Qwen2Config(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, **common)
+        model = transformers.Qwen2ForCausalLM(cfg)
+    elif kind == "gpt2":
+        cfg = transformers.GPT2Config(n_embd=128, n_layer=2, n_head=4, n_positions=64, **common)
+        model = transformers.GPT2LMHeadModel(cfg)
+    else:
+        cfg = transformers.OPTConfig(hidden_size=128, ffn_dim=256, num_hidden_layers=2, num_attention_heads=4,
+                                     max_position_embeddings=64, word_embed_proj_dim=128, **common)
+        model = transformers.OPTForCausalLM(cfg)
+    with torch.no_grad():  # give activations a few outlier channels, as real models have
+        for name, p in model.named_parameters():
+            if name.endswith(("input_layernorm.weight", "ln_1.weight", "self_attn_layer_norm.weight")):
+                p[:4] *= 8.0
+    out = root / kind
+    model.eval().save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("quant-models")
+    return {k: _build(k, root) for k in ("llama", "qwen2", "gpt2", "opt")}
+
+
+@pytest.fixture(scope="module")
+def float_tensors(models) -> dict[str, dict[str, torch.Tensor]]:
+    out = {}
+    for k, d in models.items():
+        m = from_hugging_face(d, dtype="float32")
+        out[k] = dict(m.tensors(0))
+        m.close()
+    return out
+
+
+def _calib(**kw) -> CalibrationSettings:
+    return CalibrationSettings(samples=8, seq_len=24, heldout_samples=2, awq_tokens=128, token_ids=IDS, **kw)
+
+
+# --- packing and config ------------------------------------------------------------------------------
+
+
+def test_int4_packing_round_trips_bit_exactly_with_even_row_in_low_nibble():
+    q = torch.randint(-8, 8, (64, 48), dtype=torch.int8, generator=torch.Generator().manual_seed(1))
+    rows = pack_int4_rows(q)
+    assert rows.shape == (32, 48) and rows.dtype == torch.int8
+    assert torch.equal(unpack_int4_rows(rows), q)
+    b = rows.view(torch.uint8)
+    assert torch.equal((b & 0x0F).to(torch.int16), (q[0::2].to(torch.int16) & 0x0F))  # even row: low nibble
+    assert torch.equal((b >> 4).to(torch.int16), (q[1::2].to(torch.int16) & 0x0F))
+    cols = pack_int4_cols(q.t().contiguous())
+    assert cols.shape == (48, 32) and torch.equal(cols, rows.t())
+    assert torch.equal(unpack_int4_cols(cols), q.t())
+    every = torch.arange(-8, 8, dtype=torch.int8).repeat(2).reshape(32, 1)  # every nibble value
+    assert torch.equal(unpack_int4_rows(pack_int4_rows(every)), every)
+
+
+def test_exclude_modules_are_added_to_the_trtllm_defaults():
+    cfg = QuantConfig("int4_awq", exclude_modules=["*layers.0.mlp.proj"])
+    d = cfg.to_checkpoint_dict()
+    assert d["quant_algo"] == "W4A16_AWQ" and d["pre_quant_scale"] is True and d["group_size"] == 128
+    assert d["exclude_modules"][:6] == list(qc.DEFAULT_EXCLUDES) and "*layers.0.mlp.proj" in d["exclude_modules"]
+    assert cfg.is_excluded("lm_head") and cfg.is_excluded("transformer.vocab_embedding")
+    assert cfg.is_excluded("transformer.layers.0.mlp.proj") and not cfg.is_excluded("transformer.layers.1.mlp.proj")
+    assert QuantConfig.from_checkpoint_dict(d).excludes == cfg.excludes
+
+
+# --- every algo on every architecture ----------------------------------------------------------------
+
+CASES = [("FP8", "FP8"), ("FP8_PER_CHANNEL_PER_TOKEN", None), ("W8A16", None), ("W4A16", "INT8"),
+         ("W4A16_AWQ", None), ("W8A8_SQ_PER_CHANNEL", "INT8")]
+REL_BOUND = {"FP8": 0.04, "FP8_PER_CHANNEL_PER_TOKEN": 0.04, "W8A16": 0.01, "W4A16": 0.2, "W4A16_AWQ": 0.2,
+             "W8A8_SQ_PER_CHANNEL": 0.05}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "opt"])
+@pytest.mark.parametrize("algo,kv", CASES)
+def test_quantize_validate_reload_and_bound(models, float_tensors, tmp_path, arch, algo, kv):
+    cfg = QuantConfig(algo, kv_cache_quant_algo=kv, group_size=64, alpha_grid=(0.5, 0.8, 1.0), awq_grid=5)
+    out = tmp_path / "q"
+    summary = quantize_checkpoint(models[arch], out, cfg, calibration=_calib(), dtype="float32")
+    report = validate_checkpoint(out, strict=True)
+    assert report.ok, report.errors
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization"]["quant_algo"] == algo and config["quantization"]["kv_cache_quant_algo"] == kv
+    if cfg.needs_calibration:
+        assert config["kiln_quantization"]["calibration"]["samples"] == 8
+    runner = CheckpointRunner.from_dir(out)
+    ref = float_tensors[arch]
+    quant = config["quantization"]
+    n_quantized = 0
+    for name, w in ref.items():
+        module = linear_module(name, tuple(w.shape))
+        if module is None:
+            continue
+        layer, local = name.split(".")[2], module.split(".", 3)[3]
+        t = runner.layers[int(layer)]
+        assert t[local + ".weight"].dtype in (torch.int8, torch.float8_e4m3fn)
+        deq = dequantize_weight(t, local, quant)
+        rel = float((deq - w).norm() / w.norm())
+        assert rel < REL_BOUND[algo], (name, rel)
+        if algo in ("W8A16", "W4A16"):  # round-to-nearest: every element within half a step
+            step = t[local + ".per_channel_scale"].float()[:, None]
+            assert bool(((deq - w).abs() <= step / 2 + 1e-6).all())
+        x = torch.randn(3, w.shape[1])
+        y = qlinear(x, t, local, quant)
+        assert y.shape == (3, w.shape[0]) and torch.isfinite(y).all()
+        n_quantized += 1
+    assert n_quantized >= 8
+    if kv:
+        scales = [float(t["attention.kv_cache_scaling_factor"]) for t in runner.layers.values()]
+        assert all(0 < s != 1.0 for s in scales)
+    logits = runner.logits(IDS[:2])
+    ref_logits = CheckpointRunner(config | {"quantization": {}}, ref).logits(IDS[:2])
+    agree = float((logits.argmax(-1) == ref_logits.argmax(-1)).float().mean())
+    assert agree > 0.5, agree
+    assert summary.out_dir == str(out.absolute())
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "opt"])
+def test_float_runner_matches_transformers(models, float_tensors, arch):
+    hf = transformers.AutoModelForCausalLM.from_pretrained(models[arch], dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = hf(IDS[:2]).logits
+    config = json.loads(json.dumps(from_hugging_face(models[arch], dtype="float32").config))
+    got = CheckpointRunner(config, float_tensors[arch]).logits(IDS[:2])
+    assert torch.allclose(got, expected, atol=2e-4, rtol=1e-4), float((got - expected).abs().max())
+
+
+def test_kv_cache_scale_is_calibrated_amax(models, tmp_path):
+    out = tmp_path / "kv"
+    quantize_checkpoint(models["llama"], out, QuantConfig(kv_cache_quant_algo="INT8"), calibration=_calib(),
+                        dtype="float32")
+    assert validate_checkpoint(out, strict=True).ok
+    runner = CheckpointRunner.from_dir(out)
+    seen = [0.0]
+
+    def kv(k, v):
+        seen[0] = max(seen[0], float(k.abs().max()), float(v.abs().max()))
+        return k, v
+
+    t0 = runner.layers[0]
+    runner.dec.layer(t0, runner.dec.embed(runner.globals, IDS[:8]), kv=kv)
+    assert float(t0["attention.kv_cache_scaling_factor"]) == pytest.approx(seen[0] / 127, rel=1e-5)
+
+
+def test_awq_zero_point_and_exclusions(models, tmp_path):
+    out = tmp_path / "awqz"
+    cfg = QuantConfig("W4A16_AWQ", has_zero_point=True, group_size=64, awq_grid=4,
+                      exclude_modules=["*layers.1.mlp.proj"])
+    quantize_checkpoint(models["llama"], out, cfg, calibration=_calib(), dtype="float32")
+    assert validate_checkpoint(out, strict=True).ok
+    runner = CheckpointRunner.from_dir(out)
+    assert runner.layers[0]["mlp.proj.zero"].shape == (128, 256 // 64)
+    assert runner.layers[1]["mlp.proj.weight"].dtype == torch.float32  # excluded: stays float
+    assert "mlp.proj.zero" not in runner.layers[1]
+
+
+def test_validate_catches_a_layout_that_does_not_match_quant_algo(models, tmp_path):
+    out = tmp_path / "fp8"
+    quantize_checkpoint(models["gpt2"], out, QuantConfig("FP8"), calibration=_calib(), dtype="float32")
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["quantization"]["quant_algo"] = "W8A16"
+    (out / "config.json").write_text(json.dumps(cfg))
+    report = validate_checkpoint(out)
+    assert not report.ok and any("per_channel_scale" in e for e in report.errors)
+
+
+# --- refusals before any file is written --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs,target,error,match", [
+    ({"quant_algo": "FP8"}, "sm_80", InvalidArgument, "compute capability >= 8.9"),
+    ({"kv_cache_quant_algo": "FP8"}, "8.6", InvalidArgument, "FP8 KV cache"),
+    ({"quant_algo": "W4A16_AWQ", "group_size": 96}, None, InvalidArgument, "does not divide the 128 input"),
+    ({"quant_algo": "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN"}, None, InvalidArgument, "cannot produce"),
+    ({}, None, InvalidArgument, "no quantization requested"),
+])
+def test_bad_combinations_fail_before_writing(models, tmp_path, kwargs, target, error, match):
+    out = tmp_path / "never"
+    with pytest.raises(error, match=match):
+        quantize_checkpoint(models["llama"], out, QuantConfig(**kwargs), calibration=_calib(), target_sm=target,
+                            dtype="float32")
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".never")]
+
+
+def test_config_errors_and_nemotron_nas_refusals(models, tmp_path):
+    with pytest.raises(InvalidArgument, match="unknown quantization algorithm"):
+        QuantConfig("INT3")
+    with pytest.raises(InvalidArgument, match="has_zero_point"):
+        QuantConfig("FP8", has_zero_point=True)
+    for algo in ("W8A16", "W4A16", "W8A8_SQ_PER_CHANNEL"):
+        with pytest.raises(InvalidArgument, match="Nemotron-NAS"):
+            qc.check_combination(QuantConfig(algo), "DeciLMForCausalLM", 90)
+    qc.check_combination(QuantConfig("FP8"), "DeciLMForCausalLM", 90)  # allowed by TensorRT-LLM
+    assert qc.parse_sm("sm_89") == 89 and qc.parse_sm("9.0") == 90 and qc.parse_sm(8) == 80
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(OutputExists):
+        quantize_checkpoint(models["llama"], tmp_path / "exists", QuantConfig("W8A16"), dtype="float32")
+    with pytest.raises(InvalidArgument, match="tokenizer"):  # calibrated algo, no tokenizer, no ids
+        quantize_checkpoint(models["llama"], tmp_path / "x", QuantConfig("FP8"), dtype="float32")
+    assert not (tmp_path / "x").exists()
+    _ = UnsupportedArchitecture
