@@ -55,11 +55,18 @@ def _convert(args: argparse.Namespace) -> int:
             token=os.environ.get(args.token_env) if args.token_env else None,
             allow_download=not args.offline,
         )
+        mapping = Mapping(tp_size=args.tp_size, pp_size=args.pp_size)
+        if args.pp_split == "balanced" and args.pp_size > 1:
+            from .pipeline_split import balanced_mapping
+            from .source import read_json
+
+            mapping = balanced_mapping(read_json(model_dir / "config.json", "config.json"),
+                                       tp=args.tp_size, pp=args.pp_size)
         summary = convert_checkpoint(
             model_dir,
             args.out,
             dtype=args.dtype,
-            mapping=Mapping(tp_size=args.tp_size, pp_size=args.pp_size),
+            mapping=mapping,
             allow_pickle=args.allow_pickle,
             overwrite=args.overwrite,
             progress=None if args.quiet else ProgressBar("convert"),
@@ -109,6 +116,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     p.add_argument("--tp-size", type=int, default=1)
     p.add_argument("--pp-size", type=int, default=1)
+    p.add_argument("--pp-split", default="even", choices=["even", "balanced"],
+                   help="pipeline stages: TensorRT-LLM's even split (default) or Kiln's cost-balanced split "
+                   "(weight bytes, FLOPs and KV-cache bytes per layer; runs on Kiln's engine only)")
     p.add_argument("--revision", default=None, help="repo revision (with a repo id)")
     p.add_argument("--cache-dir", default=None, help="HF cache folder (default: huggingface_hub's)")
     p.add_argument("--token-env", default=None, help="name of the environment variable holding an HF token")

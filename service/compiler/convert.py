@@ -49,16 +49,36 @@ class ConvertSummary:
     bytes: int
     seconds: float
     peak_rss_bytes: int
+    # pp > 1: the split used and the per-stage cost of the even and the cost-balanced split
+    pipeline_split: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def line(self) -> str:
-        return (
+        text = (
             f"converted {self.architecture} -> {self.out_dir}: {self.tensors} tensors, "
             f"{self.bytes / 1e9:.2f} GB, {self.seconds:.1f} s "
             f"({self.bytes / 1e9 / max(self.seconds, 1e-9):.2f} GB/s), peak RSS {self.peak_rss_bytes / 2**20:.0f} MiB"
         )
+        if self.pipeline_split:
+            from .pipeline_split import format_split
+
+            text += "\n" + format_split(self.pipeline_split)
+        return text
+
+
+def _split_report(config: dict, mapping: Mapping) -> dict | None:
+    """The per-stage cost of the split used and of both candidate splits (pp > 1 only)."""
+    if mapping.pp_size == 1:
+        return None
+    if config.get("kiln_pipeline_split"):
+        return config["kiln_pipeline_split"]
+    if "rope" not in str(config.get("position_embedding_type", "")):
+        return None  # the cost model prices Llama-style layers
+    from .pipeline_split import split_record
+
+    return split_record(config, mapping)
 
 
 def peak_rss_bytes() -> int:
@@ -294,6 +314,7 @@ def write_checkpoint(model: HFCheckpointModel, out_dir: Path, *, overwrite: bool
         bytes=total,
         seconds=time.perf_counter() - start,
         peak_rss_bytes=peak_rss_bytes(),
+        pipeline_split=_split_report(model.config, model.mapping),
     )
 
 

@@ -74,6 +74,16 @@ class Mapping:
     def is_last_pp_rank(self, rank: int) -> bool:
         return self.pp_rank(rank) == self.pp_size - 1
 
+    def config_dict(self, num_layers: int) -> dict:
+        """The checkpoint's ``mapping``: the minimal keys, plus Kiln's ``layers_per_stage`` only when
+        the split is uneven (TensorRT-LLM's ``Mapping(**d)`` rejects unknown keys, and cannot run
+        uneven stages anyway)."""
+        d: dict = self.to_dict()
+        sizes = self.stage_sizes(num_layers)
+        if self.layers_per_stage is not None and len(set(sizes)) > 1:
+            d["layers_per_stage"] = sizes
+        return d
+
     def to_dict(self) -> dict[str, int]:
         # Minimal keys: newer Mapping keys crash older TensorRT-LLM's Mapping(**d).
         return {"world_size": self.world_size, "tp_size": self.tp_size, "pp_size": self.pp_size}

@@ -233,8 +233,12 @@ def test_cli_convert_prints_summary_and_validate_reports_ok(llama_dir, tmp_path)
         capture_output=True, text=True, timeout=300,
     )
     assert res.returncode == 0, res.stderr
-    line = res.stdout.strip().splitlines()[-1]
+    lines = res.stdout.strip().splitlines()
+    line = next(x for x in lines if x.startswith("converted "))
     assert "62 tensors" in line and "GB/s" in line and "peak RSS" in line
+    # pp > 1: the per-stage cost of the even and the cost-balanced split follow the summary
+    assert lines[1].startswith("pipeline split used: even [2, 2]")
+    assert lines[2].lstrip().startswith("even") and lines[3].lstrip().startswith("balanced")
     assert "convert" in res.stderr  # progress went to stderr
     res = subprocess.run([sys.executable, "-m", "service.cli", "validate", str(out)], capture_output=True,
                          text=True, timeout=120)

@@ -35,9 +35,7 @@ GELU_ACTS = {"gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu", "silu
 
 
 def _common(cfg: dict, mapping: Mapping) -> dict:
-    cfg["mapping"] = mapping.to_dict()
-    if mapping.layers_per_stage is not None:
-        cfg["mapping"]["layers_per_stage"] = list(mapping.layers_per_stage)
+    cfg["mapping"] = mapping.config_dict(cfg["num_hidden_layers"])
     cfg["quantization"] = base_quantization()
     cfg.update(
         position_embedding_type="learned_absolute",

@@ -81,8 +81,7 @@ class LlamaFamily(TableArch):
         }
         if qwen:
             cfg["qwen_type"] = "qwen2"
-        if mapping.layers_per_stage is not None:
-            cfg["mapping"]["layers_per_stage"] = list(mapping.layers_per_stage)
+        cfg["mapping"] = mapping.config_dict(cfg["num_hidden_layers"])
         return cfg
 
     def check_mapping(self, cfg: dict, mapping: Mapping) -> None:

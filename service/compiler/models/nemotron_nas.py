@@ -273,8 +273,7 @@ class NemotronNAS(TableArch):
             "layer_types": [layer.attention for layer in layers],
             "num_kv_heads_per_layer": kv_heads,
         }
-        if mapping.layers_per_stage is not None:
-            cfg["mapping"]["layers_per_stage"] = list(mapping.layers_per_stage)
+        cfg["mapping"] = mapping.config_dict(cfg["num_hidden_layers"])
         from ..pipeline_split import split_record  # lazy: pipeline_split reads this module's layers
 
         cfg["kiln_pipeline_split"] = split_record(cfg, mapping)
