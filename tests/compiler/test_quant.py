@@ -250,3 +250,20 @@ def test_config_errors_and_nemotron_nas_refusals(models, tmp_path):
         quantize_checkpoint(models["llama"], tmp_path / "x", QuantConfig("FP8"), dtype="float32")
     assert not (tmp_path / "x").exists()
     _ = UnsupportedArchitecture
+
+
+@pytest.mark.parametrize("arch,algo,kv", [("llama", "W4A16_AWQ", "INT8"), ("qwen2", "FP8", "FP8"),
+                                          ("gpt2", "W8A8_SQ_PER_CHANNEL", None), ("opt", "W8A16", "INT8")])
+def test_reference_runtime_executes_quantized_checkpoints(models, tmp_path, arch, algo, kv):
+    from service.compiler.runtime.reference import ReferenceModel
+
+    out = tmp_path / "q"
+    quantize_checkpoint(models[arch], out, QuantConfig(algo, kv_cache_quant_algo=kv, group_size=64, awq_grid=4,
+                                                       alpha_grid=(0.8,)), calibration=_calib(), dtype="float32")
+    ref = ReferenceModel.from_checkpoint(out)
+    assert ref.w["transformer.layers.0.attention.qkv.weight"].dtype != torch.float32  # low precision as stored
+    expected = CheckpointRunner.from_dir(out).logits(IDS[:2])
+    assert torch.allclose(ref.forward(IDS[:2]), expected, atol=1e-3, rtol=1e-3)
+    prompt = IDS[0, :6].tolist()
+    runner = CheckpointRunner.from_dir(out)
+    assert ref.generate(prompt, 5)[-5:] == runner.generate(prompt, 5)  # the KV-cache path agrees

@@ -110,3 +110,40 @@ def layer_kv(layer_tensors: Mapping[str, torch.Tensor], quant: Mapping | None):
     if not (quant or {}).get("kv_cache_quant_algo"):
         return None
     return lambda k, v: qdq_kv_cache(k, v, layer_tensors, "", quant)
+
+
+QUANT_PARAM_SUFFIXES = (".weights_scaling_factor", ".activation_scaling_factor", ".prequant_scaling_factor",
+                        ".per_channel_scale", ".zero", ".smoother", ".scale_to_int", ".quantization_scaling_factor",
+                        ".kv_cache_scaling_factor")
+
+
+def keeps_stored_dtype(name: str, t: torch.Tensor) -> bool:
+    """Tensors a runtime must not cast to its compute dtype: quantized weights and every scale."""
+    return t.dtype not in FLOAT_DTYPES or name.endswith(QUANT_PARAM_SUFFIXES)
+
+
+def load_quantized_checkpoint(ckpt_dir) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config, tensors as stored) of a world-size-1 quantized checkpoint, after ``validate_checkpoint``.
+
+    Tied models without ``lm_head.weight`` get the embedding table as their head.
+    """
+    import json
+    from pathlib import Path
+
+    from ..checkpoint import validate_checkpoint
+    from ..errors import InvalidCheckpoint
+    from ..safetensors_io import SafetensorsFile
+
+    d = Path(ckpt_dir)
+    report = validate_checkpoint(d, strict=True)
+    if not report.ok:
+        raise InvalidCheckpoint(f"{d}: " + "; ".join(report.errors[:5]))
+    config = json.loads((d / "config.json").read_text())
+    if report.world_size != 1:
+        raise InvalidCheckpoint(f"{d}: quantized checkpoints are executed at tp_size=pp_size=1 "
+                                f"(world size {report.world_size})")
+    with SafetensorsFile(d / "rank0.safetensors") as f:
+        tensors = {n: f.tensor(n).clone() for n in f.keys()}
+    if "lm_head.weight" not in tensors and "transformer.vocab_embedding.weight" in tensors:
+        tensors["lm_head.weight"] = tensors["transformer.vocab_embedding.weight"].clone()
+    return config, tensors

@@ -311,11 +311,10 @@ def load_checkpoint_weights(ckpt_dir: str | os.PathLike) -> tuple[dict, dict[str
     family(cfg)
     q = cfg.get("quantization") or {}
     if isinstance(q, dict) and (q.get("quant_algo") or q.get("kv_cache_quant_algo")):
-        raise InvalidCheckpoint(
-            f"{ckpt_dir} is quantized ({q.get('quant_algo') or q.get('kv_cache_quant_algo')}); "
-            "the reference runtime reads unquantized checkpoints only",
-            hint="dequantize to merged weights and build ReferenceModel(config, weights)",
-        )
+        # Quantized: the tensors as stored (int8 / fp8 / packed int4 + scales), run through qlinear.
+        from ..quantization.qlinear import load_quantized_checkpoint
+
+        return cfg, load_quantized_checkpoint(ckpt_dir)[1]
     m = checkpoint_mapping(cfg)
     g = Geometry.from_config(cfg, m.tp_size)
     known_glob, layer_req, layer_opt = tensor_names(cfg)

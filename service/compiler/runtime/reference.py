@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InvalidArgument, InvalidCheckpoint
+from ..quantization.qlinear import keeps_stored_dtype, qdq_kv_cache, qlinear
 from .checkpoint_loader import TORCH_DTYPES, check_complete, family, load_checkpoint_weights, read_config
 
 DECILM = "DeciLMForCausalLM"
@@ -122,7 +123,11 @@ class ReferenceModel:
                  compute_dtype: torch.dtype | None = None):
         self.config = config
         self.family = family(config)
-        check_complete(config, weights)
+        q = config.get("quantization") or {}
+        # Quantized checkpoints execute from their low-precision tensors (service/compiler/quantization/qlinear.py).
+        self.quant = q if q.get("quant_algo") or q.get("kv_cache_quant_algo") else None
+        if self.quant is None:
+            check_complete(config, weights)
         if compute_dtype is None:
             compute_dtype = TORCH_DTYPES[config["dtype"]]
         if compute_dtype not in TORCH_DTYPES.values():
@@ -132,7 +137,8 @@ class ReferenceModel:
         except (RuntimeError, TypeError) as exc:
             raise InvalidArgument(f"invalid device {device!r}: {exc}") from exc
         self.dtype = compute_dtype
-        self.w = {k: v.to(device=self.device, dtype=compute_dtype) for k, v in weights.items()}
+        self.w = {k: v.to(device=self.device) if self.quant is not None and keeps_stored_dtype(k, v)
+                  else v.to(device=self.device, dtype=compute_dtype) for k, v in weights.items()}
         c = config
         self.num_layers = int(c["num_hidden_layers"])
         self.num_heads = int(c["num_attention_heads"])
@@ -180,6 +186,8 @@ class ReferenceModel:
         return F.layer_norm(x, (x.shape[-1],), w, self.w[name + ".bias"], self.eps)
 
     def _linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        if self.quant is not None:
+            return qlinear(x, self.w, name, self.quant).to(x.dtype)
         return F.linear(x, self.w[name + ".weight"], self.w.get(name + ".bias"))
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -196,6 +204,8 @@ class ReferenceModel:
         v = v.view(b, t, nkv, d).transpose(1, 2)
         if rope is not None:
             q, k = self._rope(q, *rope), self._rope(k, *rope)
+        if self.quant is not None and self.quant.get("kv_cache_quant_algo"):  # what the quantized cache returns
+            k, v = (t.to(q.dtype) for t in qdq_kv_cache(k, v, self.w, f"transformer.layers.{i}", self.quant))
         if cache is not None:
             prev_k, prev_v = cache.k[i], cache.v[i]
             if prev_k is not None and prev_v is not None:
