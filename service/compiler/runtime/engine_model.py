@@ -179,7 +179,9 @@ class EngineModel:
         kv = kv or self.max_seq
         h = F.embedding(ids, self.embed)
         cos, sin = self.cos[pos], self.sin[pos]
-        mask = (self.slots[None, :kv] <= pos[:, None])[:, None, None, :]
+        # additive mask built once per step (not per layer): 0 for slots <= pos, -inf beyond
+        mask = torch.zeros((), dtype=self.dtype, device=self.device).masked_fill(
+            self.slots[None, :kv] > pos[:, None], float("-inf"))[:, None, None, :]
         for i, w in enumerate(self.layers):
             h = self._decode_layer(h, w, self.k_cache[i][:B, :, :kv], self.v_cache[i][:B, :, :kv], pos, cos, sin,
                                    mask, self.nh, self.nkv, self.d, self.eps)
