@@ -243,3 +243,25 @@ def test_cli_convert_prints_summary_and_validate_reports_ok(llama_dir, tmp_path)
     res = subprocess.run([sys.executable, "-m", "service.cli", "validate", str(out)], capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 0 and res.stdout.startswith("OK"), res.stdout
+
+
+def test_cli_convert_resolves_repo_id_through_offline_hf_cache(llama_dir, tmp_path):
+    from service.compiler.smollm2 import install_into_hf_cache
+
+    src, _ = llama_dir
+    cache = tmp_path / "hf-cache"
+    install_into_hf_cache(src, cache, repo_id="acme/tiny-llama")
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "ckpt"
+    res = subprocess.run(
+        [sys.executable, "-m", "service.cli", "convert", "acme/tiny-llama", str(out), "--cache-dir", str(cache),
+         "--dtype", "float32", "--quiet"], capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr
+    assert validate_checkpoint(out, strict=True).ok
+    # an id that is not in the cache: a clean error, exit code 2, nothing written
+    res = subprocess.run(
+        [sys.executable, "-m", "service.cli", "convert", "acme/not-there", str(tmp_path / "x"), "--cache-dir",
+         str(cache), "--quiet"], capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 2
+    assert "error [model_not_found]" in res.stderr and "acme/not-there" in res.stderr
+    assert not (tmp_path / "x").exists()
