@@ -102,8 +102,16 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         raise MalformedWeights(f"{path.name}: header is not valid UTF-8") from exc
     if not text.startswith("{"):
         raise MalformedWeights(f"{path.name}: header does not start with '{{'")
+    def no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+        seen: dict = {}
+        for k, v in pairs:
+            if k in seen:
+                raise MalformedWeights(f"{path.name}: header names {k!r} twice")
+            seen[k] = v
+        return seen
+
     try:
-        header = json.loads(text)
+        header = json.loads(text, object_pairs_hook=no_duplicates)
     except json.JSONDecodeError as exc:
         raise MalformedWeights(f"{path.name}: header is not valid JSON ({exc.msg})") from exc
     if not isinstance(header, dict):
