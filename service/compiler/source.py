@@ -42,15 +42,23 @@ def read_json(path: Path, what: str, limit: int = MAX_CONFIG_BYTES) -> dict:
 
 
 def _inside(folder: Path, name: str) -> Path:
-    """Resolve a file name from an index, refusing anything that escapes the model folder."""
+    """Resolve a file name from an index, refusing anything that escapes the model folder.
+
+    The name itself must stay inside the folder. A symlinked file may point into the folder or,
+    in a huggingface_hub cache snapshot (``snapshots/<commit>/<file>`` -> ``../../blobs/<hash>``),
+    into that repo's own ``blobs/`` folder, and nowhere else.
+    """
     if not isinstance(name, str) or not name or "\x00" in name or name.startswith(("/", "\\")) or "\\" in name:
         raise UnsafeWeights(f"weight file name {name!r} is not a plain relative path")
     parts = Path(name).parts
     if any(p in ("..", "") for p in parts):
         raise UnsafeWeights(f"weight file name {name!r} escapes the model folder")
-    path = (folder / name).resolve()
-    root = folder.resolve()
-    if os.path.commonpath([root, path]) != str(root):
+    path = folder / name
+    target = path.resolve()
+    allowed = [folder.resolve()]
+    if folder.parent.name == "snapshots":
+        allowed.append((folder.parent.parent / "blobs").resolve())
+    if not any(os.path.commonpath([root, target]) == str(root) for root in allowed):
         raise UnsafeWeights(f"weight file name {name!r} resolves outside the model folder")
     return path
 
@@ -123,7 +131,7 @@ class SafetensorsSource(WeightSource):
             if not shards:
                 raise ModelNotFound(f"no safetensors weights in {folder}")
             for p in shards:
-                f = SafetensorsFile(p)
+                f = SafetensorsFile(_inside(folder, p.name))
                 files[p.name] = f
                 for tensor in f.keys():
                     if tensor in where:

@@ -184,3 +184,39 @@ def test_existing_output_is_not_touched(good, tmp_path):
     with pytest.raises(OutputExists):
         convert_checkpoint(good, out, dtype="float32")
     assert (out / "keep").read_text() == "x"
+
+
+def _shard(good, d):
+    from safetensors.torch import load_file
+
+    sd = load_file(str(good / "model.safetensors"))
+    names = sorted(sd)
+    d.mkdir()
+    (d / "config.json").write_text((good / "config.json").read_text())
+    weight_map = {}
+    for i, part in enumerate((names[::2], names[1::2])):
+        fname = f"model-0000{i + 1}-of-00002.safetensors"
+        save_file({n: sd[n] for n in part}, str(d / fname))
+        weight_map.update({n: fname for n in part})
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+def test_sharded_model_from_hf_cache_converts(good, tmp_path):
+    """HF cache snapshots are symlinks into the repo's blobs/ folder: allowed, nothing else is."""
+    from service.compiler.hub import resolve_model_dir
+    from service.compiler.smollm2 import install_into_hf_cache
+
+    _shard(good, tmp_path / "sharded")
+    install_into_hf_cache(tmp_path / "sharded", tmp_path / "cache", repo_id="acme/sharded")
+    snap = resolve_model_dir("acme/sharded", cache_dir=tmp_path / "cache", allow_download=False, repo_only=True)
+    assert (snap / "model-00001-of-00002.safetensors").is_symlink()
+    convert_checkpoint(snap, tmp_path / "out", dtype="float32")
+    assert (tmp_path / "out" / "rank0.safetensors").exists()
+
+
+def test_symlinked_shard_pointing_outside_is_refused(good, tmp_path):
+    _shard(good, tmp_path / "m")
+    outside = tmp_path / "elsewhere.safetensors"
+    (tmp_path / "m" / "model-00002-of-00002.safetensors").rename(outside)
+    (tmp_path / "m" / "model-00002-of-00002.safetensors").symlink_to(outside)
+    _assert_fails(tmp_path / "m", tmp_path, UnsafeWeights, "resolves outside")
