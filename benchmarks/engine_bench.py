@@ -120,8 +120,10 @@ def worker_engine(engine_dir: str, shape: str, long: bool, big: bool) -> dict:
     vocab = SHAPES[shape]["vocab_size"]
     first = engine.generate(prompts(1, PROMPT, vocab), 1)
     import psutil
+    from torch._dynamo.utils import counters
 
     res = {"load_to_first_token_s": time.perf_counter() - t0, "load": engine.load_stats,
+           "first_token_compile_counters": {k: dict(v) for k, v in counters.items() if k in ("inductor", "aot_autograd")},
            "process_start_to_first_token_s": time.time() - psutil.Process().create_time(),
            "first_ttft_s": first.stats["ttft_seconds"]}
     p1 = prompts(1, PROMPT, vocab)
@@ -147,7 +149,33 @@ def worker_engine(engine_dir: str, shape: str, long: bool, big: bool) -> dict:
         res["bs32_tok_s"] = BIG_BATCH * NEW / (st["prefill_seconds"] + st["decode_seconds"])
         res["bs32_decode_tok_s"] = BIG_BATCH * (NEW - 1) / st["decode_seconds"]
     res["peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    try:
+        res["kernels"] = profile_decode(engine, p1)
+    except Exception as exc:  # the breakdown is a diagnosis; never lose the measurements for it
+        res["kernels"] = {"error": repr(exc)}
     return res
+
+
+def profile_decode(engine, prompt: list[list[int]], steps: int = 20) -> dict:
+    """CUDA time per kernel of the compiled decode step run without its graph (where the time goes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine.generate(prompt, 1)
+    with torch.inference_mode():
+        for _ in range(3):
+            engine._step_eager(1, 512)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                engine._step_eager(1, 512)
+            torch.cuda.synchronize()
+    cuda = torch.autograd.DeviceType.CUDA
+    rows = [e for e in prof.key_averages() if getattr(e, "device_type", cuda) == cuda and e.device_time_total > 0]
+    rows.sort(key=lambda e: -e.device_time_total)
+    total = sum(e.device_time_total for e in rows)
+    top = [{"kernel": e.key[:90], "us_per_step": e.device_time_total / steps, "calls_per_step": e.count / steps}
+           for e in rows[:14]]
+    return {"kernel_us_per_step": total / steps, "kernels_per_step": sum(e.count for e in rows) / steps, "top": top}
 
 
 def worker_hf(shape: str, mode: str) -> dict:
@@ -167,9 +195,9 @@ def worker_hf(shape: str, mode: str) -> dict:
     torch.set_default_dtype(torch.float32)
     ids = torch.tensor(prompts(1, PROMPT, s["vocab_size"]), device="cuda")
     kw = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0)
-    if mode == "static_compile":
+    if mode == "static_compile":  # transformers compiles the decode step itself once the cache is static
         kw["cache_implementation"] = "static"
-        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+        model.generation_config.compile_config = transformers.CompileConfig(fullgraph=True, mode="reduce-overhead")
     times = []
     t0 = time.perf_counter()
     with torch.inference_mode():
@@ -199,7 +227,7 @@ def main() -> int:
     ap.add_argument("--shapes", default="1b,8b")
     ap.add_argument("--variants", default="default")
     ap.add_argument("--hf", action="store_true", help="also run HF eager and HF static cache + compile")
-    ap.add_argument("--hf-modes", default="eager,static_compile")
+    ap.add_argument("--hf-modes", default="eager,static_compile", help="e.g. 1b=eager+static_compile;8b=static_compile")
     ap.add_argument("--long", default="8b", help="shapes that also measure TTFT at 2,048 tokens")
     ap.add_argument("--big", default="1b,8b", help="shapes that also measure batch-32 throughput")
     ap.add_argument("--work", default="/tmp/kiln-engine-bench")
@@ -247,10 +275,16 @@ def main() -> int:
             r[f"engine_{v}"] = spawn(["--worker", "engine", "--engine", str(engine), "--shape", shape,
                                       "--flags", flags], VARIANTS[v])
             print(shape, v, json.dumps(r[f"engine_{v}"]), flush=True)
+            (out / "engine_bench.json").write_text(json.dumps(results, indent=2))
         if a.hf:
-            for mode in a.hf_modes.split(","):
+            modes = a.hf_modes.split(",")
+            if "=" in a.hf_modes:
+                per = dict(x.split("=") for x in a.hf_modes.split(";"))
+                modes = [m for m in per.get(shape, "").split("+") if m]
+            for mode in modes:
                 r[f"hf_{mode}"] = spawn(["--worker", "hf", "--shape", shape, "--mode", mode])
                 print(shape, "hf", mode, json.dumps(r[f"hf_{mode}"]), flush=True)
+                (out / "engine_bench.json").write_text(json.dumps(results, indent=2))
         shutil.rmtree(work / shape, ignore_errors=True)
         (out / "engine_bench.json").write_text(json.dumps(results, indent=2))
     print_table(results)

@@ -159,7 +159,11 @@ class EngineModel:
 
     def compile(self, mode: str | None = None, options: dict | None = None) -> None:
         import torch._dynamo
+        import torch.fx.experimental._config as fx_config
 
+        # No duck sizing: a prompt length equal to some other size (head_size 128, say) must not
+        # produce a different prefill graph, or a fresh process misses the shipped compile cache.
+        fx_config.use_duck_shape = False
         # one compiled graph per decode (batch, kv) bucket plus the dynamic prefill; never fall back silently
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
         torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit, 1024)
