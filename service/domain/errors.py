@@ -70,6 +70,14 @@ ERROR_TABLE: dict[str, tuple[int, str]] = {
     "weights_mismatch": (422, "INVALID_ARGUMENT"),
     "invalid_checkpoint": (422, "INVALID_ARGUMENT"),
     "no_worker": (422, "INVALID_ARGUMENT"),
+    # engine builds (service/compiler/build/config.py)
+    "invalid_build_config": (422, "INVALID_ARGUMENT"),
+    "unknown_backend": (422, "INVALID_ARGUMENT"),
+    "backend_unavailable": (422, "FAILED_PRECONDITION"),
+    "target_unavailable": (422, "FAILED_PRECONDITION"),
+    "engine_does_not_fit": (422, "INVALID_ARGUMENT"),
+    # quality gate of the evaluate stage: a job's terminal error, never an HTTP answer to a request
+    "accuracy_below_threshold": (422, "FAILED_PRECONDITION"),
     "output_exists": (409, "ALREADY_EXISTS"),
     "idempotency_conflict": (409, "ALREADY_EXISTS"),
     "job_finished": (409, "FAILED_PRECONDITION"),

@@ -53,6 +53,15 @@ class JobService:
         live = self.store.live_workers(self.worker_ttl_s)
         serving = [w for w in live if queue in w["queues"]]
         reason = ""
+        if serving and spec.build is not None:
+            backend = spec.build.backend
+            able = [w for w in serving if backend in (w.get("capabilities") or {}).get("backends", ["torch"])]
+            if not able:
+                why = sorted({(w.get("capabilities") or {}).get("unavailable", {}).get(backend, "")
+                              for w in serving} - {""})
+                raise NoWorker(f"no live worker on queue {queue!r} can build with backend {backend!r}"
+                               + (f": {why[0]}" if why else ""),
+                               hint="GET /v1/workers lists each worker's backends; use one of those, e.g. 'torch'")
         if not serving:
             if queue != "cpu":
                 raise NoWorker(f"no live worker serves queue {queue!r} (build target {spec.build.target!r})"
@@ -146,10 +155,20 @@ class JobService:
             artifacts.append({"name": ref.name, "stage": ref.stage, "key": ref.key, "bytes": m.get("bytes"),
                               "files": m["files"]})
         total = (job.finished_at - job.started_at) if job.finished_at and job.started_at else None
+        evaluation = None
+        ref = next((a for a in job.artifacts if a.name == "report"), None)
+        if ref is not None:  # the evaluate stage's report.json (kept on a job that failed its thresholds)
+            try:
+                import json
+
+                path, _ = self.artifacts.open_path(ref.stage, ref.key, "report.json")
+                evaluation = json.loads(path.read_text())
+            except (FileNotFoundError, UnsafePath, ValueError):
+                evaluation = None
         return {
             "job": job.id, "state": job.state, "spec": job.spec.normalized(), "attempts": job.attempts,
             "error": job.error.model_dump() if job.error else None,
             "stages": [s.model_dump() for s in job.stages],
             "cache_hits": [s.name for s in job.stages if s.cache_hit],
-            "seconds": total, "artifacts": artifacts,
+            "seconds": total, "artifacts": artifacts, "evaluation": evaluation,
         }

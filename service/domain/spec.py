@@ -32,19 +32,92 @@ class MappingSpec(_Strict):
 
 
 class CalibrationSpec(_Strict):
-    dataset: Literal["bundled"] = "bundled"
-    samples: int = Field(64, ge=1, le=4096)
-    seq_len: int = Field(256, ge=16, le=8192)
+    """Calibration data for the quantizer (FP8, AWQ, SmoothQuant, any KV cache quantization)."""
+
+    dataset: Literal["bundled"] = Field("bundled", description="'bundled': the text set shipped with Kiln")
+    samples: int = Field(64, ge=1, le=4096, description="calibration windows")
+    seq_len: int = Field(256, ge=16, le=8192, description="tokens per window")
+
+
+class ThresholdsSpec(_Strict):
+    """Pass/fail bounds of the accuracy report (quantized checkpoint vs the unquantized model).
+
+    Defaults are the quantizer's (``service.compiler.quantization.report.Thresholds``): loose
+    "catch garbage" bounds for small models. A failing report fails the job (accuracy_below_threshold)."""
+
+    max_perplexity_increase_pct: float = Field(10.0, ge=0.0)
+    min_top1_agreement: float = Field(0.80, ge=0.0, le=1.0)
+    max_kl_divergence: float = Field(0.25, ge=0.0)
+    min_rouge_l: float = Field(0.30, ge=0.0, le=1.0)
+
+
+# TensorRT-LLM's QuantAlgo names, and the names this API accepted before (kept as aliases).
+QUANT_ALGOS = ("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "W8A16", "W4A16", "W4A16_AWQ", "W8A8_SQ_PER_CHANNEL",
+               "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN")
+KV_CACHE_ALGOS = ("INT8", "FP8")
+ALGO_ALIASES = {
+    "fp8": "FP8", "int8_weight_only": "W8A16", "int4_weight_only": "W4A16", "w4a16_awq": "W4A16_AWQ",
+    "smoothquant": "W8A8_SQ_PER_CHANNEL",
+    # ModelOpt / quantize.py qformat names
+    "int8_wo": "W8A16", "int4_wo": "W4A16", "int4_awq": "W4A16_AWQ", "int8_sq": "W8A8_SQ_PER_CHANNEL",
+}
+FP8_MIN_SM = 89
+
+
+def _canonical(value: str, allowed: tuple[str, ...], aliases: dict[str, str], what: str) -> str:
+    if value is None or str(value).strip().lower() in ("", "none"):
+        return "none"
+    v = str(value).strip()
+    v = aliases.get(v.lower(), v.upper())
+    if v not in allowed:
+        raise ValueError(f"unknown {what} {value!r}; choose none or one of {', '.join(allowed)}")
+    return v
 
 
 class QuantizationSpec(_Strict):
-    algo: Literal["none", "fp8", "int8_weight_only", "int4_weight_only", "w4a16_awq", "smoothquant"] = "none"
-    kv_cache: Literal["none", "fp8", "int8"] = "none"
+    algo: str = Field("none", description="TensorRT-LLM QuantAlgo name: " + ", ".join(QUANT_ALGOS)
+                      + " (or none); the older lowercase names fp8, int8_weight_only, int4_weight_only, "
+                      "w4a16_awq, smoothquant are aliases", examples=["W8A16"])
+    kv_cache: str = Field("none", description="KV cache quantization: INT8, FP8 or none")
+    group_size: int = Field(128, ge=1, le=8192, description="W4A16_AWQ group size (must divide every input dimension)")
+    has_zero_point: bool = Field(False, description="W4A16_AWQ only")
+    exclude_modules: list[str] | None = Field(None, description="patterns added to the default exclusions (lm_head, ...)")
+    smoothquant_alpha: float | None = Field(None, ge=0.0, le=1.0, description="None: per-model search")
     calibration: CalibrationSpec | None = None
+    thresholds: ThresholdsSpec = Field(default_factory=ThresholdsSpec)
+
+    @field_validator("algo", mode="before")
+    @classmethod
+    def _algo(cls, v):
+        return _canonical(v, QUANT_ALGOS, ALGO_ALIASES, "quantization algo")
+
+    @field_validator("kv_cache", mode="before")
+    @classmethod
+    def _kv(cls, v):
+        return _canonical(v, KV_CACHE_ALGOS, {}, "kv_cache quantization")
+
+    @field_validator("exclude_modules")
+    @classmethod
+    def _excl(cls, v):
+        if v is not None and (len(v) > 64 or any(not p or len(p) > 200 for p in v)):
+            raise ValueError("exclude_modules: at most 64 non-empty patterns of at most 200 characters")
+        return v
+
+    @model_validator(mode="after")
+    def _combination(self) -> QuantizationSpec:
+        if self.has_zero_point and self.algo != "W4A16_AWQ":
+            raise ValueError(f"has_zero_point is only supported with W4A16_AWQ, not {self.algo}")
+        if self.smoothquant_alpha is not None and self.algo != "W8A8_SQ_PER_CHANNEL":
+            raise ValueError("smoothquant_alpha applies to W8A8_SQ_PER_CHANNEL only")
+        return self
 
     @property
     def requested(self) -> bool:
         return self.algo != "none" or self.kv_cache != "none"
+
+    @property
+    def needs_fp8(self) -> bool:
+        return self.algo in ("FP8", "FP8_PER_CHANNEL_PER_TOKEN") or self.kv_cache == "FP8"
 
 
 class BuildSpec(_Strict):
@@ -67,10 +140,23 @@ class BuildSpec(_Strict):
             raise ValueError(f"max_input_len={self.max_input_len} exceeds max_seq_len={self.max_seq_len}")
         return self
 
+    @property
+    def target_sm(self) -> int | None:
+        return None if self.target == "cpu" else int(self.target[2:])
+
 
 class EvaluationSpec(_Strict):
-    metrics: list[Literal["perplexity", "agreement", "kl", "rouge"]] = Field(default_factory=lambda: ["perplexity"])
-    max_samples: int = Field(32, ge=1, le=10000)
+    """Engine (or quantized checkpoint) against the reference runtime on held-out windows."""
+
+    metrics: list[Literal["perplexity", "agreement", "kl", "rouge"]] = Field(
+        default_factory=lambda: ["perplexity", "agreement", "kl", "rouge"])
+    max_samples: int = Field(8, ge=1, le=10000, description="evaluation windows")
+    seq_len: int = Field(128, ge=8, le=8192, description="tokens per evaluation window")
+    max_new_tokens: int = Field(16, ge=1, le=1024, description="greedy tokens generated per prompt (ROUGE)")
+    min_rouge1: float | None = Field(None, ge=0.0, le=1.0,
+                                     description="engine vs reference ROUGE-1 floor (None: reported only)")
+    min_top1_agreement: float | None = Field(None, ge=0.0, le=1.0,
+                                             description="engine vs reference top-1 agreement floor (None: reported only)")
 
 
 class JobSpec(_Strict):
@@ -135,6 +221,22 @@ class JobSpec(_Strict):
         if parts.username or parts.password:
             raise ValueError("webhook_url must not carry credentials")
         return v
+
+    @model_validator(mode="after")
+    def _sections(self) -> JobSpec:
+        q = self.quantization
+        if q.requested and self.mapping.tp_size * self.mapping.pp_size != 1:
+            raise ValueError("quantization runs at tp_size=1, pp_size=1 (Kiln quantizes the whole model, then "
+                             "shards); submit the quantized job with mapping tp_size=1, pp_size=1")
+        if q.needs_fp8 and self.build is not None and self.build.target_sm is not None \
+                and self.build.target_sm < FP8_MIN_SM:
+            what = q.algo if q.algo.startswith("FP8") else "an FP8 KV cache"
+            raise ValueError(f"{what} needs a GPU with compute capability >= 8.9 (Ada/Hopper); build.target is "
+                             f"{self.build.target}: use W8A16, W4A16_AWQ or W8A8_SQ_PER_CHANNEL (INT8 KV cache) there")
+        if self.evaluation is not None and self.build is None and not q.requested:
+            raise ValueError("evaluation measures a built engine or a quantized checkpoint: add 'build' and/or "
+                             "'quantization', or drop 'evaluation'")
+        return self
 
     def normalized(self) -> dict:
         return self.model_dump(mode="json")

@@ -64,6 +64,7 @@ def run_job(job_id: str) -> str:
 
 def load_stage_plugins(settings: Settings) -> None:
     importlib.import_module("service.workers.stages")
+    importlib.import_module("service.workers.compile_stages")  # quantize, build, evaluate
     for name in filter(None, (m.strip() for m in settings.stage_plugins.split(","))):
         importlib.import_module(name)
 

@@ -41,6 +41,7 @@ class StageContext:
     settings: Settings
     artifacts: ArtifactStore
     check: Callable[[], None] = lambda: None  # raises if the job was cancelled or the lease lost
+    outputs: dict[str, Path] = field(default_factory=dict)  # finished earlier stages of this job: name -> dir
 
     def hf_token(self) -> str | None:
         """Read at the moment of use, from the operator's reference; never stored or logged."""
@@ -59,6 +60,7 @@ class Stage:
     handles: str | None = None  # the JobSpec section this stage serves ("quantization", "build", …)
     keyed_by_output: bool = False  # key from what the stage produced (fetch: the resolved commit)
     weight: float = 1.0  # share of the job's progress bar
+    keep_on_failure: bool = False  # its artifact stays attached when a quality gate fails the job (reports)
 
 
 STAGES: list[Stage] = []
@@ -117,13 +119,28 @@ class JobCancelled(Exception):
     pass
 
 
+class QualityGateFailed(Exception):
+    """A stage finished (its output is stored) but its verdict fails the job, e.g. an accuracy report
+    below the user's thresholds. The stage's summary carries ``gate`` = {passed, code, message, hint}."""
+
+    def __init__(self, gate: dict):
+        super().__init__(gate.get("message", "quality gate failed"))
+        self.code = gate.get("code") or "accuracy_below_threshold"
+        self.message = gate.get("message") or "quality gate failed"
+        self.hint = gate.get("hint") or ""
+
+
 class LeaseLost(Exception):
     pass
 
 
 PERMANENT_CODES = {
     "invalid_argument", "unsupported_architecture", "invalid_mapping", "model_not_found", "unsafe_weights",
-    "malformed_weights", "weights_mismatch", "invalid_checkpoint",
+    "malformed_weights", "weights_mismatch", "invalid_checkpoint", "output_exists",
+    # build (service/compiler/build/config.py)
+    "invalid_build_config", "unknown_backend", "backend_unavailable", "target_unavailable", "engine_does_not_fit",
+    # quality gates
+    "accuracy_below_threshold",
 }
 
 
@@ -219,6 +236,8 @@ class PipelineRunner:
         input_key = hashlib.sha256(json.dumps({"model": spec.model, "revision": spec.revision}).encode()).hexdigest()
         input_dir: Path | None = None
         artifacts: list[ArtifactRef] = []
+        outputs: dict[str, Path] = {}
+        kept_on_failure: set[str] = set()
         record = records[0]
         try:
             for (stage, cfg), record in zip(plan, records, strict=False):
@@ -234,7 +253,8 @@ class PipelineRunner:
                         overall = (_done + max(0.0, min(1.0, frac)) * _stage.weight) / total_weight
                         write(progress=round(overall, 4), message=f"{_stage.name}: {message}"[:500])
 
-                ctx = StageContext(lease.job_id, spec, self.settings, self.artifacts, check=hb.check)
+                ctx = StageContext(lease.job_id, spec, self.settings, self.artifacts, check=hb.check,
+                                   outputs=dict(outputs))
                 key = None if stage.keyed_by_output else stage_key(input_key, stage.name, cfg)
                 if key is not None and self.artifacts.has(stage.name, key):
                     manifest = self.artifacts.manifest(stage.name, key)
@@ -259,9 +279,15 @@ class PipelineRunner:
                 record.seconds = round(record.finished_at - record.started_at, 3)
                 input_dir = Path(summary["output_dir"]) if summary.get("output_dir") else self.artifacts.path(stage.name, key)
                 input_key = key
+                outputs[stage.name] = input_dir
                 if stage.artifact:
                     artifacts = [a for a in artifacts if a.name != stage.artifact]
                     artifacts.append(ArtifactRef(name=stage.artifact, stage=stage.name, key=key))
+                    if stage.keep_on_failure:
+                        kept_on_failure.add(stage.artifact)
+                gate = summary.get("gate")
+                if isinstance(gate, dict) and gate.get("passed") is False:
+                    raise QualityGateFailed(gate)
                 done_weight += stage.weight
             hb.check()
             record = records[-1]
@@ -272,6 +298,13 @@ class PipelineRunner:
         except LeaseLost:
             log.warning("job %s: lease lost (token %s); another worker owns it now", lease.job_id, lease.token)
             return "lease_lost"
+        except QualityGateFailed as exc:
+            # the stage itself finished (its record says so); the job fails with only its reports attached
+            err = JobError(code=exc.code, message=redact(exc.message)[:2000], hint=exc.hint)
+            kept = [a for a in artifacts if a.name in kept_on_failure]
+            log.info("job %s failed its quality gate: %s", lease.job_id, err.message)
+            return "failed" if self._finish(lease, "failed", error=err, stages=records, artifacts=kept,
+                                            message=f"failed: {exc.code}") else "lease_lost"
         except JobCancelled:
             record.state = "failed" if record.state == "running" else record.state
             return "cancelled" if self._finish(lease, "cancelled", stages=records, message="cancelled by request") else "lease_lost"

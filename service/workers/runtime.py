@@ -24,24 +24,29 @@ log = logging.getLogger("kiln.worker")
 
 
 def detect_capabilities() -> dict:
-    gpus = []
+    """GPUs (name, ``sm<XY>``, memory) and the backends that really build here, from the compiler's
+    ``build.capabilities``: a backend is listed only when its packages import (TensorRT / TensorRT-LLM
+    only with a GPU) and the compiler ships its build module; the others come with the reason."""
     try:
-        import torch
+        from service.compiler.build.capabilities import capabilities
 
-        if torch.cuda.is_available():
-            for i in range(torch.cuda.device_count()):
-                p = torch.cuda.get_device_properties(i)
-                gpus.append({"name": p.name, "sm": f"sm{p.major}{p.minor}", "memory_bytes": p.total_memory})
-    except Exception:  # no torch or no driver: a CPU worker
-        pass
-    backends = ["torch"]
-    if importlib.util.find_spec("onnxruntime"):
-        backends.append("onnx")
-    if gpus and importlib.util.find_spec("tensorrt"):
-        backends.append("tensorrt")
-    if gpus and importlib.util.find_spec("tensorrt_llm"):
-        backends.append("trtllm")
-    return {"gpus": gpus, "backends": backends}
+        caps = capabilities()
+    except Exception as exc:  # no compiler build package: a torch-only worker, said so
+        log.warning("compiler capabilities unavailable (%s); advertising torch only", exc)
+        return {"gpus": [], "backends": ["torch"], "unavailable": {}}
+    gpus = [{"name": g["name"], "sm": f"sm{g['sm']}", "memory_bytes": g["memory_bytes"]} for g in caps.gpus]
+    backends, unavailable = [], {}
+    for b in caps.backends:
+        module = f"service.compiler.build.backends.{b.name}_backend"
+        if not b.available:
+            unavailable[b.name] = b.reason or "not available"
+        elif importlib.util.find_spec(module) is None:
+            unavailable[b.name] = f"{b.name} imports here, but the compiler has no {module} yet"
+        else:
+            backends.append(b.name)
+    return {"gpus": gpus, "backends": backends, "unavailable": unavailable,
+            "versions": {b.name: b.version for b in caps.backends if b.version},
+            "cuda_version": caps.cuda_version}
 
 
 def worker_queues(settings, caps: dict) -> list[str]:

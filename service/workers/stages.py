@@ -87,7 +87,13 @@ def make_submit_validator(settings: Settings):
         except ModelNotFound:
             if _hf_offline():
                 raise
-            return  # online: the fetch stage downloads it
-        preflight(model_dir, dtype=spec.dtype, mapping=Mapping(tp_size=spec.mapping.tp_size, pp_size=spec.mapping.pp_size))
+            model_dir = None  # online: the fetch stage downloads it
+        if model_dir is not None:
+            preflight(model_dir, dtype=spec.dtype,
+                      mapping=Mapping(tp_size=spec.mapping.tp_size, pp_size=spec.mapping.pp_size))
+        if spec.quantization.requested or spec.build is not None:
+            from .compile_stages import validate_compile
+
+            validate_compile(settings, spec, model_dir)
 
     return validate

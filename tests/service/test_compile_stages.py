@@ -1,0 +1,190 @@
+"""quantize -> build -> evaluate through a real worker process (embedded transport + SQLite), the
+accuracy gate, submit-time refusals of bad combinations, and backend-aware worker matching."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from pydantic import ValidationError
+
+from service.domain import JobService, JobSpec
+from service.domain.errors import status_for
+from service.store import ArtifactStore, JobStore, make_engine, migrate
+from service.workers.app import load_stage_plugins, make_celery, publish
+
+from .conftest import TINY_REPO, install_in_hf_cache
+from .harness import service_env, settings_from, start_worker, stop, wait_for
+
+BUILD = {"backend": "torch", "target": "cpu", "max_batch_size": 4, "max_input_len": 64, "max_seq_len": 128}
+EVAL = {"max_samples": 4, "seq_len": 64, "max_new_tokens": 8}
+
+
+def _service(settings, store, enqueue=lambda job_id, queue: None):
+    from service.workers.stages import make_submit_validator
+
+    load_stage_plugins(settings)
+    return JobService(store, ArtifactStore(settings.storage_root), enqueue=enqueue,
+                      validate=make_submit_validator(settings))
+
+
+@pytest.fixture(scope="module")
+def worker_cluster(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("compile")
+    env = service_env(root / "storage")
+    settings = settings_from(env)
+    install_in_hf_cache(tiny_model_dir, settings.hf_cache, TINY_REPO)
+    engine = make_engine(settings.db_url)
+    migrate(engine)
+    store = JobStore(engine)
+    celery_app = make_celery(settings)
+    svc = _service(settings, store, lambda job_id, queue: publish(celery_app, job_id, queue))
+    proc = start_worker(env, root / "w1.log", "w1")
+    try:
+        wait_for(lambda: store.live_workers(60), 60, what="worker registration")
+        yield {"store": store, "service": svc, "settings": settings, "log": root / "w1.log"}
+    finally:
+        stop(proc)
+        engine.dispose()
+
+
+def _finish(c, job_id, timeout=180):
+    job = wait_for(lambda: (j := c["store"].get(job_id)).terminal and j, timeout, 0.2, "job to finish")
+    return job
+
+
+def test_w8a16_build_evaluate_job_succeeds_with_checkpoint_engine_report(worker_cluster):
+    c = worker_cluster
+    spec = JobSpec(model=TINY_REPO, quantization={"algo": "W8A16"}, build=BUILD, evaluation=EVAL)
+    job, _ = c["service"].submit("t", spec)
+    done = _finish(c, job.id)
+    assert done.state == "succeeded", (done.error, c["log"].read_text()[-3000:])
+    assert [s.name for s in done.stages] == ["fetch", "convert", "quantize", "build", "evaluate", "publish"]
+    assert [a.name for a in done.artifacts] == ["checkpoint", "engine", "report"]
+    stages = {s.name: s for s in done.stages}
+    assert stages["quantize"].summary["quant_algo"] == "W8A16"
+    assert "dequantized" in stages["build"].summary["weights"] or stages["build"].summary["weights"] == "quantized"
+    assert stages["evaluate"].summary["passed"] is True
+    assert stages["evaluate"].summary["engine"]["greedy_identical"] == 1.0
+
+    svc = c["service"]
+    ckpt, _ = svc.artifact_file("t", job.id, "checkpoint", "config.json")
+    assert json.loads(ckpt.read_text())["quantization"]["quant_algo"] == "W8A16"
+    eng, _ = svc.artifact_file("t", job.id, "engine", "config.json")
+    assert json.loads(eng.read_text())["backend"] == "torch"
+    rep_path, _ = svc.artifact_file("t", job.id, "report", "report.json")
+    rep = json.loads(rep_path.read_text())
+    assert rep["passed"] and rep["accuracy"]["quant_algo"] == "W8A16"
+    assert rep["accuracy"]["top1_agreement"] > 0.9 and rep["engine"]["max_abs_logit_error"] < 1e-3
+    assert svc.artifact_file("t", job.id, "report", "report.html")[0].read_text().startswith("<!doctype html>")
+    served = svc.report("t", job.id)
+    assert served["evaluation"]["passed"] is True
+
+    # the same request again: every stage is a cache hit, the same artifacts come back
+    again, created = svc.submit("t", spec)
+    assert created
+    done2 = _finish(c, again.id)
+    assert done2.state == "succeeded"
+    assert all(s.cache_hit for s in done2.stages if s.name in ("convert", "quantize", "build", "evaluate"))
+    assert [a.key for a in done2.artifacts] == [a.key for a in done.artifacts]
+
+
+def test_impossible_threshold_fails_the_job_with_the_report_attached(worker_cluster):
+    c = worker_cluster
+    spec = JobSpec(model=TINY_REPO, quantization={"algo": "int8_weight_only",  # the old name, an alias of W8A16
+                                                  "thresholds": {"min_top1_agreement": 1.0, "max_kl_divergence": 0.0}},
+                   build=BUILD, evaluation=EVAL)
+    job, _ = c["service"].submit("t", spec)
+    done = _finish(c, job.id)
+    assert done.state == "failed", c["log"].read_text()[-3000:]
+    assert done.error.code == "accuracy_below_threshold"
+    assert "KL" in done.error.message
+    assert [a.name for a in done.artifacts] == ["report"]  # engine and checkpoint are not published as good
+    assert {s.name: s.state for s in done.stages}["evaluate"] == "done"
+    served = c["service"].report("t", job.id)
+    assert served["state"] == "failed" and served["evaluation"]["passed"] is False
+    assert any("KL" in f for f in served["evaluation"]["failures"])
+    assert status_for("accuracy_below_threshold")[0] == 422
+
+
+# -- submit-time refusals: nothing written --------------------------------------------------------
+
+@pytest.fixture
+def local(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    env = service_env(tmp_path / "storage")
+    settings = settings_from(env)
+    install_in_hf_cache(tiny_model_dir, settings.hf_cache, TINY_REPO)
+    engine = make_engine(settings.db_url)
+    migrate(engine)
+    store = JobStore(engine)
+    store.upsert_worker("w-cpu", "host", ["cpu"], {"gpus": [], "backends": ["torch"],
+                                                  "unavailable": {"onnx": "no onnx backend module"}})
+    yield settings, store, _service(settings, store)
+    engine.dispose()
+
+
+SPEC_ERRORS = {  # refused by JobSpec itself (400 on REST, INVALID_ARGUMENT on gRPC)
+    "unknown algo": {"quantization": {"algo": "INT3"}},
+    "unknown kv cache": {"quantization": {"kv_cache": "int4"}},
+    "fp8 on an sm80 target": {"quantization": {"algo": "FP8"}, "build": {**BUILD, "target": "sm80"}},
+    "fp8 kv cache on an sm86 target": {"quantization": {"algo": "W8A16", "kv_cache": "FP8"},
+                                       "build": {**BUILD, "target": "sm86"}},
+    "quantization with tp 2": {"quantization": {"algo": "W8A16"}, "mapping": {"tp_size": 2}},
+    "zero point without awq": {"quantization": {"algo": "W4A16", "has_zero_point": True}},
+    "calibration from an unknown dataset": {"quantization": {"algo": "FP8", "calibration": {"dataset": "mine"}}},
+    "evaluation of nothing": {"evaluation": EVAL},
+}
+
+SUBMIT_ERRORS = {  # refused at submit by the compiler's checks: (spec, code)
+    "group_size not dividing features": ({"quantization": {"algo": "W4A16_AWQ", "group_size": 48}}, "invalid_argument"),
+    "per-token plugin not producible": ({"quantization": {"algo": "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN"}},
+                                        "invalid_argument"),
+    "fp8 engine the backend cannot build": ({"quantization": {"algo": "FP8"}, "build": BUILD}, "invalid_argument"),
+    "kv cache the engine cannot run": ({"quantization": {"algo": "W8A16", "kv_cache": "INT8"}, "build": BUILD},
+                                       "invalid_argument"),
+    "max_seq_len beyond the model": ({"build": {**BUILD, "max_seq_len": 4096}}, "invalid_build_config"),
+    "unknown target arch": ({"build": {**BUILD, "target": "sm120"}}, "invalid_build_config"),
+    "backend no worker has": ({"build": {**BUILD, "backend": "onnx"}}, "no_worker"),
+    "target no worker serves": ({"build": {**BUILD, "target": "sm90"}}, "no_worker"),
+}
+
+
+@pytest.mark.parametrize("case", list(SPEC_ERRORS))
+def test_bad_combinations_are_refused_by_the_spec(case):
+    with pytest.raises(ValidationError):
+        JobSpec(model=TINY_REPO, **SPEC_ERRORS[case])
+
+
+@pytest.mark.parametrize("case", list(SUBMIT_ERRORS))
+def test_bad_combinations_are_refused_at_submit_and_nothing_is_written(local, case):
+    settings, store, svc = local
+    body, code = SUBMIT_ERRORS[case]
+    with pytest.raises(Exception) as err:
+        svc.submit("t", JobSpec(model=TINY_REPO, **body))
+    assert getattr(err.value, "code", None) == code, err.value
+    assert 400 <= status_for(code)[0] < 500
+    assert store.list(tenant="t")[0] == []
+    assert not (settings.storage_root / "stages").exists()
+
+
+def test_trtllm_names_and_old_aliases_normalize_to_one_spec():
+    a = JobSpec(model=TINY_REPO, quantization={"algo": "w4a16_awq", "kv_cache": "int8"})
+    b = JobSpec(model=TINY_REPO, quantization={"algo": "W4A16_AWQ", "kv_cache": "INT8"})
+    assert a.quantization.algo == "W4A16_AWQ" and a.quantization.kv_cache == "INT8"
+    assert a.digest() == b.digest()
+    assert JobSpec(model=TINY_REPO, quantization={"algo": "smoothquant"}).quantization.algo == "W8A8_SQ_PER_CHANNEL"
+
+
+def test_worker_advertises_only_backends_that_build_here():
+    import importlib.util
+
+    from service.workers.runtime import detect_capabilities
+
+    caps = detect_capabilities()
+    assert "torch" in caps["backends"]
+    for name, module in (("tensorrt", "tensorrt"), ("trtllm", "tensorrt_llm")):
+        if importlib.util.find_spec(module) is None or not caps["gpus"]:
+            assert name not in caps["backends"] and caps["unavailable"][name]
+    for name in caps["backends"]:
+        assert importlib.util.find_spec(f"service.compiler.build.backends.{name}_backend") is not None
