@@ -2,8 +2,10 @@
 
 Starts ``kiln serve`` (API + gRPC + one worker, SQLite, file-backed broker, storage ./.kiln or
 $KILN_STORAGE, loopback), installs SmolLM2 into the service's HF cache (no network: HF_HUB_OFFLINE=1),
-submits ``HuggingFaceTB/SmolLM2-135M-Instruct`` (bfloat16, tp 1) over REST, follows it to the end,
-then prints where the artifact is and its checksums (verified). Exit status 0 only on success.
+submits ``HuggingFaceTB/SmolLM2-135M-Instruct`` (bfloat16, tp 1, torch engine built for the CPU,
+evaluated against the reference runtime) over REST, follows it to the end, then prints where the
+checkpoint, the engine and the report are, with checksums (verified) and the evaluation's figures.
+``--convert-only`` submits the conversion alone. Exit status 0 only on success.
 """
 
 from __future__ import annotations
@@ -39,8 +41,10 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     import httpx
+
+    convert_only = "--convert-only" in (sys.argv[1:] if argv is None else argv)
 
     from service.compiler.smollm2 import install_into_hf_cache, smollm2_hf_dir
     from service.settings import Settings
@@ -78,6 +82,10 @@ def main() -> int:
         print(f"[demo] kiln serve is up: REST {base} (dashboard {base}/dashboard/), gRPC 127.0.0.1:{grpc_port}", flush=True)
 
         spec = {"model": REPO, "dtype": "bfloat16", "mapping": {"tp_size": 1, "pp_size": 1}, "labels": {"source": "demo"}}
+        if not convert_only:  # + ~30 s on 2 CPU cores: a CPU torch engine, evaluated against the reference runtime
+            spec["build"] = {"backend": "torch", "target": "cpu", "max_batch_size": 4, "max_input_len": 256,
+                             "max_seq_len": 512}
+            spec["evaluation"] = {"max_samples": 4, "seq_len": 128, "max_new_tokens": 16}
         resp = http.post("/v1/jobs", json=spec)
         if resp.status_code != 202:
             print(f"[demo] submit refused: HTTP {resp.status_code} {resp.text}", file=sys.stderr)
@@ -109,6 +117,16 @@ def main() -> int:
                 verified = _sha256(where / f["path"]) == f["sha256"]
                 ok &= verified
                 print(f"[demo]   sha256 {f['sha256']}  {f['size']:>11}  {f['path']}  {'verified' if verified else 'MISMATCH'}")
+        evaluation = http.get(f"/v1/jobs/{job_id}/report").json().get("evaluation")
+        if evaluation and evaluation.get("engine"):
+            e = evaluation["engine"]
+            perf = e.get("performance") or {}
+            print(f"[demo] engine vs reference runtime ({evaluation['data']['samples']} x {evaluation['data']['seq_len']} "
+                  f"tokens, {e['device']}): top-1 agreement {100 * e['top1_agreement']:.1f}%, max |logit error| "
+                  f"{e['max_abs_logit_error']:.3g}, perplexity {e['perplexity']:.2f} vs {e['perplexity_reference']:.2f}, "
+                  f"ROUGE-1 {e['rouge1']:.3f}, greedy identical {100 * e['greedy_identical']:.0f}%, "
+                  f"load {perf.get('load_seconds')} s -> {'PASSED' if evaluation['passed'] else 'FAILED'}")
+            print(f"[demo] report.html: {base}/v1/jobs/{job_id}/artifacts/report/files/report.html")
         print(f"[demo] report: {base}/v1/jobs/{job_id}/report   total {time.perf_counter() - t0:.1f} s")
         return 0 if ok else 1
     finally:
