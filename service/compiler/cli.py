@@ -62,16 +62,19 @@ def _convert(args: argparse.Namespace) -> int:
 
             mapping = balanced_mapping(read_json(model_dir / "config.json", "config.json"),
                                        tp=args.tp_size, pp=args.pp_size)
-        summary = convert_checkpoint(
-            model_dir,
-            args.out,
-            dtype=args.dtype,
-            mapping=mapping,
-            allow_pickle=args.allow_pickle,
-            overwrite=args.overwrite,
-            progress=None if args.quiet else ProgressBar("convert"),
-            workers=args.workers,
-        )
+        if args.quantization or args.kv_cache_quantization:
+            summary = _quantize(args, model_dir, mapping)
+        else:
+            summary = convert_checkpoint(
+                model_dir,
+                args.out,
+                dtype=args.dtype,
+                mapping=mapping,
+                allow_pickle=args.allow_pickle,
+                overwrite=args.overwrite,
+                progress=None if args.quiet else ProgressBar("convert"),
+                workers=args.workers,
+            )
     except KilnError as exc:
         print(f"error [{exc.code}]: {exc.message}", file=sys.stderr)
         if exc.hint:
@@ -82,6 +85,29 @@ def _convert(args: argparse.Namespace) -> int:
     else:
         print(summary.line())
     return 0
+
+
+def _quantize(args: argparse.Namespace, model_dir, mapping):
+    from .quantization import CalibrationSettings, QuantConfig, quantize_checkpoint
+
+    if mapping.world_size != 1:
+        from .errors import InvalidArgument
+
+        raise InvalidArgument("--quantization runs at --tp-size 1 --pp-size 1",
+                              hint="quantize first, then shard the quantized checkpoint")
+    cfg = QuantConfig(args.quantization, kv_cache_quant_algo=args.kv_cache_quantization, group_size=args.group_size,
+                      has_zero_point=args.has_zero_point, smoothquant_alpha=args.smoothquant_alpha,
+                      exclude_modules=args.exclude_modules)
+    calib = CalibrationSettings(samples=args.calibration_samples, seq_len=args.calibration_seq_len,
+                                **({"source": args.calibration_file} if args.calibration_file else {}))
+    from .convert import from_hugging_face
+
+    model = from_hugging_face(model_dir, dtype=args.dtype, allow_pickle=args.allow_pickle)
+    try:
+        return quantize_checkpoint(model, args.out, cfg, calibration=calib, target_sm=args.target_sm,
+                                   overwrite=args.overwrite, progress=None if args.quiet else ProgressBar("quantize"))
+    finally:
+        model.close()
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -129,6 +155,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=2, help="threads producing tensors (default 2)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    q = p.add_argument_group("quantization (service/compiler/quantization; written at tp=1, pp=1)")
+    q.add_argument("--quantization", default=None, metavar="ALGO",
+                   help="FP8, FP8_PER_CHANNEL_PER_TOKEN, W8A16, W4A16, W4A16_AWQ or W8A8_SQ_PER_CHANNEL")
+    q.add_argument("--kv-cache-quantization", default=None, metavar="ALGO", help="INT8 or FP8 (calibrated)")
+    q.add_argument("--calibration-file", default=None, help="UTF-8 text file (default: bundled English text)")
+    q.add_argument("--calibration-samples", type=int, default=128)
+    q.add_argument("--calibration-seq-len", type=int, default=512)
+    q.add_argument("--group-size", type=int, default=128, help="W4A16_AWQ group size (must divide in-features)")
+    q.add_argument("--has-zero-point", action="store_true", help="W4A16_AWQ with zero points (asymmetric)")
+    q.add_argument("--smoothquant-alpha", type=float, default=None, help="fix alpha (default: per-model search)")
+    q.add_argument("--exclude-modules", nargs="*", default=None, help="fnmatch patterns added to the defaults")
+    q.add_argument("--target-sm", default=None, help="target GPU compute capability (e.g. sm_89): FP8 needs >= 8.9")
     p.set_defaults(func=_convert)
 
     v = sub.add_parser("validate", help="check a TensorRT-LLM checkpoint's tensors against its config.json")

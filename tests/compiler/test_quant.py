@@ -267,3 +267,19 @@ def test_reference_runtime_executes_quantized_checkpoints(models, tmp_path, arch
     prompt = IDS[0, :6].tolist()
     runner = CheckpointRunner.from_dir(out)
     assert ref.generate(prompt, 5)[-5:] == runner.generate(prompt, 5)  # the KV-cache path agrees
+
+
+def test_cli_convert_with_quantization_flags(models, tmp_path, capsys):
+    from service.cli import main
+
+    out = tmp_path / "cli-w8"
+    rc = main(["convert", str(models["llama"]), str(out), "--dtype", "float32", "--quantization", "int8_wo",
+               "--exclude-modules", "*layers.1.*", "--quiet", "--json"])
+    assert rc == 0, capsys.readouterr().err
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["quant_algo"] == "W8A16" and validate_checkpoint(out, strict=True).ok
+    config = json.loads((out / "config.json").read_text())
+    assert "*layers.1.*" in config["quantization"]["exclude_modules"] and "*lm_head" in config["quantization"]["exclude_modules"]
+    bad = tmp_path / "cli-fp8"
+    rc = main(["convert", str(models["llama"]), str(bad), "--quantization", "FP8", "--target-sm", "sm_86", "--quiet"])
+    assert rc == 2 and "compute capability >= 8.9" in capsys.readouterr().err and not bad.exists()

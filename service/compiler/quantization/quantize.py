@@ -71,6 +71,10 @@ class QuantizeSummary:
     seconds: float
     record: dict
 
+    def to_dict(self) -> dict:
+        return {"out_dir": self.out_dir, "quant_algo": self.quant_algo, "kv_cache_quant_algo": self.kv_cache_quant_algo,
+                "seconds": self.seconds, "record": self.record}
+
     def line(self) -> str:
         return (f"quantized -> {self.out_dir}: {self.quant_algo or '-'} / KV {self.kv_cache_quant_algo or '-'} "
                 f"in {self.seconds:.1f} s")
