@@ -283,3 +283,53 @@ def test_cli_convert_with_quantization_flags(models, tmp_path, capsys):
     bad = tmp_path / "cli-fp8"
     rc = main(["convert", str(models["llama"]), str(bad), "--quantization", "FP8", "--target-sm", "sm_86", "--quiet"])
     assert rc == 2 and "compute capability >= 8.9" in capsys.readouterr().err and not bad.exists()
+
+
+def _modelopt_fp8_export(hf_dir: Path, out: Path, skip: str = "mlp.down_proj") -> None:
+    """A ModelOpt ``export_hf_checkpoint``-style FP8 folder made from a float HF folder (per-module scales)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(hf_dir, out)
+    sd = load_file(str(out / "model.safetensors"))
+    new = {}
+    for name, t in sd.items():
+        proj = name.rsplit(".", 2)[-2] if name.endswith("_proj.weight") else None
+        if proj is None or name.endswith(f"{skip}.weight") and ".layers.1." in name:
+            new[name] = t
+            continue
+        scale = (t.abs().max() / 448).reshape(())
+        new[name] = (t / scale).clamp(-448, 448).to(torch.float8_e4m3fn)
+        base = name[: -len(".weight")]
+        new[base + ".weight_scale"] = scale
+        new[base + ".input_scale"] = torch.tensor(0.05 + 0.01 * len(new) % 7)
+        if proj in ("k_proj", "v_proj"):
+            new[base + (".k_scale" if proj == "k_proj" else ".v_scale")] = torch.tensor(0.02 if proj == "k_proj" else 0.03)
+    save_file(new, str(out / "model.safetensors"))
+    (out / "hf_quant_config.json").write_text(json.dumps({
+        "producer": {"name": "modelopt", "version": "0.47.0"},
+        "quantization": {"quant_algo": "FP8", "kv_cache_quant_algo": "FP8", "exclude_modules": ["lm_head"]}}))
+
+
+def test_modelopt_fp8_export_imports_with_shared_qkv_scale(models, float_tensors, tmp_path):
+    from service.compiler.quantization.modelopt_import import import_modelopt_export
+
+    export = tmp_path / "modelopt"
+    _modelopt_fp8_export(models["llama"], export)
+    out = import_modelopt_export(export, tmp_path / "imported", dtype="float32")
+    assert validate_checkpoint(out, strict=True).ok
+    runner = CheckpointRunner.from_dir(out)
+    t0, t1 = runner.layers[0], runner.layers[1]
+    assert t0["attention.qkv.weight"].dtype == torch.float8_e4m3fn and t0["attention.qkv.weights_scaling_factor"].shape == (1,)
+    assert float(t0["attention.kv_cache_scaling_factor"]) == pytest.approx(0.03)  # max(k_scale, v_scale)
+    assert t1["mlp.proj.weight"].dtype == torch.float32  # left in 16 bits by the export -> excluded by name
+    config = json.loads((out / "config.json").read_text())
+    assert "transformer.layers.1.mlp.proj" in config["quantization"]["exclude_modules"]
+    quant = config["quantization"]
+    for local in ("attention.qkv", "mlp.fc", "mlp.proj"):
+        w = float_tensors["llama"][f"transformer.layers.0.{local}.weight"]
+        rel = float((dequantize_weight(t0, local, quant) - w).norm() / w.norm())
+        assert rel < 0.05, (local, rel)
+    with pytest.raises(InvalidArgument, match="not a ModelOpt HF export"):
+        import_modelopt_export(models["llama"], tmp_path / "nope")

@@ -19,7 +19,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -310,6 +310,27 @@ def quantize_checkpoint(model, out_dir: str | os.PathLike, cfg: QuantConfig, *,
 
 def _write(model, out: Path, config: dict, spec, results: dict[int, LayerResult], cfg: QuantConfig, quant: dict,
            dtype: torch.dtype, alpha: float | None, progress: ProgressFn | None) -> None:
+    expected = {n for n, _, _ in spec}
+    n_layers = config["num_hidden_layers"]
+
+    def produce() -> Iterator[tuple[str, torch.Tensor]]:
+        for idx, t in stream_layers(model.tensors(0)):
+            if idx is None:
+                yield from t.items()
+                continue
+            qt = quantize_layer(t, idx, results.get(idx, LayerResult()), cfg, quant, dtype, alpha)
+            yield from ((f"transformer.layers.{idx}.{k}", v) for k, v in qt.items()
+                        if f"transformer.layers.{idx}.{k}" in expected)
+            if progress:
+                progress(0.85 + 0.15 * (idx + 1) / n_layers, f"wrote layer {idx + 1}/{n_layers}")
+
+    write_checkpoint_dir(out, config, spec, produce(), producer="quantize")
+
+
+def write_checkpoint_dir(out: Path, config: dict, spec, named: Iterator[tuple[str, torch.Tensor]], *,
+                         producer: str) -> None:
+    """Write ``config.json`` + ``rank0.safetensors`` sized from ``spec``; every produced tensor must match the
+    spec's shape and dtype and every spec tensor must be produced. Atomic: temp dir + rename."""
     from .. import __version__
 
     expected = {n: (s, d) for n, s, d in spec}
@@ -319,34 +340,19 @@ def _write(model, out: Path, config: dict, spec, results: dict[int, LayerResult]
     try:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         with SafetensorsWriter(tmp / "rank0.safetensors", [(n, dtype_name(d), s) for n, s, d in spec],
-                               metadata={"format": "pt", "producer": f"kiln {__version__} quantize"}) as w:
-
-            def put(name: str, t: torch.Tensor) -> None:
+                               metadata={"format": "pt", "producer": f"kiln {__version__} {producer}"}) as w:
+            for name, t in named:
                 if name not in expected:
-                    raise InvalidCheckpoint(f"quantizer produced {name}, which the layout does not list")
+                    raise InvalidCheckpoint(f"{producer} produced {name}, which the layout does not list")
                 shape, dt = expected[name]
                 if tuple(t.shape) != tuple(shape) or t.dtype != dt:
-                    raise InvalidCheckpoint(f"quantizer produced {name} {list(t.shape)} {t.dtype}, "
+                    raise InvalidCheckpoint(f"{producer} produced {name} {list(t.shape)} {t.dtype}, "
                                             f"layout says {list(shape)} {dt}")
                 w.write(name, 0, t.contiguous())
                 written.add(name)
-
-            n_layers = config["num_hidden_layers"]
-            for idx, t in stream_layers(model.tensors(0)):
-                if idx is None:
-                    for name, v in t.items():
-                        put(name, v)
-                    continue
-                qt = quantize_layer(t, idx, results.get(idx, LayerResult()), cfg, quant, dtype, alpha)
-                for local, v in qt.items():
-                    name = f"transformer.layers.{idx}.{local}"
-                    if name in expected:
-                        put(name, v)
-                if progress:
-                    progress(0.85 + 0.15 * (idx + 1) / n_layers, f"wrote layer {idx + 1}/{n_layers}")
         missing = sorted(set(expected) - written)
         if missing:
-            raise InvalidCheckpoint(f"quantizer did not produce {len(missing)} tensors, e.g. {missing[:3]}")
+            raise InvalidCheckpoint(f"{producer} did not produce {len(missing)} tensors, e.g. {missing[:3]}")
         fsync_dir(tmp)
         if out.exists():
             old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:12]}"
@@ -361,4 +367,4 @@ def _write(model, out: Path, config: dict, spec, results: dict[int, LayerResult]
         raise
 
 
-__all__ = ["QuantizeSummary", "preflight_quantization", "quantize_checkpoint"]
+__all__ = ["QuantizeSummary", "preflight_quantization", "quantize_checkpoint", "write_checkpoint_dir"]

@@ -154,7 +154,8 @@ MARKDOWN_HEADER = ("| algo | perplexity | Δ ppl | recovery | top-1 agreement | 
 
 def compare(quantized: CheckpointRunner, reference: CheckpointRunner, windows: torch.Tensor,
             prompts: list[list[int]] | None = None, max_new_tokens: int = 16,
-            thresholds: Thresholds | None = None, ref_logits: torch.Tensor | None = None) -> AccuracyReport:
+            thresholds: Thresholds | None = None, ref_logits: torch.Tensor | None = None,
+            ref_generations: list[list[int]] | None = None) -> AccuracyReport:
     th = thresholds or Thresholds()
     lr = reference.logits(windows) if ref_logits is None else ref_logits
     lq = quantized.logits(windows)
@@ -163,8 +164,9 @@ def compare(quantized: CheckpointRunner, reference: CheckpointRunner, windows: t
     kl = float((lpr.exp() * (lpr - lpq)).sum(-1).mean())
     agree = float((lr.argmax(-1) == lq.argmax(-1)).float().mean())
     r1s, rls = [], []
-    for p in prompts or []:
-        a, b = quantized.generate(p, max_new_tokens), reference.generate(p, max_new_tokens)
+    for i, p in enumerate(prompts or []):
+        a = quantized.generate(p, max_new_tokens)
+        b = ref_generations[i] if ref_generations is not None else reference.generate(p, max_new_tokens)
         r1, rl = rouge(a, b)
         r1s.append(r1)
         rls.append(rl)
