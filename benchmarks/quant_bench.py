@@ -38,6 +38,7 @@ ALGOS = {
     "FP8_PER_CHANNEL_PER_TOKEN": lambda: QuantConfig("FP8_PER_CHANNEL_PER_TOKEN"),
     "W8A8_SQ alpha=1.0 (ModelOpt)": lambda: QuantConfig("W8A8_SQ_PER_CHANNEL", smoothquant_alpha=1.0),
     "W8A8_SQ searched alpha": lambda: QuantConfig("W8A8_SQ_PER_CHANNEL"),
+    "W8A8_SQ per-token plugin searched alpha": lambda: QuantConfig("W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN"),
     "W4A16 per-channel RTN": lambda: QuantConfig("W4A16"),
     "W4A16 g64 RTN": lambda: QuantConfig("W4A16_AWQ", group_size=64, awq_grid=1, awq_clip=False),
     "W4A16_AWQ g64 lite (no clip, 11-pt)": lambda: QuantConfig("W4A16_AWQ", group_size=64, awq_grid=11, awq_clip=False),

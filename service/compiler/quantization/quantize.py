@@ -47,7 +47,7 @@ from .fp8 import scale_from_amax
 from .kv_cache import kv_cache_scale
 from .layout import is_quantized_linear, linear_module, quantized_expected
 from .qlinear import layer_kv, layer_linear
-from .smoothquant import sq_group_tensors
+from .smoothquant import sq_group_tensors, sq_per_token_group
 from .weight_only import quantize_weight_only
 
 ProgressFn = Callable[[float, str], None]
@@ -126,12 +126,27 @@ def quantize_layer(t: dict[str, torch.Tensor], layer: int, res: LayerResult, cfg
         elif algo == qc.W8A8_SQ_PER_CHANNEL:
             assert alpha is not None
             made = sq_group_tensors(ws, res.amax[group[0]], alpha, dtype)
+        elif algo == qc.W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN:
+            norm = {"attention.qkv": "input_layernorm", "mlp.fc": "post_layernorm"}.get(group[0])
+            # Folding s into the norm needs every consumer of that norm quantized here; otherwise no smoothing.
+            a = alpha if norm is None or len(mods) == len(group) else None
+            made, sm = sq_per_token_group(ws, res.amax[group[0]], a, smoother=norm is None)
+            if norm is not None:
+                for k in ("weight", "bias"):
+                    if f"{norm}.{k}" in t:
+                        out[f"{norm}.{k}"] = (t[f"{norm}.{k}"].float() / sm).to(t[f"{norm}.{k}"].dtype)
         else:
             raise InvalidArgument(f"{algo} quantization is not implemented by Kiln yet",
                                   hint="use FP8, FP8_PER_CHANNEL_PER_TOKEN, W8A16, W4A16, W4A16_AWQ or W8A8_SQ_PER_CHANNEL")
         for m, tensors in zip(mods, made, strict=False):
             for k, v in tensors.items():
                 out[f"{m}.{k}"] = v
+    if algo == qc.W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN:  # per-token: the static factors are 1.0
+        one = torch.ones(1, dtype=torch.float32)
+        for norm, block in (("input_layernorm", "attention"), ("post_layernorm", "mlp")):
+            if f"{norm}.weight" in t:
+                out[f"{norm}.scale_to_int"] = one
+                out[f"{block}.quantization_scaling_factor"] = one
     if cfg.kv_cache_quant_algo and "attention.qkv.weight" in t:
         out["attention.kv_cache_scaling_factor"] = kv_cache_scale(res.kv_amax, cfg.kv_cache_quant_algo)
     return out
@@ -149,7 +164,7 @@ def calibrate(model, cfg: QuantConfig, data: CalibrationData, settings: Calibrat
     dec = Decoder(model.config)
     n_layers = model.config["num_hidden_layers"]
     results: dict[int, LayerResult] = {}
-    search = cfg.quant_algo == qc.W8A8_SQ_PER_CHANNEL and cfg.smoothquant_alpha is None
+    search = cfg.quant_algo in qc.SMOOTHQUANT and cfg.smoothquant_alpha is None
     alphas = list(cfg.alpha_grid) if search else []
     gen = torch.Generator().manual_seed(settings.seed)
     h: torch.Tensor | None = None
@@ -230,9 +245,9 @@ def preflight_quantization(model, cfg: QuantConfig, target_sm: int | None) -> li
                               hint="quantize first, then shard the quantized checkpoint")
     if cfg.needs_calibration or cfg.quant_algo in qc.SMOOTHQUANT:
         Decoder(model.config)  # raises UnsupportedArchitecture for layers the calibrator cannot run
-    if cfg.quant_algo == qc.W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN:
-        raise InvalidArgument(f"{cfg.quant_algo} is a known layout (validate, import, execute) but Kiln cannot "
-                              "produce it yet", hint="use W8A8_SQ_PER_CHANNEL")
+    if cfg.quant_algo == qc.W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN and not model.config.get("do_layer_norm_before", True):
+        raise InvalidArgument(f"{cfg.quant_algo} folds the smoothing into the layer norms, which post-LN OPT "
+                              "models cannot take", hint="use W8A8_SQ_PER_CHANNEL")
     base = [(p.name, tuple(p.shape), p.dtype) for p in model.plans(0)]
     quant = cfg.to_checkpoint_dict()
     for name, shape, _ in base:
@@ -278,7 +293,7 @@ def quantize_checkpoint(model, out_dir: str | os.PathLike, cfg: QuantConfig, *,
         config["quantization"] = quant
         data = None
         if cfg.needs_calibration:
-            search = cfg.quant_algo == qc.W8A8_SQ_PER_CHANNEL and cfg.smoothquant_alpha is None
+            search = cfg.quant_algo in qc.SMOOTHQUANT and cfg.smoothquant_alpha is None
             data = calibration_data(settings, getattr(model, "model_dir", None), config["vocab_size"], heldout=search)
         spec = quantized_expected(config, 0, base)  # raises on layouts that cannot exist, before writing
         results: dict[int, LayerResult] = {}
@@ -292,7 +307,7 @@ def quantize_checkpoint(model, out_dir: str | os.PathLike, cfg: QuantConfig, *,
         if cfg.quant_algo == qc.W4A16_AWQ:
             record.update(awq_grid=cfg.awq_grid, awq_clip=cfg.awq_clip)
         alpha = cfg.smoothquant_alpha if cfg.smoothquant_alpha is not None else record.get("smoothquant_alpha")
-        if cfg.quant_algo == qc.W8A8_SQ_PER_CHANNEL:
+        if cfg.quant_algo in qc.SMOOTHQUANT:
             record["smoothquant_alpha"] = alpha
             record["alpha_searched"] = cfg.smoothquant_alpha is None
         config["kiln_quantization"] = record

@@ -47,3 +47,22 @@ def sq_linear(x: torch.Tensor, q: torch.Tensor, w_scale: torch.Tensor, a_scale: 
     """The engine's int8 GEMM: smooth, quantize the input per tensor, integer products, rescale per row."""
     xq = quantize_activation_int8(x.float() * pqs.float(), a_scale)
     return (xq @ q.float().t()) * (a_scale.reshape(()) * w_scale.float())
+
+
+def sq_per_token_group(weights: list[torch.Tensor], act_amax: torch.Tensor, alpha: float | None,
+                       smoother: bool) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor]:
+    """``W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN`` tensors and the smoothing s (the input is divided by s).
+
+    Inputs of qkv and fc/gate come from a norm, which the caller divides by s (folded); the inputs of
+    dense and proj are divided at run time by the stored ``smoother`` (= s). Activations are quantized
+    per token at run time, so there is no activation scale; ``alpha=None`` means no smoothing.
+    """
+    s = smooth_scale(act_amax, weights, alpha) if alpha is not None else torch.ones_like(act_amax.float())
+    made = []
+    for w in weights:
+        q, ws = quantize_int8_rows(w.float() * s)
+        d = {"weight": q, "per_channel_scale": ws.reshape(1, -1)}
+        if smoother:
+            d["smoother"] = s.reshape(1, -1).float()
+        made.append(d)
+    return made, s
