@@ -228,3 +228,16 @@ def test_tp2_checkpoint_builds_a_merged_engine(tmp_path):
           tmp_path / "engine")
     out = Engine.load(tmp_path / "engine").generate(PROMPTS[:2], max_new_tokens=8)
     assert out.tokens == [_hf_greedy(model, p, 8) for p in PROMPTS[:2]]
+
+
+def test_capabilities_advertise_only_backends_that_import_and_have_a_builder(tiny_ckpt, tmp_path):
+    from service.compiler.build.capabilities import capabilities
+
+    caps = capabilities().to_dict()
+    by_name = {b["name"]: b for b in caps["backends"]}
+    assert by_name["torch"]["available"] and caps["available_backends"] == ["torch"]
+    for name in ("onnx", "tensorrt", "trtllm"):
+        assert not by_name[name]["available"] and by_name[name]["reason"]
+    with pytest.raises(BackendUnavailable, match="onnx"):
+        build(tiny_ckpt, BuildConfig(backend="onnx", target="cpu"), tmp_path / "e")
+    assert ("build.cpu" in caps["build_queues"]) and all(q.startswith("build.") for q in caps["build_queues"])

@@ -73,7 +73,20 @@ def _try_import(module: str) -> tuple[str | None, str | None]:
     return str(getattr(mod, "__version__", "unknown")), None
 
 
+# Backends Kiln has a builder for. The others are detected (their packages' import is reported) but
+# never advertised as available until their builder exists.
+IMPLEMENTED = ("torch",)
+
+
 def backend_info(name: str) -> BackendInfo:
+    info = _package_info(name)
+    if info.available and name not in IMPLEMENTED:
+        return BackendInfo(name, False, info.version,
+                           reason=f"its packages import here, but Kiln's {name} builder is not implemented yet")
+    return info
+
+
+def _package_info(name: str) -> BackendInfo:
     gpus = machine_gpu_targets()
     if name == "torch":
         return BackendInfo("torch", True, torch.__version__)
