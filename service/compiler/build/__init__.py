@@ -72,6 +72,10 @@ def build(checkpoint_dir: str | os.PathLike, config: BuildConfig, out_dir: str |
         from .backends.torch_backend import build_torch_engine
 
         return build_torch_engine(ckpt_dir, resolved, out, progress=progress)
+    if config.backend == "onnx":
+        from .backends.onnx_backend import build_onnx_engine
+
+        return build_onnx_engine(ckpt_dir, resolved, out, progress=progress)
     # plan_build refuses every backend capabilities() does not list as available (see IMPLEMENTED)
     raise BackendUnavailable(f"backend {config.backend!r} has no builder in this version of Kiln")
 

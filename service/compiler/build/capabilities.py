@@ -75,7 +75,7 @@ def _try_import(module: str) -> tuple[str | None, str | None]:
 
 # Backends Kiln has a builder for. The others are detected (their packages' import is reported) but
 # never advertised as available until their builder exists.
-IMPLEMENTED = ("torch",)
+IMPLEMENTED = ("torch", "onnx")
 
 
 def backend_info(name: str) -> BackendInfo:

@@ -1,0 +1,187 @@
+"""The ``onnx`` backend: prefill and decode graphs with explicit KV-cache inputs/outputs.
+
+    engine/config.json     {version, backend: "onnx", pretrained_config, build_config, engine{...}}
+    engine/prefill.onnx    input_ids [B, T] -> logits [B, T, V], present_keys/values [L, B, nkv, T, d]
+    engine/decode.onnx     input_ids [B, 1], past_keys/values [L, B, nkv, P, d]
+                           -> logits [B, 1, V], present_keys/values [L, B, nkv, P + 1, d]
+    engine/*.onnx.data     the weights, as ONNX external data (one file per graph)
+
+Rows of a batch have equal lengths (no padding in the graphs). After export the build runs both
+graphs with onnxruntime on the CPU and checks them against the reference runtime (logits and greedy
+tokens); the result is stored in config.json. These graphs are also what the TensorRT backend parses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ...checkpoint import load_config
+from ...errors import KilnError
+from ...runtime.engine_model import LAYER_FIELDS, apply_rope, rms_norm, rope_inv_freq
+from ..config import ResolvedBuild
+from .torch_backend import ENGINE_VERSION, write_engine_weights
+
+OPSET = 17
+
+
+class OnnxVerificationFailed(KilnError):
+    code = "onnx_verification_failed"
+
+
+class _OnnxLlama(torch.nn.Module):
+    """The engine model as one traceable module (plain attention ops; KV cache in and out)."""
+
+    def __init__(self, cfg: dict, w: dict[str, torch.Tensor], max_seq: int):
+        super().__init__()
+        self.nh, self.d = int(cfg["num_attention_heads"]), int(cfg["head_size"])
+        self.nkv = int(cfg.get("num_key_value_heads") or self.nh)
+        self.eps = float(cfg["norm_epsilon"])
+        self.L = int(cfg["num_hidden_layers"])
+        self.params = torch.nn.ParameterDict()
+        for name, t in w.items():
+            self.params[name.replace(".", "_")] = torch.nn.Parameter(t, requires_grad=False)
+        freqs = torch.outer(torch.arange(max_seq, dtype=torch.float32), rope_inv_freq(cfg))
+        self.register_buffer("cos", freqs.cos(), persistent=False)
+        self.register_buffer("sin", freqs.sin(), persistent=False)
+
+    def _p(self, name: str) -> torch.Tensor | None:
+        key = name.replace(".", "_")
+        return self.params[key] if key in self.params else None
+
+    def forward(self, input_ids: torch.Tensor, past_keys: torch.Tensor | None = None,
+                past_values: torch.Tensor | None = None):
+        B, T = input_ids.shape
+        P = 0 if past_keys is None else past_keys.shape[3]
+        h = F.embedding(input_ids, self._p("embed"))
+        cos, sin = self.cos[P:P + T][None, :, None], self.sin[P:P + T][None, :, None]
+        causal = torch.ones(T, P + T, dtype=torch.bool).tril(P)
+        keys, values = [], []
+        for i in range(self.L):
+            ln1, wqkv, bqkv, wo, bo, ln2, w13, b13, w2, b2 = (self._p(f"layers.{i}.{f}") for f in LAYER_FIELDS)
+            qkv = F.linear(rms_norm(h, ln1, self.eps), wqkv, bqkv)
+            q, k, v = qkv.split([self.nh * self.d, self.nkv * self.d, self.nkv * self.d], -1)
+            q = apply_rope(q.view(B, T, self.nh, self.d), cos, sin).transpose(1, 2)
+            k = apply_rope(k.view(B, T, self.nkv, self.d), cos, sin).transpose(1, 2)
+            v = v.view(B, T, self.nkv, self.d).transpose(1, 2)
+            if past_keys is not None and past_values is not None:
+                k = torch.cat([past_keys[i], k], 2)
+                v = torch.cat([past_values[i], v], 2)
+            keys.append(k)
+            values.append(v)
+            g = self.nh // self.nkv
+            kk, vv = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+            scores = (q @ kk.transpose(-1, -2)).float() * self.d ** -0.5
+            scores = scores.masked_fill(~causal, float("-inf"))
+            attn = (torch.softmax(scores, -1).to(q.dtype) @ vv).transpose(1, 2).reshape(B, T, self.nh * self.d)
+            h = h + F.linear(attn, wo, bo)
+            a, u = F.linear(rms_norm(h, ln2, self.eps), w13, b13).chunk(2, -1)
+            h = h + F.linear(F.silu(a) * u, w2, b2)
+        logits = F.linear(rms_norm(h, self._p("final_norm"), self.eps), self._p("lm_head")).float()
+        return logits, torch.stack(keys), torch.stack(values)
+
+
+def _export(module: torch.nn.Module, args: tuple, path: Path, inputs: list[str], dynamic: dict) -> None:
+    import onnx
+
+    tmp = path.with_suffix(".tmp.onnx")
+    torch.onnx.export(module, args, str(tmp), input_names=inputs,
+                      output_names=["logits", "present_keys", "present_values"],
+                      dynamic_axes=dynamic, opset_version=OPSET, dynamo=False)
+    model = onnx.load(str(tmp))
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=path.name + ".data", size_threshold=1024)
+    for leftover in path.parent.glob(tmp.name + "*"):
+        leftover.unlink()
+    for leftover in path.parent.iterdir():  # the TorchScript exporter's per-tensor side files
+        if leftover.is_file() and leftover.suffix == "" and leftover.name not in ("config.json",):
+            leftover.unlink()
+
+
+def verify_onnx(engine_dir: Path, ckpt_dir: Path, prompt: list[int], new_tokens: int = 8) -> dict:
+    """Prefill + greedy decode with onnxruntime (CPU) against the reference runtime."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from ...runtime import ReferenceModel
+
+    ref = ReferenceModel.from_checkpoint(ckpt_dir)
+    opts = ort.SessionOptions()
+    prefill = ort.InferenceSession(str(engine_dir / "prefill.onnx"), opts, providers=["CPUExecutionProvider"])
+    decode = ort.InferenceSession(str(engine_dir / "decode.onnx"), opts, providers=["CPUExecutionProvider"])
+    ids = np.array([prompt], dtype=np.int64)
+    logits, keys, values = prefill.run(None, {"input_ids": ids})
+    ref_logits = ref.forward([prompt]).numpy()
+    max_err = float(np.abs(logits - ref_logits).max())
+    tokens = [int(logits[0, -1].argmax())]
+    for _ in range(new_tokens - 1):
+        step = np.array([[tokens[-1]]], dtype=np.int64)
+        logits, keys, values = decode.run(None, {"input_ids": step, "past_keys": keys, "past_values": values})
+        tokens.append(int(logits[0, -1].argmax()))
+    expect = ref.generate(prompt, max_new_tokens=new_tokens)
+    return {"prompt_tokens": len(prompt), "max_abs_logit_error": max_err, "onnx_tokens": tokens,
+            "reference_tokens": expect, "greedy_identical": tokens == expect}
+
+
+def build_onnx_engine(ckpt_dir: Path, resolved: ResolvedBuild, out_dir: Path, *, progress=None,
+                      verify: bool = True) -> dict:
+    start = time.perf_counter()
+    cfg = load_config(ckpt_dir)
+    bc = resolved.config
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[bc.dtype]
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir(parents=True)
+    try:
+        from safetensors.torch import load_file
+
+        scratch = tmp / "weights.scratch.safetensors"
+        write_engine_weights(ckpt_dir, cfg, dtype, scratch)
+        module = _OnnxLlama(cfg, load_file(str(scratch)), int(bc.max_seq_len)).eval()
+        scratch.unlink()
+        L, nkv, d = module.L, module.nkv, module.d
+        ids = torch.zeros(1, 4, dtype=torch.long)
+        kv_axes = {1: "batch", 3: "past"}
+        with torch.no_grad():
+            _export(module, (ids,), tmp / "prefill.onnx", ["input_ids"],
+                    {"input_ids": {0: "batch", 1: "tokens"}, "logits": {0: "batch", 1: "tokens"},
+                     "present_keys": {1: "batch", 3: "tokens"}, "present_values": {1: "batch", 3: "tokens"}})
+            past = torch.zeros(L, 1, nkv, 4, d, dtype=dtype)
+            _export(module, (ids[:, :1], past, past.clone()), tmp / "decode.onnx",
+                    ["input_ids", "past_keys", "past_values"],
+                    {"input_ids": {0: "batch"}, "past_keys": kv_axes, "past_values": kv_axes,
+                     "logits": {0: "batch"}, "present_keys": {1: "batch", 3: "total"},
+                     "present_values": {1: "batch", 3: "total"}})
+        engine_cfg = {
+            "version": ENGINE_VERSION, "backend": "onnx",
+            "pretrained_config": {**cfg, "mapping": {"world_size": 1, "tp_size": 1, "pp_size": 1}},
+            "build_config": bc.to_dict(),
+            "engine": {"files": sorted(p.name for p in tmp.iterdir()), "opset": OPSET,
+                       "inputs": {"prefill": ["input_ids"], "decode": ["input_ids", "past_keys", "past_values"]},
+                       "kv_layout": "[layers, batch, kv_heads, tokens, head_size]"},
+        }
+        if verify:
+            prompt = [(7 * i + 3) % int(cfg["vocab_size"]) for i in range(min(12, int(bc.max_input_len)))]
+            report = verify_onnx(tmp, ckpt_dir, prompt)
+            engine_cfg["verification"] = report
+            if not report["greedy_identical"]:
+                raise OnnxVerificationFailed(
+                    f"onnxruntime generations differ from the reference runtime: {report['onnx_tokens']} vs "
+                    f"{report['reference_tokens']} (max logit error {report['max_abs_logit_error']:.3g})"
+                )
+        stats = {"build_seconds": round(time.perf_counter() - start, 3)}
+        engine_cfg["build_stats"] = stats
+        (tmp / "config.json").write_text(json.dumps(engine_cfg, indent=2) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.rename(tmp, out_dir)
+        return stats
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
