@@ -76,8 +76,13 @@ def build(checkpoint_dir: str | os.PathLike, config: BuildConfig, out_dir: str |
         from .backends.onnx_backend import build_onnx_engine
 
         return build_onnx_engine(ckpt_dir, resolved, out, progress=progress)
-    # plan_build refuses every backend capabilities() does not list as available (see IMPLEMENTED)
-    raise BackendUnavailable(f"backend {config.backend!r} has no builder in this version of Kiln")
+    if config.backend == "tensorrt":
+        from .backends.tensorrt_backend import build_tensorrt_engine
+
+        return build_tensorrt_engine(ckpt_dir, resolved, out, progress=progress)
+    from .backends.trtllm_backend import build_trtllm_engine
+
+    return build_trtllm_engine(ckpt_dir, resolved, out, progress=progress)
 
 
 __all__ = [

@@ -75,7 +75,7 @@ def _try_import(module: str) -> tuple[str | None, str | None]:
 
 # Backends Kiln has a builder for. The others are detected (their packages' import is reported) but
 # never advertised as available until their builder exists.
-IMPLEMENTED = ("torch", "onnx")
+IMPLEMENTED = ("torch", "onnx", "tensorrt", "trtllm")
 
 
 def backend_info(name: str) -> BackendInfo:

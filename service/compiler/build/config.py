@@ -196,18 +196,18 @@ def validate_build(cfg: BuildConfig, ckpt: dict, *, weight_bytes: int | None = N
         raise UnknownBackend(f"unknown backend {cfg.backend!r}")
     if cfg.kv_cache_type not in KV_CACHE_TYPES:
         raise InvalidBuildConfig(f"kv_cache_type must be one of {', '.join(KV_CACHE_TYPES)}, got {cfg.kv_cache_type!r}")
-    if cfg.backend in ("torch", "onnx") and cfg.kv_cache_type != "continuous":
+    if cfg.backend in ("torch", "onnx", "tensorrt") and cfg.kv_cache_type != "continuous":
         raise InvalidBuildConfig(
             f"the {cfg.backend} backend supports kv_cache_type='continuous' only (a static KV cache), "
             f"got {cfg.kv_cache_type!r}", hint="paged KV caches are built by the trtllm backend",
         )
     arch = ckpt.get("architecture")
-    if cfg.backend in ("torch", "onnx") and arch not in LLAMA_ARCHS:
+    if cfg.backend in ("torch", "onnx", "tensorrt") and arch not in LLAMA_ARCHS:
         raise InvalidBuildConfig(
             f"the {cfg.backend} backend builds the Llama family ({', '.join(LLAMA_ARCHS)}), not {arch!r}"
         )
     quant = (ckpt.get("quantization") or {}).get("quant_algo")
-    if quant and cfg.backend in ("torch", "onnx"):
+    if quant and cfg.backend in ("torch", "onnx", "tensorrt"):
         raise InvalidBuildConfig(f"quantized checkpoints ({quant}) are not built by the {cfg.backend} backend yet")
     dtype = ckpt["dtype"] if cfg.dtype == "auto" else cfg.dtype
     if dtype not in ENGINE_DTYPES:
