@@ -41,7 +41,7 @@ ALGOS = {
     "W8A8_SQ per-token plugin searched alpha": lambda: QuantConfig("W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN"),
     "W4A16 per-channel RTN": lambda: QuantConfig("W4A16"),
     "W4A16 g64 RTN": lambda: QuantConfig("W4A16_AWQ", group_size=64, awq_grid=1, awq_clip=False),
-    "W4A16_AWQ g64 lite (no clip, 11-pt)": lambda: QuantConfig("W4A16_AWQ", group_size=64, awq_grid=11, awq_clip=False),
+    "W4A16_AWQ g64 lite (11-pt no clip)": lambda: QuantConfig("W4A16_AWQ", group_size=64, awq_grid=11, awq_clip=False),
     "W4A16_AWQ g64 (20-pt + clip)": lambda: QuantConfig("W4A16_AWQ", group_size=64),
     "W4A16_AWQ g64 zero point": lambda: QuantConfig("W4A16_AWQ", group_size=64, has_zero_point=True),
 }

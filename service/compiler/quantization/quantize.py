@@ -155,8 +155,18 @@ def quantize_layer(t: dict[str, torch.Tensor], layer: int, res: LayerResult, cfg
 # --- pass 1: sequential calibration ------------------------------------------------------------------
 
 
-def _nll(logits: torch.Tensor, ids: torch.Tensor) -> float:
-    return float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)))
+def _heldout_scores(dec: Decoder, tail: dict, fp: torch.Tensor, streams: dict[float, torch.Tensor],
+                    ids: torch.Tensor) -> dict[float, tuple[float, float]]:
+    """Per alpha: (mean KL(P_float || P_alpha), mean NLL) on the held-out windows, one window at a time."""
+    kl = dict.fromkeys(streams, 0.0)
+    nll = dict.fromkeys(streams, 0.0)
+    for i in range(ids.shape[0]):
+        ref = F.log_softmax(dec.head(tail, fp[i:i + 1]), -1)
+        for a, h in streams.items():
+            lp = F.log_softmax(dec.head(tail, h[i:i + 1]), -1)
+            kl[a] += float((ref.exp() * (ref - lp)).sum(-1).mean()) / ids.shape[0]
+            nll[a] += float(F.nll_loss(lp[0, :-1], ids[i, 1:])) / ids.shape[0]
+    return {a: (kl[a], nll[a]) for a in streams}
 
 
 def calibrate(model, cfg: QuantConfig, data: CalibrationData, settings: CalibrationSettings, quant: dict,
@@ -169,20 +179,22 @@ def calibrate(model, cfg: QuantConfig, data: CalibrationData, settings: Calibrat
     gen = torch.Generator().manual_seed(settings.seed)
     h: torch.Tensor | None = None
     streams: dict[float, torch.Tensor] = {}
+    fp = torch.empty(0)
     record: dict = {}
     for idx, t in stream_layers(model.tensors(0)):
         if idx is None and h is None:  # globals before the layers: embed
             h = dec.embed(t, data.calib)
             if search:
-                e = dec.embed(t, data.heldout)
-                streams = {a: e for a in alphas}
+                fp = dec.embed(t, data.heldout)
+                streams = dict.fromkeys(alphas, fp)
             continue
-        if idx is None:  # the tail: score the alpha streams
+        if idx is None:  # the tail: score the alpha streams against the float stream
             if search:
-                losses = {a: _nll(dec.head(t, s), data.heldout) for a, s in streams.items()}
-                best = min(losses, key=lambda a: (losses[a], -a))
+                scores = _heldout_scores(dec, t, fp, streams, data.heldout)
+                best = min(scores, key=lambda a: (scores[a][0], -a))
                 record["smoothquant_alpha"] = best
-                record["alpha_heldout_nll"] = {str(a): round(v, 5) for a, v in losses.items()}
+                record["alpha_heldout_kl"] = {str(a): round(v[0], 5) for a, v in scores.items()}
+                record["alpha_heldout_nll"] = {str(a): round(v[1], 5) for a, v in scores.items()}
             continue
         assert h is not None
         res = LayerResult()
@@ -218,6 +230,8 @@ def calibrate(model, cfg: QuantConfig, data: CalibrationData, settings: Calibrat
                 for m, c in zip(mods, r.clips, strict=False):
                     res.awq[m] = (r.pre_quant_scale, c)
                     res.awq_gain[m] = r.loss / r.rtn_loss if r.rtn_loss > 0 else 1.0
+        if search:
+            fp = dec.layer(t, fp)
         for a in alphas:
             qt = quantize_layer(t, idx, res, cfg, quant, dtype, a)
             streams[a] = dec.layer(qt, streams[a], linear=layer_linear(qt, quant), kv=layer_kv(qt, quant))
