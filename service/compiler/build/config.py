@@ -91,6 +91,8 @@ class BuildConfig:
     compile_mode: str | None = None  # torch.compile mode (None = "default"; chosen by measurement)
     compile_options: dict | None = None  # Inductor options, e.g. {"coordinate_descent_tuning": True}
     memory_fraction: float = 0.92  # share of the target's memory the estimate may use
+    keep_tensor_parallel: bool = False  # torch backend: one engine file per tp rank (run one process
+    #                                     per rank); False merges a split checkpoint into one rank
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -129,10 +129,23 @@ class Engine:
         cache = _use_compile_cache(engine_dir) if (on_gpu and compile) else None
         from safetensors.torch import load_file
 
-        weights = load_file(str(engine_dir / "rank0.safetensors"), device=str(device))
+        tp = int(config["engine"].get("tp_size", 1))
+        group, rank = None, 0
+        if tp > 1:  # one process per rank, inside an initialized process group of exactly tp ranks
+            import torch.distributed as dist
+
+            if not dist.is_initialized() or dist.get_world_size() != tp:
+                raise InvalidArgument(
+                    f"{engine_dir} is a tp={tp} engine: load it in each of {tp} processes after "
+                    "torch.distributed.init_process_group (nccl on GPU, gloo on CPU)")
+            group, rank = dist.group.WORLD, dist.get_rank()
+            if on_gpu and device == "cuda":
+                device = f"cuda:{rank % torch.cuda.device_count()}"
+                torch.cuda.set_device(device)
+        weights = load_file(str(engine_dir / f"rank{rank}.safetensors"), device=str(device))
         weights_s = time.perf_counter() - start
-        model = EngineModel(config["pretrained_config"], weights,
-                            max_batch=int(bc["max_batch_size"]), max_seq=int(bc["max_seq_len"]))
+        model = EngineModel(config["pretrained_config"], weights, max_batch=int(bc["max_batch_size"]),
+                            max_seq=int(bc["max_seq_len"]), tp_group=group, tp_size=tp)
         if compile:
             model.compile(bc.get("compile_mode"), bc.get("compile_options"))
         use_graphs = on_gpu and (bc.get("use_cuda_graph", True) if cuda_graphs is None else cuda_graphs)

@@ -84,17 +84,27 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype)
 
 
-def _mlp_and_residual(h: torch.Tensor, attn: torch.Tensor, w: LayerWeights, eps: float) -> torch.Tensor:
+def _row_parallel(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, group) -> torch.Tensor:
+    """x @ w.T summed over the tensor-parallel ranks (each holds a slice of the inputs); bias once."""
+    y = F.linear(x, w)
+    if group is not None:
+        import torch.distributed._functional_collectives as funcol
+
+        y = funcol.all_reduce(y, "sum", group)
+    return y if b is None else y + b
+
+
+def _mlp_and_residual(h: torch.Tensor, attn: torch.Tensor, w: LayerWeights, eps: float, group=None) -> torch.Tensor:
     _, _, _, wo, bo, ln2, w13, b13, w2, b2 = w
-    h = h + F.linear(attn, wo, bo)
+    h = h + _row_parallel(attn, wo, bo, group)
     gu = F.linear(rms_norm(h, ln2, eps), w13, b13)
     a, u = gu.chunk(2, -1)
-    return h + F.linear(F.silu(a) * u, w2, b2)
+    return h + _row_parallel(F.silu(a) * u, w2, b2, group)
 
 
 def decode_layer(h: torch.Tensor, w: LayerWeights, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
-                 nh: int, nkv: int, d: int, eps: float) -> torch.Tensor:
+                 nh: int, nkv: int, d: int, eps: float, group=None) -> torch.Tensor:
     """One token per row. h [B, H]; caches [B, nkv, S, d]; pos [B]; cos/sin [B, d/2]; mask [B, 1, 1, S]."""
     B = h.shape[0]
     qkv = F.linear(rms_norm(h, w[0], eps), w[1], w[2])
@@ -106,11 +116,12 @@ def decode_layer(h: torch.Tensor, w: LayerWeights, k_cache: torch.Tensor, v_cach
     v_cache[rows, :, pos] = v.view(B, nkv, d)
     # GQA without repeating K/V: the g query heads of a KV head are g "query positions" of it
     attn = F.scaled_dot_product_attention(q.view(B, nkv, nh // nkv, d), k_cache, v_cache, attn_mask=mask)
-    return _mlp_and_residual(h, attn.reshape(B, nh * d), w, eps)
+    return _mlp_and_residual(h, attn.reshape(B, nh * d), w, eps, group)
 
 
 def prefill_layer(h: torch.Tensor, w: LayerWeights, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  cos: torch.Tensor, sin: torch.Tensor, nh: int, nkv: int, d: int, eps: float) -> torch.Tensor:
+                  cos: torch.Tensor, sin: torch.Tensor, nh: int, nkv: int, d: int, eps: float,
+                  group=None) -> torch.Tensor:
     """A right-padded batch from position 0. h [B, T, H]; caches [B, nkv, S, d]; cos/sin [T, d/2]."""
     B, T, _ = h.shape
     qkv = F.linear(rms_norm(h, w[0], eps), w[1], w[2])
@@ -124,7 +135,7 @@ def prefill_layer(h: torch.Tensor, w: LayerWeights, k_cache: torch.Tensor, v_cac
         k = k.repeat_interleave(nh // nkv, 1)
         v = v.repeat_interleave(nh // nkv, 1)
     attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    return _mlp_and_residual(h, attn.transpose(1, 2).reshape(B, T, nh * d), w, eps)
+    return _mlp_and_residual(h, attn.transpose(1, 2).reshape(B, T, nh * d), w, eps, group)
 
 
 def lm_head(h: torch.Tensor, norm: torch.Tensor, head: torch.Tensor, eps: float) -> torch.Tensor:
@@ -134,10 +145,14 @@ def lm_head(h: torch.Tensor, norm: torch.Tensor, head: torch.Tensor, eps: float)
 class EngineModel:
     """Weights (engine layout) + static KV cache + the step functions, optionally compiled."""
 
-    def __init__(self, cfg: dict, weights: dict[str, torch.Tensor], *, max_batch: int, max_seq: int):
-        self.cfg = cfg
-        self.nh, self.d = int(cfg["num_attention_heads"]), int(cfg["head_size"])
-        self.nkv = int(cfg.get("num_key_value_heads") or self.nh)
+    def __init__(self, cfg: dict, weights: dict[str, torch.Tensor], *, max_batch: int, max_seq: int,
+                 tp_group=None, tp_size: int = 1):
+        """With ``tp_size`` > 1 the weights are this rank's slice (TensorRT-LLM's split: heads, KV heads
+        duplicated below tp, MLP columns, vocab-padded lm_head rows) and ``tp_group`` sums the
+        row-parallel outputs and gathers the vocab."""
+        self.cfg, self.group, self.tp = cfg, tp_group, tp_size
+        self.nh, self.d = int(cfg["num_attention_heads"]) // tp_size, int(cfg["head_size"])
+        self.nkv = max(int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"]) // tp_size, 1)
         self.eps = float(cfg["norm_epsilon"])
         self.vocab = int(cfg["vocab_size"])
         self.max_batch, self.max_seq = max_batch, max_seq
@@ -147,7 +162,7 @@ class EngineModel:
             tuple(weights.get(f"layers.{i}.{f}") for f in LAYER_FIELDS) for i in range(int(cfg["num_hidden_layers"]))
         ]
         self.final_norm = weights["final_norm"]
-        self.head = weights["lm_head"][: self.vocab]
+        self.head = weights["lm_head"][: self.vocab] if tp_size == 1 else weights["lm_head"]
         shape = (max_batch, self.nkv, max_seq, self.d)
         self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
@@ -188,8 +203,16 @@ class EngineModel:
             self.slots[None, :kv] > pos[:, None], float("-inf"))[:, None, None, :]
         for i, w in enumerate(self.layers):
             h = self._decode_layer(h, w, self.k_cache[i][:B, :, :kv], self.v_cache[i][:B, :, :kv], pos, cos, sin,
-                                   mask, self.nh, self.nkv, self.d, self.eps)
-        return self._head(h, self.final_norm, self.head, self.eps)
+                                   mask, self.nh, self.nkv, self.d, self.eps, self.group)
+        return self._gather_vocab(self._head(h, self.final_norm, self.head, self.eps))
+
+    def _gather_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.group is None:
+            return logits
+        import torch.distributed._functional_collectives as funcol
+
+        parts = funcol.all_gather_tensor(logits.movedim(-1, 0).contiguous(), 0, self.group)
+        return parts.movedim(0, -1)[..., : self.vocab]
 
     def prefill(self, ids: torch.Tensor, lengths: torch.Tensor, *, all_logits: bool = False,
                 row0: int = 0) -> torch.Tensor:
@@ -200,7 +223,7 @@ class EngineModel:
         cos, sin = self.cos[:T], self.sin[:T]
         for i, w in enumerate(self.layers):
             h = self._prefill_layer(h, w, self.k_cache[i][row0:row0 + B], self.v_cache[i][row0:row0 + B], cos, sin,
-                                    self.nh, self.nkv, self.d, self.eps)
+                                    self.nh, self.nkv, self.d, self.eps, self.group)
         if not all_logits:
             h = h[torch.arange(B, device=h.device), lengths - 1]
-        return lm_head(h, self.final_norm, self.head, self.eps)  # eager: one matmul, any shape
+        return self._gather_vocab(lm_head(h, self.final_norm, self.head, self.eps))  # eager: one matmul

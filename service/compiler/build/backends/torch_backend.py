@@ -43,11 +43,13 @@ CHUNK_ROWS_BYTES = 64 << 20
 ProgressFn = Callable[[float, str], None]
 
 
-def _checkpoint_tensors(ckpt_dir: Path, cfg: dict) -> tuple[dict[str, torch.Tensor], list[SafetensorsFile]]:
-    """Global-named checkpoint tensors: zero-copy views of rank0 for tp=pp=1, else merged ranks."""
+def _checkpoint_tensors(ckpt_dir: Path, cfg: dict, rank: int | None = None
+                        ) -> tuple[dict[str, torch.Tensor], list[SafetensorsFile]]:
+    """Global-named checkpoint tensors: zero-copy views of rank0 for tp=pp=1 (or of ``rank``'s own
+    file for a kept tp split), else merged ranks."""
     m = Mapping.from_dict(cfg["mapping"])
-    if m.world_size == 1:
-        f = SafetensorsFile(ckpt_dir / "rank0.safetensors")
+    if m.world_size == 1 or rank is not None:
+        f = SafetensorsFile(ckpt_dir / f"rank{rank or 0}.safetensors")
         return {name: f.tensor(name) for name in f.keys()}, [f]
     try:
         from ...runtime import load_checkpoint_weights  # type: ignore[attr-defined]
@@ -61,12 +63,12 @@ def _checkpoint_tensors(ckpt_dir: Path, cfg: dict) -> tuple[dict[str, torch.Tens
 
 
 def write_engine_weights(ckpt_dir: Path, cfg: dict, dtype: torch.dtype, out: Path,
-                         progress: ProgressFn | None = None) -> int:
-    """Stream the checkpoint into ``out`` in the engine layout; returns bytes written."""
-    tensors, files = _checkpoint_tensors(ckpt_dir, cfg)
+                         progress: ProgressFn | None = None, rank: int | None = None) -> int:
+    """Stream the checkpoint (or one tp rank of it) into ``out`` in the engine layout; returns bytes."""
+    tensors, files = _checkpoint_tensors(ckpt_dir, cfg, rank)
     try:
         table = checkpoint_to_engine_table(cfg)
-        vocab = int(cfg["vocab_size"])
+        vocab = int(cfg["vocab_size"]) if rank is None else tensors["lm_head.weight"].shape[0]  # padded slice
         entries = []
         for name, sources in table:
             missing = [s for s in sources if s not in tensors]
@@ -135,16 +137,23 @@ def build_torch_engine(ckpt_dir: Path, resolved: ResolvedBuild, out_dir: Path, *
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:12]}"
     tmp.mkdir(parents=True)
     try:
-        nbytes = write_engine_weights(ckpt_dir, cfg, dtype, tmp / "rank0.safetensors", progress)
+        m = Mapping.from_dict(cfg["mapping"])
+        tp = m.tp_size if (bc.keep_tensor_parallel and m.pp_size == 1) else 1
+        if bc.keep_tensor_parallel and m.pp_size != 1:
+            raise InvalidCheckpoint(f"keep_tensor_parallel needs a pp_size=1 checkpoint, got pp_size={m.pp_size}")
+        ranks = [None] if tp == 1 else list(range(tp))
+        nbytes = sum(write_engine_weights(ckpt_dir, cfg, dtype, tmp / f"rank{r or 0}.safetensors", progress, r)
+                     for r in ranks)
         weights_s = time.perf_counter() - start
         engine_cfg = {
             "version": ENGINE_VERSION,
             "backend": "torch",
-            "pretrained_config": {**cfg, "mapping": {"world_size": 1, "tp_size": 1, "pp_size": 1}},
+            "pretrained_config": {**cfg, "mapping": {"world_size": tp, "tp_size": tp, "pp_size": 1}},
             "build_config": bc.to_dict(),
             "engine": {
                 "layout": ENGINE_LAYOUT,
-                "files": ["rank0.safetensors"],
+                "tp_size": tp,
+                "files": [f"rank{r}.safetensors" for r in range(tp)],
                 "arch": resolved.arch_tag,
                 "compile_cache": None,
                 "tokenizer_files": _copy_tokenizer(ckpt_dir, tmp),
@@ -154,7 +163,7 @@ def build_torch_engine(ckpt_dir: Path, resolved: ResolvedBuild, out_dir: Path, *
         }
         (tmp / "config.json").write_text(json.dumps(engine_cfg, indent=2) + "\n")
         compile_s = 0.0
-        if resolved.target is not None and bc.compile:
+        if resolved.target is not None and bc.compile and tp == 1:  # tp engines compile at first load
             compile_s = fill_compile_cache(tmp, resolved.arch_tag)
             engine_cfg["engine"]["compile_cache"] = f"compile_cache/{resolved.arch_tag}"
         stats = {"weights_bytes": nbytes, "weights_seconds": round(weights_s, 3),
