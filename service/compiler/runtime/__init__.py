@@ -6,6 +6,7 @@
 """
 
 from .checkpoint_loader import SUPPORTED_ARCHITECTURES, load_checkpoint_weights
+from .engine import Engine, GenerationOutput, SamplingConfig  # noqa: F401  (compiled engine runtime)
 from .reference import KVCache, ReferenceModel, rope_inv_freq
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "KVCache", "ReferenceModel", "load_checkpoint_weights", "rope_inv_freq"]
