@@ -68,7 +68,7 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, group: int, dtype: torch.dtype
     out, inp = w.shape
     ng = inp // group
     xg = x.float().reshape(-1, ng, group)  # [T, ng, g]
-    best_clip = torch.empty(out, ng)
+    best_clip = torch.empty(out, ng, device=w.device)
     for o0 in range(0, out, OC_BATCH):
         wb = w[o0:o0 + OC_BATCH].float()
         wg = wb.reshape(-1, ng, group)

@@ -36,6 +36,7 @@ class CalibrationSettings:
     awq_tokens: int = 512  # token sample for the AWQ scale and clip searches
     seed: int = 1234
     token_ids: torch.Tensor | None = None  # [N, L] explicit ids (models without a tokenizer); replaces source
+    device: str | None = None  # None: the GPU when there is one, else the CPU
 
     def __post_init__(self) -> None:
         if self.samples < 1 or self.seq_len < 2:
@@ -44,7 +45,12 @@ class CalibrationSettings:
     def record(self) -> dict:
         src = "explicit token ids" if self.token_ids is not None else self.source
         return {"source": src, "samples": self.samples, "seq_len": self.seq_len,
-                "heldout_samples": self.heldout_samples, "awq_tokens": self.awq_tokens, "seed": self.seed}
+                "heldout_samples": self.heldout_samples, "awq_tokens": self.awq_tokens, "seed": self.seed,
+                "device": self.resolved_device}
+
+    @property
+    def resolved_device(self) -> str:
+        return self.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def bundled_text() -> str:

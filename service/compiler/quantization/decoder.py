@@ -88,8 +88,8 @@ class Decoder:
 
     def _rope(self, x: torch.Tensor) -> torch.Tensor:
         L = x.shape[2]
-        pos = torch.arange(L, dtype=torch.float32) / self.pos_div
-        ang = pos[:, None] * self.inv_freq[None, :]
+        pos = torch.arange(L, dtype=torch.float32, device=x.device) / self.pos_div
+        ang = pos[:, None] * self.inv_freq.to(x.device)[None, :]
         cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
         half = x.shape[-1] // 2
         rot = torch.cat([-x[..., half:], x[..., :half]], -1)
@@ -119,7 +119,7 @@ class Decoder:
 
     # -- the model ---------------------------------------------------------------------------------
     def embed(self, t: dict, ids: torch.Tensor) -> torch.Tensor:
-        h = t["transformer.vocab_embedding.weight"].float()[ids]
+        h = t["transformer.vocab_embedding.weight"].float()[ids.to(t["transformer.vocab_embedding.weight"].device)]
         if not self.llama:
             h = h + t["transformer.position_embedding.weight"].float()[: ids.shape[-1]][None]
         return h

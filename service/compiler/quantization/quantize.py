@@ -165,7 +165,7 @@ def _heldout_scores(dec: Decoder, tail: dict, fp: torch.Tensor, streams: dict[fl
         for a, h in streams.items():
             lp = F.log_softmax(dec.head(tail, h[i:i + 1]), -1)
             kl[a] += float((ref.exp() * (ref - lp)).sum(-1).mean()) / ids.shape[0]
-            nll[a] += float(F.nll_loss(lp[0, :-1], ids[i, 1:])) / ids.shape[0]
+            nll[a] += float(F.nll_loss(lp[0, :-1], ids[i, 1:].to(lp.device))) / ids.shape[0]
     return {a: (kl[a], nll[a]) for a in streams}
 
 
@@ -181,7 +181,9 @@ def calibrate(model, cfg: QuantConfig, data: CalibrationData, settings: Calibrat
     streams: dict[float, torch.Tensor] = {}
     fp = torch.empty(0)
     record: dict = {}
+    device = torch.device(settings.resolved_device)
     for idx, t in stream_layers(model.tensors(0)):
+        t = {k: v.to(device) for k, v in t.items()}
         if idx is None and h is None:  # globals before the layers: embed
             h = dec.embed(t, data.calib)
             if search:
@@ -235,6 +237,8 @@ def calibrate(model, cfg: QuantConfig, data: CalibrationData, settings: Calibrat
         for a in alphas:
             qt = quantize_layer(t, idx, res, cfg, quant, dtype, a)
             streams[a] = dec.layer(qt, streams[a], linear=layer_linear(qt, quant), kv=layer_kv(qt, quant))
+        res.amax = {m: a.cpu() for m, a in res.amax.items()}  # results live on the CPU for pass 2
+        res.awq = {m: (p.cpu(), None if c is None else c.cpu()) for m, (p, c) in res.awq.items()}
         results[idx] = res
         h = h_next
         if progress:
