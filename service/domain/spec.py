@@ -29,6 +29,9 @@ class _Strict(BaseModel):
 class MappingSpec(_Strict):
     tp_size: int = Field(1, ge=1, le=64, description="tensor-parallel ranks")
     pp_size: int = Field(1, ge=1, le=64, description="pipeline-parallel stages")
+    pp_split: Literal["even", "balanced"] = Field(
+        "even", description="pipeline stages: TensorRT-LLM's even split, or Kiln's cost-balanced split "
+        "(weight bytes, FLOPs and KV-cache bytes per layer; Kiln's engine only)")
 
 
 class CalibrationSpec(_Strict):

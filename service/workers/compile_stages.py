@@ -408,11 +408,12 @@ def validate_compile(settings: Settings, spec: JobSpec, model_dir: Path | None) 
     check_quantized_build(spec)
     if model_dir is None:
         return
-    from service.compiler import Mapping
     from service.compiler.convert import from_hugging_face
 
-    model = from_hugging_face(model_dir, dtype=spec.dtype,
-                              mapping=Mapping(tp_size=spec.mapping.tp_size, pp_size=spec.mapping.pp_size))
+    from .stages import job_mapping
+
+    model = from_hugging_face(model_dir, dtype=spec.dtype, mapping=job_mapping(
+        spec.mapping.tp_size, spec.mapping.pp_size, spec.mapping.pp_split, model_dir))
     try:
         if q.requested:
             from service.compiler.quantization.quantize import preflight_quantization

@@ -53,12 +53,25 @@ def fetch_stage(ctx: StageContext, input_dir: Path | None, output_dir: Path, cfg
     }
 
 
+def job_mapping(tp_size: int, pp_size: int, pp_split: str, model_dir: Path | None):
+    """The compiler Mapping of a job: TensorRT-LLM's even split, or the cost-balanced one (priced
+    from the model's config.json)."""
+    from service.compiler import Mapping
+
+    if pp_split == "balanced" and pp_size > 1 and model_dir is not None:
+        from service.compiler.pipeline_split import balanced_mapping
+        from service.compiler.source import read_json
+
+        return balanced_mapping(read_json(model_dir / "config.json", "config.json"), tp=tp_size, pp=pp_size)
+    return Mapping(tp_size=tp_size, pp_size=pp_size)
+
+
 def convert_stage(ctx: StageContext, input_dir: Path | None, output_dir: Path, cfg: dict, progress: Progress) -> dict:
-    from service.compiler import Mapping, convert_checkpoint
+    from service.compiler import convert_checkpoint
 
     assert input_dir is not None
-    summary = convert_checkpoint(input_dir, output_dir, dtype=cfg["dtype"],
-                                 mapping=Mapping(tp_size=cfg["tp_size"], pp_size=cfg["pp_size"]), progress=progress)
+    mapping = job_mapping(cfg["tp_size"], cfg["pp_size"], cfg.get("pp_split", "even"), input_dir)
+    summary = convert_checkpoint(input_dir, output_dir, dtype=cfg["dtype"], mapping=mapping, progress=progress)
     result = summary.to_dict()
     result.pop("out_dir", None)
     return result
@@ -67,13 +80,14 @@ def convert_stage(ctx: StageContext, input_dir: Path | None, output_dir: Path, c
 register_stage(Stage("fetch", fetch_stage, config=lambda s: {"model": s.model, "revision": s.revision},
                      keyed_by_output=True, weight=0.1))
 register_stage(Stage("convert", convert_stage, artifact="checkpoint", weight=1.0,
-                     config=lambda s: {"dtype": s.dtype, "tp_size": s.mapping.tp_size, "pp_size": s.mapping.pp_size}))
+                     config=lambda s: {"dtype": s.dtype, "tp_size": s.mapping.tp_size, "pp_size": s.mapping.pp_size,
+                                       **({"pp_split": "balanced"} if s.mapping.pp_split == "balanced" else {})}))
 
 
 def make_submit_validator(settings: Settings):
     """Checks at submit time, writing nothing: stages exist for the spec; with the model already in
     the cache, the compiler's preflight (architecture, shapes, tp/pp split); offline, the model must be cached."""
-    from service.compiler import Mapping, preflight
+    from service.compiler import preflight
     from service.compiler.errors import ModelNotFound
 
     def validate(spec: JobSpec) -> None:
@@ -90,7 +104,7 @@ def make_submit_validator(settings: Settings):
             model_dir = None  # online: the fetch stage downloads it
         if model_dir is not None:
             preflight(model_dir, dtype=spec.dtype,
-                      mapping=Mapping(tp_size=spec.mapping.tp_size, pp_size=spec.mapping.pp_size))
+                      mapping=job_mapping(spec.mapping.tp_size, spec.mapping.pp_size, spec.mapping.pp_split, model_dir))
         if spec.quantization.requested or spec.build is not None:
             from .compile_stages import validate_compile
 

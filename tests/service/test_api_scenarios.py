@@ -169,7 +169,7 @@ BAD_SPECS = {
     "tp does not divide heads": {"model": TINY_REPO, "mapping": {"tp_size": 3}},
     "unknown backend": {"model": TINY_REPO, "build": {"backend": "tpu-magic"}},
     "target no worker serves": {"model": TINY_REPO, "build": {"target": "sm90", "max_input_len": 64, "max_seq_len": 128}},
-    "backend no worker has": {"model": TINY_REPO, "build": {"backend": "onnx", "max_input_len": 64, "max_seq_len": 128}},
+    "backend no worker has": {"model": TINY_REPO, "build": {"backend": "tensorrt", "max_input_len": 64, "max_seq_len": 128}},
     "unknown quantization algo": {"model": TINY_REPO, "quantization": {"algo": "INT3"}},
     "fp8 on an sm80 target": {"model": TINY_REPO, "quantization": {"algo": "FP8"}, "build": {"target": "sm80"}},
     "fp8 engine the backend cannot build": {"model": TINY_REPO, "quantization": {"algo": "FP8"},

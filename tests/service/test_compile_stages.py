@@ -195,3 +195,24 @@ def test_worker_advertises_only_backends_that_build_here():
             assert name not in caps["backends"] and caps["unavailable"][name]
     for name in caps["backends"]:
         assert importlib.util.find_spec(f"service.compiler.build.backends.{name}_backend") is not None
+
+
+def test_pp_split_balanced_maps_to_the_cost_balanced_mapping(tmp_path):
+    """JobSpec mapping.pp_split picks the compiler's split; 'even' stays TensorRT-LLM's."""
+    import json
+
+    from service.workers.stages import job_mapping
+
+    # a heterogeneous DeciLM-style config: the second half of the layers are no-op/linear, so
+    # balancing moves layers to the second stage
+    blocks = [{"attention": {"n_heads_in_group": 2}, "ffn": {"ffn_mult": 2.0}}] * 4 + \
+             [{"attention": {"no_op": True}, "ffn": {"replace_with_linear": True}}] * 4
+    cfg = {"architectures": ["DeciLMForCausalLM"], "hidden_size": 256, "num_hidden_layers": 8,
+           "num_attention_heads": 4, "intermediate_size": 512, "vocab_size": 64, "block_configs": blocks,
+           "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "hidden_act": "silu", "torch_dtype": "float32"}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    even = job_mapping(1, 2, "even", tmp_path)
+    balanced = job_mapping(1, 2, "balanced", tmp_path)
+    assert even.layers_per_stage is None
+    assert balanced.layers_per_stage is not None and balanced.layers_per_stage[0] < 4
+    assert JobSpec(model=TINY_REPO, mapping={"pp_size": 2, "pp_split": "balanced"}).mapping.pp_split == "balanced"
