@@ -18,6 +18,7 @@ BACKENDS = ("torch", "onnx", "tensorrt", "trtllm")
 KV_CACHE_TYPES = ("continuous", "paged", "disabled")  # trtllm-build's --kv_cache_type values
 ENGINE_DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2}
 LLAMA_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+DECILM_ARCH = "DeciLMForCausalLM"  # Nemotron-NAS: heterogeneous layers, torch backend only
 GIB = 1 << 30
 
 
@@ -154,14 +155,20 @@ def _positive_int(name: str, value: object) -> int:
 
 
 def kv_bytes_per_token(ckpt: dict, dtype: str) -> int:
-    layers = int(ckpt["num_hidden_layers"])
-    nkv = int(ckpt.get("num_key_value_heads") or ckpt["num_attention_heads"])
-    head = int(ckpt.get("head_size") or ckpt["hidden_size"] // ckpt["num_attention_heads"])
-    return 2 * layers * nkv * head * ENGINE_DTYPES[dtype]
+    """K + V bytes per token of the merged (one-rank) engine: only layers with a KV cache count, each
+    with its own KV-head count (Nemotron-NAS no-op / linear attention layers have none)."""
+    from ..pipeline_split import kv_cache_bytes_per_token
+
+    return kv_cache_bytes_per_token({**ckpt, "dtype": dtype}, 1)
 
 
 def estimate_weight_bytes(ckpt: dict, dtype: str) -> int:
-    """Parameter count of a Llama-family model from config.json alone, times the engine dtype's size."""
+    """Parameter count of a Llama-family model from config.json alone, times the engine dtype's size
+    (a DeciLM model's per-layer parts are priced by the pipeline cost model)."""
+    if ckpt.get("architecture") == DECILM_ARCH:
+        from ..pipeline_split import stage_costs
+
+        return stage_costs({**ckpt, "dtype": dtype}, [int(ckpt["num_hidden_layers"])], tp=1)[0].weight_bytes
     H, L, V = int(ckpt["hidden_size"]), int(ckpt["num_hidden_layers"]), int(ckpt["vocab_size"])
     nh = int(ckpt["num_attention_heads"])
     nkv = int(ckpt.get("num_key_value_heads") or nh)
@@ -204,9 +211,16 @@ def validate_build(cfg: BuildConfig, ckpt: dict, *, weight_bytes: int | None = N
             f"got {cfg.kv_cache_type!r}", hint="paged KV caches are built by the trtllm backend",
         )
     arch = ckpt.get("architecture")
-    if cfg.backend in ("torch", "onnx", "tensorrt") and arch not in LLAMA_ARCHS:
+    if cfg.backend in ("torch", "onnx", "tensorrt") and arch not in LLAMA_ARCHS and not (
+            cfg.backend == "torch" and arch == DECILM_ARCH):
+        also = f" (and {DECILM_ARCH})" if cfg.backend == "torch" else ""
         raise InvalidBuildConfig(
-            f"the {cfg.backend} backend builds the Llama family ({', '.join(LLAMA_ARCHS)}), not {arch!r}"
+            f"the {cfg.backend} backend builds the Llama family ({', '.join(LLAMA_ARCHS)}){also}, not {arch!r}"
+        )
+    if arch == DECILM_ARCH and cfg.keep_tensor_parallel and int((ckpt.get("mapping") or {}).get("tp_size", 1)) > 1:
+        raise InvalidBuildConfig(
+            f"{DECILM_ARCH} engines run as one rank: keep_tensor_parallel is not supported for them",
+            hint="build with keep_tensor_parallel=False; the tp checkpoint is merged into one engine",
         )
     quant = (ckpt.get("quantization") or {}).get("quant_algo")
     if quant and cfg.backend in ("torch", "onnx", "tensorrt"):

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InvalidArgument, InvalidCheckpoint
+from .engine_decilm import DECILM_LAYOUT, DeciLMEngineModel
 from .engine_model import ENGINE_LAYOUT, EngineModel
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -87,7 +88,8 @@ def _use_compile_cache(engine_dir: Path) -> str | None:
 
 
 class Engine:
-    def __init__(self, engine_dir: Path, config: dict, model: EngineModel, *, use_graphs: bool, tokenizer=None):
+    def __init__(self, engine_dir: Path, config: dict, model: EngineModel | DeciLMEngineModel, *, use_graphs: bool,
+                 tokenizer=None):
         self.engine_dir, self.config, self.model = engine_dir, config, model
         self.build_config = config["build_config"]
         self.max_batch = int(self.build_config["max_batch_size"])
@@ -115,10 +117,11 @@ class Engine:
             config = json.loads((engine_dir / "config.json").read_text())
         except (OSError, ValueError) as exc:
             raise InvalidCheckpoint(f"{engine_dir} is not an engine directory: {exc}") from exc
-        if config.get("backend") != "torch" or config.get("engine", {}).get("layout") != ENGINE_LAYOUT:
+        layout = config.get("engine", {}).get("layout")
+        if config.get("backend") != "torch" or layout not in (ENGINE_LAYOUT, DECILM_LAYOUT):
             raise InvalidCheckpoint(
-                f"{engine_dir} holds a {config.get('backend')!r} engine with layout "
-                f"{config.get('engine', {}).get('layout')!r}; Engine runs torch engines of layout {ENGINE_LAYOUT}"
+                f"{engine_dir} holds a {config.get('backend')!r} engine with layout {layout!r}; "
+                f"Engine runs torch engines of layout {ENGINE_LAYOUT} or {DECILM_LAYOUT}"
             )
         bc = config["build_config"]
         if device is None:
@@ -144,8 +147,9 @@ class Engine:
                 torch.cuda.set_device(device)
         weights = load_file(str(engine_dir / f"rank{rank}.safetensors"), device=str(device))
         weights_s = time.perf_counter() - start
-        model = EngineModel(config["pretrained_config"], weights, max_batch=int(bc["max_batch_size"]),
-                            max_seq=int(bc["max_seq_len"]), tp_group=group, tp_size=tp)
+        model_cls = DeciLMEngineModel if layout == DECILM_LAYOUT else EngineModel
+        model = model_cls(config["pretrained_config"], weights, max_batch=int(bc["max_batch_size"]),
+                          max_seq=int(bc["max_seq_len"]), tp_group=group, tp_size=tp)
         if compile:
             model.compile(bc.get("compile_mode"), bc.get("compile_options"))
         use_graphs = on_gpu and (bc.get("use_cuda_graph", True) if cuda_graphs is None else cuda_graphs)

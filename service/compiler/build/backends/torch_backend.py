@@ -32,6 +32,7 @@ from ... import __version__
 from ...checkpoint import load_config
 from ...errors import InvalidCheckpoint
 from ...mapping import Mapping
+from ...runtime.engine_decilm import DECILM_LAYOUT, decilm_engine_table, merged_decilm_tensors
 from ...runtime.engine_model import ENGINE_LAYOUT, checkpoint_to_engine_table
 from ...safetensors_io import SafetensorsFile, SafetensorsWriter, dtype_name, fsync_dir
 from ..config import ResolvedBuild
@@ -40,6 +41,7 @@ ENGINE_VERSION = f"kiln-engine/1 (kiln {__version__})"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "generation_config.json", "vocab.json", "merges.txt")
 CHUNK_ROWS_BYTES = 64 << 20
+DECILM_ARCH = "DeciLMForCausalLM"
 ProgressFn = Callable[[float, str], None]
 
 
@@ -51,6 +53,8 @@ def _checkpoint_tensors(ckpt_dir: Path, cfg: dict, rank: int | None = None
     if m.world_size == 1 or rank is not None:
         f = SafetensorsFile(ckpt_dir / f"rank{rank or 0}.safetensors")
         return {name: f.tensor(name) for name in f.keys()}, [f]
+    if cfg.get("architecture") == DECILM_ARCH:  # per-layer KV heads / missing parts: its own merge
+        return merged_decilm_tensors(ckpt_dir), []
     try:
         from ...runtime import load_checkpoint_weights  # type: ignore[attr-defined]
     except ImportError as exc:
@@ -62,12 +66,19 @@ def _checkpoint_tensors(ckpt_dir: Path, cfg: dict, rank: int | None = None
     return merged, []
 
 
+def engine_layout(cfg: dict) -> tuple[str, list[tuple[str, tuple[str, ...]]]]:
+    """(layout name, engine table) for a checkpoint: DeciLM's heterogeneous layers or the Llama family's."""
+    if cfg.get("architecture") == DECILM_ARCH:
+        return DECILM_LAYOUT, decilm_engine_table(cfg)
+    return ENGINE_LAYOUT, checkpoint_to_engine_table(cfg)
+
+
 def write_engine_weights(ckpt_dir: Path, cfg: dict, dtype: torch.dtype, out: Path,
                          progress: ProgressFn | None = None, rank: int | None = None) -> int:
     """Stream the checkpoint (or one tp rank of it) into ``out`` in the engine layout; returns bytes."""
     tensors, files = _checkpoint_tensors(ckpt_dir, cfg, rank)
     try:
-        table = checkpoint_to_engine_table(cfg)
+        layout, table = engine_layout(cfg)
         vocab = int(cfg["vocab_size"]) if rank is None else tensors["lm_head.weight"].shape[0]  # padded slice
         entries = []
         for name, sources in table:
@@ -78,7 +89,7 @@ def write_engine_weights(ckpt_dir: Path, cfg: dict, dtype: torch.dtype, out: Pat
             rows = vocab if name == "lm_head" else sum(s[0] for s in shapes)
             entries.append((name, dtype_name(dtype), (rows, *shapes[0][1:])))
         total = 0
-        with SafetensorsWriter(out, entries, metadata={"format": "pt", "layout": ENGINE_LAYOUT}) as w:
+        with SafetensorsWriter(out, entries, metadata={"format": "pt", "layout": layout}) as w:
             for n, (name, sources) in enumerate(table):
                 offset = 0
                 limit = vocab if name == "lm_head" else None  # drop the rows padding vocab to a multiple of tp
@@ -141,6 +152,9 @@ def build_torch_engine(ckpt_dir: Path, resolved: ResolvedBuild, out_dir: Path, *
         tp = m.tp_size if (bc.keep_tensor_parallel and m.pp_size == 1) else 1
         if bc.keep_tensor_parallel and m.pp_size != 1:
             raise InvalidCheckpoint(f"keep_tensor_parallel needs a pp_size=1 checkpoint, got pp_size={m.pp_size}")
+        if tp > 1 and cfg.get("architecture") == DECILM_ARCH:
+            raise InvalidCheckpoint("DeciLM engines run as one rank: build without keep_tensor_parallel "
+                                    "(a tp checkpoint is merged into one engine)")
         ranks = [None] if tp == 1 else list(range(tp))
         nbytes = sum(write_engine_weights(ckpt_dir, cfg, dtype, tmp / f"rank{r or 0}.safetensors", progress, r)
                      for r in ranks)
@@ -151,7 +165,7 @@ def build_torch_engine(ckpt_dir: Path, resolved: ResolvedBuild, out_dir: Path, *
             "pretrained_config": {**cfg, "mapping": {"world_size": tp, "tp_size": tp, "pp_size": 1}},
             "build_config": bc.to_dict(),
             "engine": {
-                "layout": ENGINE_LAYOUT,
+                "layout": engine_layout(cfg)[0],
                 "tp_size": tp,
                 "files": [f"rank{r}.safetensors" for r in range(tp)],
                 "arch": resolved.arch_tag,
