@@ -32,7 +32,8 @@ from service.compiler.smollm2 import smollm2_hf_dir  # noqa: E402
 # SmolLM2's hidden size 576 is not a multiple of 128: the group-wise algos run at group 64.
 ALGOS = {
     "W8A16": lambda: QuantConfig("W8A16"),
-    "W8A16+INT8KV": lambda: QuantConfig("W8A16", kv_cache_quant_algo="INT8"),
+    "W8A16+INT8KV amax/127 (TRT-LLM)": lambda: QuantConfig("W8A16", kv_cache_quant_algo="INT8", kv_clip_search=False),
+    "W8A16+INT8KV searched clip": lambda: QuantConfig("W8A16", kv_cache_quant_algo="INT8"),
     "FP8": lambda: QuantConfig("FP8"),
     "FP8+FP8KV": lambda: QuantConfig("FP8", kv_cache_quant_algo="FP8"),
     "FP8_PER_CHANNEL_PER_TOKEN": lambda: QuantConfig("FP8_PER_CHANNEL_PER_TOKEN"),

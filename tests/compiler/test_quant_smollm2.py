@@ -35,6 +35,8 @@ CONFIGS = {
     "FP8": QuantConfig("FP8"),
     "RTN_G64": QuantConfig("W4A16_AWQ", group_size=64, awq_grid=1, awq_clip=False),  # s = 1, no clip: plain RTN
     "AWQ_G64": QuantConfig("W4A16_AWQ", group_size=64, awq_grid=10),  # CI: 10-point grid (bench: 20)
+    "INT8KV_AMAX": QuantConfig("W8A16", kv_cache_quant_algo="INT8", kv_clip_search=False),  # TensorRT-LLM's
+    "INT8KV_SEARCHED": QuantConfig("W8A16", kv_cache_quant_algo="INT8"),
     "SQ_ALPHA_1": QuantConfig("W8A8_SQ_PER_CHANNEL", smoothquant_alpha=1.0),  # ModelOpt's default
     "SQ_SEARCHED": QuantConfig("W8A8_SQ_PER_CHANNEL", alpha_grid=(0.5, 0.7, 0.85, 1.0)),
 }
@@ -115,3 +117,10 @@ def test_smoothquant_searched_alpha_beats_alpha_1(reports):
     assert summary.record["alpha_searched"] and summary.record["smoothquant_alpha"] != 1.0
     assert searched.perplexity < fixed.perplexity, (searched, fixed)
     assert searched.kl_divergence < fixed.kl_divergence
+
+
+def test_int8_kv_cache_searched_clip_beats_amax_over_127(reports):
+    searched, summary, _ = reports("INT8KV_SEARCHED")
+    plain, _, _ = reports("INT8KV_AMAX")
+    assert min(summary.record["int8_kv_clip_ratios"]) < 1.0
+    assert searched.kl_divergence < plain.kl_divergence and searched.perplexity < plain.perplexity, (searched, plain)

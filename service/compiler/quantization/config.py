@@ -68,6 +68,7 @@ class QuantConfig:
     alpha_grid: tuple[float, ...] = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0)
     awq_grid: int = 20
     awq_clip: bool = True  # the original AWQ per-group clip search (ModelOpt's awq_lite skips it)
+    kv_clip_search: bool = True  # INT8 KV: search the shared K/V scale's clip (False: amax/127 as TensorRT-LLM)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -44,7 +44,7 @@ from .decoder import Decoder
 from .fp8 import quantize_per_channel as fp8_per_channel
 from .fp8 import quantize_per_tensor as fp8_per_tensor
 from .fp8 import scale_from_amax
-from .kv_cache import kv_cache_scale
+from .kv_cache import kv_cache_scale, qdq_kv
 from .layout import is_quantized_linear, linear_module, quantized_expected
 from .qlinear import layer_kv, layer_linear
 from .smoothquant import sq_group_tensors, sq_per_token_group
@@ -169,6 +169,28 @@ def _heldout_scores(dec: Decoder, tail: dict, fp: torch.Tensor, streams: dict[fl
     return {a: (kl[a], nll[a]) for a in streams}
 
 
+KV_CLIP_RATIOS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
+
+
+def search_int8_kv_clip(dec: Decoder, t: dict, h: torch.Tensor, amax: float) -> float:
+    """The INT8 KV scale's clip ratio (scale = ratio * amax / 127) with the lowest attention-output error.
+
+    TensorRT-LLM keeps one scale for K and V; amax/127 (its converter's choice) sizes it for the largest
+    K outlier and leaves V coarse. The candidates run the layer's attention on calibration activations.
+    """
+    x = dec.norm(t, "input_layernorm", h) if dec.pre_ln else h
+    linear = dec.float_linear(t)
+    ref = dec.attention(t, x, linear, None)
+    best, best_err = 1.0, float("inf")
+    for r in KV_CLIP_RATIOS:
+        scale = torch.tensor([r * amax / 127.0])
+        out = dec.attention(t, x, linear, lambda k, v, s=scale: (qdq_kv(k, s, qc.INT8), qdq_kv(v, s, qc.INT8)))
+        err = float((out - ref).pow(2).mean())
+        if err < best_err:
+            best, best_err = r, err
+    return best
+
+
 def calibrate(model, cfg: QuantConfig, data: CalibrationData, settings: CalibrationSettings, quant: dict,
               dtype: torch.dtype, progress: ProgressFn | None) -> tuple[dict[int, LayerResult], dict]:
     dec = Decoder(model.config)
@@ -181,6 +203,7 @@ def calibrate(model, cfg: QuantConfig, data: CalibrationData, settings: Calibrat
     streams: dict[float, torch.Tensor] = {}
     fp = torch.empty(0)
     record: dict = {}
+    kv_ratios: list[float] = []
     device = torch.device(settings.resolved_device)
     for idx, t in stream_layers(model.tensors(0)):
         t = {k: v.to(device) for k, v in t.items()}
@@ -220,6 +243,10 @@ def calibrate(model, cfg: QuantConfig, data: CalibrationData, settings: Calibrat
         h_next = torch.cat(outs)
         res.amax = {m: st.amax for m, st in stats.items() if st.amax is not None}
         res.kv_amax = kvbox[0]
+        if cfg.kv_cache_quant_algo == qc.INT8 and cfg.kv_clip_search and res.kv_amax > 0:
+            r = search_int8_kv_clip(dec, t, h[:MICRO_BATCH], res.kv_amax)
+            res.kv_amax *= r
+            kv_ratios.append(r)
         if cfg.quant_algo == qc.W4A16_AWQ:
             full = f"transformer.layers.{idx}."
             for group in linear_groups(t):
@@ -243,6 +270,8 @@ def calibrate(model, cfg: QuantConfig, data: CalibrationData, settings: Calibrat
         h = h_next
         if progress:
             progress(0.85 * (idx + 1) / n_layers, f"calibrated layer {idx + 1}/{n_layers}")
+    if kv_ratios:
+        record["int8_kv_clip_ratios"] = kv_ratios
     if cfg.quant_algo == qc.W4A16_AWQ:
         gains = [g for r in results.values() for g in r.awq_gain.values()]
         record["awq_mean_loss_vs_rtn"] = round(sum(gains) / max(len(gains), 1), 4)
