@@ -339,3 +339,22 @@ def test_modelopt_fp8_export_imports_with_shared_qkv_scale(models, float_tensors
         assert rel < 0.05, (local, rel)
     with pytest.raises(InvalidArgument, match="not a ModelOpt HF export"):
         import_modelopt_export(models["llama"], tmp_path / "nope")
+
+
+def test_accuracy_report_metrics_and_thresholds(models, float_tensors, tmp_path):
+    from service.compiler.quantization.report import Thresholds, compare, rouge
+
+    assert rouge([1, 2, 3, 4], [1, 2, 3, 4]) == (1.0, 1.0)
+    r1, rl = rouge([1, 2, 3, 4], [4, 3, 2, 1])
+    assert r1 == 1.0 and rl == pytest.approx(0.25)
+    out = tmp_path / "w4"
+    quantize_checkpoint(models["llama"], out, QuantConfig("W4A16"), dtype="float32")
+    config = json.loads((out / "config.json").read_text())
+    ref = CheckpointRunner(config | {"quantization": {}}, float_tensors["llama"])
+    same = compare(ref, ref, IDS[:3], prompts=[IDS[0, :5].tolist()], max_new_tokens=4)
+    assert same.passed and same.kl_divergence == pytest.approx(0.0, abs=1e-6) and same.top1_agreement == 1.0
+    assert same.recovery_pct == pytest.approx(100.0) and same.rouge_l == 1.0
+    strict = Thresholds(max_perplexity_increase_pct=0.0, min_top1_agreement=1.0, max_kl_divergence=0.0)
+    rep = compare(CheckpointRunner.from_dir(out), ref, IDS[:3], thresholds=strict)
+    assert not rep.passed and any("KL" in f for f in rep.failures) and rep.to_dict()["passed"] is False
+    assert rep.calibration["weight_layout"].startswith("row-major")

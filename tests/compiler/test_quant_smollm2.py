@@ -70,12 +70,16 @@ def reports(smollm2_dir, reference, tmp_path_factory):
     return get
 
 
-def test_w8a16_perplexity_within_1_percent_and_runtime_agrees(reports, reference):
+def test_w8a16_perplexity_within_1_percent_and_runtime_agrees(reports, reference, smollm2_dir):
+    from service.compiler.quantization.report import accuracy_report
     from service.compiler.runtime.reference import ReferenceModel
 
     rep, _, out = reports("W8A16")
     assert rep.perplexity_increase_pct < 1.0, rep
     assert rep.top1_agreement > 0.95
+    full = accuracy_report(out, reference=smollm2_dir, tokenizer_dir=smollm2_dir, samples=2, seq_len=128,
+                           prompts=["The three primary colors are"], max_new_tokens=8)
+    assert full.passed and 0.0 < full.rouge_l <= 1.0 and full.eval_samples == 2, full
     _, windows, _ = reference
     two = windows[:2]  # the shared runtime, executing the int8 tensors, gives the same number
     runtime_ppl = ReferenceModel.from_checkpoint(out).perplexity(two.reshape(-1), window=two.shape[1])

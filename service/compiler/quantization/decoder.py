@@ -31,7 +31,8 @@ GPT_ARCHS = ("GPTForCausalLM", "GPT2LMHeadModel", "OPTForCausalLM")
 def _act(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
         return lambda x: F.gelu(x, approximate="tanh")
-    return {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}[name]
+    acts: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+    return acts[name]
 
 
 def rope_inv_freq(d: int, base: float, scaling: dict | None) -> tuple[torch.Tensor, float]:

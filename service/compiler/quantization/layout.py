@@ -16,6 +16,12 @@ Per quantized linear ``<p>`` ([out, in] in the float layout; model dtype ``dt``)
 | W8A8_SQ_PER_CHANNEL | weight int8 [out,in]; weights_scaling_factor f32 [out]; activation_scaling_factor f32 (1,); prequant_scaling_factor dt [in] |
 | W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN | weight int8 [out,in]; per_channel_scale f32 [1,out]; smoother f32 [1,in] (dense, proj); per layer {input,post}_layernorm.scale_to_int, {attention,mlp}.quantization_scaling_factor f32 (1,) |
 | KV cache INT8 / FP8 | transformer.layers.i.attention.kv_cache_scaling_factor f32 (1,) |
+
+Caveat (unverified against a TensorRT-LLM build): TensorRT-LLM's own converter stores W8A16/W4A16 int8
+weights already permuted for its mixed-GEMM kernels (``preprocess_weights_for_mixed_gemm``, per GPU
+arch) and skips preprocessing for int8 weights at load. Kiln stores them plain row-major (the shapes
+above), which Kiln's runtimes read; the record ``kiln_quantization.weight_layout`` says so. W4A16_AWQ
+is stored the way ModelOpt exports it and TensorRT-LLM preprocesses it at load, so it has no such gap.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InvalidArgument, InvalidCheckpoint, OutputExists, UnsupportedArchitecture
-from ..models.base import resolve_name
+from ..models.base import TableArch, resolve_name
 from ..source import read_json
 from .config import FP8, QuantConfig
 from .decoder import LLAMA_ARCHS
@@ -56,6 +56,7 @@ def import_modelopt_export(src_dir: str | os.PathLike, out_dir: str | os.PathLik
         if cfg["architecture"] not in LLAMA_ARCHS:
             raise UnsupportedArchitecture(f"ModelOpt import supports {', '.join(LLAMA_ARCHS)}, not {cfg['architecture']}")
         spec_arch, source = model.spec, model.source
+        assert isinstance(spec_arch, TableArch)
         rows = {f"transformer.layers.{i}.{w.trt}": w for i in range(cfg["num_hidden_layers"])
                 for w in spec_arch.layer_table(cfg, i)}
         base = [(p.name, tuple(p.shape), p.dtype) for p in model.plans(0)]

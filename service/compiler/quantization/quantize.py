@@ -184,7 +184,11 @@ def search_int8_kv_clip(dec: Decoder, t: dict, h: torch.Tensor, amax: float) -> 
     best, best_err = 1.0, float("inf")
     for r in KV_CLIP_RATIOS:
         scale = torch.tensor([r * amax / 127.0])
-        out = dec.attention(t, x, linear, lambda k, v, s=scale: (qdq_kv(k, s, qc.INT8), qdq_kv(v, s, qc.INT8)))
+
+        def kv(k: torch.Tensor, v: torch.Tensor, s: torch.Tensor = scale) -> tuple[torch.Tensor, torch.Tensor]:
+            return qdq_kv(k, s, qc.INT8), qdq_kv(v, s, qc.INT8)
+
+        out = dec.attention(t, x, linear, kv)
         err = float((out - ref).pow(2).mean())
         if err < best_err:
             best, best_err = r, err
@@ -228,7 +232,8 @@ def calibrate(model, cfg: QuantConfig, data: CalibrationData, settings: Calibrat
         n = h.shape[0]
         batches = list(range(0, n, MICRO_BATCH))
         per_batch = max(1, -(-settings.awq_tokens // len(batches)))
-        outs, samples = [], {}
+        outs: list[torch.Tensor] = []
+        samples: dict[str, list[torch.Tensor]] = {}
         for b0 in batches:
             hb = h[b0:b0 + MICRO_BATCH]
             tokens = hb.shape[0] * hb.shape[1]
@@ -244,9 +249,9 @@ def calibrate(model, cfg: QuantConfig, data: CalibrationData, settings: Calibrat
         res.amax = {m: st.amax for m, st in stats.items() if st.amax is not None}
         res.kv_amax = kvbox[0]
         if cfg.kv_cache_quant_algo == qc.INT8 and cfg.kv_clip_search and res.kv_amax > 0:
-            r = search_int8_kv_clip(dec, t, h[:MICRO_BATCH], res.kv_amax)
-            res.kv_amax *= r
-            kv_ratios.append(r)
+            ratio = search_int8_kv_clip(dec, t, h[:MICRO_BATCH], res.kv_amax)
+            res.kv_amax *= ratio
+            kv_ratios.append(ratio)
         if cfg.quant_algo == qc.W4A16_AWQ:
             full = f"transformer.layers.{idx}."
             for group in linear_groups(t):
@@ -353,6 +358,8 @@ def quantize_checkpoint(model, out_dir: str | os.PathLike, cfg: QuantConfig, *,
             record.update(extra)
         if cfg.quant_algo == qc.W4A16_AWQ:
             record.update(awq_grid=cfg.awq_grid, awq_clip=cfg.awq_clip)
+        if cfg.quant_algo in qc.WEIGHT_ONLY:  # see layout.py: not TensorRT-LLM's kernel-permuted layout
+            record["weight_layout"] = "row-major int8 [in, out] (W4A16: two int4 per byte along out), not permuted"
         alpha = cfg.smoothquant_alpha if cfg.smoothquant_alpha is not None else record.get("smoothquant_alpha")
         if cfg.quant_algo in qc.SMOOTHQUANT:
             record["smoothquant_alpha"] = alpha
