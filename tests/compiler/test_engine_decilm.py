@@ -144,3 +144,22 @@ def test_decilm_is_refused_where_it_cannot_run(engines):
         validate_build(BuildConfig(backend="onnx", target="cpu"), cfg, machine_gpus=[])
     with pytest.raises(InvalidBuildConfig, match="keep_tensor_parallel"):
         validate_build(BuildConfig(keep_tensor_parallel=True, **LIMITS), cfg, machine_gpus=[])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+def test_gpu_engine_compiled_with_cuda_graphs_matches_reference(engines, tmp_path):
+    """The GPU build compiles the per-kind step functions into the shipped cache; decode replays
+    one CUDA graph per batch bucket over the attention layers' caches."""
+    root, ref = engines
+    gpu = dict(LIMITS, target="auto")
+    stats = build(root / "ckpt", BuildConfig(**gpu), tmp_path / "engine")
+    assert stats["compile_seconds"] > 0
+    engine = Engine.load(tmp_path / "engine")
+    assert engine.use_graphs and engine.device.type == "cuda" and engine.load_stats["compile_cache"]
+    assert [k.shape[1] for k in engine.model.k_cache] == CACHE_KV
+    want = [_reference_generate(ref, p, 12) for p in PROMPTS]
+    assert engine.generate([PROMPTS[0]], max_new_tokens=12).tokens[0] == want[0]
+    assert engine.generate(PROMPTS, max_new_tokens=12).tokens == want
+    ids = torch.stack([IDS, IDS.flip(0)])
+    torch.testing.assert_close(engine.forward(ids), ref.forward(ids), rtol=2e-3, atol=2e-3)
