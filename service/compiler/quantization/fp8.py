@@ -41,9 +41,33 @@ def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def fp8_linear(x: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor, a_scale: torch.Tensor) -> torch.Tensor:
-    """What the engine's FP8 GEMM computes: both operands rounded to E4M3, fp32 accumulation, rescale."""
+    """What the engine's FP8 GEMM computes: both operands rounded to E4M3, fp32 accumulation, rescale.
+
+    On a GPU with FP8 tensor cores (SM >= 8.9) this *is* an FP8 GEMM (``torch._scaled_mm``); elsewhere
+    it is simulated in float32 with the same roundings."""
+    if x.is_cuda and fp8_gemm_available(x.device):
+        return scaled_mm_fp8(x, w8, w_scale, a_scale)
     xq = to_fp8(x, a_scale).float()
     return (xq @ w8.float().t()) * (a_scale * w_scale).reshape(-1)
+
+
+def fp8_gemm_available(device: torch.device) -> bool:
+    return hasattr(torch, "_scaled_mm") and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def scaled_mm_fp8(x: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor, a_scale: torch.Tensor,
+                  out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A real E4M3 x E4M3 GEMM on the GPU: x [..., in] (any float dtype), w8 [out, in] E4M3, float32 scales."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    m = x2.shape[0]
+    pad = -m % 16  # the FP8 GEMM wants every dimension a multiple of 16
+    xq = to_fp8(x2, a_scale.to(x.device))
+    if pad:
+        xq = torch.cat([xq, torch.zeros(pad, shape[-1], dtype=xq.dtype, device=xq.device)])
+    y = torch._scaled_mm(xq, w8.to(x.device).t(), scale_a=a_scale.to(x.device).float().reshape(()),
+                         scale_b=w_scale.to(x.device).float().reshape(()), out_dtype=out_dtype)
+    return y[:m].reshape(*shape[:-1], w8.shape[0])
 
 
 def fp8_rowwise_linear(x: torch.Tensor, w8: torch.Tensor, per_channel: torch.Tensor) -> torch.Tensor:
