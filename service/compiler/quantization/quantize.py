@@ -6,8 +6,9 @@
 
 Every refusal (unknown or unsupported algo, algo on Nemotron-NAS, FP8 on a target below SM 8.9,
 group_size not dividing an input dimension, missing calibration data, existing output) happens before
-anything is written. Pass 1 streams the float checkpoint layer by layer (``calibration.py``) collecting
-activation statistics and running the AWQ and SmoothQuant-alpha searches; pass 2 streams it again and
+anything is written. Pass 1 streams the float checkpoint layer by layer (``calibration.py``; on the GPU
+when there is one) collecting activation statistics and running the searches (AWQ scales and clips,
+the SmoothQuant alpha, the INT8 KV clip); only per-layer results are kept. Pass 2 streams it again and
 writes each quantized tensor straight into rank files sized from ``layout.quantized_expected``; the
 directory appears atomically (temp dir + rename).
 """
