@@ -358,3 +358,12 @@ def test_accuracy_report_metrics_and_thresholds(models, float_tensors, tmp_path)
     rep = compare(CheckpointRunner.from_dir(out), ref, IDS[:3], thresholds=strict)
     assert not rep.passed and any("KL" in f for f in rep.failures) and rep.to_dict()["passed"] is False
     assert rep.calibration["weight_layout"].startswith("row-major")
+
+
+def test_progress_reports_calibration_and_writing(models, tmp_path):
+    seen: list[tuple[float, str]] = []
+    quantize_checkpoint(models["gpt2"], tmp_path / "p", QuantConfig("FP8"), calibration=_calib(), dtype="float32",
+                        progress=lambda f, m: seen.append((f, m)))
+    fracs = [f for f, _ in seen]
+    assert fracs == sorted(fracs) and fracs[-1] == 1.0
+    assert any("calibrated layer 1/2" in m for _, m in seen) and any("wrote layer 2/2" in m for _, m in seen)

@@ -128,3 +128,23 @@ def test_int8_kv_cache_searched_clip_beats_amax_over_127(reports):
     plain, _, _ = reports("INT8KV_AMAX")
     assert min(summary.record["int8_kv_clip_ratios"]) < 1.0
     assert searched.kl_divergence < plain.kl_divergence and searched.perplexity < plain.perplexity, (searched, plain)
+
+
+def test_calibration_data_from_bundled_text_and_user_file(smollm2_dir, tmp_path):
+    from service.compiler.quantization.calibration import calibration_data, evaluation_windows
+
+    data = calibration_data(CalibrationSettings(samples=4, seq_len=64, heldout_samples=2), smollm2_dir, 49152,
+                            heldout=True)
+    assert data.calib.shape == (4, 64) and data.heldout.shape == (2, 64)
+    assert data.record["source"] == "bundled:pydoc_topics" and data.record["tokens"] == 256
+    tail = evaluation_windows(smollm2_dir, 2, 64)
+    assert not any(torch.equal(tail[i], data.calib[j]) for i in range(2) for j in range(4))  # disjoint ends
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    user = calibration_data(CalibrationSettings(samples=2, seq_len=64, source=str(text)), smollm2_dir, 49152)
+    assert user.calib.shape == (2, 64) and user.record["source"] == str(text)
+    with pytest.raises(InvalidArgument, match="windows of 64 tokens"):
+        calibration_data(CalibrationSettings(samples=500, seq_len=64, source=str(text)), smollm2_dir, 49152)
+    with pytest.raises(InvalidArgument, match="not found"):
+        calibration_data(CalibrationSettings(samples=2, seq_len=64, source=str(tmp_path / "nope.txt")),
+                         smollm2_dir, 49152)
