@@ -367,3 +367,47 @@ def test_progress_reports_calibration_and_writing(models, tmp_path):
     fracs = [f for f, _ in seen]
     assert fracs == sorted(fracs) and fracs[-1] == 1.0
     assert any("calibrated layer 1/2" in m for _, m in seen) and any("wrote layer 2/2" in m for _, m in seen)
+
+
+def test_modelopt_awq_export_imports_and_dequantizes_to_the_exported_weights(models, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from service.compiler.quantization.modelopt_import import import_modelopt_export
+    from service.compiler.quantization.weight_only import dequantize_groupwise, quantize_groupwise
+
+    export = tmp_path / "modelopt-awq"
+    shutil.copytree(models["llama"], export)
+    sd = load_file(str(export / "model.safetensors"))
+    g = torch.Generator().manual_seed(3)
+    effective = {}
+    new = {}
+    for name, t in sd.items():
+        if not name.endswith("_proj.weight"):
+            new[name] = t
+            continue
+        base = name[: -len(".weight")]
+        attn = ".self_attn." in name and not name.endswith("o_proj.weight")
+        key = base.rsplit(".", 1)[0] + ".qkv" if attn else base  # q/k/v share one (resmoothed) scale
+        pqs = effective.setdefault(key + "#pqs", torch.rand(t.shape[1], generator=g) + 0.5)
+        q, scale, _ = quantize_groupwise(t / pqs[None, :], 64, torch.float32)
+        new[name] = pack_int4_rows(q)
+        new[base + ".weight_scale"] = scale
+        new[base + ".pre_quant_scale"] = pqs.clone()
+        effective[name] = dequantize_groupwise(q, scale, None, 64) * pqs[None, :]
+    save_file(new, str(export / "model.safetensors"))
+    (export / "hf_quant_config.json").write_text(json.dumps({
+        "producer": {"name": "modelopt", "version": "0.47.0"},
+        "quantization": {"quant_algo": "W4A16_AWQ", "kv_cache_quant_algo": None, "group_size": 64,
+                         "has_zero_point": False, "pre_quant_scale": True, "exclude_modules": ["lm_head"]}}))
+    out = import_modelopt_export(export, tmp_path / "imported", dtype="float32")
+    assert validate_checkpoint(out, strict=True).ok
+    runner = CheckpointRunner.from_dir(out)
+    quant = json.loads((out / "config.json").read_text())["quantization"]
+    assert quant["quant_algo"] == "W4A16_AWQ" and quant["group_size"] == 64
+    t0 = runner.layers[0]
+    qkv = torch.cat([effective[f"model.layers.0.self_attn.{p}_proj.weight"] for p in "qkv"])
+    assert torch.allclose(dequantize_weight(t0, "attention.qkv", quant), qkv, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(dequantize_weight(t0, "mlp.proj", quant), effective["model.layers.0.mlp.down_proj.weight"],
+                          rtol=1e-5, atol=1e-6)
