@@ -411,3 +411,14 @@ def test_modelopt_awq_export_imports_and_dequantizes_to_the_exported_weights(mod
     assert torch.allclose(dequantize_weight(t0, "attention.qkv", quant), qkv, rtol=1e-5, atol=1e-6)
     assert torch.allclose(dequantize_weight(t0, "mlp.proj", quant), effective["model.layers.0.mlp.down_proj.weight"],
                           rtol=1e-5, atol=1e-6)
+
+
+def test_report_runner_merges_tensor_parallel_float_checkpoints(models, float_tensors, tmp_path):
+    from service.compiler.convert import convert_checkpoint
+    from service.compiler.mapping import Mapping
+
+    convert_checkpoint(models["qwen2"], tmp_path / "tp2", dtype="float32", mapping=Mapping(tp_size=2, pp_size=1))
+    sharded = CheckpointRunner.from_dir(tmp_path / "tp2").logits(IDS[:2])
+    config = json.loads((tmp_path / "tp2" / "config.json").read_text())
+    whole = CheckpointRunner(config, float_tensors["qwen2"]).logits(IDS[:2])
+    assert torch.allclose(sharded, whole, atol=1e-4)

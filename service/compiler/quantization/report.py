@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..errors import InvalidCheckpoint
 from ..safetensors_io import SafetensorsFile
 from .calibration import evaluation_windows, stream_layers
 from .decoder import Decoder, layer_index, local_name
@@ -59,8 +60,18 @@ class CheckpointRunner:
 
     @classmethod
     def from_dir(cls, ckpt_dir: str | os.PathLike) -> CheckpointRunner:
+        """Any unquantized checkpoint (TP/PP shards merged by the reference runtime's loader), or a
+        world-size-1 quantized one."""
         d = Path(ckpt_dir)
         config = json.loads((d / "config.json").read_text())
+        world = int((config.get("mapping") or {}).get("world_size", 1))
+        if world > 1:
+            q = config.get("quantization") or {}
+            if q.get("quant_algo") or q.get("kv_cache_quant_algo"):
+                raise InvalidCheckpoint(f"{d}: quantized checkpoints are evaluated at world size 1, not {world}")
+            from ..runtime.checkpoint_loader import load_checkpoint_weights
+
+            return cls(config, load_checkpoint_weights(d)[1])
         with SafetensorsFile(d / "rank0.safetensors") as f:
             tensors = {n: f.tensor(n).clone() for n in f.keys()}
         return cls(config, tensors)
