@@ -408,14 +408,22 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
+def settle(seconds: float) -> None:
+    """Let earlier runs' writeback finish so each run starts from the same disk state (sync + pause)."""
+    if seconds > 0:
+        os.sync()
+        time.sleep(seconds)
+
+
 def run_case(key: str, tp: int, src: Path, work: Path, methods: list[str], repeats: dict[str, int],
-             verify: bool, keep: bool) -> dict:
+             verify: bool, keep: bool, settle_s: float = 0.0) -> dict:
     nbytes = source_bytes(src)
     outs = {m: work / f"{key}-tp{tp}-{m}" for m in methods}
     samples: dict[str, list[dict]] = {m: [] for m in methods}
     for rep in range(max(repeats[m] for m in methods)):
         for m in methods:
             if rep < repeats[m]:
+                settle(settle_s)
                 r = run_once(m, src, outs[m], tp, nbytes)
                 samples[m].append(r)
                 print(f"  {key} tp={tp} {m:<5} run {rep + 1}: {r['seconds']:7.2f} s  {r['gb_per_s']:5.2f} GB/s  "
@@ -504,6 +512,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tp", default="1,2", help="comma-separated tp sizes")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of cp,kiln,naive")
     ap.add_argument("--repeat", type=int, default=3, help="runs of cp and kiln per case (median reported)")
+    ap.add_argument("--settle", type=float, default=3.0,
+                    help="seconds of sync + pause before every run, so no run pays for the previous one's writeback")
     ap.add_argument("--naive-repeat", type=int, default=1, help="runs of the naive route per case")
     ap.add_argument("--data-dir", default=str(ROOT / "bench-data"),
                     help="where the synthetic checkpoints and outputs live (default ./bench-data, gitignored)")
@@ -533,7 +543,8 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     started = time.time()
     load_before = os.getloadavg()
-    results = [run_case(s, tp, sources[s], work, methods, repeats, not args.no_verify, args.keep_outputs)
+    results = [run_case(s, tp, sources[s], work, methods, repeats, not args.no_verify, args.keep_outputs,
+                        args.settle)
                for s in shapes for tp in tps]
     env = environment()
     env["loadavg_1_5_15_before"] = [round(x, 2) for x in load_before]

@@ -13,6 +13,7 @@ output tensors can be produced one at a time, in row chunks, by several workers.
 
 from __future__ import annotations
 
+import errno
 import json
 import mmap
 import os
@@ -272,7 +273,14 @@ class SafetensorsWriter:
         self.total_bytes = self.base + pos
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.pwrite(self._fd, struct.pack("<Q", len(raw)) + raw, 0)
-        os.ftruncate(self._fd, self.total_bytes)
+        try:  # reserve the blocks up front: contiguous extents however the chunks arrive, and a
+            # full disk fails here, before any tensor is produced
+            os.posix_fallocate(self._fd, 0, self.total_bytes)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                os.close(self._fd)
+                raise OSError(errno.ENOSPC, f"not enough space for {self.path.name} ({self.total_bytes} bytes)") from exc
+            os.ftruncate(self._fd, self.total_bytes)  # filesystems without fallocate
 
     def write(self, name: str, byte_offset: int, chunk: torch.Tensor) -> int:
         """Write ``chunk`` (already in the tensor's dtype) at ``byte_offset`` inside tensor ``name``."""
