@@ -30,7 +30,7 @@ from .mapping import Mapping
 from .models import spec_for_hf
 from .models.base import ArchSpec, Piece, TensorPlan
 from .models.hf_config import resolve_dtype
-from .safetensors_io import SafetensorsWriter, dtype_name, fsync_dir
+from .safetensors_io import SafetensorsWriter, dtype_name, publish_dir
 from .source import WeightSource, open_weights, read_json
 
 ProgressFn = Callable[[float, str], None]
@@ -291,15 +291,7 @@ def write_checkpoint(model: HFCheckpointModel, out_dir: Path, *, overwrite: bool
         finally:
             for w in writers.values():
                 w.close(fsync=True)
-        fsync_dir(tmp)
-        if out_dir.exists():  # overwrite: swap the old one out only once the new one is complete
-            old = _temp_sibling(out_dir, "old")
-            os.rename(out_dir, old)
-            os.rename(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out_dir)
-        fsync_dir(out_dir.parent)
+        publish_dir(tmp, out_dir)  # overwrite: the old one is swapped out only once the new one is complete
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -17,8 +17,10 @@ import errno
 import json
 import mmap
 import os
+import shutil
 import struct
 import threading
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -330,3 +332,18 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def publish_dir(tmp: Path, out: Path) -> None:
+    """Move a finished temporary directory into place: fsync it, rename it to ``out`` (an existing
+    ``out`` is swapped aside only now, then removed), fsync the parent. Readers see the old or the
+    new directory, never a partial one."""
+    fsync_dir(tmp)
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:12]}"
+        os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out)
+    fsync_dir(out.parent)

@@ -391,7 +391,7 @@ def import_modelopt_checkpoint(src_dir: str | os.PathLike, out_dir: str | os.Pat
     The config may carry ``layer_configs`` or HF-style ``block_configs``. Every rank file is
     checked against the spec before anything is written; the output appears atomically.
     """
-    from ..safetensors_io import SafetensorsFile, SafetensorsWriter, dtype_name, fsync_dir
+    from ..safetensors_io import SafetensorsFile, SafetensorsWriter, dtype_name, publish_dir
 
     src, out = Path(src_dir), Path(out_dir).absolute()
     if out.exists() and not overwrite:
@@ -434,10 +434,7 @@ def import_modelopt_checkpoint(src_dir: str | os.PathLike, out_dir: str | os.Pat
                                    metadata={"format": "pt", "producer": "kiln modelopt import"}) as w:
                 for n, o in names.items():
                     w.write(n, 0, f.tensor(o))
-        fsync_dir(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
+        publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

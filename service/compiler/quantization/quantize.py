@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InvalidArgument, InvalidCheckpoint, OutputExists
-from ..safetensors_io import SafetensorsWriter, dtype_name, fsync_dir
+from ..safetensors_io import SafetensorsWriter, dtype_name, publish_dir
 from . import config as qc
 from .awq import awq_search, awq_tensors
 from .calibration import (
@@ -423,15 +423,7 @@ def write_checkpoint_dir(out: Path, config: dict, spec, named: Iterator[tuple[st
         missing = sorted(set(expected) - written)
         if missing:
             raise InvalidCheckpoint(f"{producer} did not produce {len(missing)} tensors, e.g. {missing[:3]}")
-        fsync_dir(tmp)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:12]}"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-        fsync_dir(out.parent)
+        publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

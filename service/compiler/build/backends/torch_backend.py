@@ -34,7 +34,7 @@ from ...errors import InvalidCheckpoint
 from ...mapping import Mapping
 from ...runtime.engine_decilm import DECILM_LAYOUT, decilm_engine_table, merged_decilm_tensors
 from ...runtime.engine_model import ENGINE_LAYOUT, checkpoint_to_engine_table
-from ...safetensors_io import SafetensorsFile, SafetensorsWriter, dtype_name, fsync_dir
+from ...safetensors_io import SafetensorsFile, SafetensorsWriter, dtype_name, publish_dir
 from ..config import ResolvedBuild
 
 ENGINE_VERSION = f"kiln-engine/1 (kiln {__version__})"
@@ -184,14 +184,7 @@ def build_torch_engine(ckpt_dir: Path, resolved: ResolvedBuild, out_dir: Path, *
                  "compile_seconds": round(compile_s, 3), "build_seconds": round(time.perf_counter() - start, 3)}
         engine_cfg["build_stats"] = stats
         (tmp / "config.json").write_text(json.dumps(engine_cfg, indent=2) + "\n")
-        fsync_dir(tmp)
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:12]}"
-            os.rename(out_dir, old)
-            os.rename(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out_dir)
+        publish_dir(tmp, out_dir)
         return stats
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
