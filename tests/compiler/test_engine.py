@@ -214,7 +214,7 @@ def test_paged_kv_and_non_llama_are_refused_by_torch_backend(tiny_ckpt):
     with pytest.raises(InvalidBuildConfig, match="continuous"):
         validate_build(BuildConfig(kv_cache_type="paged", target="cpu"), cfg, machine_gpus=[])
     with pytest.raises(InvalidBuildConfig, match="Llama family"):
-        validate_build(BuildConfig(target="cpu"), {**cfg, "architecture": "GPTForCausalLM"}, machine_gpus=[])
+        validate_build(BuildConfig(target="cpu"), {**cfg, "architecture": "BloomForCausalLM"}, machine_gpus=[])
 
 
 def test_tp2_checkpoint_builds_a_merged_engine(tmp_path):

@@ -19,6 +19,7 @@ KV_CACHE_TYPES = ("continuous", "paged", "disabled")  # trtllm-build's --kv_cach
 ENGINE_DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2}
 LLAMA_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 DECILM_ARCH = "DeciLMForCausalLM"  # Nemotron-NAS: heterogeneous layers, torch backend only
+GPT_ARCHS = ("GPTForCausalLM", "GPT2LMHeadModel", "OPTForCausalLM")  # torch and onnx backends
 GIB = 1 << 30
 
 
@@ -211,12 +212,10 @@ def validate_build(cfg: BuildConfig, ckpt: dict, *, weight_bytes: int | None = N
             f"got {cfg.kv_cache_type!r}", hint="paged KV caches are built by the trtllm backend",
         )
     arch = ckpt.get("architecture")
-    if cfg.backend in ("torch", "onnx", "tensorrt") and arch not in LLAMA_ARCHS and not (
-            cfg.backend == "torch" and arch == DECILM_ARCH):
-        also = f" (and {DECILM_ARCH})" if cfg.backend == "torch" else ""
-        raise InvalidBuildConfig(
-            f"the {cfg.backend} backend builds the Llama family ({', '.join(LLAMA_ARCHS)}){also}, not {arch!r}"
-        )
+    also = {"torch": GPT_ARCHS + (DECILM_ARCH,), "onnx": GPT_ARCHS, "tensorrt": ()}.get(cfg.backend)
+    if also is not None and arch not in LLAMA_ARCHS + also:
+        raise InvalidBuildConfig(f"the {cfg.backend} backend builds the Llama family ({', '.join(LLAMA_ARCHS)})"
+                                 + (f" and {', '.join(also)}" if also else "") + f", not {arch!r}")
     if arch == DECILM_ARCH and cfg.keep_tensor_parallel and int((ckpt.get("mapping") or {}).get("tp_size", 1)) > 1:
         raise InvalidBuildConfig(
             f"{DECILM_ARCH} engines run as one rank: keep_tensor_parallel is not supported for them",

@@ -30,6 +30,7 @@ import torch
 
 from ..errors import InvalidArgument, InvalidCheckpoint
 from .engine_decilm import DECILM_LAYOUT, DeciLMEngineModel
+from .engine_gpt import GPT_LAYOUT, GPTEngineModel
 from .engine_model import ENGINE_LAYOUT, EngineModel
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -88,8 +89,8 @@ def _use_compile_cache(engine_dir: Path) -> str | None:
 
 
 class Engine:
-    def __init__(self, engine_dir: Path, config: dict, model: EngineModel | DeciLMEngineModel, *, use_graphs: bool,
-                 tokenizer=None):
+    def __init__(self, engine_dir: Path, config: dict, model: EngineModel | DeciLMEngineModel | GPTEngineModel, *,
+                 use_graphs: bool, tokenizer=None):
         self.engine_dir, self.config, self.model = engine_dir, config, model
         self.build_config = config["build_config"]
         self.max_batch = int(self.build_config["max_batch_size"])
@@ -118,10 +119,11 @@ class Engine:
         except (OSError, ValueError) as exc:
             raise InvalidCheckpoint(f"{engine_dir} is not an engine directory: {exc}") from exc
         layout = config.get("engine", {}).get("layout")
-        if config.get("backend") != "torch" or layout not in (ENGINE_LAYOUT, DECILM_LAYOUT):
+        model_classes = {ENGINE_LAYOUT: EngineModel, DECILM_LAYOUT: DeciLMEngineModel, GPT_LAYOUT: GPTEngineModel}
+        if config.get("backend") != "torch" or layout not in model_classes:
             raise InvalidCheckpoint(
                 f"{engine_dir} holds a {config.get('backend')!r} engine with layout {layout!r}; "
-                f"Engine runs torch engines of layout {ENGINE_LAYOUT} or {DECILM_LAYOUT}"
+                f"Engine runs torch engines of layout {', '.join(model_classes)}"
             )
         bc = config["build_config"]
         if device is None:
@@ -147,7 +149,7 @@ class Engine:
                 torch.cuda.set_device(device)
         weights = load_file(str(engine_dir / f"rank{rank}.safetensors"), device=str(device))
         weights_s = time.perf_counter() - start
-        model_cls = DeciLMEngineModel if layout == DECILM_LAYOUT else EngineModel
+        model_cls = model_classes[layout]
         model = model_cls(config["pretrained_config"], weights, max_batch=int(bc["max_batch_size"]),
                           max_seq=int(bc["max_seq_len"]), tp_group=group, tp_size=tp)
         if compile:

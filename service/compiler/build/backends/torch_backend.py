@@ -33,6 +33,7 @@ from ...checkpoint import load_config
 from ...errors import InvalidCheckpoint
 from ...mapping import Mapping
 from ...runtime.engine_decilm import DECILM_LAYOUT, decilm_engine_table, merged_decilm_tensors
+from ...runtime.engine_gpt import GPT_ARCHS, GPT_LAYOUT, gpt_engine_table
 from ...runtime.engine_model import ENGINE_LAYOUT, checkpoint_to_engine_table
 from ...safetensors_io import SafetensorsFile, SafetensorsWriter, dtype_name, publish_dir
 from ..config import ResolvedBuild
@@ -67,9 +68,15 @@ def _checkpoint_tensors(ckpt_dir: Path, cfg: dict, rank: int | None = None
 
 
 def engine_layout(cfg: dict) -> tuple[str, list[tuple[str, tuple[str, ...]]]]:
-    """(layout name, engine table) for a checkpoint: DeciLM's heterogeneous layers or the Llama family's."""
+    """(layout name, engine table) for a checkpoint: DeciLM's heterogeneous layers, GPT-2 / OPT, or
+    the Llama family's."""
     if cfg.get("architecture") == DECILM_ARCH:
         return DECILM_LAYOUT, decilm_engine_table(cfg)
+    if cfg.get("architecture") in GPT_ARCHS:
+        try:
+            return GPT_LAYOUT, gpt_engine_table(cfg)
+        except ValueError as exc:
+            raise InvalidCheckpoint(str(exc)) from exc
     return ENGINE_LAYOUT, checkpoint_to_engine_table(cfg)
 
 
