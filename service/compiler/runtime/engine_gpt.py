@@ -72,7 +72,7 @@ def activation(x: torch.Tensor, act: str) -> torch.Tensor:
 
 
 def layer_norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
-    return F.layer_norm(x, (x.shape[-1],), w, b, eps)
+    return F.layer_norm(x, w.shape, w, b, eps)
 
 
 def _row_parallel(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, group) -> torch.Tensor:

@@ -6,7 +6,8 @@
                            -> logits [B, 1, V], present_keys/values [L, B, nkv, P + 1, d]
     engine/*.onnx.data     the weights, as ONNX external data (one file per graph)
 
-Rows of a batch have equal lengths (no padding in the graphs). After export the build runs both
+Rows of a batch have equal lengths (no padding in the graphs). The Llama family and GPT-2 / OPT
+(learned positions, LayerNorm, OPT post-LN) are exported; a tp checkpoint is merged into one graph. After export the build runs both
 graphs with onnxruntime on the CPU and checks them against the reference runtime (logits and greedy
 tokens); the result is stored in config.json. These graphs are also what the TensorRT backend parses.
 """
@@ -24,7 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from ...checkpoint import load_config
-from ...errors import KilnError
+from ...errors import InvalidCheckpoint, KilnError
+from ...runtime.engine_gpt import GPT_ARCHS, activation, activation_name, is_post_ln, layer_norm
+from ...runtime.engine_gpt import LAYER_FIELDS as GPT_FIELDS
 from ...runtime.engine_model import LAYER_FIELDS, apply_rope, rms_norm, rope_inv_freq
 from ..config import ResolvedBuild
 from .torch_backend import ENGINE_VERSION, write_engine_weights
@@ -88,6 +91,69 @@ class _OnnxLlama(torch.nn.Module):
         return logits, torch.stack(keys), torch.stack(values)
 
 
+class _OnnxGPT(_OnnxLlama):
+    """GPT-2 / OPT (the ``kiln-gpt-fused/1`` weights): learned positions, LayerNorm with bias, an
+    ungated MLP, OPT's post-LN variant; same inputs and outputs as the Llama graphs."""
+
+    def __init__(self, cfg: dict, w: dict[str, torch.Tensor], max_seq: int):
+        torch.nn.Module.__init__(self)
+        self.nh, self.d = int(cfg["num_attention_heads"]), int(cfg["head_size"])
+        self.nkv = int(cfg.get("num_key_value_heads") or self.nh)
+        self.eps = float(cfg.get("norm_epsilon") or 1e-5)
+        self.L = int(cfg["num_hidden_layers"])
+        self.act, self.post_ln = activation_name(cfg), is_post_ln(cfg)
+        if max_seq > w["pos_embed"].shape[0]:
+            raise InvalidCheckpoint(f"max_seq_len={max_seq} exceeds the {w['pos_embed'].shape[0]} learned positions")
+        self.params = torch.nn.ParameterDict()
+        for name, t in w.items():
+            self.params[name.replace(".", "_")] = torch.nn.Parameter(t, requires_grad=False)
+
+    def forward(self, input_ids: torch.Tensor, past_keys: torch.Tensor | None = None,
+                past_values: torch.Tensor | None = None):
+        B, T = input_ids.shape
+        P = 0 if past_keys is None else past_keys.shape[3]
+        nh, nkv, d, eps = self.nh, self.nkv, self.d, self.eps
+        h = F.embedding(input_ids, self._p("embed")) + self._p("pos_embed")[P:P + T][None]
+        causal = torch.ones(T, P + T, dtype=torch.bool).tril(P)
+        keys, values = [], []
+        for i in range(self.L):
+            ln1, ln1_b, wqkv, bqkv, wo, bo, ln2, ln2_b, wfc, bfc, wproj, bproj = (
+                self._p(f"layers.{i}.{f}") for f in GPT_FIELDS)
+            x = h if self.post_ln else layer_norm(h, ln1, ln1_b, eps)
+            q, k, v = F.linear(x, wqkv, bqkv).split([nh * d, nkv * d, nkv * d], -1)
+            q = q.view(B, T, nh, d).transpose(1, 2)
+            k = k.view(B, T, nkv, d).transpose(1, 2)
+            v = v.view(B, T, nkv, d).transpose(1, 2)
+            if past_keys is not None and past_values is not None:
+                k = torch.cat([past_keys[i], k], 2)
+                v = torch.cat([past_values[i], v], 2)
+            keys.append(k)
+            values.append(v)
+            kk, vv = k.repeat_interleave(nh // nkv, 1), v.repeat_interleave(nh // nkv, 1)
+            scores = (q @ kk.transpose(-1, -2)).float() * d ** -0.5
+            scores = scores.masked_fill(~causal, float("-inf"))
+            attn = (torch.softmax(scores, -1).to(q.dtype) @ vv).transpose(1, 2).reshape(B, T, nh * d)
+            h = h + F.linear(attn, wo, bo)
+            if self.post_ln:
+                h = layer_norm(h, ln1, ln1_b, eps)
+                h = layer_norm(h + F.linear(activation(F.linear(h, wfc, bfc), self.act), wproj, bproj), ln2, ln2_b,
+                               eps)
+            else:
+                h = h + F.linear(activation(F.linear(layer_norm(h, ln2, ln2_b, eps), wfc, bfc), self.act), wproj,
+                                 bproj)
+        if not self.post_ln:
+            h = layer_norm(h, self._p("final_norm"), self._p("final_norm_bias"), eps)
+        logits = F.linear(h, self._p("lm_head")).float()
+        return logits, torch.stack(keys), torch.stack(values)
+
+
+def onnx_module(cfg: dict, w: dict[str, torch.Tensor], max_seq: int) -> torch.nn.Module:
+    """The traceable module for a checkpoint's engine-layout weights (Llama family or GPT-2 / OPT)."""
+    if cfg.get("architecture") in GPT_ARCHS:
+        return _OnnxGPT(cfg, w, max_seq)
+    return _OnnxLlama(cfg, w, max_seq)
+
+
 def _export(module: torch.nn.Module, args: tuple, path: Path, inputs: list[str], dynamic: dict) -> None:
     import onnx
 
@@ -143,7 +209,7 @@ def build_onnx_engine(ckpt_dir: Path, resolved: ResolvedBuild, out_dir: Path, *,
 
         scratch = tmp / "weights.scratch.safetensors"
         write_engine_weights(ckpt_dir, cfg, dtype, scratch)
-        module = _OnnxLlama(cfg, load_file(str(scratch)), int(bc.max_seq_len)).eval()
+        module = onnx_module(cfg, load_file(str(scratch)), int(bc.max_seq_len)).eval()
         scratch.unlink()
         L, nkv, d = module.L, module.nkv, module.d
         ids = torch.zeros(1, 4, dtype=torch.long)
