@@ -8,6 +8,11 @@ function serves every layer (weights are arguments), so torch.compile compiles o
 
 Batches are right-padded: every row starts at position 0, prefill is plain causal attention (flash
 on GPU), and decode writes each row's K/V at its own position ``pos[b]`` and masks slots > pos[b].
+
+On CUDA the decode step runs Triton kernels (``kernels.py``): the attention of a token against the
+cache (which also writes its K/V) between a compiled "norm + qkv + rope" part and a compiled "o_proj +
+MLP" part, and skinny GEMMs for every linear with at most 16 rows. A linear slot holds either a float
+tensor or a ``QLinear`` (``engine_quant.py``: FP8 / int8 / int4 weights of a quantized checkpoint).
 """
 
 from __future__ import annotations
@@ -17,10 +22,43 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .engine_quant import QLinear, load_qlinear, qdq_kv, qlinear_forward
+
 ENGINE_LAYOUT = "kiln-llama-fused/1"
-LayerWeights = tuple  # (attn_norm, qkv, qkv_bias, o, o_bias, mlp_norm, gate_up, gate_up_bias, down, down_bias)
+LayerWeights = tuple  # (attn_norm, qkv, qkv_bias, o, o_bias, mlp_norm, gate_up, gate_up_bias, down, down_bias, kv_scale)
 LAYER_FIELDS = ("attn_norm", "qkv", "qkv_bias", "o", "o_bias", "mlp_norm", "gate_up", "gate_up_bias", "down",
-                "down_bias")
+                "down_bias", "kv_scale")
+LINEAR_FIELDS = ("qkv", "o", "gate_up", "down")
+GEMV_ROWS = 16
+_gemv = None  # kernels.gemv once an engine is placed on a CUDA device (Triton present)
+_kernels = None
+
+
+def _cuda_kernels():
+    """The Triton kernels module, or None (no Triton / the KILN_ENGINE_KERNELS=0 switch)."""
+    global _kernels, _gemv
+    if _kernels is None:
+        import os
+
+        if os.environ.get("KILN_ENGINE_KERNELS", "1") == "0":
+            _kernels = False
+        else:
+            try:
+                from . import kernels as k
+            except ImportError:
+                _kernels = False
+            else:
+                _kernels, _gemv = k, k.gemv
+    return _kernels or None
+
+
+def linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ wᵀ (+ b) for a float weight or a QLinear; few rows on CUDA: the Triton skinny GEMM."""
+    if isinstance(w, QLinear):
+        return qlinear_forward(x, w, b, _gemv if x.is_cuda else None)
+    if _gemv is not None and x.is_cuda and x.numel() // x.shape[-1] <= GEMV_ROWS and w.dtype != torch.float32:
+        return _gemv(x, w, bias=b)
+    return F.linear(x, w, b)
 
 
 def checkpoint_to_engine_table(cfg: dict) -> list[tuple[str, tuple[str, ...]]]:
@@ -86,7 +124,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def _row_parallel(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, group) -> torch.Tensor:
     """x @ w.T summed over the tensor-parallel ranks (each holds a slice of the inputs); bias once."""
-    y = F.linear(x, w)
+    y = linear(x, w)
     if group is not None:
         import torch.distributed._functional_collectives as funcol
 
@@ -95,40 +133,56 @@ def _row_parallel(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, grou
 
 
 def _mlp_and_residual(h: torch.Tensor, attn: torch.Tensor, w: LayerWeights, eps: float, group=None) -> torch.Tensor:
-    _, _, _, wo, bo, ln2, w13, b13, w2, b2 = w
+    wo, bo, ln2, w13, b13, w2, b2 = w[3:10]
     h = h + _row_parallel(attn, wo, bo, group)
-    gu = F.linear(rms_norm(h, ln2, eps), w13, b13)
+    gu = linear(rms_norm(h, ln2, eps), w13, b13)
     a, u = gu.chunk(2, -1)
     return h + _row_parallel(F.silu(a) * u, w2, b2, group)
 
 
 def decode_layer(h: torch.Tensor, w: LayerWeights, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
-                 nh: int, nkv: int, d: int, eps: float, group=None) -> torch.Tensor:
+                 nh: int, nkv: int, d: int, eps: float, group=None, kv_algo: str | None = None) -> torch.Tensor:
     """One token per row. h [B, H]; caches [B, nkv, S, d]; pos [B]; cos/sin [B, d/2]; mask [B, 1, 1, S]."""
     B = h.shape[0]
-    qkv = F.linear(rms_norm(h, w[0], eps), w[1], w[2])
-    q, k, v = qkv.split([nh * d, nkv * d, nkv * d], -1)
-    q = apply_rope(q.view(B, nh, d), cos[:, None], sin[:, None])
-    k = apply_rope(k.view(B, nkv, d), cos[:, None], sin[:, None])
+    q, k, v = decode_qkv(h, w, cos, sin, nh, nkv, d, eps, kv_algo)
     rows = torch.arange(B, device=h.device)
     k_cache[rows, :, pos] = k
-    v_cache[rows, :, pos] = v.view(B, nkv, d)
+    v_cache[rows, :, pos] = v
     # GQA without repeating K/V: the g query heads of a KV head are g "query positions" of it
     attn = F.scaled_dot_product_attention(q.view(B, nkv, nh // nkv, d), k_cache, v_cache, attn_mask=mask)
     return _mlp_and_residual(h, attn.reshape(B, nh * d), w, eps, group)
 
 
+def decode_qkv(h: torch.Tensor, w: LayerWeights, cos: torch.Tensor, sin: torch.Tensor, nh: int, nkv: int, d: int,
+               eps: float, kv_algo: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Norm, qkv and rope of one token per row: q [B, nh, d], k and v [B, nkv, d] (contiguous), K/V
+    rounded as the quantized KV cache stores them when kv_algo is set."""
+    B = h.shape[0]
+    qkv = linear(rms_norm(h, w[0], eps), w[1], w[2])
+    q, k, v = qkv.split([nh * d, nkv * d, nkv * d], -1)
+    q = apply_rope(q.view(B, nh, d), cos[:, None], sin[:, None])
+    k = apply_rope(k.view(B, nkv, d), cos[:, None], sin[:, None])
+    k, v = qdq_kv(k, w[10], kv_algo), qdq_kv(v.reshape(B, nkv, d), w[10], kv_algo)
+    return q.contiguous(), k.contiguous(), v.contiguous()
+
+
+def decode_out(h: torch.Tensor, attn: torch.Tensor, w: LayerWeights, eps: float, group=None) -> torch.Tensor:
+    """o_proj, residual, MLP, residual of one token per row; attn [B, nh * d]."""
+    return _mlp_and_residual(h, attn, w, eps, group)
+
+
 def prefill_layer(h: torch.Tensor, w: LayerWeights, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   cos: torch.Tensor, sin: torch.Tensor, nh: int, nkv: int, d: int, eps: float,
-                  group=None) -> torch.Tensor:
+                  group=None, kv_algo: str | None = None) -> torch.Tensor:
     """A right-padded batch from position 0. h [B, T, H]; caches [B, nkv, S, d]; cos/sin [T, d/2]."""
     B, T, _ = h.shape
-    qkv = F.linear(rms_norm(h, w[0], eps), w[1], w[2])
+    qkv = linear(rms_norm(h, w[0], eps), w[1], w[2])
     q, k, v = qkv.split([nh * d, nkv * d, nkv * d], -1)
     q = apply_rope(q.view(B, T, nh, d), cos[None, :, None], sin[None, :, None]).transpose(1, 2)
     k = apply_rope(k.view(B, T, nkv, d), cos[None, :, None], sin[None, :, None]).transpose(1, 2)
     v = v.view(B, T, nkv, d).transpose(1, 2)
+    k, v = qdq_kv(k, w[10], kv_algo), qdq_kv(v, w[10], kv_algo)
     k_cache[:, :, :T] = k
     v_cache[:, :, :T] = v
     if nkv != nh:
@@ -139,7 +193,7 @@ def prefill_layer(h: torch.Tensor, w: LayerWeights, k_cache: torch.Tensor, v_cac
 
 
 def lm_head(h: torch.Tensor, norm: torch.Tensor, head: torch.Tensor, eps: float) -> torch.Tensor:
-    return F.linear(rms_norm(h, norm, eps), head).float()
+    return linear(rms_norm(h, norm, eps), head).float()
 
 
 class EngineModel:
@@ -158,9 +212,18 @@ class EngineModel:
         self.max_batch, self.max_seq = max_batch, max_seq
         self.embed = weights["embed"]
         self.device, self.dtype = self.embed.device, self.embed.dtype
-        self.layers: list[LayerWeights] = [
-            tuple(weights.get(f"layers.{i}.{f}") for f in LAYER_FIELDS) for i in range(int(cfg["num_hidden_layers"]))
-        ]
+        quant = cfg.get("quantization") or {}
+        self.kv_algo = quant.get("kv_cache_quant_algo") if quant.get("kv_cache_quant_algo") else None
+        self.layers: list[LayerWeights] = []
+        for i in range(int(cfg["num_hidden_layers"])):
+            fields = []
+            for f in LAYER_FIELDS:
+                q = load_qlinear(weights, f"layers.{i}.{f}", quant) if (f in LINEAR_FIELDS and quant.get("quant_algo")) \
+                    else None
+                fields.append(q if q is not None else weights.get(f"layers.{i}.{f}"))
+            self.layers.append(tuple(fields))
+        if self.kv_algo and any(w[10] is None for w in self.layers):
+            raise ValueError(f"kv_cache_quant_algo {self.kv_algo} but the engine lacks layers.*.kv_scale")
         self.final_norm = weights["final_norm"]
         self.head = weights["lm_head"][: self.vocab] if tp_size == 1 else weights["lm_head"]
         shape = (max_batch, self.nkv, max_seq, self.d)
@@ -171,6 +234,11 @@ class EngineModel:
         self.cos, self.sin = freqs.cos().to(self.device), freqs.sin().to(self.device)
         self.slots = torch.arange(max_seq, device=self.device)
         self._decode_layer, self._prefill_layer, self._head = decode_layer, prefill_layer, lm_head
+        self._decode_qkv, self._decode_out = decode_qkv, decode_out
+        # CUDA: Triton decode attention (+ skinny GEMMs); the cuDNN/flash SDPA path elsewhere
+        self.kernels = _cuda_kernels() if self.device.type == "cuda" else None
+        if self.kernels is not None and not self.kernels.decode_attention_supported(self.d, self.dtype):
+            self.kernels = None
 
     def compile(self, mode: str | None = None, options: dict | None = None) -> None:
         import torch._dynamo
@@ -188,6 +256,8 @@ class EngineModel:
         elif mode:
             kw["mode"] = mode
         self._decode_layer = torch.compile(decode_layer, dynamic=False, **kw)
+        self._decode_qkv = torch.compile(decode_qkv, dynamic=False, **kw)
+        self._decode_out = torch.compile(decode_out, dynamic=False, **kw)
         self._head = torch.compile(lm_head, dynamic=False, **kw)
         self._prefill_layer = torch.compile(prefill_layer, dynamic=True, **kw)
 
@@ -198,12 +268,18 @@ class EngineModel:
         kv = kv or self.max_seq
         h = F.embedding(ids, self.embed)
         cos, sin = self.cos[pos], self.sin[pos]
+        if self.kernels is not None:
+            for i, w in enumerate(self.layers):
+                q, k, v = self._decode_qkv(h, w, cos, sin, self.nh, self.nkv, self.d, self.eps, self.kv_algo)
+                attn = self.kernels.decode_attention(q, k, v, self.k_cache[i], self.v_cache[i], pos, kv)
+                h = self._decode_out(h, attn, w, self.eps, self.group)
+            return self._gather_vocab(self._head(h, self.final_norm, self.head, self.eps))
         # additive mask built once per step (not per layer): 0 for slots <= pos, -inf beyond
         mask = torch.zeros((), dtype=self.dtype, device=self.device).masked_fill(
             self.slots[None, :kv] > pos[:, None], float("-inf"))[:, None, None, :]
         for i, w in enumerate(self.layers):
             h = self._decode_layer(h, w, self.k_cache[i][:B, :, :kv], self.v_cache[i][:B, :, :kv], pos, cos, sin,
-                                   mask, self.nh, self.nkv, self.d, self.eps, self.group)
+                                   mask, self.nh, self.nkv, self.d, self.eps, self.group, self.kv_algo)
         return self._gather_vocab(self._head(h, self.final_norm, self.head, self.eps))
 
     def _gather_vocab(self, logits: torch.Tensor) -> torch.Tensor:
@@ -223,7 +299,7 @@ class EngineModel:
         cos, sin = self.cos[:T], self.sin[:T]
         for i, w in enumerate(self.layers):
             h = self._prefill_layer(h, w, self.k_cache[i][row0:row0 + B], self.v_cache[i][row0:row0 + B], cos, sin,
-                                    self.nh, self.nkv, self.d, self.eps, self.group)
+                                    self.nh, self.nkv, self.d, self.eps, self.group, self.kv_algo)
         if not all_logits:
             h = h[torch.arange(B, device=h.device), lengths - 1]
         return self._gather_vocab(lm_head(h, self.final_norm, self.head, self.eps))  # eager: one matmul

@@ -1,0 +1,278 @@
+"""Check and time the engine's Triton decode kernels against PyTorch (GPU only).
+
+    PYTHONPATH=. python3 benchmarks/kernel_bench.py [--sweep] [--out DIR]
+
+1. Correctness on fresh random inputs (outputs poisoned first): decode attention vs float64 softmax
+   attention (bf16 and float32), every ``gemv`` weight format vs the dequantized float32 product
+   (FP8 vs ``quantization.fp8.fp8_linear``, i.e. ``torch._scaled_mm`` on the GPU).
+2. Timing, each variant captured in a CUDA graph of many calls over rotating weight copies (bigger
+   than L2), medians of replays: decode attention (index_put K/V + SDPA, as the engine did, vs the
+   Triton kernel) for the Llama-3.2-1B and 3.1-8B shapes, and the decode GEMVs of both shapes at batch
+   1 (cuBLAS bf16 vs Triton bf16 / FP8 / int8 / int4 per-channel / int4 group-128), in GB/s of weight.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+from service.compiler.quantization.fp8 import fp8_linear
+from service.compiler.quantization.weight_only import dequantize_groupwise, quantize_groupwise, quantize_per_channel
+from service.compiler.runtime import kernels as K
+
+SHAPES = {  # name: (hidden, heads, kv_heads, head, inter, vocab)
+    "1b": (2048, 32, 8, 64, 8192, 128256),
+    "8b": (4096, 32, 8, 128, 14336, 128256),
+}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    if not torch.isfinite(a).all():
+        return float("nan")
+    return float((a - b).norm() / b.norm())
+
+
+def check_attention(results: list) -> None:
+    for dt in (torch.bfloat16, torch.float32):
+        for B, nh, nkv, d, S in [(1, 32, 8, 128, 512), (3, 32, 8, 64, 256), (2, 9, 3, 64, 2304), (4, 8, 8, 128, 1024)]:
+            dev = "cuda"
+            kc = torch.randn(B + 1, nkv, S + 64, d, device=dev).to(dt)
+            vc = torch.randn(B + 1, nkv, S + 64, d, device=dev).to(dt)
+            q, kn, vn = (torch.randn(B, n, d, device=dev).to(dt) for n in (nh, nkv, nkv))
+            pos = torch.randint(0, S, (B,), device=dev)
+            pos[0] = S - 1
+            ref_k, ref_v = kc.clone(), vc.clone()
+            for b in range(B):
+                ref_k[b, :, pos[b]] = kn[b]
+                ref_v[b, :, pos[b]] = vn[b]
+            g = nh // nkv
+            ref = torch.empty(B, nh, d, dtype=torch.float64, device=dev)
+            for b in range(B):
+                p = int(pos[b]) + 1
+                kk = ref_k[b, :, :p].double().repeat_interleave(g, 0)
+                vv = ref_v[b, :, :p].double().repeat_interleave(g, 0)
+                s = torch.einsum("hd,hsd->hs", q[b].double(), kk) / d ** 0.5
+                ref[b] = torch.einsum("hs,hsd->hd", s.softmax(-1), vv)
+            out = K.decode_attention(q, kn, vn, kc[:B, :, :S], vc[:B, :, :S], pos, S)
+            torch.cuda.synchronize()
+            cache_ok = torch.equal(kc, ref_k) and torch.equal(vc, ref_v)
+            err = rel(out.reshape(B, nh, d), ref)
+            bound = 2e-2 if dt == torch.bfloat16 else 1e-5
+            results.append({"check": "decode_attention", "dtype": str(dt), "shape": [B, nh, nkv, d, S],
+                             "rel_err": err, "cache_written": cache_ok, "ok": cache_ok and err < bound})
+
+
+def make_weights(n: int, k: int, kind: str, device="cuda") -> dict:
+    w = torch.randn(n, k, device=device) * 0.02
+    if kind == "bf16":
+        wb = w.bfloat16()
+        return {"args": (wb,), "kw": {}, "ref_w": wb.float(), "bytes": wb.numel() * 2}
+    if kind == "fp8":
+        s = (w.abs().max() / 448).reshape(1)
+        w8 = (w / s).to(torch.float8_e4m3fn)
+        return {"args": (w8,), "kw": {"kind": K.W_FP8, "w_scale": s}, "fp8": (w8, s), "bytes": w8.numel()}
+    if kind == "int8":
+        q, s = quantize_per_channel(w, 8, torch.bfloat16)
+        return {"args": (q,), "kw": {"kind": K.W_INT8, "w_scale": s}, "ref_w": q.float() * s.float()[:, None],
+                "bytes": q.numel() + s.numel() * 2}
+    if kind == "int4":
+        q, s = quantize_per_channel(w, 4, torch.bfloat16)
+        p = K.pack_int4_k(q)
+        return {"args": (p,), "kw": {"kind": K.W_INT4, "w_scale": s}, "ref_w": q.float() * s.float()[:, None],
+                "bytes": p.numel() + s.numel() * 2}
+    if kind == "int4g128":
+        q, s, z = quantize_groupwise(w, 128, torch.bfloat16)
+        p = K.pack_int4_k(q)
+        return {"args": (p,), "kw": {"kind": K.W_INT4, "w_scale": s, "group": 128},
+                "ref_w": dequantize_groupwise(q, s, z, 128), "bytes": p.numel() + s.numel() * 2}
+    if kind == "fp8u":  # FP8 weights and activations, products on bf16 tensor cores
+        d = make_weights(n, k, "fp8", device)
+        d["kw"]["fp8_upcast"] = True
+        return d
+    if kind == "fp8dyn":  # per-channel weights, per-token dynamic activations
+        s = (w.abs().amax(1) / 448).float()
+        w8 = (w / s[:, None]).to(torch.float8_e4m3fn)
+        return {"args": (w8,), "kw": {"kind": K.W_FP8, "w_scale": s, "dynamic_token": True}, "fp8dyn": (w8, s),
+                "bytes": w8.numel()}
+    if kind in ("int4h", "int4g128h"):
+        group = 128 if kind == "int4g128h" else 0
+        if group:
+            q, s, z = quantize_groupwise(w, 128, torch.bfloat16)
+            ref = dequantize_groupwise(q, s, z, 128)
+        else:
+            q, s = quantize_per_channel(w, 4, torch.bfloat16)
+            ref = q.float() * s.float()[:, None]
+        blk = K.int4_block_for(k, group)
+        p = K.pack_int4_halves(q, blk)
+        return {"args": (p,), "kw": {"kind": K.W_INT4, "w_scale": s, "group": group, "int4_block": blk},
+                "ref_w": ref, "bytes": p.numel() + s.numel() * 2}
+    raise ValueError(kind)
+
+
+def check_gemv(results: list) -> None:
+    for kind in ("bf16", "fp8", "fp8u", "fp8dyn", "int8", "int4", "int4g128", "int4h", "int4g128h"):
+        for M, N, Kd in [(1, 4096, 4096), (3, 1000, 2048), (16, 6144, 4096)]:
+            wt = make_weights(N, Kd, kind)
+            x = torch.randn(M, Kd, device="cuda").bfloat16()
+            if kind == "fp8dyn":
+                w8, s = wt["fp8dyn"]
+                tok = (x.float().abs().amax(1, keepdim=True) / 448).clamp_min(1e-12)
+                xq = (x.float() / tok).clamp(-448, 448).to(torch.float8_e4m3fn).float()
+                ref = (xq @ w8.float().t()) * tok * s
+                out = K.gemv(x, *wt["args"], **wt["kw"])
+            elif kind in ("fp8", "fp8u"):
+                a_s = (x.float().abs().max() / 448).reshape(1)
+                w8, s = wt["fp8"]
+                # the E4M3 roundings of both operands, float32 products (_scaled_mm needs N % 16 == 0)
+                xq = (x.float() / a_s).clamp(-448, 448).to(torch.float8_e4m3fn).float()
+                ref = (xq @ w8.float().t()) * a_s * s
+                if N % 16 == 0:
+                    results.append({"check": "scaled_mm_vs_simulation", "shape": [M, N, Kd],
+                                    "rel_err": rel(fp8_linear(x.float(), w8, s, a_s), ref), "ok": True})
+                out = K.gemv(x, *wt["args"], act_scale=a_s, **wt["kw"])
+            else:
+                ref = x.float() @ wt["ref_w"].t()
+                out = K.gemv(x, *wt["args"], **wt["kw"])
+            err = rel(out, ref)
+            results.append({"check": f"gemv_{kind}", "shape": [M, N, Kd], "rel_err": err, "ok": err < 1e-2})
+
+
+def graph_time(fns: list, replays: int = 20) -> float:
+    """Median seconds of one call, from a CUDA graph of every fn in ``fns`` (rotating inputs)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for f in fns:
+            f()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for f in fns:
+            f()
+    times = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3 / len(fns))
+    return statistics.median(times)
+
+
+def time_attention(rows: list, shape: str, span: int = 512, pos: int = 383, batch: int = 1) -> None:
+    hidden, nh, nkv, d, _, _ = SHAPES[shape]
+    n = 32
+    caches = [(torch.randn(batch, nkv, span, d, device="cuda").bfloat16(),
+               torch.randn(batch, nkv, span, d, device="cuda").bfloat16()) for _ in range(n)]
+    q = torch.randn(batch, nh, d, device="cuda").bfloat16()
+    kn = torch.randn(batch, nkv, d, device="cuda").bfloat16()
+    vn = torch.randn(batch, nkv, d, device="cuda").bfloat16()
+    p = torch.full((batch,), pos, device="cuda")
+    slots = torch.arange(span, device="cuda")
+    mask = torch.zeros((), dtype=torch.bfloat16, device="cuda").masked_fill(
+        slots[None, :] > p[:, None], float("-inf"))[:, None, None, :]
+    rows_i = torch.arange(batch, device="cuda")
+
+    def sdpa(kc, vc):
+        kc[rows_i, :, p] = kn
+        vc[rows_i, :, p] = vn
+        return F.scaled_dot_product_attention(q.view(batch, nkv, nh // nkv, d), kc, vc, attn_mask=mask)
+
+    t_sdpa = graph_time([lambda kc=kc, vc=vc: sdpa(kc, vc) for kc, vc in caches])
+    t_tri = graph_time([lambda kc=kc, vc=vc: K.decode_attention(q, kn, vn, kc, vc, p, span) for kc, vc in caches])
+    rows.append({"bench": "decode_attention", "shape": shape, "batch": batch, "span": span, "pos": pos,
+                 "sdpa_us": t_sdpa * 1e6, "triton_us": t_tri * 1e6, "speedup": t_sdpa / t_tri})
+
+
+def time_gemv(rows: list, shape: str, kinds: list[str], M: int = 1, sweep: bool = False) -> None:
+    hidden, nh, nkv, d, inter, vocab = SHAPES[shape]
+    mats = {"qkv": ((nh + 2 * nkv) * d, hidden), "o": (hidden, nh * d), "gate_up": (2 * inter, hidden),
+            "down": (hidden, inter), "lm_head": (vocab, hidden)}
+    for name, (N, Kd) in mats.items():
+        per = N * Kd * 2
+        copies = max(2, min(16, int(400e6 // per)))
+        x = torch.randn(M, Kd, device="cuda").bfloat16()
+        a_s = torch.tensor([0.01], device="cuda")
+        row = {"bench": "gemv", "shape": shape, "matrix": name, "N": N, "K": Kd, "M": M}
+        ws = [make_weights(N, Kd, "bf16") for _ in range(copies)]
+        t = graph_time([lambda w=w: F.linear(x, w["args"][0]) for w in ws])
+        row["cublas_bf16_us"] = t * 1e6
+        row["cublas_bf16_GBps"] = per / t / 1e9
+        del ws
+        for kind in kinds:
+            ws = [make_weights(N, Kd, kind) for _ in range(copies)]
+            extra = {"act_scale": a_s} if kind in ("fp8", "fp8u") else {}
+            configs = [None]
+            if sweep:
+                configs += [(bn, bk, nw) for bn in (16, 32, 64) for bk in (128, 256, 512) for nw in (4, 8)
+                            if not (kind == "int4g128" and bk != 128)]
+                if kind in ("int4h", "int4g128h"):  # BK is the packing block
+                    configs = [None] + [(bn, 0, nw) for bn in (16, 32, 64, 128) for nw in (4, 8)]
+            best = None
+            for cfg in configs:
+                try:
+                    t = graph_time([lambda w=w: K.gemv(x, *w["args"], tiles=cfg, **w["kw"], **extra) for w in ws])
+                except Exception as exc:  # a tile config the compiler refuses
+                    row.setdefault("errors", []).append(f"{kind} {cfg}: {exc!r}"[:200])
+                    continue
+                if cfg is None:
+                    row[f"{kind}_us"] = t * 1e6
+                    row[f"{kind}_GBps"] = ws[0]["bytes"] / t / 1e9
+                if best is None or t < best[0]:
+                    best = (t, cfg)
+            if sweep and best:
+                row[f"{kind}_best"] = {"us": best[0] * 1e6, "tiles": best[1]}
+            del ws
+        rows.append(row)
+        torch.cuda.empty_cache()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sweep", action="store_true", help="also try every tile config per matrix")
+    ap.add_argument("--shapes", default="1b,8b")
+    ap.add_argument("--kinds", default="bf16,fp8,int8,int4,int4g128")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    checks: list = []
+    check_attention(checks)
+    check_gemv(checks)
+    for c in checks:
+        print(json.dumps(c))
+    print("correctness:", "ALL OK" if all(c["ok"] for c in checks) else "FAILURES")
+    rows: list = []
+    for shape in args.shapes.split(","):
+        time_attention(rows, shape)
+        time_attention(rows, shape, span=2304, pos=2200)
+        time_attention(rows, shape, batch=32, span=512, pos=383)
+        time_gemv(rows, shape, args.kinds.split(","), M=args.batch, sweep=args.sweep)
+    with open(os.path.join(args.out, "kernel_bench.json"), "w") as f:
+        json.dump({"checks": checks, "rows": rows, "device": torch.cuda.get_device_name()}, f, indent=1)
+    print(f"\n{torch.cuda.get_device_name()}  torch {torch.__version__}")
+    for r in rows:
+        if r["bench"] == "decode_attention":
+            print(f"attn {r['shape']} B={r['batch']} span={r['span']} pos={r['pos']}: sdpa {r['sdpa_us']:.1f} us, "
+                  f"triton {r['triton_us']:.1f} us ({r['speedup']:.2f}x)")
+    kinds = args.kinds.split(",")
+    print("| shape | matrix | N x K | cuBLAS bf16 us (GB/s) | " + " | ".join(f"{k} us (GB/s)" for k in kinds) + " |")
+    for r in rows:
+        if r["bench"] != "gemv":
+            continue
+        cells = [f"{r.get(k + '_us', float('nan')):.1f} ({r.get(k + '_GBps', float('nan')):.0f})"
+                 + (f" best {r[k + '_best']['us']:.1f} {r[k + '_best']['tiles']}" if k + "_best" in r else "")
+                 for k in kinds]
+        print(f"| {r['shape']} | {r['matrix']} | {r['N']}x{r['K']} | {r['cublas_bf16_us']:.1f} "
+              f"({r['cublas_bf16_GBps']:.0f}) | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,236 @@
+"""Quantized linears in the torch engine: the checkpoint's low-precision tensors in the kernels' layout.
+
+The engine runs a quantized checkpoint from its stored FP8 / int8 / int4 weights, never from a float
+copy. Per engine linear slot (``qkv``, ``o``, ``gate_up``, ``down``) the engine file holds:
+
+    layers.{i}.{slot}.weight      FP8 E4M3 [N, K] | int8 [N, K] | int4 [N, K/2] packed along K by
+                                  ``kernels.pack_int4_halves`` (block in ``int4_block``)
+    layers.{i}.{slot}.scale       float32: per output row [N] (FP8, FP8 per-channel, W8A16, W4A16) or
+                                  per group [N, K/group] (W4A16_AWQ)
+    layers.{i}.{slot}.act_scale   float32 (1,): FP8's static activation scale
+    layers.{i}.{slot}.pqs         AWQ's per-input pre-quant scale [K];  .zero  AWQ's additive zero [N, K/g]
+    layers.{i}.kv_scale           float32 (1,): the KV cache scale when kv_cache_quant_algo is set
+
+``gate_up`` stacks ``mlp.fc`` over ``mlp.gate`` as in the float engine: their weight scales stay per row,
+FP8's two activation scales become their maximum (what TensorRT-LLM's gated-MLP fusion does), AWQ's
+pre-quant scales must be equal (Kiln's AWQ searches one scale for the shared input).
+
+Arithmetic (``qlinear_forward``): on CUDA with at most ``kernels.GEMV_MAX_ROWS`` rows (decode) one
+Triton kernel reads the packed weight once (FP8: activations rounded to E4M3 with their scale, E4M3 x
+E4M3 products accumulated in float32; int: weights dequantized in registers); with more rows (prefill)
+FP8 runs ``torch._scaled_mm`` and integer weights are dequantized to the model dtype for one GEMM; on
+CPU the same roundings are computed in float32, which is what ``quantization.qlinear`` (the reference
+runtime's arithmetic) computes.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import InvalidCheckpoint
+from ..quantization import config as qc
+from ..quantization.weight_only import unpack_int4_cols, unpack_int4_rows
+
+W_FP8, W_INT8, W_INT4 = 1, 2, 3  # kernels.W_* (kept here so CPU engines need no Triton)
+ENGINE_QUANT_ALGOS = (qc.FP8, qc.FP8_PER_CHANNEL_PER_TOKEN, qc.W8A16, qc.W4A16, qc.W4A16_AWQ)
+SLOTS = {"qkv": ("attention.qkv",), "o": ("attention.dense",), "gate_up": ("mlp.fc", "mlp.gate"),
+         "down": ("mlp.proj",)}
+E4M3_MAX = 448.0
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class QLinear(NamedTuple):
+    weight: torch.Tensor
+    scale: torch.Tensor
+    act_scale: torch.Tensor | None
+    pqs: torch.Tensor | None
+    zero: torch.Tensor | None
+    kind: int
+    group: int  # 0 = one scale per output row
+    dynamic: bool  # FP8 per-token activation scales
+    int4_block: int
+
+
+def check_engine_quant(quant: dict | None, arch: str) -> None:
+    """Refuse, before anything is written, what the torch engine cannot execute."""
+    algo = (quant or {}).get("quant_algo")
+    kv = (quant or {}).get("kv_cache_quant_algo")
+    if algo is None and kv is None:
+        return
+    if kv is not None and kv not in ("INT8", "FP8"):
+        raise InvalidCheckpoint(f"kv_cache_quant_algo {kv!r} is not INT8 or FP8")
+    if algo is not None and algo not in ENGINE_QUANT_ALGOS:
+        raise InvalidCheckpoint(
+            f"the torch engine does not execute {algo} checkpoints",
+            hint=f"it runs {', '.join(ENGINE_QUANT_ALGOS)}; build {algo} with the trtllm backend")
+    if arch not in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"):
+        raise InvalidCheckpoint(f"quantized {arch} checkpoints ({algo or kv + ' KV cache'}) are not built by the "
+                                "torch engine",
+                                hint="quantized engines cover the Llama family")
+
+
+def int4_block_for(k: int, group: int) -> int:
+    """The int4 packing block for K input features and a group size (0 = per channel): 2 x min(group, 256)."""
+    half = min(group, 256) if group else 256
+    while k % (2 * half):
+        half //= 2
+    if half < 16 or (group and group % half):
+        raise InvalidCheckpoint(f"no int4 packing block fits {k} input features with group size {group}")
+    return 2 * half
+
+
+def pack_int4_halves(q: torch.Tensor, block: int) -> torch.Tensor:
+    """int8 [N, K] in [-8, 7] -> int8 [N, K/2]: in each ``block`` of K, byte j holds k = j (low nibble)
+    and k = block/2 + j (high nibble), so the kernel unpacks two contiguous half-blocks, no shuffle."""
+    n, k = q.shape
+    qb = q.reshape(n, k // block, 2, block // 2).to(torch.int16)
+    lo, hi = qb[:, :, 0], qb[:, :, 1]
+    return ((lo & 0x0F) | ((hi & 0x0F) << 4)).to(torch.uint8).view(torch.int8).reshape(n, k // 2).contiguous()
+
+
+def unpack_int4_halves(packed: torch.Tensor, block: int) -> torch.Tensor:
+    n, kh = packed.shape
+    b = packed.view(torch.uint8).to(torch.int16).reshape(n, kh * 2 // block, block // 2)
+    lo, hi = b & 0x0F, (b >> 4) & 0x0F
+    lo, hi = torch.where(lo > 7, lo - 16, lo), torch.where(hi > 7, hi - 16, hi)
+    return torch.stack([lo, hi], 2).reshape(n, kh * 2).to(torch.int8)
+
+
+def _module_q(tensors, module: str, algo: str, group: int) -> dict[str, torch.Tensor]:
+    """One checkpoint module -> {q: int8/fp8 [N, K] (int4 unpacked to int8), scale, act, pqs, zero}."""
+    p = module + "."
+    w = tensors[p + "weight"]
+    if algo == qc.FP8:
+        n = w.shape[0]
+        return {"q": w, "scale": tensors[p + "weights_scaling_factor"].float().reshape(1).expand(n).clone(),
+                "act": tensors[p + "activation_scaling_factor"].float().reshape(1)}
+    if algo == qc.FP8_PER_CHANNEL_PER_TOKEN:
+        return {"q": w, "scale": tensors[p + "per_channel_scale"].float().reshape(-1)}
+    if algo == qc.W8A16:
+        return {"q": w.t().contiguous(), "scale": tensors[p + "per_channel_scale"].float()}
+    if algo == qc.W4A16:
+        return {"q": unpack_int4_cols(w).t().contiguous(), "scale": tensors[p + "per_channel_scale"].float()}
+    if algo == qc.W4A16_AWQ:
+        out = {"q": unpack_int4_rows(w), "scale": tensors[p + "weights_scaling_factor"].float(),
+               "pqs": tensors[p + "prequant_scaling_factor"].float()}
+        if p + "zero" in tensors:
+            out["zero"] = tensors[p + "zero"].float()
+        return out
+    raise InvalidCheckpoint(f"the torch engine does not execute {algo}")
+
+
+def quantized_layer_tensors(tensors, layer: int, quant: dict) -> dict[str, torch.Tensor]:
+    """The engine tensors of one layer's quantized linears (and KV scale), from checkpoint tensors."""
+    algo = quant["quant_algo"]
+    group = int(quant.get("group_size") or 128) if algo == qc.W4A16_AWQ else 0
+    out: dict[str, torch.Tensor] = {}
+    base = f"transformer.layers.{layer}."
+    for slot, modules in SLOTS.items():
+        floats = [tensors[base + m + ".weight"].dtype in FLOAT_DTYPES for m in modules]
+        if all(floats):
+            continue  # an excluded module: the float engine tensor serves it
+        if any(floats):
+            raise InvalidCheckpoint(f"{base}: {' and '.join(modules)} are fused by the engine but only some are "
+                                    "quantized", hint="exclude both or neither")
+        parts = [_module_q(tensors, base + m, algo, group) for m in modules]
+        e = f"layers.{layer}.{slot}."
+        q = torch.cat([p["q"] for p in parts], 0)
+        if algo in (qc.W4A16, qc.W4A16_AWQ):
+            q = pack_int4_halves(q, int4_block_for(q.shape[1], group))
+        out[e + "weight"] = q.contiguous()
+        out[e + "scale"] = torch.cat([p["scale"] for p in parts], 0).contiguous()
+        if "act" in parts[0]:
+            out[e + "act_scale"] = torch.stack([p["act"] for p in parts]).amax(0).reshape(1)
+        if "pqs" in parts[0]:
+            if any(not torch.equal(parts[0]["pqs"], p["pqs"]) for p in parts[1:]):
+                raise InvalidCheckpoint(f"{base}: mlp.fc and mlp.gate have different AWQ pre-quant scales; "
+                                        "the engine fuses them over one input")
+            out[e + "pqs"] = parts[0]["pqs"].contiguous()
+        if "zero" in parts[0]:
+            out[e + "zero"] = torch.cat([p["zero"] for p in parts], 0).contiguous()
+    kv = tensors.get(base + "attention.kv_cache_scaling_factor")
+    if quant.get("kv_cache_quant_algo") and kv is not None:
+        out[f"layers.{layer}.kv_scale"] = kv.float().reshape(1)
+    return out
+
+
+def quantized_slots(layer_tensors: dict[str, torch.Tensor], layer: int) -> set[str]:
+    return {s for s in SLOTS if f"layers.{layer}.{s}.weight" in layer_tensors}
+
+
+def load_qlinear(weights: dict[str, torch.Tensor], name: str, quant: dict) -> QLinear | None:
+    """The QLinear for engine slot ``name`` (``layers.3.qkv``), or None when it is a float tensor."""
+    w = weights.get(name + ".weight")
+    if w is None:
+        return None
+    algo = quant["quant_algo"]
+    group = int(quant.get("group_size") or 128) if algo == qc.W4A16_AWQ else 0
+    kind = {qc.FP8: W_FP8, qc.FP8_PER_CHANNEL_PER_TOKEN: W_FP8, qc.W8A16: W_INT8}.get(algo, W_INT4)
+    block = int4_block_for(w.shape[1] * 2, group) if kind == W_INT4 else 0
+    return QLinear(w, weights[name + ".scale"], weights.get(name + ".act_scale"), weights.get(name + ".pqs"),
+                   weights.get(name + ".zero"), kind, group, algo == qc.FP8_PER_CHANNEL_PER_TOKEN, block)
+
+
+def dequantize(q: QLinear) -> torch.Tensor:
+    """The float32 [N, K] weight of an integer QLinear (scales and zero applied)."""
+    w = unpack_int4_halves(q.weight, q.int4_block) if q.kind == W_INT4 else q.weight
+    wf = w.float()
+    if q.group:
+        n, k = wf.shape
+        wg = wf.reshape(n, k // q.group, q.group) * q.scale.float()[..., None]
+        if q.zero is not None:
+            wg = wg + q.zero.float()[..., None]
+        return wg.reshape(n, k)
+    return wf * q.scale.float()[:, None]
+
+
+def _fp8_act(x: torch.Tensor, q: QLinear) -> tuple[torch.Tensor, torch.Tensor]:
+    if q.dynamic:
+        s = (x.float().abs().amax(-1, keepdim=True) / E4M3_MAX).clamp_min(1e-12)
+    else:
+        s = q.act_scale.float()
+    return (x.float() / s).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), s
+
+
+def qlinear_forward(x: torch.Tensor, q: QLinear, bias: torch.Tensor | None = None,
+                    gemv=None) -> torch.Tensor:
+    """``x @ Wᵀ (+ bias)`` from the stored low-precision weight, in x's dtype. ``gemv``: the Triton
+    kernel wrapper (``kernels.gemv``) when the caller runs on CUDA, else None."""
+    rows = x.numel() // x.shape[-1]
+    if gemv is not None and rows <= 16:
+        return gemv(x, q.weight, kind=q.kind, w_scale=q.scale, act_scale=q.act_scale, group=q.group,
+                    pre_quant_scale=q.pqs, zero=q.zero, bias=bias, dynamic_token=q.dynamic,
+                    int4_block=q.int4_block)
+    if q.pqs is not None:
+        x = (x.float() * q.pqs.float()).to(x.dtype)
+    if q.kind == W_FP8:
+        xq, s = _fp8_act(x, q)
+        n, k = q.weight.shape
+        if x.is_cuda and n % 16 == 0 and k % 16 == 0:
+            x2 = xq.reshape(-1, k)
+            one = torch.ones((), dtype=torch.float32, device=x.device)
+            y = torch._scaled_mm(x2, q.weight.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+            y = y.reshape(*x.shape[:-1], n)
+        else:
+            y = xq.float() @ q.weight.float().t()
+        y = y * s * q.scale.float()
+    elif x.is_cuda:  # prefill: one dequantized GEMM in the model dtype
+        y = F.linear(x, dequantize(q).to(x.dtype))
+    else:
+        y = x.float() @ dequantize(q).t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def qdq_kv(x: torch.Tensor, scale: torch.Tensor | None, algo: str | None) -> torch.Tensor:
+    """What a quantized KV cache gives back (the engine stores the rounded values in its dtype)."""
+    if scale is None or not algo:
+        return x
+    s = scale.float().reshape(())
+    if algo == "INT8":
+        return (torch.round(x.float() / s).clamp(-128, 127) * s).to(x.dtype)
+    return ((x.float() / s).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float() * s).to(x.dtype)

@@ -1,0 +1,319 @@
+"""Triton kernels for the engine's decode step on CUDA (imported only where Triton and a GPU exist).
+
+* ``decode_attention``: one query token per row against the static KV cache, flash-decoding style.
+  The KV span is cut into splits so that even batch 1 fills the GPU; each program handles one
+  (row, KV head, split) and every query head of that KV head's GQA group at once (one K/V read for
+  the group). The new token's K/V is written into the cache by the program whose split holds its
+  position (no separate scatter kernel, no copy of the cache), and only slots <= pos[b] are read, so
+  the work follows the true context length, not the captured span bucket. A second kernel combines
+  the splits' partial softmax sums.
+* ``gemv``: ``x @ Wᵀ`` for a few rows (decode), with the weight bf16/fp16, FP8 (E4M3, per-tensor or
+  per-row scales, activations quantized to E4M3 with their static scale inside the kernel, both
+  operands multiplied as FP8 on the tensor cores with float32 accumulation, as TensorRT-LLM's FP8
+  GEMM does), int8 weight-only or packed int4 weight-only (per-channel or per-group scales, optional
+  zero points, optional per-input pre-quant scale as AWQ stores it). Weights are read once, in
+  [rows, K] tiles along K: decode is bound by the bytes of the weights, and these are the fewest.
+
+Everything here is checked against plain PyTorch in ``benchmarks/kernel_bench.py`` (on the GPU) and in
+the GPU tests; the CPU engine does not use this module.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .engine_quant import int4_block_for, pack_int4_halves, unpack_int4_halves  # noqa: F401 (the layout)
+
+
+# ---------------------------------------------------------------------------------------------
+# decode attention
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _decode_attn_split(Q, KN, VN, KC, VC, POS, OP, ML,
+                       sqb, sqh, skb, skh, svb, svh,
+                       scb, sch, scs, svcb, svch, svcs,
+                       sob, soh, sos, smb, smh, sms,
+                       split_len, sm_scale,
+                       G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
+                       IEEE: tl.constexpr):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    sp = tl.program_id(2)
+    pos = tl.load(POS + b)
+    start = sp * split_len
+    offs_g = tl.arange(0, GP)
+    offs_d = tl.arange(0, D)
+    gmask = offs_g < G
+    heads = kvh * G + offs_g
+    q = tl.load(Q + b * sqb + heads[:, None] * sqh + offs_d[None, :], mask=gmask[:, None], other=0.0)
+    kn = tl.load(KN + b * skb + kvh * skh + offs_d)
+    vn = tl.load(VN + b * svb + kvh * svh + offs_d)
+    kbase = KC + b * scb + kvh * sch
+    vbase = VC + b * svcb + kvh * svch
+    if (pos >= start) & (pos < start + split_len):
+        tl.store(kbase + pos * scs + offs_d, kn)
+        tl.store(vbase + pos * svcs + offs_d, vn)
+    m_i = tl.full([GP], float("-inf"), tl.float32)
+    l_i = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, D], tl.float32)
+    end = tl.minimum(start + split_len, pos + 1)
+    for s0 in range(start, end, BS):
+        offs_s = s0 + tl.arange(0, BS)
+        smask = offs_s < end
+        k = tl.load(kbase + offs_s[:, None] * scs + offs_d[None, :], mask=smask[:, None], other=0.0)
+        v = tl.load(vbase + offs_s[:, None] * svcs + offs_d[None, :], mask=smask[:, None], other=0.0)
+        is_new = (offs_s == pos)[:, None]
+        k = tl.where(is_new, kn[None, :], k)
+        v = tl.where(is_new, vn[None, :], v)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = tl.where(smask[None, :], s * sm_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    tl.store(OP + b * sob + heads[:, None] * soh + sp * sos + offs_d[None, :], acc, mask=gmask[:, None])
+    tl.store(ML + b * smb + heads * smh + sp * sms, m_i, mask=gmask)
+    tl.store(ML + b * smb + heads * smh + sp * sms + 1, l_i, mask=gmask)
+
+
+@triton.jit
+def _decode_attn_combine(OP, ML, OUT, sob, soh, sos, smb, smh, sms, s_outb,
+                         NS: tl.constexpr, NSP: tl.constexpr, D: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    offs = tl.arange(0, NSP)
+    offs_d = tl.arange(0, D)
+    mask = offs < NS
+    m = tl.load(ML + b * smb + h * smh + offs * sms, mask=mask, other=float("-inf"))
+    l_ = tl.load(ML + b * smb + h * smh + offs * sms + 1, mask=mask, other=0.0)
+    m_max = tl.max(m, 0)
+    w = tl.where(m > float("-inf"), tl.exp(m - m_max), 0.0)
+    total = tl.sum(l_ * w, 0)
+    o = tl.load(OP + b * sob + h * soh + offs[:, None] * sos + offs_d[None, :], mask=mask[:, None], other=0.0)
+    out = tl.sum(o * w[:, None], 0) / total
+    tl.store(OUT + b * s_outb + h * D + offs_d, out.to(OUT.dtype.element_ty))
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def decode_splits(batch: int, kv_heads: int, span: int, device: torch.device) -> tuple[int, int]:
+    """(number of splits, slots per split): about two programs per SM, splits of >= 32 slots."""
+    if device.type != "cuda":  # the Triton interpreter (tests of the kernels' arithmetic on CPU)
+        sms = 8
+    else:
+        sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    ns = max(1, min(-(-2 * sms // (batch * kv_heads)), span // 32))
+    split_len = -(-span // ns)
+    split_len = -(-split_len // 16) * 16
+    ns = -(-span // split_len)
+    return ns, split_len
+
+
+def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
+                     v_cache: torch.Tensor, pos: torch.Tensor, span: int) -> torch.Tensor:
+    """q [B, nh, d]; k_new, v_new [B, nkv, d]; caches [>=B, nkv, >=span, d] (last dim contiguous);
+    pos [B] (each < span). Writes K/V at pos, returns softmax(q·Kᵀ/√d)·V over slots 0..pos[b] as
+    [B, nh * d] in q's dtype."""
+    B, nh, d = q.shape
+    nkv = k_new.shape[1]
+    g = nh // nkv
+    for t in (q, k_new, v_new, k_cache, v_cache):
+        if t.stride(-1) != 1:
+            raise ValueError("decode_attention needs the head dimension contiguous")
+    ns, split_len = decode_splits(B, nkv, span, q.device)
+    part = torch.empty((B, nh, ns, d), dtype=torch.float32, device=q.device)
+    ml = torch.empty((B, nh, ns, 2), dtype=torch.float32, device=q.device)
+    out = torch.empty((B, nh * d), dtype=q.dtype, device=q.device)
+    bs = 32 if d >= 128 else 64
+    _decode_attn_split[(B, nkv, ns)](
+        q, k_new, v_new, k_cache, v_cache, pos, part, ml,
+        q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        part.stride(0), part.stride(1), part.stride(2), ml.stride(0), ml.stride(1), ml.stride(2),
+        split_len, 1.0 / (d ** 0.5),
+        G=g, GP=max(16, triton.next_power_of_2(g)), D=d, BS=bs, IEEE=q.dtype == torch.float32,
+        num_warps=4, num_stages=2,
+    )
+    _decode_attn_combine[(B, nh)](
+        part, ml, out, part.stride(0), part.stride(1), part.stride(2), ml.stride(0), ml.stride(1), ml.stride(2),
+        out.stride(0), NS=ns, NSP=max(2, triton.next_power_of_2(ns)), D=d, num_warps=4,
+    )
+    return out
+
+
+def decode_attention_supported(head_size: int, dtype: torch.dtype) -> bool:
+    return head_size in (64, 128, 256) and dtype in (torch.bfloat16, torch.float16, torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# skinny GEMM (decode): y[M, N] = x[M, K] @ Wᵀ with W stored [N, K] in some format
+# ---------------------------------------------------------------------------------------------
+W_BF16, W_FP8, W_INT8, W_INT4 = 0, 1, 2, 3
+
+
+@triton.jit
+def _gemv(X, W, Y, WS, AS, PQS, Z, BIAS,
+          M, N, K, sxm, swn, sym, sgs_n,
+          KIND: tl.constexpr, PER_ROW_SCALE: tl.constexpr, GROUP: tl.constexpr, HAS_PQS: tl.constexpr,
+          HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, DYN_TOKEN: tl.constexpr, FP8_UPCAST: tl.constexpr,
+          INT4_HALVES: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """One program: BN output columns for all M (<= BM) rows, looping over K in BK steps.
+    KIND 0 bf16/fp16 W; 1 FP8 W + static per-tensor activation scale AS (x quantized to E4M3);
+    2 int8 W; 3 int4 W packed two per byte along K ([N, K/2], even k in the low nibble).
+    WS: per-tensor scalar (PER_ROW_SCALE=0), per-row [N] (GROUP=0) or per-group [N, K/GROUP];
+    Z: additive per-group zero [N, K/GROUP] (AWQ with zero point); PQS: per-input scale [K] (AWQ)."""
+    pid = tl.program_id(0)
+    offs_m = tl.arange(0, BM)
+    offs_n = pid * BN + tl.arange(0, BN)
+    nmask = offs_n < N
+    mmask = offs_m < M
+    acc = tl.zeros([BM, BN], tl.float32)
+    if KIND == 1:
+        if DYN_TOKEN:  # per-token dynamic scale: amax of each row first (FP8_PER_CHANNEL_PER_TOKEN)
+            amax = tl.zeros([BM], tl.float32)
+            for k0 in range(0, K, BK):
+                offs_k = k0 + tl.arange(0, BK)
+                xa = tl.load(X + offs_m[:, None] * sxm + offs_k[None, :], mask=mmask[:, None], other=0.0)
+                amax = tl.maximum(amax, tl.max(tl.abs(xa.to(tl.float32)), 1))
+            a_row = tl.maximum(amax / 448.0, 1e-12)
+            inv_a = (1.0 / a_row)[:, None]
+        else:
+            inv_a = 1.0 / tl.load(AS)
+    if INT4_HALVES:  # int4 packed per BK block: byte j holds k0 + j (low) and k0 + BK/2 + j (high)
+        for k0 in range(0, K, BK):
+            HB: tl.constexpr = BK // 2
+            offs_lo = k0 + tl.arange(0, HB)
+            x_lo = tl.load(X + offs_m[:, None] * sxm + offs_lo[None, :], mask=mmask[:, None], other=0.0)
+            x_hi = tl.load(X + offs_m[:, None] * sxm + HB + offs_lo[None, :], mask=mmask[:, None], other=0.0)
+            if HAS_PQS:
+                x_lo = (x_lo.to(tl.float32) * tl.load(PQS + offs_lo)[None, :].to(tl.float32)).to(X.dtype.element_ty)
+                x_hi = (x_hi.to(tl.float32) * tl.load(PQS + HB + offs_lo)[None, :].to(tl.float32)).to(X.dtype.element_ty)
+            wb = tl.load(W + offs_n[:, None] * swn + (k0 // 2 + tl.arange(0, HB))[None, :], mask=nmask[:, None], other=0)
+            w_lo = ((wb << 4).to(tl.int8) >> 4).to(tl.float32)
+            w_hi = (wb.to(tl.int8) >> 4).to(tl.float32)
+            if GROUP > 0:  # GROUP >= BK/2: each half lies in one group
+                s_lo = tl.load(WS + offs_n[:, None] * sgs_n + (k0 // GROUP), mask=nmask[:, None], other=0.0)
+                s_hi = tl.load(WS + offs_n[:, None] * sgs_n + ((k0 + HB) // GROUP), mask=nmask[:, None], other=0.0)
+                w_lo = w_lo * s_lo.to(tl.float32)
+                w_hi = w_hi * s_hi.to(tl.float32)
+                if HAS_ZERO:
+                    z_lo = tl.load(Z + offs_n[:, None] * sgs_n + (k0 // GROUP), mask=nmask[:, None], other=0.0)
+                    z_hi = tl.load(Z + offs_n[:, None] * sgs_n + ((k0 + HB) // GROUP), mask=nmask[:, None], other=0.0)
+                    w_lo = w_lo + z_lo.to(tl.float32)
+                    w_hi = w_hi + z_hi.to(tl.float32)
+            acc += tl.dot(x_lo, tl.trans(w_lo.to(X.dtype.element_ty)))
+            acc += tl.dot(x_hi, tl.trans(w_hi.to(X.dtype.element_ty)))
+    for k0 in range(0, 0 if INT4_HALVES else K, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        x = tl.load(X + offs_m[:, None] * sxm + offs_k[None, :], mask=mmask[:, None], other=0.0)
+        if HAS_PQS:
+            x = (x.to(tl.float32) * tl.load(PQS + offs_k)[None, :].to(tl.float32)).to(X.dtype.element_ty)
+        if KIND == 3:
+            offs_kh = k0 // 2 + tl.arange(0, BK // 2)
+            wb = tl.load(W + offs_n[:, None] * swn + offs_kh[None, :], mask=nmask[:, None], other=0)
+            lo = (wb << 4).to(tl.int8) >> 4
+            hi = wb.to(tl.int8) >> 4
+            w = tl.reshape(tl.join(lo, hi), (BN, BK))
+        else:
+            w = tl.load(W + offs_n[:, None] * swn + offs_k[None, :], mask=nmask[:, None], other=0.0)
+        if KIND == 1:
+            xq = tl.clamp(x.to(tl.float32) * inv_a, -448.0, 448.0).to(tl.float8e4nv)
+            if FP8_UPCAST:  # E4M3 values are exact in bf16: the same products, bf16 tensor cores
+                acc += tl.dot(xq.to(tl.bfloat16), tl.trans(w.to(tl.bfloat16)))
+            else:
+                acc += tl.dot(xq, tl.trans(w))
+        elif KIND == 0:
+            acc += tl.dot(x, tl.trans(w))
+        else:
+            wf = w.to(tl.float32)
+            if GROUP > 0:  # w = q * scale (+ zero), one group per K tile (BK == GROUP)
+                s = tl.load(WS + offs_n[:, None] * sgs_n + (k0 // GROUP), mask=nmask[:, None], other=0.0)
+                wf = wf * s.to(tl.float32)
+                if HAS_ZERO:
+                    z = tl.load(Z + offs_n[:, None] * sgs_n + (k0 // GROUP), mask=nmask[:, None], other=0.0)
+                    wf = wf + z.to(tl.float32)
+            acc += tl.dot(x, tl.trans(wf.to(X.dtype.element_ty)))
+    if KIND == 1:
+        if DYN_TOKEN:
+            acc = acc * a_row[:, None]
+        else:
+            acc = acc * tl.load(AS)
+    if PER_ROW_SCALE:
+        if GROUP == 0:
+            acc = acc * tl.load(WS + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    elif KIND != 0:
+        acc = acc * tl.load(WS).to(tl.float32)
+    if HAS_BIAS:
+        acc = acc + tl.load(BIAS + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + offs_m[:, None] * sym + offs_n[None, :], acc.to(Y.dtype.element_ty),
+             mask=mmask[:, None] & nmask[None, :])
+
+
+GEMV_MAX_ROWS = 16
+
+
+def _gemv_tiles(n: int, k: int, kind: int, group: int) -> tuple[int, int, int]:
+    """(BN, BK, num_warps) — a few hundred programs for the big matrices, >= 1 SM each for small ones."""
+    bk = 256 if kind in (W_BF16, W_INT8, W_INT4) else 512
+    if group:
+        bk = group
+    bn = 16 if n <= 8192 else 32
+    while k % bk:
+        bk //= 2
+    return bn, bk, 4
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor, *, kind: int = W_BF16, w_scale: torch.Tensor | None = None,
+         act_scale: torch.Tensor | None = None, group: int = 0, pre_quant_scale: torch.Tensor | None = None,
+         zero: torch.Tensor | None = None, bias: torch.Tensor | None = None, dynamic_token: bool = False,
+         int4_block: int = 0, fp8_upcast: bool = False,
+         out_dtype: torch.dtype | None = None, tiles: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """y = x @ W_effectiveᵀ (+ bias) for x [M <= 16, K] (contiguous last dim). ``int4_block`` > 0: the
+    int4 weight is packed by ``pack_int4_halves(q, int4_block)`` (else ``pack_int4_k``)."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    M, K = x2.shape
+    N = w.shape[0]
+    if M > GEMV_MAX_ROWS:
+        raise ValueError(f"gemv handles at most {GEMV_MAX_ROWS} rows, got {M}")
+    if x2.stride(-1) != 1 or w.stride(-1) != 1:
+        raise ValueError("gemv needs contiguous rows")
+    y = torch.empty((M, N), dtype=out_dtype or x.dtype, device=x.device)
+    bn, bk, warps = tiles or _gemv_tiles(N, K, kind, group)
+    if int4_block:
+        bk = int4_block
+    per_row = w_scale is not None and w_scale.numel() > 1
+    dummy = x2
+    _gemv[(triton.cdiv(N, bn),)](
+        x2, w, y, w_scale if w_scale is not None else dummy, act_scale if act_scale is not None else dummy,
+        pre_quant_scale if pre_quant_scale is not None else dummy, zero if zero is not None else dummy,
+        bias if bias is not None else dummy,
+        M, N, K, x2.stride(0), w.stride(0), y.stride(0), w_scale.stride(0) if (per_row and group) else 0,
+        KIND=kind, PER_ROW_SCALE=per_row, GROUP=group, HAS_PQS=pre_quant_scale is not None,
+        HAS_ZERO=zero is not None, HAS_BIAS=bias is not None, DYN_TOKEN=dynamic_token, FP8_UPCAST=fp8_upcast,
+        INT4_HALVES=bool(int4_block), BM=16, BN=bn, BK=bk, num_warps=warps, num_stages=3,
+    )
+    return y.reshape(*lead, N)
+
+
+
+def pack_int4_k(q: torch.Tensor) -> torch.Tensor:
+    """int8 [N, K] with values in [-8, 7] -> int8 [N, K/2], k = 2j in the low nibble of byte j."""
+    lo, hi = q[:, 0::2].to(torch.int16), q[:, 1::2].to(torch.int16)
+    return ((lo & 0x0F) | ((hi & 0x0F) << 4)).to(torch.uint8).view(torch.int8).contiguous()
