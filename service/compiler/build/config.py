@@ -221,9 +221,18 @@ def validate_build(cfg: BuildConfig, ckpt: dict, *, weight_bytes: int | None = N
             f"{DECILM_ARCH} engines run as one rank: keep_tensor_parallel is not supported for them",
             hint="build with keep_tensor_parallel=False; the tp checkpoint is merged into one engine",
         )
-    quant = (ckpt.get("quantization") or {}).get("quant_algo")
-    if quant and cfg.backend in ("torch", "onnx", "tensorrt"):
-        raise InvalidBuildConfig(f"quantized checkpoints ({quant}) are not built by the {cfg.backend} backend yet")
+    qcfg = ckpt.get("quantization") or {}
+    quant = qcfg.get("quant_algo") or (qcfg.get("kv_cache_quant_algo") and f"{qcfg['kv_cache_quant_algo']} KV cache")
+    if quant and cfg.backend in ("onnx", "tensorrt"):
+        raise InvalidBuildConfig(f"quantized checkpoints ({quant}) are not built by the {cfg.backend} backend",
+                                 hint="build them with the torch backend (FP8, weight-only, AWQ) or trtllm")
+    if quant and cfg.backend == "torch":
+        from ..runtime.engine_quant import check_engine_quant
+
+        try:
+            check_engine_quant(qcfg, arch)
+        except KilnError as exc:
+            raise InvalidBuildConfig(exc.message, hint=exc.hint) from exc
     dtype = ckpt["dtype"] if cfg.dtype == "auto" else cfg.dtype
     if dtype not in ENGINE_DTYPES:
         raise InvalidBuildConfig(f"dtype must be auto, {', '.join(ENGINE_DTYPES)}; got {cfg.dtype!r}")
