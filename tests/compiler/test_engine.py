@@ -91,6 +91,21 @@ def test_engine_dir_has_trtllm_shaped_config(built):
     assert stats["weights_bytes"] > 0
 
 
+def test_build_writes_a_performance_report(built):
+    """performance.json: build / load time, TTFT, decode tok/s at batch 1 and max_batch_size, timed
+    after the engine is complete; peak GPU memory is null on the CPU, with the reason."""
+    _, _, root, stats = built
+    perf = json.loads((root / "engine" / "performance.json").read_text())
+    from service.compiler.runtime.performance import KEYS
+
+    assert set(KEYS) <= set(perf) and perf["build_seconds"] == stats["build_seconds"]
+    for key in KEYS[:-1]:
+        assert isinstance(perf[key], (int, float)) and perf[key] > 0, (key, perf)
+    assert perf["ttft_seconds"] < 60 and perf["max_batch_size"] == 4 and perf["prompt_tokens"] == 16
+    assert perf["new_tokens"] == {"batch_1": 16, "max_batch": 16} and perf["device"] == "cpu"
+    assert perf["peak_gpu_memory_bytes"] is None and "CPU" in perf["peak_gpu_memory_reason"]
+
+
 def test_batched_greedy_generation_matches_transformers(built):
     _, model, root, _ = built
     engine = Engine.load(root / "engine")
@@ -256,6 +271,10 @@ def test_onnx_engine_matches_reference_and_transformers(built, tmp_path):
     cfg = json.loads((tmp_path / "onnx" / "config.json").read_text())
     assert cfg["backend"] == "onnx" and cfg["verification"]["greedy_identical"]
     assert cfg["verification"]["max_abs_logit_error"] < 1e-4
+    perf = json.loads((tmp_path / "onnx" / "performance.json").read_text())
+    assert perf["backend"] == "onnx" and perf["max_batch_size"] == 2 and perf["peak_gpu_memory_bytes"] is None
+    assert all(perf[k] > 0 for k in ("build_seconds", "load_seconds", "ttft_seconds",
+                                     "decode_tokens_per_second_batch_1", "decode_tokens_per_second_max_batch"))
     assert (tmp_path / "onnx" / "prefill.onnx.data").stat().st_size > (tmp_path / "onnx" / "prefill.onnx").stat().st_size
     # a batch of two through both graphs against transformers
     prefill = ort.InferenceSession(str(tmp_path / "onnx" / "prefill.onnx"), providers=["CPUExecutionProvider"])

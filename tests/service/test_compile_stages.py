@@ -79,6 +79,15 @@ def test_w8a16_build_evaluate_job_succeeds_with_checkpoint_engine_report(worker_
     assert svc.artifact_file("t", job.id, "report", "report.html")[0].read_text().startswith("<!doctype html>")
     served = svc.report("t", job.id)
     assert served["evaluation"]["passed"] is True
+    # the build's performance report: stored with the engine, in the build stage's summary and the job report
+    perf_path, _ = svc.artifact_file("t", job.id, "engine", "performance.json")
+    perf = json.loads(perf_path.read_text())
+    for key in ("build_seconds", "load_seconds", "ttft_seconds", "decode_tokens_per_second_batch_1",
+                "decode_tokens_per_second_max_batch"):
+        assert perf[key] > 0, (key, perf)
+    assert perf["max_batch_size"] == 4 and perf["peak_gpu_memory_bytes"] is None and perf["peak_gpu_memory_reason"]
+    assert stages["build"].summary["performance"] == perf
+    assert next(s for s in served["stages"] if s["name"] == "build")["summary"]["performance"] == perf
 
     # the same request again: every stage is a cache hit, the same artifacts come back
     again, created = svc.submit("t", spec)

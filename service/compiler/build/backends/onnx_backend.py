@@ -5,6 +5,8 @@
     engine/decode.onnx     input_ids [B, 1], past_keys/values [L, B, nkv, P, d]
                            -> logits [B, 1, V], present_keys/values [L, B, nkv, P + 1, d]
     engine/*.onnx.data     the weights, as ONNX external data (one file per graph)
+    engine/performance.json  load time, time to first token, decode tokens/s (batch 1, max_batch_size),
+                           timed with onnxruntime on the CPU after verification
 
 Rows of a batch have equal lengths (no padding in the graphs). The Llama family and GPT-2 / OPT
 (learned positions, LayerNorm, OPT post-LN) are exported; a tp checkpoint is merged into one graph. After export the build runs both
@@ -29,6 +31,7 @@ from ...errors import InvalidCheckpoint, KilnError
 from ...runtime.engine_gpt import GPT_ARCHS, activation, activation_name, is_post_ln, layer_norm
 from ...runtime.engine_gpt import LAYER_FIELDS as GPT_FIELDS
 from ...runtime.engine_model import LAYER_FIELDS, apply_rope, rms_norm, rope_inv_freq
+from ...runtime.performance import PERFORMANCE_FILE
 from ..config import ResolvedBuild
 from .torch_backend import ENGINE_VERSION, write_engine_weights
 
@@ -196,6 +199,48 @@ def verify_onnx(engine_dir: Path, ckpt_dir: Path, prompt: list[int], new_tokens:
             "reference_tokens": expect, "greedy_identical": tokens == expect}
 
 
+def measure_onnx(engine_dir: Path, vocab: int, max_batch: int, max_input: int, max_seq: int,
+                 repeats: int = 2) -> dict:
+    """performance.json of an onnx engine, timed with onnxruntime on the CPU (see runtime/performance.py)."""
+    import statistics
+
+    import numpy as np
+    import onnxruntime as ort
+
+    from ...runtime.performance import NEW_TOKENS, PERFORMANCE_VERSION, PROMPT_TOKENS
+
+    t0 = time.perf_counter()
+    prefill = ort.InferenceSession(str(engine_dir / "prefill.onnx"), providers=["CPUExecutionProvider"])
+    decode = ort.InferenceSession(str(engine_dir / "decode.onnx"), providers=["CPUExecutionProvider"])
+    load_s = time.perf_counter() - t0
+    n = max(1, min(PROMPT_TOKENS, max_input, max_seq - 2))
+    new = max(2, min(NEW_TOKENS, max_seq - n))
+    prompt = [(7 * i + 3) % vocab for i in range(n)]
+
+    def run(batch: int, steps: int) -> tuple[float, float]:
+        """(seconds to the first token, decode tokens/s over the batch)."""
+        t = time.perf_counter()
+        logits, keys, values = prefill.run(None, {"input_ids": np.array([prompt] * batch, dtype=np.int64)})
+        tok = logits[:, -1].argmax(-1)
+        t1 = time.perf_counter()
+        for _ in range(steps - 1):
+            logits, keys, values = decode.run(None, {"input_ids": tok[:, None].astype(np.int64), "past_keys": keys,
+                                                     "past_values": values})
+            tok = logits[:, -1].argmax(-1)
+        return t1 - t, batch * (steps - 1) / max(time.perf_counter() - t1, 1e-9)
+
+    run(1, new)  # untimed
+    ttft = statistics.median(run(1, 1)[0] for _ in range(repeats))
+    rate_1 = statistics.median(run(1, new)[1] for _ in range(repeats))
+    rate_b = statistics.median(run(max_batch, new)[1] for _ in range(repeats))
+    return {"version": PERFORMANCE_VERSION, "backend": "onnx", "device": "cpu (onnxruntime CPUExecutionProvider)",
+            "build_seconds": None, "load_seconds": round(load_s, 4), "ttft_seconds": round(ttft, 6),
+            "decode_tokens_per_second_batch_1": round(rate_1, 2), "decode_tokens_per_second_max_batch": round(rate_b, 2),
+            "max_batch_size": max_batch, "prompt_tokens": n, "new_tokens": {"batch_1": new, "max_batch": new},
+            "repeats": repeats, "peak_gpu_memory_bytes": None,
+            "peak_gpu_memory_reason": "timed with onnxruntime on the CPU: no GPU memory is used"}
+
+
 def build_onnx_engine(ckpt_dir: Path, resolved: ResolvedBuild, out_dir: Path, *, progress=None,
                       verify: bool = True) -> dict:
     start = time.perf_counter()
@@ -244,6 +289,10 @@ def build_onnx_engine(ckpt_dir: Path, resolved: ResolvedBuild, out_dir: Path, *,
         stats = {"build_seconds": round(time.perf_counter() - start, 3)}
         engine_cfg["build_stats"] = stats
         (tmp / "config.json").write_text(json.dumps(engine_cfg, indent=2) + "\n")
+        perf = measure_onnx(tmp, int(cfg["vocab_size"]), int(bc.max_batch_size), int(bc.max_input_len),
+                            int(bc.max_seq_len))
+        (tmp / PERFORMANCE_FILE).write_text(json.dumps({**perf, "build_seconds": stats["build_seconds"]}, indent=2)
+                                            + "\n")
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.rename(tmp, out_dir)

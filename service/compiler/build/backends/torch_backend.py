@@ -9,6 +9,8 @@ The engine directory (assembled under a temporary name, renamed into place when 
                            filled by a fresh process that loads the engine and compiles + captures
                            every graph, so a later process on the same GPU type skips compiling
     tokenizer files        copied from the checkpoint folder when present
+    performance.json       build / load time, time to first token, decode tokens/s at batch 1 and
+                           max_batch_size, peak GPU memory (runtime/performance.py), measured last
 
 No weight is ever put inside a compiled artifact (an AOTInductor package with embedded weights
 segfaulted on load on our H100): compiled code and weights travel separately.
@@ -36,6 +38,7 @@ from ...runtime.engine_decilm import DECILM_LAYOUT, decilm_engine_table, merged_
 from ...runtime.engine_gpt import GPT_ARCHS, GPT_LAYOUT, gpt_engine_table
 from ...runtime.engine_model import ENGINE_LAYOUT, checkpoint_to_engine_table
 from ...runtime.engine_quant import quantized_layer_tensors, quantized_slots
+from ...runtime.performance import PERFORMANCE_FILE, measure_in_build
 from ...safetensors_io import SafetensorsFile, SafetensorsWriter, dtype_name, publish_dir
 from ..config import ResolvedBuild
 
@@ -220,6 +223,9 @@ def build_torch_engine(ckpt_dir: Path, resolved: ResolvedBuild, out_dir: Path, *
                  "compile_seconds": round(compile_s, 3), "build_seconds": round(time.perf_counter() - start, 3)}
         engine_cfg["build_stats"] = stats
         (tmp / "config.json").write_text(json.dumps(engine_cfg, indent=2) + "\n")
+        perf = measure_in_build(tmp, gpu=resolved.target is not None, tp=tp)
+        (tmp / PERFORMANCE_FILE).write_text(json.dumps({**perf, "build_seconds": stats["build_seconds"]}, indent=2)
+                                            + "\n")
         publish_dir(tmp, out_dir)
         return stats
     except BaseException:

@@ -1,0 +1,152 @@
+"""Per-build performance report of a torch engine: ``performance.json`` in the engine directory.
+
+Measured once the engine is complete (after the compile cache is filled, on GPU): load time,
+warmup time (compile from the shipped cache + CUDA-graph capture), time to first token of one
+prompt, decode tokens/s at batch 1 and at ``max_batch_size``, and peak GPU memory
+(``torch.cuda.max_memory_allocated`` over load + measurement; null with a reason on the CPU).
+Short on purpose: a 16-token prompt and 16 new tokens (fewer where the engine's limits or a time
+budget say so), the median of a few repetitions (5 on GPU, 2 on the CPU) after untimed runs that
+compile and capture what the timed ones use.
+
+    python -m service.compiler.runtime.performance ENGINE_DIR      # prints the report as JSON
+
+GPU builds run it in a fresh process (what a server pays at start-up: the load reads the
+shipped compile cache); CPU builds call ``measure_performance`` in the build process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+PERFORMANCE_FILE = "performance.json"
+PERFORMANCE_VERSION = 1
+PROMPT_TOKENS = 16
+NEW_TOKENS = 16
+# the headline numbers, in the order the API and dashboard show them
+KEYS = ("build_seconds", "load_seconds", "ttft_seconds", "decode_tokens_per_second_batch_1",
+        "decode_tokens_per_second_max_batch", "peak_gpu_memory_bytes")
+
+
+def _prompt(vocab: int, n: int) -> list[int]:
+    return [(7 * i + 3) % vocab for i in range(n)]
+
+
+def _decode_rate(engine, prompts: list[list[int]], new_tokens: int, repeats: int) -> tuple[float, float]:
+    """(median decode tokens/s over the batch, median seconds of one run): tokens after the first
+    (which prefill produces) divided by the decode loop's time."""
+    rates, runs = [], []
+    for _ in range(repeats):
+        out = engine.generate(prompts, new_tokens)
+        steps = len(out.tokens[0]) - 1
+        rates.append(len(prompts) * steps / max(out.stats["decode_seconds"], 1e-9))
+        runs.append(out.stats["prefill_seconds"] + out.stats["decode_seconds"])
+    return statistics.median(rates), statistics.median(runs)
+
+
+def measure_performance(engine_dir: str | Path, *, repeats: int | None = None, budget_s: float = 60.0) -> dict:
+    """Load the engine and time it; the report (``KEYS`` plus the conditions they were taken under)."""
+    from .engine import Engine
+
+    engine_dir = Path(engine_dir)
+    config = json.loads((engine_dir / "config.json").read_text())
+    tp = int(config.get("engine", {}).get("tp_size", 1))
+    on_gpu = torch.cuda.is_available() and config.get("engine", {}).get("arch") != "cpu"
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    engine = Engine.load(engine_dir)
+    load_s = time.perf_counter() - t0
+    gpu = engine.device.type == "cuda"
+    t1 = time.perf_counter()
+    if gpu:
+        engine.warmup()
+    warmup_s = time.perf_counter() - t1
+    repeats = repeats or (5 if gpu else 2)
+    prompt_len = max(1, min(PROMPT_TOKENS, engine.max_input, engine.max_seq - 2))
+    new = min(NEW_TOKENS, engine.max_seq - prompt_len)
+    if new < 2:
+        return not_measured(f"max_seq_len={engine.max_seq} leaves no room to time decoding", tp_size=tp,
+                            load_seconds=round(load_s, 4))
+    prompt = _prompt(engine.model.vocab, prompt_len)
+
+    engine.generate([prompt], new)  # untimed: first prefill of this shape, decode graphs of batch 1
+    ttfts = [engine.generate([prompt], 1).stats["prefill_seconds"] for _ in range(repeats)]
+    rate_1, run_1 = _decode_rate(engine, [prompt], new, repeats)
+    b = engine.max_batch
+    new_b = new
+    per_token_b = run_1 / new * b * repeats  # worst case: the batch costs b times batch 1
+    if not gpu and per_token_b * new > budget_s:  # a big model on the CPU: fewer tokens
+        new_b = max(2, int(budget_s / per_token_b))
+    if gpu:
+        engine.generate([prompt] * b, new_b)  # untimed: this batch's graphs at this span
+    rate_b, _ = _decode_rate(engine, [prompt] * b, new_b, repeats)
+
+    report = {
+        "version": PERFORMANCE_VERSION,
+        "backend": "torch",
+        "device": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu",
+        "dtype": str(engine.model.dtype).removeprefix("torch."),
+        "tp_size": tp,
+        "build_seconds": None,  # filled in by the build
+        "load_seconds": round(load_s, 4),
+        "warmup_seconds": round(warmup_s, 4),
+        "ttft_seconds": round(statistics.median(ttfts), 6),
+        "decode_tokens_per_second_batch_1": round(rate_1, 2),
+        "decode_tokens_per_second_max_batch": round(rate_b, 2),
+        "max_batch_size": b,
+        "prompt_tokens": prompt_len,
+        "new_tokens": {"batch_1": new, "max_batch": new_b},
+        "repeats": repeats,
+        "peak_gpu_memory_bytes": None,
+        "peak_gpu_memory_reason": "CPU engine: no GPU memory is used",
+    }
+    if gpu:
+        report["peak_gpu_memory_bytes"] = int(torch.cuda.max_memory_allocated(engine.device))
+        report["peak_gpu_memory_reason"] = None
+    return report
+
+
+def not_measured(reason: str, **fields) -> dict:
+    """The report of an engine this build could not time (every headline value null, and why)."""
+    return {"version": PERFORMANCE_VERSION, **{k: None for k in KEYS}, "reason": reason, **fields}
+
+
+def measure_in_build(engine_dir: Path, *, gpu: bool, tp: int, timeout_s: float = 1800) -> dict:
+    """The build's measurement: in this process for a CPU engine, in a fresh one for a GPU engine
+    (a clean peak-memory count, and a load that reads the shipped compile cache as a server's does)."""
+    if tp > 1:
+        return not_measured(f"a tp={tp} engine runs one process per rank; the build does not start {tp} "
+                            "ranks to time it", tp_size=tp)
+    if not gpu:
+        return measure_performance(engine_dir)
+    import os
+    import subprocess
+
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[3])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    proc = subprocess.run([sys.executable, "-m", "service.compiler.runtime.performance", str(engine_dir)],
+                          env=env, capture_output=True, text=True, timeout=timeout_s)
+    if proc.returncode != 0:
+        raise RuntimeError(f"measuring the engine failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m service.compiler.runtime.performance")
+    parser.add_argument("engine_dir")
+    parser.add_argument("--repeats", type=int, default=None)
+    args = parser.parse_args(argv)
+    print(json.dumps(measure_performance(args.engine_dir, repeats=args.repeats)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
