@@ -79,6 +79,7 @@ async function showDetail(job) {
     if (s.cache_hit) li.appendChild(el("span", " cache hit", "hit"));
     return li;
   }));
+  showPerformance(job);
   $("d-report").href = job.links.report;
   $("d-report").onclick = (ev) => { ev.preventDefault(); download(job.links.report, "report-" + job.id + ".json"); };
   const list = $("d-artifacts");
@@ -94,6 +95,34 @@ async function showDetail(job) {
       return li;
     })));
   } catch (e) { list.replaceChildren(el("li", e.message)); }
+}
+
+// the build stage's performance.json (stage summary): one row per measurement
+const PERF_ROWS = [
+  ["build time", "build_seconds", (v) => v.toFixed(2) + " s"],
+  ["load time", "load_seconds", (v) => v.toFixed(2) + " s"],
+  ["time to first token", "ttft_seconds", (v) => (1000 * v).toFixed(1) + " ms"],
+  ["decode, batch 1", "decode_tokens_per_second_batch_1", (v) => v.toFixed(1) + " tokens/s"],
+  ["decode, max batch", "decode_tokens_per_second_max_batch", (v) => v.toFixed(1) + " tokens/s"],
+  ["peak GPU memory", "peak_gpu_memory_bytes", (v) => (v / 2 ** 30).toFixed(2) + " GiB"],
+];
+
+function showPerformance(job) {
+  const build = job.stages.find((s) => s.name === "build");
+  const perf = build && build.summary ? build.summary.performance : null;
+  $("d-perf-section").hidden = !perf;
+  if (!perf) { $("d-perf").querySelector("tbody").replaceChildren(); return; }
+  const why = perf.reason || null;
+  $("d-perf").querySelector("tbody").replaceChildren(...PERF_ROWS.map(([label, key, fmt]) => {
+    const tr = el("tr"), v = perf[key];
+    tr.dataset.key = key;
+    tr.appendChild(el("th", key === "decode_tokens_per_second_max_batch" && perf.max_batch_size
+      ? `${label} (${perf.max_batch_size})` : label));
+    const reason = key === "peak_gpu_memory_bytes" ? perf.peak_gpu_memory_reason || why : why;
+    tr.appendChild(el("td", typeof v === "number" ? fmt(v) : "n/a" + (reason ? " (" + reason + ")" : ""),
+      typeof v === "number" ? "" : "muted"));
+    return tr;
+  }));
 }
 
 async function download(url, name) {
