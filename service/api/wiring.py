@@ -18,6 +18,7 @@ class Runtime:
     service: JobService
 
     def close(self) -> None:
+        self.service.store.close()
         self.engine.dispose()
 
 

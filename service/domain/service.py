@@ -99,6 +99,14 @@ class JobService:
             raise JobNotFound(f"job {job_id} not found")
         return job
 
+    async def poll(self, tenant: str, job_id: str) -> Job:
+        """``get`` for async callers (status polling): off the event loop, concurrent polls share one
+        query, and the job is read from the store after the call began (never a cached state)."""
+        job = await self.store.get_async(job_id, tenant=tenant)
+        if job is None:
+            raise JobNotFound(f"job {job_id} not found")
+        return job
+
     def list(self, tenant: str, *, state: str | None = None, labels: dict[str, str] | None = None,
              limit: int = 50, cursor: str | None = None) -> tuple[list[Job], str | None]:
         if state is not None and state not in ("queued", "running", *TERMINAL_STATES):

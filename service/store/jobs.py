@@ -8,21 +8,29 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import and_, delete, func, insert, or_, select, update
-from sqlalchemy.engine import Engine, RowMapping
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import and_, bindparam, delete, func, insert, or_, select, update
+from sqlalchemy.engine import Connection, Engine, RowMapping
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from service.domain.job import TERMINAL_STATES, ArtifactRef, Job, JobError, StageRecord
 from service.domain.spec import JobSpec
 
+from .batching import Coalescer
 from .tables import job_labels, jobs, workers
 
 _JSON_COLUMNS = ("error", "stages", "artifacts")
+POLL_CONN_MAX_AGE_S = 60.0  # a poll thread's kept connection goes back to the pool after this long
+# what a Job is made of (row_to_job); the lease, idempotency and webhook bookkeeping stays in the store.
+# Built once: a prebuilt statement keeps its compiled form and cache key (no per-poll SQL construction).
+_JOB_COLUMNS = [jobs.c[name] for name in Job.model_fields]
+_GET_ONE = select(*_JOB_COLUMNS).where(jobs.c.id == bindparam("id"))
+_GET_MANY = select(*_JOB_COLUMNS).where(jobs.c.id.in_(bindparam("ids", expanding=True)))
 
 
 def _dump(value) -> str | None:
@@ -80,8 +88,26 @@ class JobStore:
     def __init__(self, engine: Engine):
         self.engine = engine
         # Single-statement reads need no transaction: with AUTOCOMMIT a PostgreSQL read is one round
-        # trip instead of three (BEGIN, SELECT, ROLLBACK) on the status-polling path.
-        self.reader = engine.execution_options(isolation_level="AUTOCOMMIT")
+        # trip instead of three (BEGIN, SELECT, ROLLBACK). pysqlite opens no transaction for a SELECT
+        # anyway, and switching its isolation level costs a PRAGMA per checkout, so SQLite reads as is.
+        autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self.reader = engine if engine.dialect.name == "sqlite" else autocommit
+        # Status polls from async callers: off the event loop, concurrent ones batched (batching.py).
+        # Each poll thread keeps one AUTOCOMMIT connection between batches (no pool checkout, reset or
+        # isolation-level switch per poll) and trades it for a fresh one every POLL_CONN_MAX_AGE_S.
+        self._poll_engine = autocommit
+        self._poll_local = threading.local()
+        self._poll_conns: set[Connection] = set()
+        self._poll_lock = threading.Lock()
+        self._polls: Coalescer[str, Job] = Coalescer(self._poll_many, name="kiln-poll")
+
+    def close(self) -> None:
+        """Stop the poll threads and return their connections (the engine belongs to the caller)."""
+        self._polls.close()
+        with self._poll_lock:
+            conns, self._poll_conns = self._poll_conns, set()
+        for conn in conns:
+            conn.close()
 
     # -- jobs -------------------------------------------------------------------------------
     def create(self, *, tenant: str, spec: JobSpec, idempotency_key: str | None, queue: str, reason: str = "") -> tuple[Job, bool]:
@@ -126,6 +152,60 @@ class JobStore:
         with self.reader.connect() as conn:
             row = conn.execute(q).mappings().first()
         return row_to_job(row) if row else None
+
+    def get_many(self, job_ids: Sequence[str]) -> dict[str, Job]:
+        """The jobs among ``job_ids`` that exist, by id: one indexed query."""
+        with self.reader.connect() as conn:
+            return self._read_many(conn, job_ids)
+
+    @staticmethod
+    def _read_many(conn: Connection, job_ids: Sequence[str]) -> dict[str, Job]:
+        if not job_ids:
+            return {}
+        if len(job_ids) == 1:
+            rows = conn.execute(_GET_ONE, {"id": job_ids[0]}).mappings().all()
+        else:
+            rows = conn.execute(_GET_MANY, {"ids": list(job_ids)}).mappings().all()
+        return {row["id"]: row_to_job(row) for row in rows}
+
+    def _poll_many(self, job_ids: Sequence[str]) -> dict[str, Job]:
+        """get_many on a poll thread's kept connection; a connection found dead is replaced once."""
+        for attempt in (1, 2):
+            conn = self._poll_connection()
+            try:
+                return self._read_many(conn, job_ids)
+            except DBAPIError as exc:
+                self._drop_poll_connection(conn)
+                if attempt == 2 or not exc.connection_invalidated:  # e.g. the server restarted: retry once
+                    raise
+        raise AssertionError("unreachable")
+
+    def _poll_connection(self) -> Connection:
+        local = self._poll_local
+        conn = getattr(local, "conn", None)
+        if conn is not None and (conn.closed or conn.invalidated or time.monotonic() > local.expires):
+            self._drop_poll_connection(conn)
+            conn = None
+        if conn is None:
+            conn = self._poll_engine.connect()
+            with self._poll_lock:
+                self._poll_conns.add(conn)
+            local.conn, local.expires = conn, time.monotonic() + POLL_CONN_MAX_AGE_S
+        return conn
+
+    def _drop_poll_connection(self, conn: Connection) -> None:
+        with self._poll_lock:
+            self._poll_conns.discard(conn)
+        if getattr(self._poll_local, "conn", None) is conn:
+            self._poll_local.conn = None
+        conn.close()
+
+    async def get_async(self, job_id: str, tenant: str | None = None) -> Job | None:
+        """``get`` for async callers: runs off the event loop; concurrent calls share one query."""
+        job = await self._polls.get(job_id)
+        if job is None or (tenant is not None and job.tenant != tenant):
+            return None
+        return job
 
     def version(self, job_id: str) -> int | None:
         with self.reader.connect() as conn:

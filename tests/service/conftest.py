@@ -61,7 +61,9 @@ def job_store(db_url):
 
     engine = make_engine(Settings(database_url=db_url).db_url)
     migrate(engine)
-    yield JobStore(engine)
+    store = JobStore(engine)
+    yield store
+    store.close()
     engine.dispose()
 
 
