@@ -105,9 +105,11 @@ def cmd_serve(args) -> int:
 
     signal.signal(signal.SIGTERM, _terminate)
     try:
-        import asyncio
-
-        asyncio.run(_serve(settings))
+        try:  # uvloop (the api extra): uvicorn only picks it itself when it creates the loop, here _serve does
+            from uvloop import run
+        except ImportError:
+            from asyncio import run
+        run(_serve(settings))
     except KeyboardInterrupt:
         pass
     finally:

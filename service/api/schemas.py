@@ -51,8 +51,12 @@ class JobOut(BaseModel):
 
     @classmethod
     def of(cls, job: Job) -> JobOut:
-        data = job.model_dump(exclude={"tenant", "version", "artifacts"})
-        return cls(**data, artifacts=[a.name for a in job.artifacts], links=links_for(job.id))
+        # the nested models are passed as the validated instances they are (no dump and re-validation)
+        return cls(id=job.id, state=job.state, stage=job.stage, progress=job.progress, message=job.message,
+                   reason=job.reason, spec=job.spec, queue=job.queue, attempts=job.attempts, error=job.error,
+                   stages=job.stages, artifacts=[a.name for a in job.artifacts], cancel_requested=job.cancel_requested,
+                   created_at=job.created_at, updated_at=job.updated_at, started_at=job.started_at,
+                   finished_at=job.finished_at, links=links_for(job.id))
 
 
 class JobList(BaseModel):

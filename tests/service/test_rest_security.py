@@ -214,3 +214,39 @@ def test_grpc_tenants_keys_resume_health_and_reflection(keyed_runtime):
             await server.stop(None)
 
     asyncio.run(scenario())
+
+
+def test_poll_route_keys_etag_metrics_and_documented_headers(keyed):
+    client, job_id = keyed
+    url = f"/v1/jobs/{job_id}"
+    first = client.get(url, headers={"X-API-Key": ALICE})
+    assert first.status_code == 200 and first.json()["id"] == job_id and first.json()["state"] == "succeeded"
+    assert first.json()["links"]["self"] == url and "tenant" not in first.json()
+    etag = first.headers["ETag"]
+    assert client.get(url, headers={**h(ALICE), "If-None-Match": etag}).status_code == 304
+    assert client.get(url, headers={**h(ALICE), "If-None-Match": '"0"'}).status_code == 200
+    assert client.get(url, headers={"X-API-Key": BOB}).status_code == 404
+    assert client.get(url, headers={"Authorization": f"Basic {ALICE}"}).status_code == 401
+    assert client.post(url, headers=h(ALICE)).status_code == 405
+    metrics = client.get("/metrics", headers=h(ALICE)).text
+    assert 'route="/v1/jobs/{job_id}",status="304"' in metrics
+    op = client.get("/openapi.json").json()["paths"]["/v1/jobs/{job_id}"]["get"]
+    assert {(p["name"], p["in"]) for p in op["parameters"]} == {
+        ("job_id", "path"), ("authorization", "header"), ("x-api-key", "header"), ("if-none-match", "header")}
+    assert op["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/JobOut")
+
+
+def test_direct_route_refuses_endpoints_it_cannot_call():
+    from fastapi import Request
+
+    from service.api.app import DirectRoute
+
+    async def needs_query(job_id: str, request: Request, limit: int = 5): ...
+
+    async def no_request(job_id: str): ...
+
+    async def typed_path(job_id: int, request: Request): ...
+
+    for endpoint in (needs_query, no_request, typed_path):
+        with pytest.raises(TypeError):
+            DirectRoute("/v1/jobs/{job_id}", endpoint, methods=["GET"])
