@@ -11,7 +11,11 @@ compile and capture what the timed ones use.
     python -m service.compiler.runtime.performance ENGINE_DIR      # prints the report as JSON
 
 GPU builds run it in a fresh process (what a server pays at start-up: the load reads the
-shipped compile cache); CPU builds call ``measure_performance`` in the build process.
+shipped compile cache); CPU builds call ``measure_performance`` in the build process; a tp engine
+is timed by one fresh process per rank (``--rank/--world-size/--init-method``), rank 0 reporting.
+
+    python -m service.compiler.runtime.performance ENGINE_DIR --rank R --world-size 2 \\
+        --init-method tcp://127.0.0.1:29500                       # once per rank
 """
 
 from __future__ import annotations
@@ -32,6 +36,18 @@ NEW_TOKENS = 16
 # the headline numbers, in the order the API and dashboard show them
 KEYS = ("build_seconds", "load_seconds", "ttft_seconds", "decode_tokens_per_second_batch_1",
         "decode_tokens_per_second_max_batch", "peak_gpu_memory_bytes")
+
+
+def _across_ranks(value: int, op: str) -> int:
+    """``value`` reduced (min or max) over the ranks of a tp engine's process group; itself otherwise."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.MAX)
+    return int(t.item())
 
 
 def _prompt(vocab: int, n: int) -> list[int]:
@@ -84,6 +100,7 @@ def measure_performance(engine_dir: str | Path, *, repeats: int | None = None, b
     per_token_b = run_1 / new * b * repeats  # worst case: the batch costs b times batch 1
     if not gpu and per_token_b * new > budget_s:  # a big model on the CPU: fewer tokens
         new_b = max(2, int(budget_s / per_token_b))
+    new_b = _across_ranks(new_b, "min")  # every rank of a tp engine must run the same steps
     if gpu:
         engine.generate([prompt] * b, new_b)  # untimed: this batch's graphs at this span
     rate_b, _ = _decode_rate(engine, [prompt] * b, new_b, repeats)
@@ -107,9 +124,9 @@ def measure_performance(engine_dir: str | Path, *, repeats: int | None = None, b
         "peak_gpu_memory_bytes": None,
         "peak_gpu_memory_reason": "CPU engine: no GPU memory is used",
     }
-    if gpu:
-        report["peak_gpu_memory_bytes"] = int(torch.cuda.max_memory_allocated(engine.device))
-        report["peak_gpu_memory_reason"] = None
+    if gpu:  # a tp engine reports its busiest rank
+        report["peak_gpu_memory_bytes"] = _across_ranks(int(torch.cuda.max_memory_allocated(engine.device)), "max")
+        report["peak_gpu_memory_reason"] = None if tp == 1 else f"the largest of the {tp} ranks' peaks"
     return report
 
 
@@ -119,32 +136,79 @@ def not_measured(reason: str, **fields) -> dict:
 
 
 def measure_in_build(engine_dir: Path, *, gpu: bool, tp: int, timeout_s: float = 1800) -> dict:
-    """The build's measurement: in this process for a CPU engine, in a fresh one for a GPU engine
-    (a clean peak-memory count, and a load that reads the shipped compile cache as a server's does)."""
-    if tp > 1:
-        return not_measured(f"a tp={tp} engine runs one process per rank; the build does not start {tp} "
-                            "ranks to time it", tp_size=tp)
-    if not gpu:
+    """The build's measurement: in this process for a one-rank CPU engine; in a fresh process for a
+    GPU engine (a clean peak-memory count, and a load that reads the shipped compile cache as a
+    server's does); in ``tp`` fresh processes, one per rank (gloo on the CPU, nccl on GPUs), for a tp
+    engine. The report is rank 0's timings."""
+    if tp == 1 and not gpu:
         return measure_performance(engine_dir)
+    if gpu and tp > torch.cuda.device_count():
+        return not_measured(f"a tp={tp} engine is timed on {tp} GPUs; this machine has "
+                            f"{torch.cuda.device_count()}", tp_size=tp)
     import os
+    import socket
     import subprocess
+    import tempfile
 
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[3])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
-    proc = subprocess.run([sys.executable, "-m", "service.compiler.runtime.performance", str(engine_dir)],
-                          env=env, capture_output=True, text=True, timeout=timeout_s)
-    if proc.returncode != 0:
-        raise RuntimeError(f"measuring the engine failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    cmd = [sys.executable, "-m", "service.compiler.runtime.performance", str(engine_dir)]
+    if tp > 1:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        cmd += ["--world-size", str(tp), "--init-method", f"tcp://127.0.0.1:{port}"]
+    with tempfile.TemporaryDirectory(prefix="kiln-perf-") as logs:
+        outs = [(Path(logs) / f"{r}.out", Path(logs) / f"{r}.err") for r in range(tp)]
+        procs = []
+        for r, (out, err) in enumerate(outs):  # files, not pipes: no rank blocks on a full pipe
+            with open(out, "w") as fo, open(err, "w") as fe:
+                procs.append(subprocess.Popen(cmd + (["--rank", str(r)] if tp > 1 else []), env=env, stdout=fo,
+                                              stderr=fe, text=True))
+        deadline = time.monotonic() + timeout_s
+        try:  # a rank that fails leaves the others waiting in a collective: stop them then
+            while any(p.poll() is None for p in procs) and not any(p.poll() for p in procs):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"measuring the engine took longer than {timeout_s:.0f} s")
+                time.sleep(0.05)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        codes = [p.returncode for p in procs]
+        if any(codes):
+            errs = "\n".join(f"rank {r} (exit {c}): {outs[r][1].read_text()[-3000:]}" for r, c in enumerate(codes) if c)
+            raise RuntimeError(f"measuring the engine failed:\n{errs}")
+        return json.loads(outs[0][0].read_text().strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m service.compiler.runtime.performance")
     parser.add_argument("engine_dir")
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--rank", type=int, default=0, help="this process's rank (tp engines)")
+    parser.add_argument("--world-size", type=int, default=1, help="the engine's tp_size")
+    parser.add_argument("--init-method", default=None, help="torch.distributed init method, e.g. tcp://host:port")
     args = parser.parse_args(argv)
-    print(json.dumps(measure_performance(args.engine_dir, repeats=args.repeats)))
+    if args.world_size == 1:
+        print(json.dumps(measure_performance(args.engine_dir, repeats=args.repeats)))
+        return 0
+    import torch.distributed as dist
+
+    config = json.loads((Path(args.engine_dir) / "config.json").read_text())
+    gpu = torch.cuda.is_available() and config["engine"].get("arch") != "cpu"
+    if gpu:
+        torch.cuda.set_device(args.rank % torch.cuda.device_count())
+    dist.init_process_group("nccl" if gpu else "gloo", rank=args.rank, world_size=args.world_size,
+                            init_method=args.init_method)
+    try:
+        report = measure_performance(args.engine_dir, repeats=args.repeats)
+    finally:
+        dist.destroy_process_group()
+    if args.rank == 0:
+        print(json.dumps(report))
     return 0
 
 
