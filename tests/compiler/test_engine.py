@@ -173,6 +173,19 @@ def tiny_ckpt(tmp_path_factory):
     return root / "ckpt"
 
 
+def test_performance_measurement_failure_names_the_rank(tiny_ckpt, tmp_path):
+    """A tp engine is timed by one process per rank; a rank that cannot load fails the measurement
+    (and so the build) with its error, and the other rank does not hang."""
+    from service.compiler.runtime.performance import measure_in_build
+
+    build(tiny_ckpt, BuildConfig(max_batch_size=1, max_input_len=8, max_seq_len=16, target="cpu"), tmp_path / "e")
+    cfg = json.loads((tmp_path / "e" / "config.json").read_text())
+    cfg["engine"]["tp_size"] = 2
+    (tmp_path / "config.json").write_text(json.dumps(cfg))  # and no weights
+    with pytest.raises(RuntimeError, match=r"(?s)rank 0 \(exit -?\d+\).*No such file.*rank0\.safetensors"):
+        measure_in_build(tmp_path, gpu=False, tp=2, timeout_s=300)
+
+
 def test_max_seq_len_beyond_the_model_is_refused(tiny_ckpt, tmp_path):
     with pytest.raises(InvalidBuildConfig, match="max_position_embeddings=128"):
         build(tiny_ckpt, BuildConfig(max_seq_len=4096, target="cpu"), tmp_path / "e")
