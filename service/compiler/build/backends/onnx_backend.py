@@ -30,12 +30,16 @@ from ...checkpoint import load_config
 from ...errors import InvalidCheckpoint, KilnError
 from ...runtime.engine_gpt import GPT_ARCHS, activation, activation_name, is_post_ln, layer_norm
 from ...runtime.engine_gpt import LAYER_FIELDS as GPT_FIELDS
-from ...runtime.engine_model import LAYER_FIELDS, apply_rope, rms_norm, rope_inv_freq
+from ...runtime.engine_model import apply_rope, rms_norm, rope_inv_freq
 from ...runtime.performance import PERFORMANCE_FILE
 from ..config import ResolvedBuild
 from .torch_backend import ENGINE_VERSION, write_engine_weights
 
 OPSET = 17
+# the float Llama engine tensors of one layer, in the order the graph unpacks them (quantized
+# checkpoints, whose engines carry more, are refused for this backend by validate_build)
+LLAMA_FIELDS = ("attn_norm", "qkv", "qkv_bias", "o", "o_bias", "mlp_norm", "gate_up", "gate_up_bias", "down",
+                "down_bias")
 
 
 class OnnxVerificationFailed(KilnError):
@@ -71,7 +75,7 @@ class _OnnxLlama(torch.nn.Module):
         causal = torch.ones(T, P + T, dtype=torch.bool).tril(P)
         keys, values = [], []
         for i in range(self.L):
-            ln1, wqkv, bqkv, wo, bo, ln2, w13, b13, w2, b2 = (self._p(f"layers.{i}.{f}") for f in LAYER_FIELDS)
+            ln1, wqkv, bqkv, wo, bo, ln2, w13, b13, w2, b2 = (self._p(f"layers.{i}.{f}") for f in LLAMA_FIELDS)
             qkv = F.linear(rms_norm(h, ln1, self.eps), wqkv, bqkv)
             q, k, v = qkv.split([self.nh * self.d, self.nkv * self.d, self.nkv * self.d], -1)
             q = apply_rope(q.view(B, T, self.nh, self.d), cos, sin).transpose(1, 2)
