@@ -1,11 +1,12 @@
 """Coalesced reads: concurrent async callers asking for rows by key share one batched query.
 
-A status poll is a one-row primary-key read. Run on the event loop it blocks the loop for a whole
-database round trip (on PostgreSQL the server process competes for the same cores), so one API
-process serves at most one poll per round trip. Here the read runs on a small thread pool instead, and
-every request that arrives while a read is in flight waits for the *next* read, which fetches all
-of their keys at once (``WHERE id IN (...)``). Under light load each batch holds one key; under
-heavy load the batches grow and the number of round trips per second stays bounded.
+A status poll is a one-row primary-key read. Run synchronously on the event loop it blocks the loop
+for a whole database round trip (on PostgreSQL the server process competes for the same cores), so
+one API process serves at most one poll per round trip. Here the read is either awaited (an async
+driver: the loop serves other requests meanwhile) or runs on a small thread pool, and every request
+that arrives while a read is in flight waits for the *next* read, which fetches all of their keys at
+once (``WHERE id IN (...)``). Under light load each batch holds one key; under heavy load the batches
+grow and the number of round trips per second stays bounded.
 
 Freshness is that of an unbatched read: a caller's key is only ever served by a query that started
 after the caller asked, so it sees every change committed before its request arrived.
@@ -14,9 +15,10 @@ after the caller asked, so it sees every change committed before its request arr
 from __future__ import annotations
 
 import asyncio
+import inspect
 import threading
 import weakref
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Generic, TypeVar
 
@@ -36,16 +38,18 @@ class _LoopState:
 class Coalescer(Generic[K, V]):
     """``await get(key)`` returns ``fetch([keys])[key]`` (or None), with concurrent calls batched.
 
-    ``fetch`` runs on this object's own threads (never on the event loop), at most ``concurrency``
-    at a time, each with at most ``max_batch`` distinct keys. An exception from ``fetch`` is raised
-    to every caller of that batch.
+    At most ``concurrency`` fetches run at a time per event loop, each with at most ``max_batch``
+    distinct keys. A coroutine function ``fetch`` is awaited on the loop; a plain one runs on this
+    object's own threads (never on the loop). An exception from ``fetch`` is raised to every caller
+    of that batch.
     """
 
-    def __init__(self, fetch: Callable[[Sequence[K]], dict[K, V]], *, max_batch: int = 200, concurrency: int = 2,
-                 name: str = "kiln-read"):
+    def __init__(self, fetch: Callable[[Sequence[K]], dict[K, V] | Awaitable[dict[K, V]]], *, max_batch: int = 200,
+                 concurrency: int = 2, name: str = "kiln-read"):
         if max_batch < 1 or concurrency < 1:
             raise ValueError("max_batch and concurrency must be >= 1")
         self._fetch = fetch
+        self._async = inspect.iscoroutinefunction(fetch)
         self.max_batch = max_batch
         self.concurrency = concurrency
         self._name = name
@@ -82,7 +86,10 @@ class Coalescer(Generic[K, V]):
                 if not batch:
                     continue
                 try:
-                    rows = await loop.run_in_executor(self._pool(), self._fetch, list(batch))
+                    if self._async:
+                        rows = await self._fetch(list(batch))
+                    else:
+                        rows = await loop.run_in_executor(self._pool(), self._fetch, list(batch))
                 except Exception as exc:
                     for waiters in batch.values():
                         for f in waiters:

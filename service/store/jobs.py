@@ -14,7 +14,8 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import and_, bindparam, delete, func, insert, or_, select, update
+from sqlalchemy import String, and_, any_, bindparam, delete, func, insert, or_, select, update
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Connection, Engine, RowMapping
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
@@ -22,6 +23,7 @@ from service.domain.job import TERMINAL_STATES, ArtifactRef, Job, JobError, Stag
 from service.domain.spec import JobSpec
 
 from .batching import Coalescer
+from .pg_reads import AsyncPgReader, conninfo_from_url
 from .tables import job_labels, jobs, workers
 
 _JSON_COLUMNS = ("error", "stages", "artifacts")
@@ -31,6 +33,8 @@ POLL_CONN_MAX_AGE_S = 60.0  # a poll thread's kept connection goes back to the p
 _JOB_COLUMNS = [jobs.c[name] for name in Job.model_fields]
 _GET_ONE = select(*_JOB_COLUMNS).where(jobs.c.id == bindparam("id"))
 _GET_MANY = select(*_JOB_COLUMNS).where(jobs.c.id.in_(bindparam("ids", expanding=True)))
+# PostgreSQL: one statement for any batch size (prepared once per connection)
+_POLL_PG = select(*_JOB_COLUMNS).where(jobs.c.id == any_(bindparam("ids", type_=ARRAY(String))))
 
 
 def _dump(value) -> str | None:
@@ -92,18 +96,28 @@ class JobStore:
         # anyway, and switching its isolation level costs a PRAGMA per checkout, so SQLite reads as is.
         autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
         self.reader = engine if engine.dialect.name == "sqlite" else autocommit
-        # Status polls from async callers: off the event loop, concurrent ones batched (batching.py).
-        # Each poll thread keeps one AUTOCOMMIT connection between batches (no pool checkout, reset or
-        # isolation-level switch per poll) and trades it for a fresh one every POLL_CONN_MAX_AGE_S.
+        # Status polls from async callers never block the event loop, and concurrent ones are batched
+        # into one read (batching.py). PostgreSQL (psycopg): the read is awaited on the loop over the
+        # store's own async connections (pg_reads.py). Otherwise (SQLite) it runs on a poll thread that
+        # keeps one AUTOCOMMIT connection between batches (no pool checkout, reset or isolation-level
+        # switch per poll) and trades it for a fresh one every POLL_CONN_MAX_AGE_S.
         self._poll_engine = autocommit
         self._poll_local = threading.local()
         self._poll_conns: set[Connection] = set()
         self._poll_lock = threading.Lock()
-        self._polls: Coalescer[str, Job] = Coalescer(self._poll_many, name="kiln-poll")
+        self._pg_reader: AsyncPgReader | None = None
+        if engine.dialect.name == "postgresql" and engine.dialect.driver == "psycopg":
+            self._pg_reader = AsyncPgReader(conninfo_from_url(engine.url), str(_POLL_PG.compile(dialect=engine.dialect)),
+                                            row_to_job, max_age_s=POLL_CONN_MAX_AGE_S)
+            self._polls: Coalescer[str, Job] = Coalescer(self._pg_reader.read, name="kiln-poll")
+        else:
+            self._polls = Coalescer(self._poll_many, name="kiln-poll")
 
     def close(self) -> None:
-        """Stop the poll threads and return their connections (the engine belongs to the caller)."""
+        """Stop the poll threads and close the poll connections (the engine belongs to the caller)."""
         self._polls.close()
+        if self._pg_reader is not None:
+            self._pg_reader.close()
         with self._poll_lock:
             conns, self._poll_conns = self._poll_conns, set()
         for conn in conns:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import threading
 
 import pytest
@@ -16,6 +17,22 @@ from service.store.batching import Coalescer
 
 def _spec(**kw) -> JobSpec:
     return JobSpec(model="org/model", **kw)
+
+
+def _count_fetches(store) -> list[list[str]]:
+    """Record each batched read the store's poll coalescer makes (async on PostgreSQL, threaded on SQLite)."""
+    seen: list[list[str]] = []
+    real = store._polls._fetch
+    if inspect.iscoroutinefunction(real):
+        async def counting(keys):
+            seen.append(list(keys))
+            return await real(keys)
+    else:
+        def counting(keys):
+            seen.append(list(keys))
+            return real(keys)
+    store._polls._fetch = counting
+    return seen
 
 
 def _count_job_selects(engine) -> list[str]:
@@ -32,7 +49,8 @@ def _count_job_selects(engine) -> list[str]:
 def test_concurrent_polls_share_one_query_and_each_gets_its_own_job(job_store):
     made = [job_store.create(tenant="t1", spec=_spec(labels={"n": str(i)}), idempotency_key=None, queue="cpu")[0]
             for i in range(40)]
-    selects = _count_job_selects(job_store.engine)
+    selects = _count_job_selects(job_store.engine)  # what goes through the engine (not PostgreSQL's async reads)
+    fetches = _count_fetches(job_store)
 
     async def poll_all():
         return await asyncio.gather(*(job_store.get_async(j.id, tenant="t1") for j in made))
@@ -40,7 +58,10 @@ def test_concurrent_polls_share_one_query_and_each_gets_its_own_job(job_store):
     got = asyncio.run(poll_all())
     assert [g.id for g in got] == [j.id for j in made]
     assert [g.spec.labels["n"] for g in got] == [str(i) for i in range(40)]
-    assert 1 <= len(selects) <= 2, selects  # 40 polls, one batch (a second drain may take a straggler)
+    # 40 polls, one batched read (a second drain may take a straggler), never one read per poll
+    assert 1 <= len(fetches) <= 2 and sorted(sum(fetches, [])) == sorted(j.id for j in made), fetches
+    if job_store.engine.dialect.name == "sqlite":
+        assert len(selects) == len(fetches), selects
 
 
 def test_poll_returns_the_state_committed_before_it_was_asked(job_store):
@@ -80,7 +101,7 @@ def test_poll_recovers_when_the_server_drops_its_connection(job_store):
     job, _ = job_store.create(tenant="t1", spec=_spec(), idempotency_key=None, queue="cpu")
 
     async def scenario():
-        assert (await job_store.get_async(job.id, tenant="t1")).id == job.id  # the poll thread keeps a connection
+        assert (await job_store.get_async(job.id, tenant="t1")).id == job.id  # the store keeps its poll connection
         with job_store.engine.connect() as admin:  # what a server restart does to it
             killed = admin.execute(text(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
