@@ -44,7 +44,8 @@ class AsyncPgReader:
         # idle connections per event loop (an async connection belongs to the loop that opened it)
         self._idle: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, list[psycopg.AsyncConnection]] = \
             weakref.WeakKeyDictionary()
-        self._open: dict[psycopg.AsyncConnection, float] = {}  # -> when it is due for replacement
+        # every open connection -> (when it is due for replacement, its loop)
+        self._open: dict[psycopg.AsyncConnection, tuple[float, weakref.ref]] = {}
         self._lock = threading.Lock()
         self._closed = False
 
@@ -70,18 +71,22 @@ class AsyncPgReader:
     async def _acquire(self) -> psycopg.AsyncConnection:
         if self._closed:
             raise RuntimeError("reader is closed")
-        idle = self._idle.setdefault(asyncio.get_running_loop(), [])
+        loop = asyncio.get_running_loop()
+        idle = self._idle.get(loop)
+        if idle is None:  # a new loop (tests run several in turn): close what earlier, closed loops left
+            idle = self._idle[loop] = []
+            self._discard_orphans()
         now = time.monotonic()
         while idle:
             conn = idle.pop()
-            if conn.closed or now > self._open.get(conn, 0.0):
+            if conn.closed or now > self._open.get(conn, (0.0, None))[0]:
                 self._discard(conn)
                 continue
             return conn
         conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True,
                                                      connect_timeout=self.connect_timeout_s)
         with self._lock:
-            self._open[conn] = now + self.max_age_s
+            self._open[conn] = (now + self.max_age_s, weakref.ref(loop))
         if self._closed:  # closed while connecting
             self._discard(conn)
             raise RuntimeError("reader is closed")
@@ -98,6 +103,12 @@ class AsyncPgReader:
         with self._lock:
             self._open.pop(conn, None)
         _close_now(conn)
+
+    def _discard_orphans(self) -> None:
+        with self._lock:
+            orphans = [c for c, (_, ref) in self._open.items() if (lp := ref()) is None or lp.is_closed()]
+        for conn in orphans:
+            self._discard(conn)
 
     def close(self) -> None:
         """Close every connection (callable from any thread, with or without a running loop)."""

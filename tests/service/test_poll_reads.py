@@ -149,3 +149,21 @@ def test_coalescer_refuses_bad_limits():
         Coalescer(dict, max_batch=0)
     with pytest.raises(ValueError):
         Coalescer(dict, concurrency=0)
+
+
+def test_pg_poll_connections_are_the_stores_own_and_closed_with_it(job_store):
+    if job_store.engine.dialect.name != "postgresql":
+        pytest.skip("the async poll connections are PostgreSQL's")
+    job, _ = job_store.create(tenant="t1", spec=_spec(), idempotency_key=None, queue="cpu")
+    reader = job_store._pg_reader
+
+    async def burst():
+        await asyncio.gather(*(job_store.get_async(job.id, tenant="t1") for _ in range(50)))
+
+    for _ in range(3):  # three event loops in turn: connections of a closed loop do not pile up
+        asyncio.run(burst())
+        assert 1 <= len(reader._open) <= reader.concurrency
+    job_store.close()
+    assert not reader._open
+    with pytest.raises(RuntimeError, match="closed"):
+        asyncio.run(job_store.get_async(job.id))
