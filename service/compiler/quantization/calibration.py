@@ -9,7 +9,8 @@ Sequential pass: the checkpoint tensors stream in file order (embedding, layer 0
 only one decoder layer's weights plus the calibration activations [N, L, H] (and, for the alpha
 search, one held-out stream per alpha) are ever in memory. At each layer the float layer runs once on
 the calibration activations with its linears hooked; the layer's statistics and searches are finished
-before the next layer's weights are read.
+before the next layer's weights are read. FP8 with GPTQ also accumulates Σ xᵀx [in, in] per input
+group of the layer (dropped with the layer; 8B shape: 0.8 GiB for the down projection's).
 """
 
 from __future__ import annotations
@@ -156,8 +157,9 @@ class ModuleStats:
     abs_sum: torch.Tensor | None = None
     count: int = 0
     sample: torch.Tensor | None = None
+    hessian: torch.Tensor | None = None  # Σ xᵀx [in, in] over every calibration token (GPTQ), when asked for
 
-    def update(self, x: torch.Tensor, sample_idx: torch.Tensor | None) -> None:
+    def update(self, x: torch.Tensor, sample_idx: torch.Tensor | None, hessian: bool = False) -> None:
         flat = x.reshape(-1, x.shape[-1]).float()
         a = flat.abs()
         amax, s = a.amax(dim=0), a.sum(dim=0)
@@ -166,6 +168,9 @@ class ModuleStats:
         self.count += flat.shape[0]
         if sample_idx is not None:
             self.sample = flat[sample_idx].clone()
+        if hessian:
+            h = flat.t() @ flat
+            self.hessian = h if self.hessian is None else self.hessian.add_(h)
 
     @property
     def mean_abs(self) -> torch.Tensor:
@@ -173,11 +178,13 @@ class ModuleStats:
         return self.abs_sum / max(self.count, 1)
 
 
-def hooked_linear(t: dict, stats: dict[str, ModuleStats], sample_idx: torch.Tensor | None):
-    """A float linear that records its input statistics under the module name."""
+def hooked_linear(t: dict, stats: dict[str, ModuleStats], sample_idx: torch.Tensor | None,
+                  hessian: frozenset[str] = frozenset()):
+    """A float linear that records its input statistics under the module name (and Σ xᵀx for the
+    modules in ``hessian``)."""
 
     def linear(module: str, x: torch.Tensor) -> torch.Tensor:
-        stats.setdefault(module, ModuleStats()).update(x, sample_idx)
+        stats.setdefault(module, ModuleStats()).update(x, sample_idx, module in hessian)
         y = x @ t[module + ".weight"].float().t()
         b = t.get(module + ".bias")
         return y if b is None else y + b.float()

@@ -69,6 +69,7 @@ class QuantConfig:
     awq_grid: int = 20
     awq_clip: bool = True  # the original AWQ per-group clip search (ModelOpt's awq_lite skips it)
     kv_clip_search: bool = True  # INT8 KV: search the shared K/V scale's clip (False: amax/127 as TensorRT-LLM)
+    fp8_gptq: bool = True  # FP8: GPTQ-rounded E4M3 weights (False: ModelOpt's plain max calibration, round to nearest)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:

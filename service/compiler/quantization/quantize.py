@@ -8,7 +8,9 @@ Every refusal (unknown or unsupported algo, algo on Nemotron-NAS, FP8 on a targe
 group_size not dividing an input dimension, missing calibration data, existing output) happens before
 anything is written. Pass 1 streams the float checkpoint layer by layer (``calibration.py``; on the GPU
 when there is one) collecting activation statistics and running the searches (AWQ scales and clips,
-the SmoothQuant alpha, the INT8 KV clip); only per-layer results are kept. Pass 2 streams it again and
+the SmoothQuant alpha, the INT8 KV clip, FP8's GPTQ weight rounding); only per-layer results are kept
+(FP8 with GPTQ: the rounded E4M3 weights go to a temporary directory beside the output, one file per
+layer, removed at the end). Pass 2 streams it again and
 writes each quantized tensor straight into rank files sized from ``layout.quantized_expected``; the
 directory appears atomically (temp dir + rename).
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -44,7 +47,7 @@ from .config import QuantConfig
 from .decoder import Decoder
 from .fp8 import quantize_per_channel as fp8_per_channel
 from .fp8 import quantize_per_tensor as fp8_per_tensor
-from .fp8 import scale_from_amax
+from .fp8 import GPTQ_BLOCK, GPTQ_DAMP, gptq_fp8, output_error, scale_from_amax, to_fp8
 from .kv_cache import kv_cache_scale, qdq_kv
 from .layout import is_quantized_linear, linear_module, quantized_expected
 from .qlinear import layer_kv, layer_linear
@@ -62,6 +65,8 @@ class LayerResult:
     awq: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
     awq_gain: dict[str, float] = field(default_factory=dict)  # search loss / RTN loss
     kv_amax: float = 0.0
+    fp8_file: Path | None = None  # FP8 + GPTQ: this layer's E4M3 weights and scales, spooled to disk
+    gptq_gain: dict[str, float] = field(default_factory=dict)  # GPTQ output error / round-to-nearest's
 
 
 @dataclass
@@ -105,6 +110,8 @@ def quantize_layer(t: dict[str, torch.Tensor], layer: int, res: LayerResult, cfg
     def quantized(m: str) -> bool:
         return is_quantized_linear(full + m + ".weight", tuple(t[m + ".weight"].shape), quant)
 
+    spooled = torch.load(res.fp8_file, weights_only=True) if algo == qc.FP8 and res.fp8_file else None
+
     for group in linear_groups(t) if algo else []:
         mods = [m for m in group if quantized(m)]
         if not mods:
@@ -114,8 +121,8 @@ def quantize_layer(t: dict[str, torch.Tensor], layer: int, res: LayerResult, cfg
         if algo == qc.FP8:
             a_scale = scale_from_amax(res.amax[group[0]].max()).reshape(1)
             made = []
-            for w in ws:
-                w8, s = fp8_per_tensor(w)
+            for m, w in zip(mods, ws, strict=False):
+                w8, s = (spooled[m + ".weight"], spooled[m + ".weights_scaling_factor"]) if spooled else fp8_per_tensor(w)
                 made.append({"weight": w8, "weights_scaling_factor": s, "activation_scaling_factor": a_scale})
         elif algo == qc.FP8_PER_CHANNEL_PER_TOKEN:
             made = [dict(zip(("weight", "per_channel_scale"), fp8_per_channel(w), strict=False)) for w in ws]
@@ -196,8 +203,33 @@ def search_int8_kv_clip(dec: Decoder, t: dict, h: torch.Tensor, amax: float) -> 
     return best
 
 
+def fp8_gptq_layer(t: dict[str, torch.Tensor], layer: int, stats: dict[str, ModuleStats], quant: dict,
+                   res: LayerResult, spool: Path) -> None:
+    """GPTQ-rounded E4M3 weights of one layer into ``spool/layer{i}.pt``; the linears sharing an input
+    (fc and gate) are stacked and rounded together, each keeping its own amax / 448 scale."""
+    full = f"transformer.layers.{layer}."
+    out: dict[str, torch.Tensor] = {}
+    for group in linear_groups(t):
+        mods = [m for m in group if is_quantized_linear(full + m + ".weight", tuple(t[m + ".weight"].shape), quant)]
+        h = stats[group[0]].hessian if group[0] in stats else None
+        if not mods or h is None:
+            continue
+        ws = [t[m + ".weight"].float() for m in mods]
+        scales = [scale_from_amax(w.abs().max()).reshape(1).to(w.device) for w in ws]
+        rows = torch.cat([s.expand(w.shape[0]) for w, s in zip(ws, scales, strict=False)])
+        codes = gptq_fp8(torch.cat(ws), h, rows).split([w.shape[0] for w in ws])
+        for m, w, s, c in zip(mods, ws, scales, codes, strict=False):
+            rtn = output_error(w, to_fp8(w, s).float() * s, h)
+            res.gptq_gain[m] = output_error(w, c.float() * s, h) / rtn if rtn > 0 else 1.0
+            out[m + ".weight"], out[m + ".weights_scaling_factor"] = c.cpu(), s.cpu()
+    res.fp8_file = spool / f"layer{layer}.pt"
+    torch.save(out, res.fp8_file)
+
+
 def calibrate(model, cfg: QuantConfig, data: CalibrationData, settings: CalibrationSettings, quant: dict,
-              dtype: torch.dtype, progress: ProgressFn | None) -> tuple[dict[int, LayerResult], dict]:
+              dtype: torch.dtype, progress: ProgressFn | None,
+              spool: Path | None = None) -> tuple[dict[int, LayerResult], dict]:
+    """Pass 1. ``spool``: a directory for the GPTQ-rounded FP8 weights (FP8 with ``fp8_gptq``)."""
     dec = Decoder(model.config)
     n_layers = model.config["num_hidden_layers"]
     results: dict[int, LayerResult] = {}
@@ -210,6 +242,9 @@ def calibrate(model, cfg: QuantConfig, data: CalibrationData, settings: Calibrat
     record: dict = {}
     kv_ratios: list[float] = []
     device = torch.device(settings.resolved_device)
+    gptq = cfg.quant_algo == qc.FP8 and cfg.fp8_gptq
+    if gptq and spool is None:
+        raise ValueError("FP8 with GPTQ needs a spool directory for the rounded weights")
     for idx, t in stream_layers(model.tensors(0)):
         t = {k: v.to(device) for k, v in t.items()}
         if idx is None and h is None:  # globals before the layers: embed
@@ -235,12 +270,13 @@ def calibrate(model, cfg: QuantConfig, data: CalibrationData, settings: Calibrat
         per_batch = max(1, -(-settings.awq_tokens // len(batches)))
         outs: list[torch.Tensor] = []
         samples: dict[str, list[torch.Tensor]] = {}
+        hessian = frozenset(g[0] for g in linear_groups(t)) if gptq else frozenset()
         for b0 in batches:
             hb = h[b0:b0 + MICRO_BATCH]
             tokens = hb.shape[0] * hb.shape[1]
             idx_s = (torch.randperm(tokens, generator=gen)[:per_batch]
                      if cfg.quant_algo == qc.W4A16_AWQ else None)
-            outs.append(dec.layer(t, hb, linear=hooked_linear(t, stats, idx_s),
+            outs.append(dec.layer(t, hb, linear=hooked_linear(t, stats, idx_s, hessian),
                                   kv=kv_amax_hook(kvbox) if cfg.kv_cache_quant_algo else None))
             for m, st in stats.items():
                 if st.sample is not None:
@@ -265,6 +301,10 @@ def calibrate(model, cfg: QuantConfig, data: CalibrationData, settings: Calibrat
                 for m, c in zip(mods, r.clips, strict=False):
                     res.awq[m] = (r.pre_quant_scale, c)
                     res.awq_gain[m] = r.loss / r.rtn_loss if r.rtn_loss > 0 else 1.0
+        if gptq:
+            assert spool is not None
+            fp8_gptq_layer(t, idx, stats, quant, res, spool)
+        stats.clear()  # the Hessians are the largest per-layer state
         if search:
             fp = dec.layer(t, fp)
         for a in alphas:
@@ -281,6 +321,9 @@ def calibrate(model, cfg: QuantConfig, data: CalibrationData, settings: Calibrat
     if cfg.quant_algo == qc.W4A16_AWQ:
         gains = [g for r in results.values() for g in r.awq_gain.values()]
         record["awq_mean_loss_vs_rtn"] = round(sum(gains) / max(len(gains), 1), 4)
+    if gptq:
+        gains = [g for r in results.values() for g in r.gptq_gain.values()]
+        record["fp8_gptq_mean_loss_vs_rtn"] = round(sum(gains) / max(len(gains), 1), 4)
     return results, record
 
 
@@ -336,6 +379,7 @@ def quantize_checkpoint(model, out_dir: str | os.PathLike, cfg: QuantConfig, *,
     if not out.parent.is_dir():
         raise InvalidArgument(f"parent directory of the output does not exist: {out.parent}")
     model, owned = _open(model, dtype)
+    spool: Path | None = None
     try:
         sm = qc.parse_sm(target_sm)
         base = preflight_quantization(model, cfg, sm)
@@ -354,9 +398,14 @@ def quantize_checkpoint(model, out_dir: str | os.PathLike, cfg: QuantConfig, *,
                         "group_size": cfg.group_size, "has_zero_point": cfg.has_zero_point,
                         "exclude_modules": cfg.excludes, "target_sm": sm}
         if data is not None:
-            results, extra = calibrate(model, cfg, data, settings, quant, mdt, progress)
+            if cfg.quant_algo == qc.FP8 and cfg.fp8_gptq:  # removed in the finally below
+                spool = Path(tempfile.mkdtemp(prefix=f".{out.name}.gptq-", dir=out.parent))
+            results, extra = calibrate(model, cfg, data, settings, quant, mdt, progress, spool)
             record["calibration"] = data.record
             record.update(extra)
+        if cfg.quant_algo == qc.FP8:
+            record["fp8_weight_rounding"] = (f"gptq (block {GPTQ_BLOCK}, damp {GPTQ_DAMP}, act-order)" if cfg.fp8_gptq
+                                             else "round to nearest (max calibration)")
         if cfg.quant_algo == qc.W4A16_AWQ:
             record.update(awq_grid=cfg.awq_grid, awq_clip=cfg.awq_clip)
         if cfg.quant_algo in qc.WEIGHT_ONLY:  # see layout.py: not TensorRT-LLM's kernel-permuted layout
@@ -368,6 +417,8 @@ def quantize_checkpoint(model, out_dir: str | os.PathLike, cfg: QuantConfig, *,
         config["kiln_quantization"] = record
         _write(model, out, config, spec, results, cfg, quant, mdt, alpha, progress)
     finally:
+        if spool is not None:
+            shutil.rmtree(spool, ignore_errors=True)
         if owned:
             model.close()
     if progress:
