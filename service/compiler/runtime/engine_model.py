@@ -48,15 +48,17 @@ def _cuda_kernels():
             except ImportError:
                 _kernels = False
             else:
-                _kernels, _gemv = k, k.gemv
+                _kernels, _gemv = k, k.engine_gemv
     return _kernels or None
 
 
-def linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ wᵀ (+ b) for a float weight or a QLinear; few rows on CUDA: the Triton skinny GEMM."""
+def linear(x: torch.Tensor, w, b: torch.Tensor | None = None, dense: bool = False) -> torch.Tensor:
+    """x @ wᵀ (+ b) for a float weight or a QLinear; few rows on CUDA (decode): the Triton skinny GEMM.
+    ``dense`` (prefill): always the dense GEMM, so the dynamic prefill graph has no row-count guard."""
     if isinstance(w, QLinear):
-        return qlinear_forward(x, w, b, _gemv if x.is_cuda else None)
-    if _gemv is not None and x.is_cuda and x.numel() // x.shape[-1] <= GEMV_ROWS and w.dtype != torch.float32:
+        return qlinear_forward(x, w, b, _gemv if (x.is_cuda and not dense) else None)
+    if (_gemv is not None and not dense and x.is_cuda and x.numel() // x.shape[-1] <= GEMV_ROWS
+            and w.dtype != torch.float32):
         return _gemv(x, w, bias=b)
     return F.linear(x, w, b)
 
@@ -122,9 +124,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype)
 
 
-def _row_parallel(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, group) -> torch.Tensor:
+def _row_parallel(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, group, dense: bool = False) -> torch.Tensor:
     """x @ w.T summed over the tensor-parallel ranks (each holds a slice of the inputs); bias once."""
-    y = linear(x, w)
+    y = linear(x, w, dense=dense)
     if group is not None:
         import torch.distributed._functional_collectives as funcol
 
@@ -132,12 +134,13 @@ def _row_parallel(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, grou
     return y if b is None else y + b
 
 
-def _mlp_and_residual(h: torch.Tensor, attn: torch.Tensor, w: LayerWeights, eps: float, group=None) -> torch.Tensor:
+def _mlp_and_residual(h: torch.Tensor, attn: torch.Tensor, w: LayerWeights, eps: float, group=None,
+                      dense: bool = False) -> torch.Tensor:
     wo, bo, ln2, w13, b13, w2, b2 = w[3:10]
-    h = h + _row_parallel(attn, wo, bo, group)
-    gu = linear(rms_norm(h, ln2, eps), w13, b13)
+    h = h + _row_parallel(attn, wo, bo, group, dense)
+    gu = linear(rms_norm(h, ln2, eps), w13, b13, dense)
     a, u = gu.chunk(2, -1)
-    return h + _row_parallel(F.silu(a) * u, w2, b2, group)
+    return h + _row_parallel(F.silu(a) * u, w2, b2, group, dense)
 
 
 def decode_layer(h: torch.Tensor, w: LayerWeights, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -177,7 +180,7 @@ def prefill_layer(h: torch.Tensor, w: LayerWeights, k_cache: torch.Tensor, v_cac
                   group=None, kv_algo: str | None = None) -> torch.Tensor:
     """A right-padded batch from position 0. h [B, T, H]; caches [B, nkv, S, d]; cos/sin [T, d/2]."""
     B, T, _ = h.shape
-    qkv = linear(rms_norm(h, w[0], eps), w[1], w[2])
+    qkv = linear(rms_norm(h, w[0], eps), w[1], w[2], dense=True)
     q, k, v = qkv.split([nh * d, nkv * d, nkv * d], -1)
     q = apply_rope(q.view(B, T, nh, d), cos[None, :, None], sin[None, :, None]).transpose(1, 2)
     k = apply_rope(k.view(B, T, nkv, d), cos[None, :, None], sin[None, :, None]).transpose(1, 2)
@@ -189,7 +192,7 @@ def prefill_layer(h: torch.Tensor, w: LayerWeights, k_cache: torch.Tensor, v_cac
         k = k.repeat_interleave(nh // nkv, 1)
         v = v.repeat_interleave(nh // nkv, 1)
     attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    return _mlp_and_residual(h, attn.transpose(1, 2).reshape(B, T, nh * d), w, eps, group)
+    return _mlp_and_residual(h, attn.transpose(1, 2).reshape(B, T, nh * d), w, eps, group, dense=True)
 
 
 def lm_head(h: torch.Tensor, norm: torch.Tensor, head: torch.Tensor, eps: float) -> torch.Tensor:

@@ -73,8 +73,9 @@ def check_engine_quant(quant: dict | None, arch: str) -> None:
 
 
 def int4_block_for(k: int, group: int) -> int:
-    """The int4 packing block for K input features and a group size (0 = per channel): 2 x min(group, 256)."""
-    half = min(group, 256) if group else 256
+    """The int4 packing block for K input features and a group size: 2 x min(group, 256), per channel
+    (group 0) 1024 — long contiguous byte runs per kernel step; smaller where K needs it."""
+    half = min(group, 256) if group else 512
     while k % (2 * half):
         half //= 2
     if half < 16 or (group and group % half):

@@ -172,7 +172,7 @@ def _gemv(X, W, Y, WS, AS, PQS, Z, BIAS,
           M, N, K, sxm, swn, sym, sgs_n,
           KIND: tl.constexpr, PER_ROW_SCALE: tl.constexpr, GROUP: tl.constexpr, HAS_PQS: tl.constexpr,
           HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, DYN_TOKEN: tl.constexpr, FP8_UPCAST: tl.constexpr,
-          INT4_HALVES: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+          INT4_HALVES: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """One program: BN output columns for all M (<= BM) rows, looping over K in BK steps.
     KIND 0 bf16/fp16 W; 1 FP8 W + static per-tensor activation scale AS (x quantized to E4M3);
     2 int8 W; 3 int4 W packed two per byte along K ([N, K/2], even k in the low nibble).
@@ -217,8 +217,8 @@ def _gemv(X, W, Y, WS, AS, PQS, Z, BIAS,
                     z_hi = tl.load(Z + offs_n[:, None] * sgs_n + ((k0 + HB) // GROUP), mask=nmask[:, None], other=0.0)
                     w_lo = w_lo + z_lo.to(tl.float32)
                     w_hi = w_hi + z_hi.to(tl.float32)
-            acc += tl.dot(x_lo, tl.trans(w_lo.to(X.dtype.element_ty)))
-            acc += tl.dot(x_hi, tl.trans(w_hi.to(X.dtype.element_ty)))
+            acc += tl.dot(x_lo, tl.trans(w_lo.to(X.dtype.element_ty)), input_precision=PREC)
+            acc += tl.dot(x_hi, tl.trans(w_hi.to(X.dtype.element_ty)), input_precision=PREC)
     for k0 in range(0, 0 if INT4_HALVES else K, BK):
         offs_k = k0 + tl.arange(0, BK)
         x = tl.load(X + offs_m[:, None] * sxm + offs_k[None, :], mask=mmask[:, None], other=0.0)
@@ -239,7 +239,7 @@ def _gemv(X, W, Y, WS, AS, PQS, Z, BIAS,
             else:
                 acc += tl.dot(xq, tl.trans(w))
         elif KIND == 0:
-            acc += tl.dot(x, tl.trans(w))
+            acc += tl.dot(x, tl.trans(w), input_precision=PREC)
         else:
             wf = w.to(tl.float32)
             if GROUP > 0:  # w = q * scale (+ zero), one group per K tile (BK == GROUP)
@@ -248,7 +248,7 @@ def _gemv(X, W, Y, WS, AS, PQS, Z, BIAS,
                 if HAS_ZERO:
                     z = tl.load(Z + offs_n[:, None] * sgs_n + (k0 // GROUP), mask=nmask[:, None], other=0.0)
                     wf = wf + z.to(tl.float32)
-            acc += tl.dot(x, tl.trans(wf.to(X.dtype.element_ty)))
+            acc += tl.dot(x, tl.trans(wf.to(X.dtype.element_ty)), input_precision=PREC)
     if KIND == 1:
         if DYN_TOKEN:
             acc = acc * a_row[:, None]
@@ -269,11 +269,10 @@ GEMV_MAX_ROWS = 16
 
 
 def _gemv_tiles(n: int, k: int, kind: int, group: int) -> tuple[int, int, int]:
-    """(BN, BK, num_warps) — a few hundred programs for the big matrices, >= 1 SM each for small ones."""
-    bk = 256 if kind in (W_BF16, W_INT8, W_INT4) else 512
-    if group:
-        bk = group
-    bn = 16 if n <= 8192 else 32
+    """(BN, BK, num_warps), from benchmarks/kernel_bench.py --sweep on the H100 (batch 1, Llama 1B/8B
+    matrices): 32 rows x 512 columns per step; 64 rows for very tall matrices (lm_head; FP8 gate_up)."""
+    bn = 64 if n >= 65536 or (kind == W_FP8 and n >= 16384) else 32
+    bk = group if group else (256 if kind == W_FP8 and n >= 16384 else 512)
     while k % bk:
         bk //= 2
     return bn, bk, 4
@@ -294,7 +293,8 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, kind: int = W_BF16, w_scale: torch
         raise ValueError(f"gemv handles at most {GEMV_MAX_ROWS} rows, got {M}")
     if x2.stride(-1) != 1 or w.stride(-1) != 1:
         raise ValueError("gemv needs contiguous rows")
-    y = torch.empty((M, N), dtype=out_dtype or x.dtype, device=x.device)
+    y_out = torch.empty((*lead, N), dtype=out_dtype or x.dtype, device=x.device)
+    y = y_out.view(M, N)
     bn, bk, warps = tiles or _gemv_tiles(N, K, kind, group)
     if int4_block:
         bk = int4_block
@@ -307,9 +307,11 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, kind: int = W_BF16, w_scale: torch
         M, N, K, x2.stride(0), w.stride(0), y.stride(0), w_scale.stride(0) if (per_row and group) else 0,
         KIND=kind, PER_ROW_SCALE=per_row, GROUP=group, HAS_PQS=pre_quant_scale is not None,
         HAS_ZERO=zero is not None, HAS_BIAS=bias is not None, DYN_TOKEN=dynamic_token, FP8_UPCAST=fp8_upcast,
-        INT4_HALVES=bool(int4_block), BM=16, BN=bn, BK=bk, num_warps=warps, num_stages=3,
+        INT4_HALVES=bool(int4_block),
+        PREC="ieee" if x.dtype == torch.float32 else "tf32",  # float32 activations: exact float32 products
+        BM=16, BN=bn, BK=bk, num_warps=warps, num_stages=3,
     )
-    return y.reshape(*lead, N)
+    return y_out
 
 
 
@@ -317,3 +319,24 @@ def pack_int4_k(q: torch.Tensor) -> torch.Tensor:
     """int8 [N, K] with values in [-8, 7] -> int8 [N, K/2], k = 2j in the low nibble of byte j."""
     lo, hi = q[:, 0::2].to(torch.int16), q[:, 1::2].to(torch.int16)
     return ((lo & 0x0F) | ((hi & 0x0F) << 4)).to(torch.uint8).view(torch.int8).contiguous()
+
+
+@torch.library.custom_op("kiln::gemv", mutates_args=())
+def gemv_op(x: torch.Tensor, w: torch.Tensor, kind: int, w_scale: torch.Tensor | None, act_scale: torch.Tensor | None,
+            group: int, pre_quant_scale: torch.Tensor | None, zero: torch.Tensor | None, bias: torch.Tensor | None,
+            dynamic_token: bool, int4_block: int) -> torch.Tensor:
+    """``gemv`` as an opaque operator: torch.compile graphs call it without tracing the launch."""
+    return gemv(x, w, kind=kind, w_scale=w_scale, act_scale=act_scale, group=group, pre_quant_scale=pre_quant_scale,
+                zero=zero, bias=bias, dynamic_token=dynamic_token, int4_block=int4_block)
+
+
+@gemv_op.register_fake
+def _gemv_fake(x, w, kind, w_scale, act_scale, group, pre_quant_scale, zero, bias, dynamic_token, int4_block):
+    return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+
+def engine_gemv(x: torch.Tensor, w: torch.Tensor, *, kind: int = W_BF16, w_scale=None, act_scale=None, group: int = 0,
+                pre_quant_scale=None, zero=None, bias=None, dynamic_token: bool = False,
+                int4_block: int = 0) -> torch.Tensor:
+    """What the engine calls (same arguments as ``gemv``), through the ``kiln::gemv`` operator."""
+    return gemv_op(x, w, kind, w_scale, act_scale, group, pre_quant_scale, zero, bias, dynamic_token, int4_block)
