@@ -9,9 +9,11 @@ pipeline runner, see ``pipeline.py``); each summary lands in the job's stage rec
 * ``quantize``: ``quantize_checkpoint`` from the fetched HF folder (tp=pp=1), calibration from the
   JobSpec; artifact ``checkpoint`` (the quantized one replaces the float one in the job's artifacts).
 * ``build``: ``service.compiler.build.build`` on the newest checkpoint; artifact ``engine``. Adapter:
-  where the backend refuses quantized checkpoints (the torch backend does today) and the algo is
-  weight-only (W8A16, W4A16, W4A16_AWQ), the engine is built from the weights dequantized exactly as
-  the engine would dequantize them (``qlinear.dequantize_weight``) and the summary says so.
+  the torch backend builds FP8, FP8 per-channel/per-token, W8A16, W4A16 and W4A16_AWQ checkpoints
+  (and INT8/FP8 KV caches) natively, from the stored low-precision weights; where a backend refuses
+  quantized checkpoints (onnx) and the algo is weight-only, the engine is built from the weights
+  dequantized exactly as the engine would dequantize them (``qlinear.dequantize_weight``) and the
+  summary says so.
 * ``evaluate``: a report written here (``service/compiler/evaluate`` does not exist yet): the
   quantizer's accuracy report (quantized vs unquantized, the user's thresholds) and the engine against
   the reference runtime on the checkpoint it was built from (logit error, top-1 agreement, KL,
@@ -110,18 +112,23 @@ _PROBE = {"architecture": "LlamaForCausalLM", "dtype": "float32", "hidden_size":
           "max_position_embeddings": 256}
 
 
-def backend_builds_quantized(backend: str, quant_algo: str) -> bool:
-    """Whether the compiler's build accepts a checkpoint quantized with ``quant_algo`` for ``backend``
-    (asked of ``validate_build`` itself, so this follows the compiler when it gains support)."""
+def backend_builds_quantized(backend: str, quant_algo: str | None, kv_cache: str | None = None) -> bool:
+    """Whether the compiler's build accepts a (Llama) checkpoint quantized with ``quant_algo`` and a
+    ``kv_cache`` quantization for ``backend`` (asked of ``validate_build`` itself, so this follows the
+    compiler as it gains support: the probe is valid unquantized, so a refusal is the quantization's)."""
     from service.compiler.build.config import BuildConfig, InvalidBuildConfig, validate_build
     from service.compiler.errors import KilnError
 
-    probe = {**_PROBE, "quantization": {"quant_algo": quant_algo}}
+    bc = BuildConfig(backend=backend, target="cpu", max_batch_size=1, max_input_len=8, max_seq_len=16)
     try:
-        validate_build(BuildConfig(backend=backend, target="cpu", max_batch_size=1, max_input_len=8, max_seq_len=16),
-                       probe, machine_gpus=[])
-    except InvalidBuildConfig as exc:
-        return "quantized" not in exc.message
+        validate_build(bc, _PROBE, machine_gpus=[])
+    except KilnError:  # the backend is refused for another reason (not installed, ...): not ours to say
+        return True
+    probe = {**_PROBE, "quantization": {"quant_algo": quant_algo, "kv_cache_quant_algo": kv_cache}}
+    try:
+        validate_build(bc, probe, machine_gpus=[])
+    except InvalidBuildConfig:
+        return False
     except KilnError:
         return True
     return True
@@ -132,11 +139,14 @@ def check_quantized_build(spec: JobSpec) -> None:
     q, b = spec.quantization, spec.build
     if b is None or not q.requested:
         return
-    if q.kv_cache != "none" and b.backend in ("torch", "onnx"):
-        raise InvalidSpec(f"the {b.backend} engine does not execute a quantized KV cache ({q.kv_cache}) yet",
+    algo = None if q.algo == "none" else q.algo
+    kv = None if q.kv_cache == "none" else q.kv_cache
+    if kv and not backend_builds_quantized(b.backend, algo, kv):
+        raise InvalidSpec(f"the {b.backend} engine does not execute {algo or 'an unquantized model'} with a "
+                          f"quantized KV cache ({kv})",
                           hint="drop quantization.kv_cache for this build, or submit without 'build' to get the "
                                "quantized checkpoint and its accuracy report")
-    if q.algo != "none" and not backend_builds_quantized(b.backend, q.algo) and q.algo not in WEIGHT_ONLY:
+    if algo and not backend_builds_quantized(b.backend, algo) and algo not in WEIGHT_ONLY:
         raise InvalidSpec(f"the {b.backend} backend does not build {q.algo} checkpoints yet",
                           hint=f"use a weight-only algo ({', '.join(WEIGHT_ONLY)}) with this backend, or submit "
                                "without 'build' to get the quantized checkpoint and its accuracy report")
@@ -191,10 +201,11 @@ def build_stage(ctx: StageContext, input_dir: Path | None, output_dir: Path, cfg
 
     assert input_dir is not None
     ckpt = input_dir
-    quant = (load_config(ckpt).get("quantization") or {}).get("quant_algo")
+    qcfg = load_config(ckpt).get("quantization") or {}
+    quant = qcfg.get("quant_algo")
     note = None
     with tempfile.TemporaryDirectory(dir=output_dir.parent, prefix=".tmp-dequant-") as scratch:
-        if quant and not backend_builds_quantized(cfg["backend"], quant):
+        if quant and not backend_builds_quantized(cfg["backend"], quant, qcfg.get("kv_cache_quant_algo")):
             if quant not in WEIGHT_ONLY:  # refused at submit; a direct runner call lands here
                 from service.compiler.build import InvalidBuildConfig
 

@@ -63,7 +63,7 @@ def test_w8a16_build_evaluate_job_succeeds_with_checkpoint_engine_report(worker_
     assert [a.name for a in done.artifacts] == ["checkpoint", "engine", "report"]
     stages = {s.name: s for s in done.stages}
     assert stages["quantize"].summary["quant_algo"] == "W8A16"
-    assert "dequantized" in stages["build"].summary["weights"] or stages["build"].summary["weights"] == "quantized"
+    assert stages["build"].summary["weights"] == "quantized"  # the torch engine runs the int8 weights
     assert stages["evaluate"].summary["passed"] is True
     assert stages["evaluate"].summary["engine"]["greedy_identical"] == 1.0
 
@@ -72,6 +72,10 @@ def test_w8a16_build_evaluate_job_succeeds_with_checkpoint_engine_report(worker_
     assert json.loads(ckpt.read_text())["quantization"]["quant_algo"] == "W8A16"
     eng, _ = svc.artifact_file("t", job.id, "engine", "config.json")
     assert json.loads(eng.read_text())["backend"] == "torch"
+    from service.compiler.safetensors_io import SafetensorsFile
+
+    with SafetensorsFile(eng.parent / "rank0.safetensors") as f:  # the published engine holds int8 weights
+        assert str(f.tensor("layers.0.qkv.weight").dtype) == "torch.int8"
     rep_path, _ = svc.artifact_file("t", job.id, "report", "report.json")
     rep = json.loads(rep_path.read_text())
     assert rep["passed"] and rep["accuracy"]["quant_algo"] == "W8A16"
@@ -147,9 +151,10 @@ SPEC_ERRORS = {  # refused by JobSpec itself (400 on REST, INVALID_ARGUMENT on g
 
 SUBMIT_ERRORS = {  # refused at submit by the compiler's checks: (spec, code)
     "group_size not dividing features": ({"quantization": {"algo": "W4A16_AWQ", "group_size": 48}}, "invalid_argument"),
-    "fp8 engine the backend cannot build": ({"quantization": {"algo": "FP8"}, "build": BUILD}, "invalid_argument"),
-    "kv cache the engine cannot run": ({"quantization": {"algo": "W8A16", "kv_cache": "INT8"}, "build": BUILD},
-                                       "invalid_argument"),
+    "smoothquant engine the backend cannot build": ({"quantization": {"algo": "W8A8_SQ_PER_CHANNEL"}, "build": BUILD},
+                                                    "invalid_argument"),
+    "kv cache the engine cannot run": ({"quantization": {"algo": "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN",
+                                                         "kv_cache": "INT8"}, "build": BUILD}, "invalid_argument"),
     "max_seq_len beyond the model": ({"build": {**BUILD, "max_seq_len": 4096}}, "invalid_build_config"),
     "unknown target arch": ({"build": {**BUILD, "target": "sm120"}}, "invalid_build_config"),
     "backend no worker has": ({"build": {**BUILD, "backend": "onnx"}}, "no_worker"),
