@@ -145,8 +145,11 @@ async def _serve(settings) -> None:
     app = create_app(settings, runtime=runtime)
     # Startup leaves ~250k long-lived objects (the compiler imports torch); a full GC walking them
     # takes ~120 ms on a 2-core VM, a stall every request in flight would wait for. Freeze them.
+    # Young collections every 10,000 allocations instead of 700: at polling rates the default
+    # re-scanned the objects of the requests in flight ~100 times a second (measured: ~3x less GC time).
     gc.collect()
     gc.freeze()
+    gc.set_threshold(10_000, 20, 10)
     server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
                                            access_log=False, timeout_graceful_shutdown=5))
     grpc_server = None
