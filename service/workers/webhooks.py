@@ -2,7 +2,10 @@
 
 Headers: ``X-Kiln-Timestamp`` and ``X-Kiln-Signature: sha256=<hex of HMAC(secret, timestamp + "." + body)>``.
 Loopback, private, link-local and similar addresses are refused unless ``KILN_WEBHOOK_ALLOW_PRIVATE``;
-the check runs on every address the host name resolves to.
+the check runs on every address the host name resolves to, and the request then goes to the address
+that was checked (the URL's host replaced by it; ``Host`` header and TLS SNI / certificate name stay
+the host name), so a DNS answer that changes between the check and the connection (DNS rebinding)
+cannot redirect the delivery to an internal address.
 """
 
 from __future__ import annotations
@@ -24,17 +27,36 @@ from service.store import JobStore
 log = logging.getLogger("kiln.webhooks")
 
 
-def check_webhook_url(url: str, *, allow_private: bool) -> None:
-    host = urlsplit(url).hostname or ""
-    if allow_private:
-        return
+def _resolve(host: str) -> list[str]:
     try:
-        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise InvalidSpec(f"webhook host {host!r} does not resolve") from exc
+    return list(dict.fromkeys(info[4][0] for info in infos))
+
+
+def check_webhook_url(url: str, *, allow_private: bool) -> list[str]:
+    """The addresses ``url``'s host resolves to, all of them vetted (unless private hosts are allowed)."""
+    host = urlsplit(url).hostname or ""
+    addresses = _resolve(host)
+    if allow_private:
+        return addresses
     if is_private_host(host) or any(is_private_host(a) for a in addresses):
         raise InvalidSpec(f"webhook host {host!r} is a loopback/private address",
                           hint="the operator can allow private webhooks with KILN_WEBHOOK_ALLOW_PRIVATE=1")
+    return addresses
+
+
+def pinned_request(url: str, address: str) -> tuple[str, dict[str, str], dict]:
+    """(URL with the host replaced by the vetted ``address``, the Host header, httpx extensions with the
+    TLS server name) for a request that connects to exactly that address."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    literal = f"[{address}]" if ":" in address else address
+    netloc = literal + (f":{parts.port}" if parts.port else "")
+    host_header = (f"[{host}]" if ":" in host else host) + (f":{parts.port}" if parts.port else "")
+    pinned = parts._replace(netloc=netloc).geturl()
+    return pinned, {"Host": host_header}, ({"sni_hostname": host} if parts.scheme == "https" else {})
 
 
 def sign(secret: str, timestamp: str, body: bytes) -> str:
@@ -53,15 +75,18 @@ def deliver(settings: Settings, store: JobStore, job_id: str) -> str:
     outcome = "failed"
     for attempt in range(1, settings.webhook_attempts + 1):
         try:
-            check_webhook_url(url, allow_private=settings.webhook_allow_private)
+            addresses = check_webhook_url(url, allow_private=settings.webhook_allow_private)
         except InvalidSpec as exc:
             outcome = f"refused: {exc.message}"
             break
         ts = str(int(time.time()))
+        target, host_header, extensions = pinned_request(url, addresses[0])
         headers = {"Content-Type": "application/json", "X-Kiln-Timestamp": ts, "X-Kiln-Event": "job.finished",
-                   "X-Kiln-Signature": sign(settings.webhook_secret, ts, body)}
+                   "X-Kiln-Signature": sign(settings.webhook_secret, ts, body), **host_header}
         try:
-            resp = httpx.post(url, content=body, headers=headers, timeout=10.0, follow_redirects=False)
+            with httpx.Client(timeout=10.0, follow_redirects=False) as client:
+                resp = client.send(client.build_request("POST", target, content=body, headers=headers,
+                                                        extensions=extensions))
             if 200 <= resp.status_code < 300:
                 outcome = f"delivered (attempt {attempt}, HTTP {resp.status_code})"
                 break

@@ -62,3 +62,37 @@ def test_webhook_to_loopback_is_refused_unless_allowed(tmp_path, receiver):
     store, job = _job(tmp_path, url, settings)
     assert deliver(settings, store, job.id).startswith("refused")
     assert calls == []
+
+
+def test_delivery_connects_to_the_vetted_address_with_the_host_name_kept(tmp_path, receiver):
+    """The request goes to the address that was checked; Host keeps the name (no second DNS lookup)."""
+    url, calls = receiver
+    port = url.split(":")[2].split("/")[0]
+    named = f"http://localhost:{port}/hook"
+    settings = Settings(storage=tmp_path, webhook_allow_private=True, webhook_backoff_s=0.01)
+    store, job = _job(tmp_path, named, settings)
+    assert deliver(settings, store, job.id).startswith("delivered")
+    assert calls[-1][0]["Host"] == f"localhost:{port}"
+
+
+def test_a_dns_answer_that_changes_after_the_check_is_not_followed(monkeypatch):
+    """DNS rebinding: the first answer (checked, public) is the one connected to, never the second."""
+    import socket
+
+    from service.workers import webhooks
+
+    answers = iter([[(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.215.14", 0))],
+                    [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", 0))]])
+    monkeypatch.setattr(webhooks.socket, "getaddrinfo", lambda *a, **k: next(answers))
+    addresses = webhooks.check_webhook_url("https://hooks.example.com:8443/x?y=1", allow_private=False)
+    target, host, ext = webhooks.pinned_request("https://hooks.example.com:8443/x?y=1", addresses[0])
+    assert target == "https://93.184.215.14:8443/x?y=1"
+    assert host == {"Host": "hooks.example.com:8443"} and ext == {"sni_hostname": "hooks.example.com"}
+    with pytest.raises(Exception, match="loopback/private"):  # the changed answer is refused if checked
+        webhooks.check_webhook_url("https://hooks.example.com/x", allow_private=False)
+
+
+def test_ipv6_addresses_are_bracketed():
+    from service.workers.webhooks import pinned_request
+
+    assert pinned_request("http://h.example/a", "2001:db8::5")[0] == "http://[2001:db8::5]/a"
