@@ -7,7 +7,7 @@ of the text and compared with the float32 model: perplexity, Δ perplexity, % re
 markdown table (and JSON with --json). CPU only; GPU speed columns are not measured here.
 
     PYTHONPATH=. .venv/bin/python benchmarks/quant_bench.py                      # every algo, ~5-10 min on 2 cores
-    PYTHONPATH=. .venv/bin/python benchmarks/quant_bench.py --algos FP8,W4A16_AWQ_G64 --samples 64 --seq-len 512
+    PYTHONPATH=. .venv/bin/python benchmarks/quant_bench.py --algos "FP8 GPTQ weights (Kiln default)" --samples 64
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ ALGOS = {
     "W8A16": lambda: QuantConfig("W8A16"),
     "W8A16+INT8KV amax/127 (TRT-LLM)": lambda: QuantConfig("W8A16", kv_cache_quant_algo="INT8", kv_clip_search=False),
     "W8A16+INT8KV searched clip": lambda: QuantConfig("W8A16", kv_cache_quant_algo="INT8"),
-    "FP8": lambda: QuantConfig("FP8"),
+    "FP8 max calibration (ModelOpt)": lambda: QuantConfig("FP8", fp8_gptq=False),
+    "FP8 GPTQ weights (Kiln default)": lambda: QuantConfig("FP8"),
     "FP8+FP8KV": lambda: QuantConfig("FP8", kv_cache_quant_algo="FP8"),
     "FP8_PER_CHANNEL_PER_TOKEN": lambda: QuantConfig("FP8_PER_CHANNEL_PER_TOKEN"),
     "W8A8_SQ alpha=1.0 (ModelOpt)": lambda: QuantConfig("W8A8_SQ_PER_CHANNEL", smoothquant_alpha=1.0),

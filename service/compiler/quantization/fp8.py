@@ -17,6 +17,9 @@ relative to each value (measured; see benchmarks/README.md).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 E4M3_MAX = 448.0
@@ -79,19 +82,36 @@ def gptq_fp8(w: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, *, blo
     else:
         raise ValueError("gptq_fp8: the calibration Hessian is not positive definite even with heavy damping")
     codes = torch.empty(W.shape, dtype=torch.float8_e4m3fn, device=W.device)
+    s0 = s[:, 0]
     for i1 in range(0, n, block):
         i2 = min(i1 + block, n)
         W1 = W[:, i1:i2].clone()
         E1 = torch.empty_like(W1)
         H1 = hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            c = to_fp8(W1[:, i:i + 1], s)
-            codes[:, i1 + i] = c[:, 0]
-            e = (W1[:, i] - c[:, 0].float() * s[:, 0]) / H1[i, i]
-            W1[:, i:] -= e[:, None] * H1[i, i:][None, :]
-            E1[:, i] = e
+        with _latency_bound(W.device):
+            for i in range(i2 - i1):
+                w = W1[:, i]
+                e = (w - qdq_fp8(w, s0)) / H1[i, i]
+                W1[:, i:].addr_(e, H1[i, i:], alpha=-1.0)  # column i becomes its E4M3 value
+                E1[:, i] = e
+        codes[:, i1:i2] = to_fp8(W1, s)
         W[:, i2:] -= E1 @ hinv[i1:i2, i2:]
     return codes[:, torch.argsort(perm)]
+
+
+@contextlib.contextmanager
+def _latency_bound(device: torch.device) -> Iterator[None]:
+    """One intra-op thread on the CPU for GPTQ's column loop: its ops are small vectors, and several
+    threads only add synchronization (8x slower on a loaded 2-core machine)."""
+    if device.type != "cpu" or torch.get_num_threads() == 1:
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def output_error(w: torch.Tensor, deq: torch.Tensor, hessian: torch.Tensor) -> float:
