@@ -234,8 +234,8 @@ def create_app(settings: Settings | None = None, *, runtime=None) -> FastAPI:
         # parameters (documented by POLL_HEADERS; the same key check as tenant_dep).
         headers = request.headers
         tenant = keys.tenant_for(key_from_headers(headers.get("authorization"), headers.get("x-api-key")))
-        # One indexed primary-key read, off the event loop (it would block it for a whole database round
-        # trip); polls that arrive while a read is in flight share the next one (WHERE id IN (...)).
+        # One indexed primary-key read that never blocks the event loop for a database round trip;
+        # polls that arrive while a read is in flight share the next one (WHERE id = ANY(...)).
         job = await request.app.state.runtime.service.poll(tenant, job_id)
         etag = f'"{job.version}"'
         if headers.get("if-none-match") == etag:

@@ -100,7 +100,7 @@ class JobService:
         return job
 
     async def poll(self, tenant: str, job_id: str) -> Job:
-        """``get`` for async callers (status polling): off the event loop, concurrent polls share one
+        """``get`` for async callers (status polling): never blocks the event loop, concurrent polls share one
         query, and the job is read from the store after the call began (never a cached state)."""
         job = await self.store.get_async(job_id, tenant=tenant)
         if job is None:

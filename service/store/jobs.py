@@ -215,7 +215,7 @@ class JobStore:
         conn.close()
 
     async def get_async(self, job_id: str, tenant: str | None = None) -> Job | None:
-        """``get`` for async callers: runs off the event loop; concurrent calls share one query."""
+        """``get`` for async callers: never blocks the event loop; concurrent calls share one query."""
         job = await self._polls.get(job_id)
         if job is None or (tenant is not None and job.tenant != tenant):
             return None
