@@ -57,8 +57,9 @@ class AsyncPgReader:
                 rows = await cur.fetchall()
                 names = [c.name for c in cur.description]
             except psycopg.OperationalError:
+                dropped = conn.closed  # the server went away (restart, idle kill), not a query error
                 self._discard(conn)
-                if attempt == 2 or not conn.closed:  # only a dropped connection is worth a second try
+                if attempt == 2 or not dropped:  # only a dropped connection is worth a second try
                     raise
                 continue
             except BaseException:  # cancelled mid-read, or anything unexpected: the session state is unknown

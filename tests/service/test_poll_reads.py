@@ -167,3 +167,29 @@ def test_pg_poll_connections_are_the_stores_own_and_closed_with_it(job_store):
     assert not reader._open
     with pytest.raises(RuntimeError, match="closed"):
         asyncio.run(job_store.get_async(job.id))
+
+
+def test_pg_reader_retries_a_dropped_connection_but_not_a_failed_query(db_url, monkeypatch):
+    if not db_url.startswith("postgresql"):
+        pytest.skip("PostgreSQL reader")
+    import psycopg
+
+    from service.store.pg_reads import AsyncPgReader
+
+    connects = []
+    real_connect = psycopg.AsyncConnection.connect
+
+    async def counting_connect(*args, **kwargs):
+        connects.append(1)
+        return await real_connect(*args, **kwargs)
+
+    monkeypatch.setattr(psycopg.AsyncConnection, "connect", counting_connect)
+    # a query the server cancels (statement_timeout): an OperationalError on a live connection
+    reader = AsyncPgReader(db_url + "?options=-c%20statement_timeout%3D50",
+                           "SELECT k, pg_sleep(0.5) FROM unnest(%(ids)s::text[]) AS k", dict)
+    try:
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            asyncio.run(reader.read(["a"]))
+        assert len(connects) == 1  # not retried
+    finally:
+        reader.close()
