@@ -172,8 +172,8 @@ BAD_SPECS = {
     "backend no worker has": {"model": TINY_REPO, "build": {"backend": "tensorrt", "max_input_len": 64, "max_seq_len": 128}},
     "unknown quantization algo": {"model": TINY_REPO, "quantization": {"algo": "INT3"}},
     "fp8 on an sm80 target": {"model": TINY_REPO, "quantization": {"algo": "FP8"}, "build": {"target": "sm80"}},
-    "fp8 engine the backend cannot build": {"model": TINY_REPO, "quantization": {"algo": "FP8"},
-                                            "build": {"max_input_len": 64, "max_seq_len": 128}},
+    "smoothquant engine the backend cannot build": {"model": TINY_REPO, "quantization": {"algo": "W8A8_SQ_PER_CHANNEL"},
+                                                    "build": {"max_input_len": 64, "max_seq_len": 128}},
 }
 
 
