@@ -47,6 +47,8 @@ class Settings(BaseSettings):
     broker_url: str | None = Field(default=None, description="Celery broker; default file-backed transport")
     api_keys: str = Field(default="", description="tenant:key or tenant:sha256:<hex>, comma separated")
     api_keys_file: Path | None = None
+    metrics_token: str = Field(default="", description="bearer token for /metrics on a keyed server (plain or "
+                                                       "sha256:<hex>); tenant keys do not open it")
 
     host: str = "127.0.0.1"
     port: int = 8080
@@ -153,6 +155,17 @@ class Settings(BaseSettings):
         if self.hf_token_file and self.hf_token_file.is_file():
             return self.hf_token_file.read_text().strip() or None
         return None
+
+    def metrics_token_hash(self) -> str | None:
+        """sha256 hex of the /metrics token, or None when none is configured."""
+        t = self.metrics_token.strip()
+        if not t:
+            return None
+        if t.startswith("sha256:"):
+            return t[len("sha256:"):].lower()
+        import hashlib
+
+        return hashlib.sha256(t.encode()).hexdigest()
 
 
 @functools.lru_cache(maxsize=1)

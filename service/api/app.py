@@ -6,6 +6,8 @@ Artifacts are served from their manifests only (no StaticFiles over storage), as
 
 
 import asyncio
+import hashlib
+import hmac
 import inspect
 import json
 import time
@@ -23,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.compiler.errors import KilnError
 from service.domain import JobService, JobSpec, error_body, status_for
-from service.domain.errors import DomainError, InvalidSpec
+from service.domain.errors import DomainError, InvalidSpec, Unauthenticated
 from service.settings import Settings, get_settings
 
 from .auth import KeyRing, key_from_headers
@@ -333,8 +335,19 @@ def create_app(settings: Settings | None = None, *, runtime=None) -> FastAPI:
             return JSONResponse({"status": "unavailable", "reason": type(exc).__name__}, status_code=503)
         return JSONResponse({"status": "ready", "workers": len(svc.workers())})
 
-    @app.get("/metrics", response_class=PlainTextResponse, tags=["ops"])
-    def prometheus(svc: Service) -> str:
+    metrics_hash = settings.metrics_token_hash()
+
+    @app.get("/metrics", response_class=PlainTextResponse, tags=["ops"],
+             responses={401: {"description": "keyed server: missing or wrong metrics token"}})
+    def prometheus(svc: Service, authorization: str | None = Header(default=None)) -> str:
+        """Prometheus text. Its job counts span every tenant, so on a keyed server it needs
+        ``Authorization: Bearer <KILN_METRICS_TOKEN>`` (tenant API keys do not open it)."""
+        if keys.enabled:
+            presented = authorization[7:].strip() if authorization and authorization.lower().startswith("bearer ") else ""
+            digest = hashlib.sha256(presented.encode()).hexdigest()
+            if not (metrics_hash and presented and hmac.compare_digest(digest, metrics_hash)):
+                raise Unauthenticated("/metrics needs the metrics token",
+                                      hint="send Authorization: Bearer <token>; the operator sets KILN_METRICS_TOKEN")
         lines = ["# HELP kiln_http_requests_total HTTP requests by route and status",
                  "# TYPE kiln_http_requests_total counter"]
         for (method, route, status), n in sorted(metrics.requests.items()):

@@ -18,6 +18,7 @@ from service.workers.pipeline import PipelineRunner
 from .conftest import TINY_REPO, install_in_hf_cache
 
 ALICE, BOB = "alice-key-123", "bob-key-456"
+METRICS = "metrics-token-789"
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,8 @@ def keyed_runtime(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("keyed")
     mp = pytest.MonkeyPatch()
     mp.setenv("HF_HUB_OFFLINE", "1")
-    settings = Settings(storage=root, api_keys=f"alice:sha256:{hash_api_key(ALICE)},bob:{BOB}", max_body_bytes=4096)
+    settings = Settings(storage=root, api_keys=f"alice:sha256:{hash_api_key(ALICE)},bob:{BOB}", max_body_bytes=4096,
+                        metrics_token=METRICS)
     install_in_hf_cache(tiny_model_dir, settings.hf_cache, TINY_REPO)
     runtime = build_runtime(settings)
     job, _ = runtime.service.submit("alice", JobSpec(model=TINY_REPO, dtype="float16"))
@@ -131,7 +133,11 @@ def test_events_report_metrics_and_openapi(keyed):
     report = client.get(f"/v1/jobs/{job_id}/report", headers=h(ALICE)).json()
     assert [s["name"] for s in report["stages"]] == ["fetch", "convert", "publish"]
     assert report["artifacts"][0]["files"]
-    metrics = client.get("/metrics", headers=h(ALICE)).text
+    # cross-tenant counts: a tenant key does not open /metrics, the operator's metrics token does
+    for headers in ({}, h(ALICE), {"Authorization": "Bearer wrong"}):
+        r = client.get("/metrics", headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "unauthenticated"
+    metrics = client.get("/metrics", headers={"Authorization": f"Bearer {METRICS}"}).text
     assert "kiln_http_requests_total" in metrics and 'kiln_jobs{state="succeeded"}' in metrics
     schema = client.get("/openapi.json").json()
     for path in ("/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}:cancel", "/v1/jobs/{job_id}/events",
@@ -228,7 +234,7 @@ def test_poll_route_keys_etag_metrics_and_documented_headers(keyed):
     assert client.get(url, headers={"X-API-Key": BOB}).status_code == 404
     assert client.get(url, headers={"Authorization": f"Basic {ALICE}"}).status_code == 401
     assert client.post(url, headers=h(ALICE)).status_code == 405
-    metrics = client.get("/metrics", headers=h(ALICE)).text
+    metrics = client.get("/metrics", headers={"Authorization": f"Bearer {METRICS}"}).text
     assert 'route="/v1/jobs/{job_id}",status="304"' in metrics
     op = client.get("/openapi.json").json()["paths"]["/v1/jobs/{job_id}"]["get"]
     assert {(p["name"], p["in"]) for p in op["parameters"]} == {
