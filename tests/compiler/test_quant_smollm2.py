@@ -1,17 +1,19 @@
 """The quantizer on the real SmolLM2-135M-Instruct (CPU), measured on the quantized artifacts.
 
-Each checkpoint is quantized with a small calibration set (16 x 256 tokens of the bundled text),
+Each checkpoint is quantized with a small calibration set (16 x 128 tokens of the bundled text),
 validated, and executed from its stored low-precision tensors on held-out windows from the other end
 of the text; the unquantized model is the float32 checkpoint converted in memory.
 
 SmolLM2's hidden size (576) is not a multiple of 128, so group 128 is refused with a clear error and
 the AWQ-vs-RTN comparison runs at group 64 (both sides the same group size and data).
 
-Measured on this model (16 x 256 calibration, 4 x 256 eval tokens): W8A16 +0.4 % perplexity (KL 0.003),
-FP8 +2.0-3.0 % (KL 0.033; weights alone +0.3 %, the E4M3 rounding of the qkv / fc inputs is the cost;
-float-level noise between two correct implementations flips roundings and moves the perplexity by
-~1 %, so FP8 is held to KL and agreement first), SmoothQuant searched alpha 0.7: +2.9 % vs alpha 1.0:
-+7.2 %, AWQ g64 +13.7 % vs RTN g64 +44 %.
+Measured with these settings (8 x 256 eval tokens): FP8 with GPTQ-rounded weights (the default)
++1.4 % perplexity (KL 0.024, top-1 91.5 %) vs plain max calibration +2.1 % (KL 0.034, 89.8 %). The FP8
+floor is the E4M3 rounding of the activations (KL ~0.018 alone on this model: E4M3's 3-bit mantissa;
+an E4M3 with unlimited exponent range costs the same, so no scale choice removes it). Float-level
+noise between two correct implementations flips roundings and moves the perplexity by ~1 %, so FP8
+is held to KL and agreement first. Earlier runs: W8A16 +0.4 % (KL 0.003), SmoothQuant searched alpha
+0.7: +2.9 % vs alpha 1.0: +7.2 %, AWQ g64 +13.7 % vs RTN g64 +44 %.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ CALIB = dict(samples=16, seq_len=128, heldout_samples=2, awq_tokens=256)
 EVAL = (8, 256)  # held-out windows x tokens (2048 tokens: ppl deltas of ~0.5 % need that many)
 CONFIGS = {
     "W8A16": QuantConfig("W8A16"),
-    "FP8": QuantConfig("FP8"),
+    "FP8": QuantConfig("FP8"),  # GPTQ-rounded E4M3 weights
+    "FP8_MAX": QuantConfig("FP8", fp8_gptq=False),  # ModelOpt's max calibration, round to nearest
     "RTN_G64": QuantConfig("W4A16_AWQ", group_size=64, awq_grid=1, awq_clip=False),  # s = 1, no clip: plain RTN
     "AWQ_G64": QuantConfig("W4A16_AWQ", group_size=64, awq_grid=10),  # CI: 10-point grid (bench: 20)
     "INT8KV_AMAX": QuantConfig("W8A16", kv_cache_quant_algo="INT8", kv_clip_search=False),  # TensorRT-LLM's
@@ -86,14 +89,18 @@ def test_w8a16_perplexity_within_1_percent_and_runtime_agrees(reports, reference
     assert runtime_ppl == pytest.approx(perplexity(CheckpointRunner.from_dir(out).logits(two), two), rel=1e-4)
 
 
-def test_fp8_perplexity_close(reports, reference):
+def test_fp8_gptq_beats_max_calibration_and_is_close(reports, reference):
     from service.compiler.runtime.reference import ReferenceModel
 
     rep, summary, out = reports("FP8")
-    # The brief's target is 1 %. On this 135M model E4M3 activation rounding costs KL ~0.033 (W8A16: 0.003),
-    # which is +2-3 % perplexity; which exact value a run lands on depends on float-level noise (module doc).
-    assert rep.kl_divergence < 0.05 and rep.top1_agreement > 0.87, rep
-    assert rep.perplexity_increase_pct < 5.0, rep
+    plain, plain_summary, _ = reports("FP8_MAX")
+    # The issue's target is 1 %. Measured: GPTQ +1.4 % (KL 0.024), max calibration +2.1 % (KL 0.034); the
+    # E4M3 rounding of the activations alone costs KL ~0.018 here (module doc), so 1 % is not asserted.
+    assert rep.kl_divergence < 0.8 * plain.kl_divergence and rep.top1_agreement > plain.top1_agreement, (rep, plain)
+    assert rep.kl_divergence < 0.03 and rep.top1_agreement > 0.89, rep
+    assert rep.perplexity_increase_pct < 3.0, rep
+    assert summary.record["fp8_weight_rounding"].startswith("gptq") and summary.record["fp8_gptq_mean_loss_vs_rtn"] < 0.5
+    assert plain_summary.record["fp8_weight_rounding"].startswith("round to nearest")
     assert summary.record["calibration"]["samples"] == 16 and summary.record["calibration"]["seq_len"] == 128
     runner, windows, ref_logits = reference
     two = windows[:2]
