@@ -45,9 +45,9 @@ from .calibration import (
 )
 from .config import QuantConfig
 from .decoder import Decoder
+from .fp8 import GPTQ_BLOCK, GPTQ_DAMP, gptq_fp8, output_error, scale_from_amax, to_fp8
 from .fp8 import quantize_per_channel as fp8_per_channel
 from .fp8 import quantize_per_tensor as fp8_per_tensor
-from .fp8 import GPTQ_BLOCK, GPTQ_DAMP, gptq_fp8, output_error, scale_from_amax, to_fp8
 from .kv_cache import kv_cache_scale, qdq_kv
 from .layout import is_quantized_linear, linear_module, quantized_expected
 from .qlinear import layer_kv, layer_linear
