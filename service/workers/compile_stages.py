@@ -47,13 +47,16 @@ def quantize_config(spec: JobSpec) -> dict | None:
     if not q.requested:
         return None
     cal = q.calibration.model_dump() if q.calibration else {"dataset": "bundled", "samples": 64, "seq_len": 256}
-    return {
+    cfg = {
         "dtype": spec.dtype, "algo": None if q.algo == "none" else q.algo,
         "kv_cache": None if q.kv_cache == "none" else q.kv_cache, "group_size": q.group_size,
         "has_zero_point": q.has_zero_point, "exclude_modules": q.exclude_modules,
         "smoothquant_alpha": q.smoothquant_alpha, "calibration": cal,
         "target_sm": spec.build.target_sm if spec.build else None,
     }
+    if cfg["algo"] == "FP8":  # FP8 weights are GPTQ-rounded since this key field: older cached ones are not
+        cfg["fp8_weight_rounding"] = "gptq"
+    return cfg
 
 
 def build_config(spec: JobSpec) -> dict | None:
