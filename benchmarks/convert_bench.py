@@ -523,6 +523,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", metavar="FILE", help="also write all samples and medians as JSON")
     ap.add_argument("--no-verify", action="store_true", help="skip the kiln-vs-naive output comparison")
     ap.add_argument("--keep-outputs", action="store_true", help="leave the converted outputs in DATA_DIR/out")
+    ap.add_argument("--out-dir", help="where outputs are written (default DATA_DIR/out); e.g. /dev/shm to time "
+                                      "the conversion without this machine's disk (fsync is then a no-op)")
     ap.add_argument("--prepare-only", action="store_true", help="write the synthetic checkpoints and stop")
     args = ap.parse_args(argv)
 
@@ -542,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
         for s, p in sources.items():
             print(f"{s}: {p} ({source_bytes(p) / 1e9:.2f} GB)")
         return 0
-    work = data_dir / "out"
+    work = Path(args.out_dir).absolute() if args.out_dir else data_dir / "out"
     work.mkdir(parents=True, exist_ok=True)
     started = time.time()
     load_before = os.getloadavg()
