@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import hashlib
 import json
 import os
@@ -99,9 +100,18 @@ async def run_load(port: int, make_request, clients: int, seconds: float, interv
                 errors += 1
         conn.writer.close()
 
-    start = time.perf_counter()
-    await asyncio.gather(*(client() for _ in range(clients)))
-    elapsed = time.perf_counter() - start
+    # The load generator is the measuring instrument: its own garbage collections (whose cost grows
+    # with what earlier phases left behind) must not stall the clients and show up as server latency.
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+    try:
+        start = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(clients)))
+        elapsed = time.perf_counter() - start
+    finally:
+        gc.enable()
+        gc.unfreeze()
     latencies.sort()
     q = statistics.quantiles(latencies, n=100) if len(latencies) > 100 else [max(latencies)] * 99
     return {"requests": len(latencies), "errors": errors, "rps": len(latencies) / elapsed,
