@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.nemotron_nas import ARCH, checkpoint_layers
-from .engine_model import apply_rope, lm_head, rms_norm, rope_inv_freq
+from .engine_model import apply_rope, decode_mask, lm_head, rms_norm, rope_inv_freq
 
 DECILM_LAYOUT = "kiln-decilm-fused/1"
 ATTN, LINEAR, MLP = "attn", "linear", "mlp"
@@ -192,8 +192,7 @@ class DeciLMEngineModel:
         kv = kv or self.max_seq
         h = F.embedding(ids, self.embed)
         cos, sin = self.cos[pos], self.sin[pos]
-        mask = torch.zeros((), dtype=self.dtype, device=self.device).masked_fill(
-            self.slots[None, :kv] > pos[:, None], float("-inf"))[:, None, None, :]
+        mask = decode_mask(self.slots, pos, kv, self.dtype)
         attn, linear, mlp = self._decode[ATTN], self._decode[LINEAR], self._decode[MLP]
         for kind, w, c, nkv in self.blocks:
             if kind == MLP:

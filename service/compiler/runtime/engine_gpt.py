@@ -21,6 +21,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from .engine_model import decode_mask, gather_vocab
+
 GPT_LAYOUT = "kiln-gpt-fused/1"
 GPT_ARCHS = ("GPTForCausalLM", "GPT2LMHeadModel", "OPTForCausalLM")
 LAYER_FIELDS = ("attn_norm", "attn_norm_bias", "qkv", "qkv_bias", "o", "o_bias", "mlp_norm", "mlp_norm_bias",
@@ -194,20 +196,14 @@ class GPTEngineModel:
         B = ids.shape[0]
         kv = kv or self.max_seq
         h = F.embedding(ids, self.embed) + F.embedding(pos, self.pos_embed)
-        mask = torch.zeros((), dtype=self.dtype, device=self.device).masked_fill(
-            self.slots[None, :kv] > pos[:, None], float("-inf"))[:, None, None, :]
+        mask = decode_mask(self.slots, pos, kv, self.dtype)
         for i, w in enumerate(self.layers):
             h = self._decode_layer(h, w, self.k_cache[i][:B, :, :kv], self.v_cache[i][:B, :, :kv], pos, mask,
                                    self.nh, self.nkv, self.d, self.eps, self.act, self.post_ln, self.group)
         return self._gather_vocab(self._head(h, self.final_norm, self.final_norm_bias, self.head, self.eps))
 
     def _gather_vocab(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.group is None:
-            return logits
-        import torch.distributed._functional_collectives as funcol
-
-        parts = funcol.all_gather_tensor(logits.movedim(-1, 0).contiguous(), 0, self.group)
-        return parts.movedim(0, -1)[..., : self.vocab]
+        return gather_vocab(logits, self.group, self.vocab)
 
     def prefill(self, ids: torch.Tensor, lengths: torch.Tensor, *, all_logits: bool = False,
                 row0: int = 0) -> torch.Tensor:

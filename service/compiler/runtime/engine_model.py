@@ -195,6 +195,23 @@ def prefill_layer(h: torch.Tensor, w: LayerWeights, k_cache: torch.Tensor, v_cac
     return _mlp_and_residual(h, attn.transpose(1, 2).reshape(B, T, nh * d), w, eps, group, dense=True)
 
 
+def decode_mask(slots: torch.Tensor, pos: torch.Tensor, kv: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive decode mask [B, 1, 1, kv], built once per step (not per layer): 0 for slots <= pos[b],
+    -inf beyond."""
+    return torch.zeros((), dtype=dtype, device=slots.device).masked_fill(
+        slots[None, :kv] > pos[:, None], float("-inf"))[:, None, None, :]
+
+
+def gather_vocab(logits: torch.Tensor, group, vocab: int) -> torch.Tensor:
+    """Tensor parallel: each rank holds a slice of the (padded) vocab; gather and cut the padding."""
+    if group is None:
+        return logits
+    import torch.distributed._functional_collectives as funcol
+
+    parts = funcol.all_gather_tensor(logits.movedim(-1, 0).contiguous(), 0, group)
+    return parts.movedim(0, -1)[..., :vocab]
+
+
 def lm_head(h: torch.Tensor, norm: torch.Tensor, head: torch.Tensor, eps: float) -> torch.Tensor:
     return linear(rms_norm(h, norm, eps), head).float()
 
@@ -277,21 +294,14 @@ class EngineModel:
                 attn = self.kernels.decode_attention(q, k, v, self.k_cache[i], self.v_cache[i], pos, kv)
                 h = self._decode_out(h, attn, w, self.eps, self.group)
             return self._gather_vocab(self._head(h, self.final_norm, self.head, self.eps))
-        # additive mask built once per step (not per layer): 0 for slots <= pos, -inf beyond
-        mask = torch.zeros((), dtype=self.dtype, device=self.device).masked_fill(
-            self.slots[None, :kv] > pos[:, None], float("-inf"))[:, None, None, :]
+        mask = decode_mask(self.slots, pos, kv, self.dtype)
         for i, w in enumerate(self.layers):
             h = self._decode_layer(h, w, self.k_cache[i][:B, :, :kv], self.v_cache[i][:B, :, :kv], pos, cos, sin,
                                    mask, self.nh, self.nkv, self.d, self.eps, self.group, self.kv_algo)
         return self._gather_vocab(self._head(h, self.final_norm, self.head, self.eps))
 
     def _gather_vocab(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.group is None:
-            return logits
-        import torch.distributed._functional_collectives as funcol
-
-        parts = funcol.all_gather_tensor(logits.movedim(-1, 0).contiguous(), 0, self.group)
-        return parts.movedim(0, -1)[..., : self.vocab]
+        return gather_vocab(logits, self.group, self.vocab)
 
     def prefill(self, ids: torch.Tensor, lengths: torch.Tensor, *, all_logits: bool = False,
                 row0: int = 0) -> torch.Tensor:

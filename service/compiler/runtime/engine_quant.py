@@ -32,13 +32,14 @@ import torch.nn.functional as F
 
 from ..errors import InvalidCheckpoint
 from ..quantization import config as qc
-from ..quantization.weight_only import unpack_int4_cols, unpack_int4_rows
+from ..quantization.fp8 import scale_from_amax, to_fp8
+from ..quantization.kv_cache import qdq_kv as _qdq_kv
+from ..quantization.weight_only import dequantize_groupwise, unpack_int4_cols, unpack_int4_rows
 
 W_FP8, W_INT8, W_INT4 = 1, 2, 3  # kernels.W_* (kept here so CPU engines need no Triton)
 ENGINE_QUANT_ALGOS = (qc.FP8, qc.FP8_PER_CHANNEL_PER_TOKEN, qc.W8A16, qc.W4A16, qc.W4A16_AWQ)
 SLOTS = {"qkv": ("attention.qkv",), "o": ("attention.dense",), "gate_up": ("mlp.fc", "mlp.gate"),
          "down": ("mlp.proj",)}
-E4M3_MAX = 448.0
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -178,22 +179,14 @@ def load_qlinear(weights: dict[str, torch.Tensor], name: str, quant: dict) -> QL
 def dequantize(q: QLinear) -> torch.Tensor:
     """The float32 [N, K] weight of an integer QLinear (scales and zero applied)."""
     w = unpack_int4_halves(q.weight, q.int4_block) if q.kind == W_INT4 else q.weight
-    wf = w.float()
     if q.group:
-        n, k = wf.shape
-        wg = wf.reshape(n, k // q.group, q.group) * q.scale.float()[..., None]
-        if q.zero is not None:
-            wg = wg + q.zero.float()[..., None]
-        return wg.reshape(n, k)
-    return wf * q.scale.float()[:, None]
+        return dequantize_groupwise(w, q.scale, q.zero, q.group)
+    return w.float() * q.scale.float()[:, None]
 
 
 def _fp8_act(x: torch.Tensor, q: QLinear) -> tuple[torch.Tensor, torch.Tensor]:
-    if q.dynamic:
-        s = (x.float().abs().amax(-1, keepdim=True) / E4M3_MAX).clamp_min(1e-12)
-    else:
-        s = q.act_scale.float()
-    return (x.float() / s).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), s
+    s = scale_from_amax(x.float().abs().amax(-1, keepdim=True)) if q.dynamic else q.act_scale.float()
+    return to_fp8(x, s), s
 
 
 def qlinear_forward(x: torch.Tensor, q: QLinear, bias: torch.Tensor | None = None,
@@ -231,7 +224,4 @@ def qdq_kv(x: torch.Tensor, scale: torch.Tensor | None, algo: str | None) -> tor
     """What a quantized KV cache gives back (the engine stores the rounded values in its dtype)."""
     if scale is None or not algo:
         return x
-    s = scale.float().reshape(())
-    if algo == "INT8":
-        return (torch.round(x.float() / s).clamp(-128, 127) * s).to(x.dtype)
-    return ((x.float() / s).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float() * s).to(x.dtype)
+    return _qdq_kv(x, scale, algo).to(x.dtype)
