@@ -22,7 +22,11 @@ import torch
 import torch.nn.functional as F
 
 from service.compiler.quantization.fp8 import fp8_linear
-from service.compiler.quantization.weight_only import dequantize_groupwise, quantize_groupwise, quantize_per_channel
+from service.compiler.quantization.weight_only import (
+    dequantize_groupwise,
+    quantize_groupwise,
+    quantize_per_channel,
+)
 from service.compiler.runtime import kernels as K
 
 SHAPES = {  # name: (hidden, heads, kv_heads, head, inter, vocab)
@@ -202,7 +206,7 @@ def time_gemv(rows: list, shape: str, kinds: list[str], M: int = 1, sweep: bool 
         a_s = torch.tensor([0.01], device="cuda")
         row = {"bench": "gemv", "shape": shape, "matrix": name, "N": N, "K": Kd, "M": M}
         ws = [make_weights(N, Kd, "bf16") for _ in range(copies)]
-        t = graph_time([lambda w=w: F.linear(x, w["args"][0]) for w in ws])
+        t = graph_time([lambda w=w, x=x: F.linear(x, w["args"][0]) for w in ws])
         row["cublas_bf16_us"] = t * 1e6
         row["cublas_bf16_GBps"] = per / t / 1e9
         del ws
@@ -218,7 +222,8 @@ def time_gemv(rows: list, shape: str, kinds: list[str], M: int = 1, sweep: bool 
             best = None
             for cfg in configs:
                 try:
-                    t = graph_time([lambda w=w: K.gemv(x, *w["args"], tiles=cfg, **w["kw"], **extra) for w in ws])
+                    t = graph_time([lambda w=w, x=x, cfg=cfg, extra=extra: K.gemv(x, *w["args"], tiles=cfg, **w["kw"], **extra)
+                                    for w in ws])
                 except Exception as exc:  # a tile config the compiler refuses
                     row.setdefault("errors", []).append(f"{kind} {cfg}: {exc!r}"[:200])
                     continue

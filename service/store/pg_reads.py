@@ -66,7 +66,7 @@ class AsyncPgReader:
                 self._discard(conn)
                 raise
             self._release(conn)
-            return {row[0]: self._convert(dict(zip(names, row))) for row in rows}
+            return {row[0]: self._convert(dict(zip(names, row, strict=True))) for row in rows}
         raise AssertionError("unreachable")
 
     async def _acquire(self) -> psycopg.AsyncConnection:

@@ -99,7 +99,7 @@ def test_overlapping_offsets(tmp_path, good):
     header = json.loads(data[8:8 + n])
     # point the second tensor at the first one's bytes (same length keeps the sizes consistent)
     entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0])
-    (k0, v0), (k1, v1) = entries[0], entries[1]
+    (_, v0), (_, v1) = entries[0], entries[1]
     v1["data_offsets"] = [v0["data_offsets"][0] + 4, v0["data_offsets"][0] + 4 + (v1["data_offsets"][1] - v1["data_offsets"][0])]
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (n - len(raw)) if len(raw) <= n else b""

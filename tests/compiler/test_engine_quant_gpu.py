@@ -77,5 +77,5 @@ def test_bf16_engine_decode_kernels_agree_with_float32(llama, tmp_path):
     t32 = e32.generate(PROMPTS, 16).tokens
     ref = CheckpointRunner.from_dir(tmp_path / "ckpt")
     assert t32 == [ref.generate(p, 16) for p in PROMPTS]
-    agree = sum(a == b for x, y in zip(t16, t32) for a, b in zip(x, y)) / sum(len(x) for x in t32)
+    agree = sum(a == b for x, y in zip(t16, t32, strict=True) for a, b in zip(x, y, strict=True)) / sum(len(x) for x in t32)
     assert agree >= 0.9, (t16, t32)

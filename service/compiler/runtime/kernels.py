@@ -106,7 +106,7 @@ def _decode_attn_combine(OP, ML, OUT, sob, soh, sos, smb, smh, sms, s_outb,
     tl.store(OUT + b * s_outb + h * D + offs_d, out.to(OUT.dtype.element_ty))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
