@@ -11,8 +11,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .convert import preflight  # re-exported: the service checks submissions with it
 from .errors import InvalidCheckpoint, KilnError
@@ -20,6 +19,9 @@ from .mapping import Mapping
 from .models import spec_for_checkpoint
 from .safetensors_io import SafetensorsFile, dtype_name
 from .source import read_json
+
+if TYPE_CHECKING:  # annotations only: importing the package must not import torch (kiln convert's fast path)
+    import torch
 
 REQUIRED_KEYS = ("architecture", "dtype", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 

@@ -6,6 +6,14 @@ names and shapes). Then each output tensor is produced in bounded row chunks fro
 source slices and written at its precomputed offset, on ``workers`` threads. The output
 directory is assembled under a temporary name and renamed into place only when complete.
 
+Torch-free fast path (``convert_checkpoint(torch_free=True)``, the default, so ``kiln convert``):
+the plan is first built over a ``RawSafetensorsSource`` (dtypes as safetensors codes). When every
+piece's source dtype already is the output dtype, conversion is pure byte movement -- verbatim
+ranges by ``copy_file_range``, everything else (column slices of row-parallel weights, Conv1D
+transposes, lm_head zero rows) as numpy views of same-width unsigned integers over the memory map
+-- and torch is never imported. Otherwise (a cast, pickle weights) the same files are re-planned
+over the ordinary torch source. Both routes write byte-identical files; every check runs the same.
+
     python -m service.cli convert ./SmolLM2-135M ./ckpt --dtype bfloat16 --tp-size 3
 """
 
@@ -21,8 +29,9 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
 from . import __version__
 from .errors import InvalidArgument, KilnError, ModelNotFound, OutputExists
@@ -30,8 +39,11 @@ from .mapping import Mapping
 from .models import spec_for_hf
 from .models.base import ArchSpec, Piece, TensorPlan
 from .models.hf_config import resolve_dtype
-from .safetensors_io import SafetensorsWriter, dtype_name, publish_dir
-from .source import WeightSource, open_weights, read_json
+from .safetensors_io import DTYPES, RAW_NP, SafetensorsWriter, dtype_name, itemsize, publish_dir
+from .source import RawSafetensorsSource, WeightSource, open_weights, read_json
+
+if TYPE_CHECKING:
+    import torch
 
 ProgressFn = Callable[[float, str], None]
 CHUNK_BYTES = 64 << 20
@@ -106,16 +118,34 @@ class HFCheckpointModel:
         return self._plans[rank]
 
     @property
+    def torch_free(self) -> bool:
+        """Plans over a raw source: executed by moving bytes, without torch."""
+        return isinstance(self.source, RawSafetensorsSource)
+
+    def moves_bytes_only(self) -> bool:
+        """Every piece reads a source already in the output dtype (no cast anywhere)."""
+        return all(
+            piece.source is None or self.source.info(piece.source).dtype == plan.dtype
+            for plans in self._plans.values() for plan in plans for piece in plan.pieces
+        )
+
+    @property
     def total_bytes(self) -> int:
         return sum(p.nbytes for plans in self._plans.values() for p in plans)
 
     def tensors(self, rank: int) -> Iterator[tuple[str, torch.Tensor]]:
         """Materialize one output tensor at a time (for in-memory consumers such as the quantizer)."""
+        import torch
+
         for plan in self._plans[rank]:
-            out = torch.empty(plan.shape, dtype=plan.dtype)
+            dtype = DTYPES[plan.dtype] if isinstance(plan.dtype, str) else plan.dtype
+            out = torch.empty(plan.shape, dtype=dtype)
             flat = out.view(-1).view(torch.uint8)
             for offset, chunk in produce_chunks(plan, self.source):
-                raw = chunk.contiguous().view(-1).view(torch.uint8)
+                if isinstance(chunk, np.ndarray):
+                    raw = torch.from_numpy(np.ascontiguousarray(chunk).reshape(-1).view(np.uint8))
+                else:
+                    raw = chunk.contiguous().view(-1).view(torch.uint8)
                 flat[offset:offset + raw.numel()] = raw
             yield plan.name, out
 
@@ -128,17 +158,26 @@ class HFCheckpointModel:
 
 
 def from_hugging_face(model_dir: str | os.PathLike, dtype: str = "auto", mapping: Mapping | None = None,
-                      *, allow_pickle: bool = False) -> HFCheckpointModel:
-    """Read config and weight headers, check the split, and plan every rank; reads no tensor data."""
+                      *, allow_pickle: bool = False, torch_free: bool = False) -> HFCheckpointModel:
+    """Read config and weight headers, check the split, and plan every rank; reads no tensor data.
+
+    ``torch_free``: plan over a raw source and keep it when no piece needs a cast (the model then
+    moves bytes without importing torch; ``tensors()`` still works, importing torch); otherwise, or
+    for pickle weights, the ordinary torch source is used.
+    """
     model_dir = Path(model_dir)
     hf = _read_hf_config(model_dir)
     spec = spec_for_hf(hf)
     mapping = mapping or Mapping()
     cfg = spec.trt_config(hf, resolve_dtype(dtype, hf), mapping)
     spec.check_mapping(cfg, mapping)
-    source = open_weights(model_dir, allow_pickle=allow_pickle)
+    source = open_weights(model_dir, allow_pickle=allow_pickle, raw=torch_free)
     try:
-        return HFCheckpointModel(model_dir, spec, cfg, source)
+        model = HFCheckpointModel(model_dir, spec, cfg, source)
+        if isinstance(source, RawSafetensorsSource) and not model.moves_bytes_only():
+            source = source.torch_source()  # same opened files, torch dtypes: re-plan for the cast
+            model = HFCheckpointModel(model_dir, spec, cfg, source)
+        return model
     except BaseException:
         source.close()
         raise
@@ -146,6 +185,8 @@ def from_hugging_face(model_dir: str | os.PathLike, dtype: str = "auto", mapping
 
 def _piece_chunks(plan: TensorPlan, piece: Piece, source: WeightSource, step: int) -> Iterator[torch.Tensor]:
     """The rows of one piece, ``step`` rows at a time, cast to the output dtype."""
+    import torch
+
     width = plan.shape[1] if len(plan.shape) == 2 else 1
     if piece.source is None:  # zero rows (vocab padding)
         for r in range(0, piece.nrows, step):
@@ -169,25 +210,61 @@ def _piece_chunks(plan: TensorPlan, piece: Piece, source: WeightSource, step: in
         source.release(piece.source)
 
 
+def _raw_piece_chunks(plan: TensorPlan, piece: Piece, source: WeightSource, step: int) -> Iterator[np.ndarray]:
+    """``_piece_chunks`` for a plan over a raw source: the same rows as numpy views of same-width
+    unsigned integers (the source already holds the output dtype, so nothing is cast)."""
+    width = plan.shape[1] if len(plan.shape) == 2 else 1
+    raw_dt = RAW_NP[itemsize(plan.dtype)]
+    if piece.source is None:  # zero rows (vocab padding)
+        for r in range(0, piece.nrows, step):
+            n = min(step, piece.nrows - r)
+            yield np.zeros((n, width) if len(plan.shape) == 2 else (n,), dtype=raw_dt)
+        return
+    src_dtype = source.info(piece.source).dtype
+    if src_dtype != plan.dtype:  # from_hugging_face never builds such a raw plan
+        raise RuntimeError(f"{plan.name}: raw plan reads {piece.source!r} as {src_dtype}, not {plan.dtype}")
+    view = source.raw(piece.source)
+    if view.ndim == 1:
+        yield view[piece.rows[0]:piece.rows[1]]
+        source.release(piece.source)
+        return
+    mat = view.T if piece.transpose else view
+    c0, c1 = piece.cols if piece.cols is not None else (0, mat.shape[1])
+    r0, r1 = piece.rows
+    for r in range(r0, r1, step):
+        r2 = min(r + step, r1)
+        yield mat[r:r2, c0:c1]
+        if not piece.transpose:
+            source.release(piece.source, r, r2)
+    if piece.transpose:
+        source.release(piece.source)
+
+
+def _chunks_of(plan: TensorPlan) -> Callable[[TensorPlan, Piece, WeightSource, int], Iterator]:
+    return _raw_piece_chunks if isinstance(plan.dtype, str) else _piece_chunks
+
+
 def _step(plan: TensorPlan, chunk_bytes: int) -> int:
-    elt = torch.empty((), dtype=plan.dtype).element_size()
+    elt = itemsize(plan.dtype)
     width = plan.shape[1] if len(plan.shape) == 2 else 1
     return max(1, chunk_bytes // max(width * elt, 1))
 
 
 def produce_chunks(plan: TensorPlan, source: WeightSource,
-                   chunk_bytes: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
-    """Yield (byte offset inside the output tensor, chunk in the output dtype), in order."""
+                   chunk_bytes: int | None = None) -> Iterator[tuple[int, torch.Tensor | np.ndarray]]:
+    """Yield (byte offset inside the output tensor, chunk in the output dtype), in order (numpy
+    arrays of the raw elements for a plan over a raw source)."""
     step = _step(plan, chunk_bytes or CHUNK_BYTES)
+    chunks = _chunks_of(plan)
     offset = 0
     for piece in plan.pieces:
-        for chunk in _piece_chunks(plan, piece, source, step):
+        for chunk in chunks(plan, piece, source, step):
             yield offset, chunk
-            offset += chunk.numel() * chunk.element_size()
+            offset += chunk.nbytes if isinstance(chunk, np.ndarray) else chunk.numel() * chunk.element_size()
 
 
 def _piece_nbytes(plan: TensorPlan, piece: Piece) -> int:
-    elt = torch.empty((), dtype=plan.dtype).element_size()
+    elt = itemsize(plan.dtype)
     return piece.nrows * max(piece.ncols, 1) * elt
 
 
@@ -204,9 +281,10 @@ def write_plan(plan: TensorPlan, source: WeightSource, writer: SafetensorsWriter
                advance: Callable[[int, str], None] | None = None, *, kernel_copy: bool = True) -> None:
     """Write one output tensor: verbatim byte ranges are copied in the kernel (copy_file_range, no
     page ever mapped into this process); everything else is sliced from the memory map, cast and
-    written chunk by chunk."""
+    written chunk by chunk (over a raw source: sliced as numpy views, never cast)."""
     chunk_bytes = CHUNK_BYTES
     step = _step(plan, chunk_bytes)
+    chunks = _chunks_of(plan)
     offset = 0
     for piece in plan.pieces:
         span = _byte_identical(plan, piece, source) if kernel_copy else None
@@ -225,7 +303,7 @@ def write_plan(plan: TensorPlan, source: WeightSource, writer: SafetensorsWriter
                 offset += length
                 continue
             # fallback: redo this piece from its first byte through the memory map
-        for chunk in _piece_chunks(plan, piece, source, step):
+        for chunk in chunks(plan, piece, source, step):
             n = writer.write(plan.name, offset, chunk)
             offset += n
             if advance:
@@ -318,9 +396,14 @@ def _dump_json(obj: dict) -> str:
 
 def convert_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str = "auto",
                        mapping: Mapping | None = None, allow_pickle: bool = False, overwrite: bool = False,
-                       progress: ProgressFn | None = None, workers: int = 2) -> ConvertSummary:
-    """The convert stage: a typed function from paths and a config to a summary (see module doc)."""
-    model = from_hugging_face(model_dir, dtype=dtype, mapping=mapping, allow_pickle=allow_pickle)
+                       progress: ProgressFn | None = None, workers: int = 2, torch_free: bool = True) -> ConvertSummary:
+    """The convert stage: a typed function from paths and a config to a summary (see module doc).
+
+    ``torch_free`` (default): when no tensor needs a cast, move bytes without importing torch;
+    ``False`` always takes the torch route. The output is the same byte for byte.
+    """
+    model = from_hugging_face(model_dir, dtype=dtype, mapping=mapping, allow_pickle=allow_pickle,
+                              torch_free=torch_free)
     try:
         return model.save_checkpoint(out_dir, overwrite=overwrite, progress=progress, workers=workers)
     finally:

@@ -9,6 +9,10 @@ stays bounded by what is being processed, not by the model size.
 Writing: ``SafetensorsWriter`` is given every (name, dtype, shape) up front, writes the header,
 sizes the file, and then accepts chunks at any tensor offset from any thread (``os.pwrite``), so
 output tensors can be produced one at a time, in row chunks, by several workers.
+
+torch is imported lazily (only for torch views and torch chunks): header validation, the raw
+(numpy / byte-range) accessors and the writer work without it, which is what lets ``kiln convert``
+copy bytes without paying for ``import torch``.
 """
 
 from __future__ import annotations
@@ -21,35 +25,89 @@ import shutil
 import struct
 import threading
 import uuid
+from collections.abc import Callable, Iterator
+from collections.abc import Mapping as _Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
 from .errors import MalformedWeights
+
+if TYPE_CHECKING:
+    import torch
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors reference implementation's cap
 PAGE = mmap.PAGESIZE
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
+class LazyMap(_Mapping):
+    """A read-only mapping built on first use (lets torch-keyed tables exist without importing torch)."""
+
+    def __init__(self, build: Callable[[], dict]):
+        self._build = build
+        self._data: dict | None = None
+
+    def _get(self) -> dict:
+        if self._data is None:
+            self._data = self._build()
+        return self._data
+
+    def __getitem__(self, key):
+        return self._get()[key]
+
+    def __iter__(self) -> Iterator:
+        return iter(self._get())
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+    def __repr__(self) -> str:
+        return repr(self._get())
+
+
+def _torch_dtypes() -> dict:
+    import torch
+
+    return {
+        "F64": torch.float64,
+        "F32": torch.float32,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "I64": torch.int64,
+        "I32": torch.int32,
+        "I16": torch.int16,
+        "I8": torch.int8,
+        "U8": torch.uint8,
+        "BOOL": torch.bool,
+        "F8_E4M3": torch.float8_e4m3fn,
+        "F8_E5M2": torch.float8_e5m2,
+    }
+
+
+# safetensors dtype code -> bytes per element (the codes this reader accepts)
+ITEMSIZE: dict[str, int] = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+    "F8_E4M3": 1, "F8_E5M2": 1,
 }
-DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
-ITEMSIZE: dict[str, int] = {k: torch.empty((), dtype=v).element_size() for k, v in DTYPES.items()}
+DTYPES: _Mapping[str, torch.dtype] = LazyMap(_torch_dtypes)
+DTYPE_NAMES: _Mapping[torch.dtype, str] = LazyMap(lambda: {v: k for k, v in DTYPES.items()})
+# an unsigned integer of the same width: raw element moves (slices, transposes) never interpret values
+RAW_NP: dict[int, np.dtype] = {1: np.dtype(np.uint8), 2: np.dtype(np.uint16), 4: np.dtype(np.uint32),
+                               8: np.dtype(np.uint64)}
 
 
-def dtype_name(dtype: torch.dtype) -> str:
+def itemsize(dtype: torch.dtype | str) -> int:
+    """Bytes per element of a torch dtype or of a safetensors dtype code."""
+    if isinstance(dtype, str):
+        return ITEMSIZE[dtype]
+    return dtype.itemsize
+
+
+def dtype_name(dtype: torch.dtype | str) -> str:
+    """The safetensors code of a torch dtype (a code is returned as is)."""
+    if isinstance(dtype, str) and dtype in ITEMSIZE:
+        return dtype
     return DTYPE_NAMES[dtype]
 
 
@@ -136,7 +194,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         dt = entry.get("dtype")
         shape = entry.get("shape")
         offsets = entry.get("data_offsets")
-        if dt not in DTYPES:
+        if dt not in ITEMSIZE:
             raise MalformedWeights(f"{where}: unsupported dtype {dt!r}")
         if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
             raise MalformedWeights(f"{where}: invalid shape {shape!r}")
@@ -206,12 +264,24 @@ class SafetensorsFile:
 
     def tensor(self, name: str) -> torch.Tensor:
         """Zero-copy view of a whole tensor (do not modify it)."""
+        import torch
+
         info = self.infos[name]
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=info.torch_dtype)
         mm = self._map()
         flat = torch.frombuffer(mm, dtype=info.torch_dtype, count=_numel(info.shape), offset=info.start)
         return flat.view(info.shape)
+
+    def raw(self, name: str) -> np.ndarray:
+        """Zero-copy numpy view of a whole tensor's elements as unsigned integers of the same width
+        (no torch; values are never interpreted, only moved). Do not modify it."""
+        info = self.infos[name]
+        raw_dt = RAW_NP[ITEMSIZE[info.dtype]]
+        if info.nbytes == 0:
+            return np.empty(info.shape, dtype=raw_dt)
+        mm = self._map()
+        return np.frombuffer(mm, dtype=raw_dt, count=_numel(info.shape), offset=info.start).reshape(info.shape)
 
     def release(self, start: int, end: int) -> None:
         """Drop mapped pages of [start, end) from this process (the page cache keeps them)."""
@@ -284,10 +354,16 @@ class SafetensorsWriter:
                 raise OSError(errno.ENOSPC, f"not enough space for {self.path.name} ({self.total_bytes} bytes)") from exc
             os.ftruncate(self._fd, self.total_bytes)  # filesystems without fallocate
 
-    def write(self, name: str, byte_offset: int, chunk: torch.Tensor) -> int:
-        """Write ``chunk`` (already in the tensor's dtype) at ``byte_offset`` inside tensor ``name``."""
+    def write(self, name: str, byte_offset: int, chunk: torch.Tensor | np.ndarray) -> int:
+        """Write ``chunk`` (already in the tensor's dtype; a torch tensor, or a numpy array holding the
+        raw elements) at ``byte_offset`` inside tensor ``name``."""
         start, end = self.offsets[name]
-        data = chunk.contiguous().view(-1).view(torch.uint8).numpy()
+        if isinstance(chunk, np.ndarray):
+            data = np.ascontiguousarray(chunk).reshape(-1).view(np.uint8)
+        else:
+            import torch
+
+            data = chunk.contiguous().view(-1).view(torch.uint8).numpy()
         if start + byte_offset + data.nbytes > end:
             raise ValueError(f"chunk overruns tensor {name!r}")
         view = memoryview(data)

@@ -7,6 +7,10 @@
   inside the folder.
 - Pickle weights (``*.bin``, ``*.pt``, ``*.pth``) are refused unless ``allow_pickle=True``; even then
   they are read only with ``torch.load(weights_only=True, mmap=True)``.
+
+A source describes tensor dtypes either as torch dtypes (the default) or, for ``RawSafetensorsSource``,
+as safetensors codes ("BF16"): plans built over a raw source carry codes too, and are executed by
+moving bytes (no torch import at all; see ``convert.py``).
 """
 
 from __future__ import annotations
@@ -15,14 +19,19 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import InvalidArgument, MalformedWeights, ModelNotFound, UnsafeWeights, WeightsMismatch
-from .safetensors_io import DTYPE_NAMES, SafetensorsFile
+from .safetensors_io import DTYPE_NAMES, DTYPES, SafetensorsFile
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 MAX_CONFIG_BYTES = 4_000_000
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# checkpoint dtype names (config.json "dtype") -> safetensors codes
+DTYPE_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
 
 def read_json(path: Path, what: str, limit: int = MAX_CONFIG_BYTES) -> dict:
@@ -66,7 +75,7 @@ def _inside(folder: Path, name: str) -> Path:
 @dataclass(frozen=True)
 class SourceTensor:
     name: str
-    dtype: torch.dtype
+    dtype: torch.dtype | str  # a safetensors code ("BF16") for raw sources
     shape: tuple[int, ...]
 
 
@@ -75,6 +84,10 @@ class WeightSource:
 
     def info(self, name: str) -> SourceTensor:
         raise NotImplementedError
+
+    def output_dtype(self, dtype: str) -> torch.dtype | str:
+        """The dtype object plans over this source use for checkpoint dtype ``dtype`` ("bfloat16")."""
+        return DTYPES[DTYPE_CODES[dtype]]
 
     def names(self) -> list[str]:
         raise NotImplementedError
@@ -152,6 +165,10 @@ class SafetensorsSource(WeightSource):
     def view(self, name: str) -> torch.Tensor:
         return self.files[self.where[name]].tensor(name)
 
+    def raw(self, name: str) -> np.ndarray:
+        """Zero-copy numpy view of the tensor's elements as same-width unsigned integers (no torch)."""
+        return self.files[self.where[name]].raw(name)
+
     def release(self, name: str, row_start: int | None = None, row_end: int | None = None) -> None:
         f = self.files[self.where[name]]
         i = f.infos[name]
@@ -173,6 +190,25 @@ class SafetensorsSource(WeightSource):
             f.close()
 
 
+class RawSafetensorsSource(SafetensorsSource):
+    """The same validated files, with dtypes as safetensors codes: plans over it move bytes only
+    (``raw`` views, byte spans), and nothing here imports torch."""
+
+    def info(self, name: str) -> SourceTensor:
+        i = self.files[self.where[name]].infos[name]
+        return SourceTensor(name, i.dtype, i.shape)
+
+    def output_dtype(self, dtype: str) -> str:
+        return DTYPE_CODES[dtype]
+
+    def view(self, name: str) -> torch.Tensor:
+        raise InvalidArgument("a raw source has no torch views (use raw())")
+
+    def torch_source(self) -> SafetensorsSource:
+        """The same opened files as an ordinary (torch) source; close one or the other, not both."""
+        return SafetensorsSource(self.files, self.where)
+
+
 class PickleSource(WeightSource):
     """Explicitly allowed legacy weights: torch.load(weights_only=True, mmap=True), never full pickle."""
 
@@ -187,6 +223,8 @@ class PickleSource(WeightSource):
             files = sorted({_inside(folder, f) for f in weight_map.values()})
         else:
             files = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
+        import torch
+
         tensors: dict[str, torch.Tensor] = {}
         for path in files:
             if not path.exists():
@@ -236,11 +274,13 @@ class MetaSource(WeightSource):
         raise InvalidArgument("a meta source has no data")
 
 
-def open_weights(folder: Path, allow_pickle: bool = False) -> WeightSource:
+def open_weights(folder: Path, allow_pickle: bool = False, *, raw: bool = False) -> WeightSource:
+    """The model's weights; ``raw``: safetensors as a ``RawSafetensorsSource`` (pickle weights are
+    always an ordinary torch source)."""
     folder = Path(folder)
     has_safetensors = any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").exists()
     if has_safetensors:
-        return SafetensorsSource.open(folder)
+        return (RawSafetensorsSource if raw else SafetensorsSource).open(folder)
     pickles = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
     if pickles:
         if not allow_pickle:
@@ -257,6 +297,7 @@ __all__ = [
     "DTYPE_NAMES",
     "MetaSource",
     "PickleSource",
+    "RawSafetensorsSource",
     "SafetensorsSource",
     "SourceTensor",
     "WeightSource",

@@ -14,14 +14,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import InvalidMapping, WeightsMismatch
 from ..mapping import Mapping
-from ..source import SourceTensor, WeightSource
+from ..safetensors_io import DTYPES, LazyMap, itemsize
+from ..source import DTYPE_CODES, SourceTensor, WeightSource
 
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+if TYPE_CHECKING:
+    import torch
+
+# checkpoint dtype name -> torch dtype; resolved (and torch imported) on first use
+TORCH_DTYPES = LazyMap(lambda: {name: DTYPES[code] for name, code in DTYPE_CODES.items()})
 
 
 @dataclass(frozen=True)
@@ -43,12 +47,12 @@ class Piece:
 class TensorPlan:
     name: str
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: torch.dtype | str  # a safetensors code ("BF16") in plans over a raw source
     pieces: list[Piece] = field(default_factory=list)
 
     @property
     def nbytes(self) -> int:
-        n = torch.empty((), dtype=self.dtype).element_size()
+        n = itemsize(self.dtype)
         for s in self.shape:
             n *= s
         return n
@@ -241,7 +245,10 @@ class ArchSpec:
     def check_mapping(self, cfg: dict, mapping: Mapping) -> None:
         raise NotImplementedError
 
-    def expected(self, cfg: dict, rank: int) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    def expected(self, cfg: dict, rank: int, dtype: torch.dtype | str | None = None
+                 ) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+        """(name, shape, dtype) of every tensor of ``rank``; ``dtype`` replaces the torch dtype of
+        ``cfg["dtype"]`` (so a shape check need not import torch)."""
         raise NotImplementedError
 
     def plan(self, cfg: dict, rank: int, source: WeightSource) -> list[TensorPlan]:
@@ -294,7 +301,7 @@ class TableArch(ArchSpec):
                 out.append(b + name[len(a):])
         return out
 
-    def _plan_entry(self, w: W, trt_name: str, ctx: SplitContext, dtype: torch.dtype,
+    def _plan_entry(self, w: W, trt_name: str, ctx: SplitContext, dtype: torch.dtype | str,
                     source: WeightSource) -> TensorPlan:
         infos = []
         for hf in w.sources():
@@ -316,7 +323,7 @@ class TableArch(ArchSpec):
 
     def plan(self, cfg: dict, rank: int, source: WeightSource) -> list[TensorPlan]:
         mapping = Mapping.from_dict(cfg["mapping"])
-        dtype = TORCH_DTYPES[cfg["dtype"]]
+        dtype = source.output_dtype(cfg["dtype"])
         ctx = self.split_context(cfg, mapping.tp_rank(rank))
         plans: list[TensorPlan] = []
         first, last = mapping.is_first_pp_rank(rank), mapping.is_last_pp_rank(rank)
@@ -333,11 +340,12 @@ class TableArch(ArchSpec):
                 plans.append(self._plan_entry(w, f"transformer.layers.{local}.{w.trt}", ctx, dtype, source))
         for w in tail:
             plans.append(self._plan_entry(w, w.trt, ctx, dtype, source))
-        self._check_against_expected(cfg, rank, plans)
+        self._check_against_expected(cfg, rank, plans, dtype)
         return plans
 
-    def _check_against_expected(self, cfg: dict, rank: int, plans: list[TensorPlan]) -> None:
-        expected = {n: s for n, s, _ in self.expected(cfg, rank)}
+    def _check_against_expected(self, cfg: dict, rank: int, plans: list[TensorPlan],
+                                dtype: torch.dtype | str | None = None) -> None:
+        expected = {n: s for n, s, _ in self.expected(cfg, rank, dtype=dtype)}
         got = {p.name: p.shape for p in plans}
         missing = sorted(set(expected) - set(got))
         extra = sorted(set(got) - set(expected))

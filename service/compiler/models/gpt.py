@@ -9,7 +9,7 @@ rows); the checkpoint drops those rows so position p uses row p. ``ln_f`` exists
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import UnsupportedArchitecture
 from ..mapping import Mapping
@@ -30,6 +30,9 @@ from .base import (
     vocab_parallel,
 )
 from .hf_config import base_quantization
+
+if TYPE_CHECKING:
+    import torch
 
 GELU_ACTS = {"gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu", "silu"}
 
@@ -56,9 +59,10 @@ class GPTLike(TableArch):
     def has_ln_f(self, cfg: dict) -> bool:
         return True
 
-    def expected(self, cfg: dict, rank: int) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    def expected(self, cfg: dict, rank: int, dtype: torch.dtype | str | None = None
+                 ) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
         m = Mapping.from_dict(cfg["mapping"])
-        dt = TORCH_DTYPES[cfg["dtype"]]
+        dt = TORCH_DTYPES[cfg["dtype"]] if dtype is None else dtype
         tp = m.tp_size
         H, inter = cfg["hidden_size"], cfg["intermediate_size"]
         nh, d = cfg["num_attention_heads"], cfg["head_size"]

@@ -8,7 +8,7 @@ Names and split rules follow TensorRT-LLM's llama converter: fused qkv per rank 
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import InvalidArgument, UnsupportedArchitecture
 from ..mapping import Mapping
@@ -27,6 +27,9 @@ from .base import (
     vocab_parallel,
 )
 from .hf_config import base_quantization, rope_settings
+
+if TYPE_CHECKING:
+    import torch
 
 SUPPORTED_ROPE = {None, "linear", "llama3"}
 
@@ -91,9 +94,10 @@ class LlamaFamily(TableArch):
         mapping.stage_sizes(cfg["num_hidden_layers"])
 
     # -- the spec: names, shapes and dtypes per rank, from config.json alone --------------------
-    def expected(self, cfg: dict, rank: int) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    def expected(self, cfg: dict, rank: int, dtype: torch.dtype | str | None = None
+                 ) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
         m = Mapping.from_dict(cfg["mapping"])
-        dt = TORCH_DTYPES[cfg["dtype"]]
+        dt = TORCH_DTYPES[cfg["dtype"]] if dtype is None else dtype
         tp = m.tp_size
         H, nh, d, inter = cfg["hidden_size"], cfg["num_attention_heads"], cfg["head_size"], cfg["intermediate_size"]
         nkv = cfg.get("num_key_value_heads") or nh

@@ -30,8 +30,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import InvalidArgument, InvalidCheckpoint, InvalidMapping, OutputExists, UnsupportedArchitecture
 from ..mapping import Mapping
@@ -53,6 +52,9 @@ from .base import (
     vocab_parallel,
 )
 from .hf_config import base_quantization, rope_settings
+
+if TYPE_CHECKING:
+    import torch
 
 ARCH = "DeciLMForCausalLM"
 ATTENTION_IMPLS = ("attention", "linear", "no_op")
@@ -297,9 +299,10 @@ class NemotronNAS(TableArch):
         mapping.stage_sizes(cfg["num_hidden_layers"])
 
     # -- the spec: names, shapes and dtypes per rank, from config.json alone --------------------
-    def expected(self, cfg: dict, rank: int) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    def expected(self, cfg: dict, rank: int, dtype: torch.dtype | str | None = None
+                 ) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
         m = Mapping.from_dict(cfg["mapping"])
-        dt = TORCH_DTYPES[cfg["dtype"]]
+        dt = TORCH_DTYPES[cfg["dtype"]] if dtype is None else dtype
         tp = m.tp_size
         H, nh, d = cfg["hidden_size"], cfg["num_attention_heads"], cfg["head_size"]
         layers = checkpoint_layers(cfg)
