@@ -8,7 +8,8 @@ writing them never holds the model in memory. For every shape and tp size, three
 by side, each in its own child process:
 
   cp     `cp -r SRC OUT`                                   copying the same bytes: the I/O ceiling
-  kiln   `python -m service.cli convert SRC OUT --dtype bfloat16 --tp-size N`
+  kiln   `python -m service.cli convert SRC OUT --dtype bfloat16 --tp-size N` (bf16 -> bf16 needs no cast,
+         so it takes the torch-free route: byte ranges and numpy slices, no `import torch`)
   naive  transformers `from_pretrained(dtype=bfloat16)`, state dict remapped to TensorRT-LLM names
          (fused qkv, mlp.fc/gate/proj, lm_head) with the TP split, `safetensors.torch.save_file`
          per rank -- what a hand-written conversion script does
@@ -374,6 +375,7 @@ def run_once(method: str, src: Path, out: Path, tp: int, nbytes: int) -> dict:
     if method == "kiln":
         summary = json.loads(last)
         run["in_process_s"] = summary["seconds"]
+        run["torch_free"] = summary.get("torch_free")  # bf16 -> bf16: the byte-moving route, no torch import
     elif method == "naive":
         phases = json.loads(last)
         run.update(phases)
@@ -429,8 +431,11 @@ def run_case(key: str, tp: int, src: Path, work: Path, methods: list[str], repea
         settle(settle_s)
         r = run_once(m, src, outs[m], tp, nbytes)
         samples[m].append(r)
+        extra = f"  in-process {r['in_process_s']:.2f} s" if "in_process_s" in r else ""
+        if m == "kiln":
+            extra += "  torch-free" if r.get("torch_free") else "  torch route"
         print(f"  {key} tp={tp} {m:<5} run {rep + 1}: {r['seconds']:7.2f} s  {r['gb_per_s']:5.2f} GB/s  "
-              f"peak RSS {r['peak_rss_bytes'] / 2**20:7.0f} MiB", file=sys.stderr, flush=True)
+              f"peak RSS {r['peak_rss_bytes'] / 2**20:7.0f} MiB{extra}", file=sys.stderr, flush=True)
         if m == "cp" and not keep:
             shutil.rmtree(outs[m], ignore_errors=True)
     check = None

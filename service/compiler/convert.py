@@ -63,6 +63,8 @@ class ConvertSummary:
     peak_rss_bytes: int
     # pp > 1: the split used and the per-stage cost of the even and the cost-balanced split
     pipeline_split: dict | None = None
+    # the torch-free route ran (no cast needed: bytes moved without importing torch)
+    torch_free: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -385,6 +387,7 @@ def write_checkpoint(model: HFCheckpointModel, out_dir: Path, *, overwrite: bool
         seconds=time.perf_counter() - start,
         peak_rss_bytes=peak_rss_bytes(),
         pipeline_split=_split_report(model.config, model.mapping),
+        torch_free=model.torch_free,
     )
 
 

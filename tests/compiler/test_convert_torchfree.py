@@ -111,6 +111,7 @@ def _convert_both(src: Path, tmp_path: Path, dtype: str, tp: int, pp: int, tag: 
     a = convert_checkpoint(src, slow, dtype=dtype, mapping=mapping, torch_free=False)
     b = convert_checkpoint(src, fast, dtype=dtype, mapping=mapping, torch_free=True)
     assert (a.tensors, a.bytes, a.dtype) == (b.tensors, b.bytes, b.dtype)
+    assert not a.torch_free
     return slow, fast
 
 
@@ -213,25 +214,29 @@ print(json.dumps({"rc": rc, "torch": sorted(m for m in sys.modules if m == "torc
 """
 
 
-def _cli(args: list[str]) -> dict:
+def _cli(args: list[str]) -> tuple[dict, list[str]]:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     res = subprocess.run([sys.executable, "-c", CHILD, *args], capture_output=True, text=True, env=env,
                          timeout=300, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-2000:]
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    lines = res.stdout.strip().splitlines()
+    return json.loads(lines[-1]), lines[:-1]
 
 
 @pytest.mark.parametrize("tp", [1, 2])
 def test_cli_fast_path_never_imports_torch(models, tmp_path, tp):
     src = models["untied_bf16_sharded"]
     out = tmp_path / "cli"
-    got = _cli(["convert", str(src), str(out), "--dtype", "bfloat16", "--tp-size", str(tp), "--quiet", "--json"])
+    got, printed = _cli(["convert", str(src), str(out), "--dtype", "bfloat16", "--tp-size", str(tp), "--quiet",
+                         "--json"])
     assert got == {"rc": 0, "torch": []}
+    assert json.loads(printed[-1])["torch_free"] is True
     ref = tmp_path / "ref"
     convert_checkpoint(src, ref, dtype="bfloat16", mapping=Mapping(tp_size=tp), torch_free=False)
     assert _files(out) == _files(ref)
 
 
 def test_cli_with_a_cast_still_uses_torch(models, tmp_path):
-    got = _cli(["convert", str(models["tied_f32"]), str(tmp_path / "c"), "--dtype", "bfloat16", "--quiet"])
+    got, _ = _cli(["convert", str(models["tied_f32"]), str(tmp_path / "c"), "--dtype", "bfloat16", "--quiet",
+                   "--json"])
     assert got["rc"] == 0 and "torch" in got["torch"]
