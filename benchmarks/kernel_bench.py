@@ -104,23 +104,56 @@ def make_weights(n: int, k: int, kind: str, device="cuda") -> dict:
         w8 = (w / s[:, None]).to(torch.float8_e4m3fn)
         return {"args": (w8,), "kw": {"kind": K.W_FP8, "w_scale": s, "dynamic_token": True}, "fp8dyn": (w8, s),
                 "bytes": w8.numel()}
-    if kind in ("int4h", "int4g128h"):
-        group = 128 if kind == "int4g128h" else 0
+    if kind in ("int4h", "int4g128h", "int4hf", "int4g128hf", "int4g128zf"):
+        # *h: packed in halves (the engine's layout), older conversion kernel; *hf: bit-unpacking kernel;
+        # int4g128zf: + AWQ zero point and pre-quant scale
+        group = 128 if "g128" in kind else 0
+        zero = pqs = None
         if group:
-            q, s, z = quantize_groupwise(w, 128, torch.bfloat16)
+            q, s, z = quantize_groupwise(w, 128, torch.bfloat16, zero_point=kind == "int4g128zf")
             ref = dequantize_groupwise(q, s, z, 128)
+            if kind == "int4g128zf":
+                zero = z.to(torch.bfloat16)
+                ref = dequantize_groupwise(q, s, zero, 128)
+                pqs = (torch.rand(k, device=device) + 0.5).to(torch.bfloat16)
+                ref = ref * pqs.float()[None, :]
         else:
             q, s = quantize_per_channel(w, 4, torch.bfloat16)
             ref = q.float() * s.float()[:, None]
         blk = K.int4_block_for(k, group)
         p = K.pack_int4_halves(q, blk)
-        return {"args": (p,), "kw": {"kind": K.W_INT4, "w_scale": s, "group": group, "int4_block": blk},
-                "ref_w": ref, "bytes": p.numel() + s.numel() * 2}
+        kw = {"kind": K.W_INT4, "w_scale": s, "group": group, "int4_block": blk, "int4_fast": kind.endswith("f")}
+        if zero is not None:
+            kw.update(zero=zero, pre_quant_scale=pqs)
+        return {"args": (p,), "kw": kw, "ref_w": ref, "bytes": p.numel() + s.numel() * 2}
     raise ValueError(kind)
 
 
+def probe_int4_unpack(results: list) -> None:
+    """Which value each output element of the bit-unpacking asm holds (bytes 0..63, both nibbles)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def probe(W, LO, HI, ASM_LO: tl.constexpr, ASM_HI: tl.constexpr):
+        o = tl.arange(0, 64)
+        wb = tl.load(W + o)
+        tl.store(LO + o, tl.inline_asm_elementwise(ASM_LO, "=r,=r,r", [wb], dtype=tl.bfloat16, is_pure=True, pack=4))
+        tl.store(HI + o, tl.inline_asm_elementwise(ASM_HI, "=r,=r,r", [wb], dtype=tl.bfloat16, is_pure=True, pack=4))
+
+    q = torch.randint(-8, 8, (2, 64), device="cuda", dtype=torch.int16)
+    wb = ((q[0] & 0xF) | ((q[1] & 0xF) << 4)).to(torch.uint8).view(torch.int8)
+    lo = torch.empty(64, device="cuda", dtype=torch.bfloat16)
+    hi = torch.empty_like(lo)
+    probe[(1,)](wb, lo, hi, ASM_LO=K._ASM[(False, False)], ASM_HI=K._ASM[(True, False)])
+    ok = torch.equal(lo.float(), q[0].float()) and torch.equal(hi.float(), q[1].float())
+    results.append({"check": "int4_unpack_probe", "ok": ok, "expect_lo": q[0, :8].tolist(),
+                    "got_lo": lo[:8].float().tolist(), "expect_hi": q[1, :8].tolist(), "got_hi": hi[:8].float().tolist()})
+
+
 def check_gemv(results: list) -> None:
-    for kind in ("bf16", "fp8", "fp8u", "fp8dyn", "int8", "int4", "int4g128", "int4h", "int4g128h"):
+    for kind in ("bf16", "fp8", "fp8u", "fp8dyn", "int8", "int4", "int4g128", "int4h", "int4g128h", "int4hf",
+                 "int4g128hf", "int4g128zf"):
         for M, N, Kd in [(1, 4096, 4096), (3, 1000, 2048), (16, 6144, 4096)]:
             wt = make_weights(N, Kd, kind)
             x = torch.randn(M, Kd, device="cuda").bfloat16()
@@ -195,11 +228,14 @@ def time_attention(rows: list, shape: str, span: int = 512, pos: int = 383, batc
                  "sdpa_us": t_sdpa * 1e6, "triton_us": t_tri * 1e6, "speedup": t_sdpa / t_tri})
 
 
-def time_gemv(rows: list, shape: str, kinds: list[str], M: int = 1, sweep: bool = False) -> None:
+def time_gemv(rows: list, shape: str, kinds: list[str], M: int = 1, sweep: bool = False,
+              sweep_kinds: list[str] | None = None, matrices: list[str] | None = None) -> None:
     hidden, nh, nkv, d, inter, vocab = SHAPES[shape]
     mats = {"qkv": ((nh + 2 * nkv) * d, hidden), "o": (hidden, nh * d), "gate_up": (2 * inter, hidden),
             "down": (hidden, inter), "lm_head": (vocab, hidden)}
     for name, (N, Kd) in mats.items():
+        if matrices and name not in matrices:
+            continue
         per = N * Kd * 2
         copies = max(2, min(16, int(400e6 // per)))
         x = torch.randn(M, Kd, device="cuda").bfloat16()
@@ -214,11 +250,15 @@ def time_gemv(rows: list, shape: str, kinds: list[str], M: int = 1, sweep: bool 
             ws = [make_weights(N, Kd, kind) for _ in range(copies)]
             extra = {"act_scale": a_s} if kind in ("fp8", "fp8u") else {}
             configs = [None]
-            if sweep:
+            if sweep and (not sweep_kinds or kind in sweep_kinds):
                 configs += [(bn, bk, nw) for bn in (16, 32, 64) for bk in (128, 256, 512) for nw in (4, 8)
                             if not (kind == "int4g128" and bk != 128)]
                 if kind in ("int4h", "int4g128h"):  # BK is the packing block
                     configs = [None] + [(bn, 0, nw) for bn in (16, 32, 64, 128) for nw in (4, 8)]
+                if kind in ("int4hf", "int4g128hf", "int4g128zf"):  # (BN, packing blocks per step, warps)
+                    blk = ws[0]["kw"]["int4_block"]
+                    configs = [None] + [(bn, nb, nw, st) for bn in (16, 32, 64) for nb in (1, 2, 4)
+                                        for nw in (4, 8) for st in (1, 3) if Kd % (blk * nb) == 0]
             best = None
             for cfg in configs:
                 try:
@@ -245,22 +285,36 @@ def main() -> None:
     ap.add_argument("--shapes", default="1b,8b")
     ap.add_argument("--kinds", default="bf16,fp8,int8,int4,int4g128")
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--sweep-kinds", default="", help="sweep only these kinds (default: all)")
+    ap.add_argument("--matrices", default="", help="only these matrices (qkv,o,gate_up,down,lm_head)")
+    ap.add_argument("--no-attention", action="store_true")
+    ap.add_argument("--no-checks", action="store_true")
+    ap.add_argument("--json-name", default="kernel_bench.json")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     torch.manual_seed(0)
     checks: list = []
-    check_attention(checks)
-    check_gemv(checks)
+    if not args.no_checks:
+        check_attention(checks)
+    try:
+        probe_int4_unpack(checks)
+    except Exception as exc:  # report, keep going with the other checks
+        checks.append({"check": "int4_unpack_probe", "ok": False, "error": repr(exc)[:2000]})
+    if not args.no_checks:
+        check_gemv(checks)
     for c in checks:
         print(json.dumps(c))
     print("correctness:", "ALL OK" if all(c["ok"] for c in checks) else "FAILURES")
     rows: list = []
     for shape in args.shapes.split(","):
-        time_attention(rows, shape)
-        time_attention(rows, shape, span=2304, pos=2200)
-        time_attention(rows, shape, batch=32, span=512, pos=383)
-        time_gemv(rows, shape, args.kinds.split(","), M=args.batch, sweep=args.sweep)
-    with open(os.path.join(args.out, "kernel_bench.json"), "w") as f:
+        if not args.no_attention:
+            time_attention(rows, shape)
+            time_attention(rows, shape, span=2304, pos=2200)
+            time_attention(rows, shape, batch=32, span=512, pos=383)
+        time_gemv(rows, shape, args.kinds.split(","), M=args.batch, sweep=args.sweep,
+                  sweep_kinds=[k for k in args.sweep_kinds.split(",") if k],
+                  matrices=[m for m in args.matrices.split(",") if m])
+    with open(os.path.join(args.out, args.json_name), "w") as f:
         json.dump({"checks": checks, "rows": rows, "device": torch.cuda.get_device_name()}, f, indent=1)
     print(f"\n{torch.cuda.get_device_name()}  torch {torch.__version__}")
     for r in rows:

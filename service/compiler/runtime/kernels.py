@@ -21,6 +21,7 @@ the GPU tests; the CPU engine does not use this module.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -265,7 +266,116 @@ def _gemv(X, W, Y, WS, AS, PQS, Z, BIAS,
              mask=mmask[:, None] & nmask[None, :])
 
 
+def _int4_unpack_asm(high: bool, fp16: bool) -> str:
+    """PTX for ``tl.inline_asm_elementwise(pack=4)``: four int8 bytes in -> the four signed low (or
+    high) nibbles as bf16/fp16, without an int->float conversion instruction: the nibble, offset to
+    unsigned (xor 8), is OR-ed into the mantissa of 128.0 (bf16) / 1024.0 (fp16) and the constant is
+    subtracted with one packed FMA. Output register $0 holds elements 0 (low half) and 1, $1 elements
+    2 and 3."""
+    magic, one, neg = (0x64086408, 0x3C003C00, 0xE408E408) if fp16 else (0x43084308, 0x3F803F80, 0xC308C308)
+    fma = "fma.rn.f16x2" if fp16 else "fma.rn.bf16x2"
+    shift = "shr.b32 t0, t0, 4;\n shr.b32 t1, t1, 4;\n" if high else ""
+    return (
+        "{\n .reg .b32 t0, t1, z, m, k, o, n;\n"
+        f" mov.b32 z, 0;\n mov.b32 m, 0x000F000F;\n mov.b32 k, {magic:#x};\n mov.b32 o, {one:#x};\n"
+        f" mov.b32 n, {neg:#x};\n"
+        " prmt.b32 t0, $2, z, 0x4140;\n prmt.b32 t1, $2, z, 0x4342;\n"
+        f" {shift}"
+        " lop3.b32 t0, t0, m, k, 0x6a;\n lop3.b32 t1, t1, m, k, 0x6a;\n"
+        f" {fma} $0, t0, o, n;\n {fma} $1, t1, o, n;\n}}"
+    )
+
+
+_ASM = {(h, f): _int4_unpack_asm(h, f) for h in (False, True) for f in (False, True)}
+
+
+@triton.jit
+def _gemv_int4h(X, W, Y, WS, PQS, Z, BIAS, M, N, K, sxm, swn, sym, sgs_n,
+                GROUP: tl.constexpr, HAS_PQS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+                BLK: tl.constexpr, NB: tl.constexpr, ASM_LO: tl.constexpr, ASM_HI: tl.constexpr,
+                BM: tl.constexpr, BN: tl.constexpr):
+    """int4 weights packed by ``pack_int4_halves(q, BLK)`` ([N, K/2] int8; in each BLK of K, byte j holds
+    k = j low and k = BLK/2 + j high), bf16/fp16 activations. The nibbles become bf16/fp16 values by
+    bit arithmetic (``_int4_unpack_asm``); each half-block lies in one scale group, so the group
+    scale (and zero: z * sum(x)) is applied to the [M, BN] partial product, not to every weight. NB
+    packing blocks per loop step keep enough bytes in flight."""
+    pid = tl.program_id(0)
+    offs_m = tl.arange(0, BM)
+    offs_n = pid * BN + tl.arange(0, BN)
+    nmask = offs_n < N
+    mmask = offs_m < M
+    HB: tl.constexpr = BLK // 2
+    offs_h = tl.arange(0, HB)
+    acc = tl.zeros([BM, BN], tl.float32)
+    for k0 in range(0, K, BLK * NB):
+        for b in tl.static_range(NB):
+            kb = k0 + b * BLK
+            wb = tl.load(W + offs_n[:, None] * swn + (kb // 2 + offs_h)[None, :], mask=nmask[:, None], other=0)
+            x_lo = tl.load(X + offs_m[:, None] * sxm + (kb + offs_h)[None, :], mask=mmask[:, None], other=0.0)
+            x_hi = tl.load(X + offs_m[:, None] * sxm + (kb + HB + offs_h)[None, :], mask=mmask[:, None], other=0.0)
+            if HAS_PQS:
+                x_lo = (x_lo.to(tl.float32) * tl.load(PQS + kb + offs_h)[None, :].to(tl.float32)).to(X.dtype.element_ty)
+                x_hi = (x_hi.to(tl.float32) * tl.load(PQS + kb + HB + offs_h)[None, :].to(tl.float32)).to(X.dtype.element_ty)
+            w_lo = tl.inline_asm_elementwise(ASM_LO, "=r,=r,r", [wb], dtype=X.dtype.element_ty, is_pure=True, pack=4)
+            w_hi = tl.inline_asm_elementwise(ASM_HI, "=r,=r,r", [wb], dtype=X.dtype.element_ty, is_pure=True, pack=4)
+            d_lo = tl.dot(x_lo, tl.trans(w_lo))
+            d_hi = tl.dot(x_hi, tl.trans(w_hi))
+            if GROUP > 0:
+                s_lo = tl.load(WS + offs_n * sgs_n + kb // GROUP, mask=nmask, other=0.0).to(tl.float32)
+                s_hi = tl.load(WS + offs_n * sgs_n + (kb + HB) // GROUP, mask=nmask, other=0.0).to(tl.float32)
+                acc += d_lo * s_lo[None, :] + d_hi * s_hi[None, :]
+                if HAS_ZERO:
+                    z_lo = tl.load(Z + offs_n * sgs_n + kb // GROUP, mask=nmask, other=0.0).to(tl.float32)
+                    z_hi = tl.load(Z + offs_n * sgs_n + (kb + HB) // GROUP, mask=nmask, other=0.0).to(tl.float32)
+                    acc += (tl.sum(x_lo.to(tl.float32), 1)[:, None] * z_lo[None, :]
+                            + tl.sum(x_hi.to(tl.float32), 1)[:, None] * z_hi[None, :])
+            else:
+                acc += d_lo + d_hi
+    if GROUP == 0:
+        acc = acc * tl.load(WS + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        acc = acc + tl.load(BIAS + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + offs_m[:, None] * sym + offs_n[None, :], acc.to(Y.dtype.element_ty),
+             mask=mmask[:, None] & nmask[None, :])
+
+
+def _int4h_tiles(n: int, k: int, block: int) -> tuple[int, int, int, int]:
+    """(BN, packing blocks per step, num_warps, num_stages), from ``kernel_bench.py --sweep`` on the
+    H100 (Llama-3.1-8B matrices, batch 1): 64 rows for tall matrices, else 32; 512-1024 K per step
+    per group-128 block pair, 1-2 blocks of 1024 per channel."""
+    tall = n >= 16384
+    nb = (2 if tall else 4) if block <= 256 else (1 if tall else 2)
+    while nb > 1 and k % (block * nb):
+        nb //= 2
+    return (64 if tall else 32), nb, 4, 1
+
+
+def int4_fast_supported(x_dtype: torch.dtype, w_scale: torch.Tensor | None, int4_block: int) -> bool:
+    return (x_dtype in (torch.bfloat16, torch.float16) and int4_block > 0 and w_scale is not None
+            and w_scale.numel() > 1)
+
+
+def gemv_int4h(x2: torch.Tensor, w: torch.Tensor, y: torch.Tensor, *, w_scale, group, pre_quant_scale, zero, bias,
+               int4_block: int, tiles: tuple[int, int, int] | None = None) -> None:
+    M, K = x2.shape
+    N = w.shape[0]
+    fp16 = x2.dtype == torch.float16
+    dummy = x2
+    args = (x2, w, y, w_scale, pre_quant_scale if pre_quant_scale is not None else dummy,
+            zero if zero is not None else dummy, bias if bias is not None else dummy,
+            M, N, K, x2.stride(0), w.stride(0), y.stride(0), w_scale.stride(0) if group else 0)
+    const = dict(GROUP=group, HAS_PQS=pre_quant_scale is not None, HAS_ZERO=zero is not None,
+                 HAS_BIAS=bias is not None, BLK=int4_block, ASM_LO=_ASM[(False, fp16)], ASM_HI=_ASM[(True, fp16)],
+                 BM=16)
+    bn, nb, warps, *stages = tiles or _int4h_tiles(N, K, int4_block)
+    if K % (int4_block * nb):
+        raise ValueError(f"K={K} is not a multiple of {nb} int4 blocks of {int4_block}")
+    _gemv_int4h[(triton.cdiv(N, bn),)](*args, **const, BN=bn, NB=nb, num_warps=warps,
+                                        num_stages=stages[0] if stages else 1)
+
+
 GEMV_MAX_ROWS = 16
+INT4_FAST = os.environ.get("KILN_INT4_FAST", "1") != "0"  # the bit-unpacking int4 kernel
 
 
 def _gemv_tiles(n: int, k: int, kind: int, group: int) -> tuple[int, int, int]:
@@ -281,10 +391,12 @@ def _gemv_tiles(n: int, k: int, kind: int, group: int) -> tuple[int, int, int]:
 def gemv(x: torch.Tensor, w: torch.Tensor, *, kind: int = W_BF16, w_scale: torch.Tensor | None = None,
          act_scale: torch.Tensor | None = None, group: int = 0, pre_quant_scale: torch.Tensor | None = None,
          zero: torch.Tensor | None = None, bias: torch.Tensor | None = None, dynamic_token: bool = False,
-         int4_block: int = 0, fp8_upcast: bool = False,
+         int4_block: int = 0, fp8_upcast: bool = False, int4_fast: bool = INT4_FAST,
          out_dtype: torch.dtype | None = None, tiles: tuple[int, int, int] | None = None) -> torch.Tensor:
     """y = x @ W_effectiveᵀ (+ bias) for x [M <= 16, K] (contiguous last dim). ``int4_block`` > 0: the
-    int4 weight is packed by ``pack_int4_halves(q, int4_block)`` (else ``pack_int4_k``)."""
+    int4 weight is packed by ``pack_int4_halves(q, int4_block)`` (else ``pack_int4_k``); with bf16/fp16
+    activations it then runs the bit-unpacking kernel (``int4_fast``; ``tiles`` = (BN, blocks per
+    step, warps) there)."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     M, K = x2.shape
@@ -295,6 +407,10 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, kind: int = W_BF16, w_scale: torch
         raise ValueError("gemv needs contiguous rows")
     y_out = torch.empty((*lead, N), dtype=out_dtype or x.dtype, device=x.device)
     y = y_out.view(M, N)
+    if kind == W_INT4 and int4_fast and int4_fast_supported(x.dtype, w_scale, int4_block):
+        gemv_int4h(x2, w, y, w_scale=w_scale, group=group, pre_quant_scale=pre_quant_scale, zero=zero, bias=bias,
+                   int4_block=int4_block, tiles=tiles)
+        return y_out
     bn, bk, warps = tiles or _gemv_tiles(N, K, kind, group)
     if int4_block:
         bk = int4_block
