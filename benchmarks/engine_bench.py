@@ -38,6 +38,7 @@ VARIANTS = {  # Inductor settings tried for the decode/prefill graphs (env of a 
     "default": {},
     "cdt": {"TORCHINDUCTOR_COORDINATE_DESCENT_TUNING": "1"},
     "autotune": {"TORCHINDUCTOR_MAX_AUTOTUNE": "1", "TORCHINDUCTOR_MAX_AUTOTUNE_GEMM": "1"},
+    "pool": {"KILN_COMPILE_THREADS": "16"},  # kernels of a cache hit loaded by a compile-worker pool
 }
 PROMPT, NEW, TTFT_LONG, BIG_BATCH = 128, 256, 2048, 32
 
@@ -156,6 +157,39 @@ def worker_engine(engine_dir: str, shape: str, long: bool, big: bool) -> dict:
     return res
 
 
+def worker_start(engine_dir: str, shape: str) -> dict:
+    """Only a fresh process's start: imports, Engine.load phases, first token, then a full 128+256
+    generation, with Inductor's counters (what had to be compiled or benchmarked in this process)."""
+    import psutil
+
+    created = psutil.Process().create_time()
+    res = {"import_torch_s": time.time() - created}  # torch is imported at the top of this file
+    from service.compiler.runtime.engine import Engine
+
+    res["import_engine_s"] = time.time() - created
+    t0 = time.perf_counter()
+    engine = Engine.load(engine_dir)
+    res["load"] = engine.load_stats
+    vocab = SHAPES[shape]["vocab_size"]
+    first = engine.generate(prompts(1, PROMPT, vocab), 1)
+    res["first_ttft_s"] = first.stats["ttft_seconds"]
+    res["load_to_first_token_s"] = time.perf_counter() - t0
+    res["process_start_to_first_token_s"] = time.time() - created
+    from torch._dynamo.utils import counters
+
+    res["first_token_counters"] = {k: dict(v) for k, v in counters.items() if k in ("inductor", "aot_autograd")}
+    engine.generate(prompts(1, PROMPT, vocab), NEW)
+    res["process_start_to_first_full_generation_s"] = time.time() - created
+    res["all_counters"] = {k: dict(v) for k, v in counters.items() if k in ("inductor", "aot_autograd")}
+    cache = engine.load_stats.get("compile_cache")
+    if cache:  # what this process had to write into the shipped cache (its misses)
+        new = [str(f.relative_to(cache)) for f in Path(cache).rglob("*")
+               if f.is_file() and f.stat().st_mtime > created and not f.name.endswith(".lock")]
+        res["cache_files_written"] = len(new)
+        res["cache_files_written_head"] = sorted(new)[:40]
+    return res
+
+
 def profile_decode(engine, prompt: list[list[int]], steps: int = 20) -> dict:
     """CUDA time per kernel of the compiled decode step run without its graph (where the time goes)."""
     from torch.profiler import ProfilerActivity, profile
@@ -232,7 +266,9 @@ def main() -> int:
     ap.add_argument("--big", default="1b,8b", help="shapes that also measure batch-32 throughput")
     ap.add_argument("--work", default="/tmp/kiln-engine-bench")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--worker", choices=["engine", "hf"], help=argparse.SUPPRESS)
+    ap.add_argument("--fresh-only", type=int, default=0, metavar="N",
+                    help="only build and time N fresh-process starts per variant (no decode/HF runs)")
+    ap.add_argument("--worker", choices=["engine", "hf", "start"], help=argparse.SUPPRESS)
     ap.add_argument("--engine", help=argparse.SUPPRESS)
     ap.add_argument("--shape", help=argparse.SUPPRESS)
     ap.add_argument("--mode", help=argparse.SUPPRESS)
@@ -240,6 +276,9 @@ def main() -> int:
     a = ap.parse_args()
     if a.worker == "engine":
         print(json.dumps(worker_engine(a.engine, a.shape, "long" in a.flags, "big" in a.flags)))
+        return 0
+    if a.worker == "start":
+        print(json.dumps(worker_start(a.engine, a.shape)))
         return 0
     if a.worker == "hf":
         print(json.dumps(worker_hf(a.shape, a.mode)))
@@ -271,12 +310,18 @@ def main() -> int:
         print(shape, "build", json.dumps(r["build_stats"]), flush=True)
         shutil.rmtree(ckpt, ignore_errors=True)
         flags = ",".join(x for x, on in (("long", shape in a.long), ("big", shape in a.big)) if on)
-        for v in a.variants.split(","):
+        for v in a.variants.split(",") if a.fresh_only else []:
+            for i in range(a.fresh_only):
+                r[f"start_{v}_{i}"] = spawn(["--worker", "start", "--engine", str(engine), "--shape", shape],
+                                            VARIANTS[v])
+                print(shape, "start", v, i, json.dumps(r[f"start_{v}_{i}"]), flush=True)
+                (out / "engine_bench.json").write_text(json.dumps(results, indent=2))
+        for v in a.variants.split(",") if not a.fresh_only else []:
             r[f"engine_{v}"] = spawn(["--worker", "engine", "--engine", str(engine), "--shape", shape,
                                       "--flags", flags], VARIANTS[v])
             print(shape, v, json.dumps(r[f"engine_{v}"]), flush=True)
             (out / "engine_bench.json").write_text(json.dumps(results, indent=2))
-        if a.hf:
+        if a.hf and not a.fresh_only:
             modes = a.hf_modes.split(",")
             if "=" in a.hf_modes:
                 per = dict(x.split("=") for x in a.hf_modes.split(";"))
@@ -287,7 +332,8 @@ def main() -> int:
                 (out / "engine_bench.json").write_text(json.dumps(results, indent=2))
         shutil.rmtree(work / shape, ignore_errors=True)
         (out / "engine_bench.json").write_text(json.dumps(results, indent=2))
-    print_table(results)
+    if not a.fresh_only:
+        print_table(results)
     return 0
 
 

@@ -152,15 +152,31 @@ class Engine:
         model_cls = model_classes[layout]
         model = model_cls(config["pretrained_config"], weights, max_batch=int(bc["max_batch_size"]),
                           max_seq=int(bc["max_seq_len"]), tp_group=group, tp_size=tp)
+        model_s = time.perf_counter() - start - weights_s
         if compile:
+            import torch._inductor.config as inductor_config
+
+            # Kernels of a graph-cache hit are loaded through the autotune cache (one stored best
+            # config each), not as the graph cache's bundled multi-config launchers, which torch 2.11
+            # benchmarks again in every fresh process. Part of the cache key: build and load agree.
+            inductor_config.bundle_triton_into_fx_graph_cache = False
+            if cache and not warmup and os.environ.get("KILN_COMPILE_THREADS") is None:
+                # Loading from the shipped cache: kernels load in this process; a pool of compile
+                # workers (each importing torch) would cost a fresh process seconds before its first
+                # token. Not part of the cache key. (The build's warmup compiles in parallel.)
+                inductor_config.compile_threads = 1
+            elif os.environ.get("KILN_COMPILE_THREADS"):
+                inductor_config.compile_threads = int(os.environ["KILN_COMPILE_THREADS"])
             model.compile(bc.get("compile_mode"), bc.get("compile_options"))
+        compile_setup_s = time.perf_counter() - start - weights_s - model_s
         use_graphs = on_gpu and (bc.get("use_cuda_graph", True) if cuda_graphs is None else cuda_graphs)
         if tokenizer is None and config["engine"].get("tokenizer_files"):
             tokenizer = _load_tokenizer(engine_dir)
         engine = cls(engine_dir, config, model, use_graphs=use_graphs, tokenizer=tokenizer)
         if warmup and on_gpu:
             engine.warmup()
-        engine.load_stats = {"weights_seconds": round(weights_s, 3), "compile_cache": cache,
+        engine.load_stats = {"weights_seconds": round(weights_s, 3), "model_seconds": round(model_s, 3),
+                             "compile_setup_seconds": round(compile_setup_s, 3), "compile_cache": cache,
                              "load_seconds": round(time.perf_counter() - start, 3)}
         return engine
 
