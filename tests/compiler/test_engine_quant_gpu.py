@@ -82,14 +82,12 @@ def test_bf16_engine_decode_kernels_agree_with_float32(llama, tmp_path):
     assert agree >= 0.9, (t16, t32)
 
 
-@pytest.mark.parametrize("kw", [dict(quant_algo="W4A16"), dict(quant_algo="W4A16_AWQ", group_size=128, awq_grid=4,
-                                                                 has_zero_point=True)], ids=["w4a16", "awq-zero"])
-def test_bf16_int4_engine_bit_unpacking_kernel(llama, tmp_path, kw):
+def test_bf16_int4_engine_bit_unpacking_kernel(llama, tmp_path):
     """bf16 activations take the bit-unpacking int4 kernel: the same greedy tokens as the float32
     engine of the same checkpoint (whose int4 path converts every weight) on nearly every step."""
     ckpt = tmp_path / "ckpt"
     calib = CalibrationSettings(samples=8, seq_len=48, heldout_samples=2, awq_tokens=256, token_ids=IDS)
-    quantize_checkpoint(llama, ckpt, QuantConfig(**kw), calibration=calib, dtype="float32")
+    quantize_checkpoint(llama, ckpt, QuantConfig("W4A16"), calibration=calib, dtype="float32")
     bc = dict(max_batch_size=4, max_input_len=64, max_seq_len=128, target="auto", compile=False)
     build(ckpt, BuildConfig(dtype="bfloat16", **bc), tmp_path / "bf16")
     build(ckpt, BuildConfig(dtype="float32", **bc), tmp_path / "fp32")
@@ -97,7 +95,8 @@ def test_bf16_int4_engine_bit_unpacking_kernel(llama, tmp_path, kw):
     from service.compiler.runtime import kernels
 
     q = e16.model.layers[0][6]  # gate_up: an int4 QLinear in the bf16 engine
-    assert q.kind == kernels.W_INT4 and kernels.int4_fast_supported(torch.bfloat16, q.scale, q.int4_block)
+    assert q.kind == kernels.W_INT4 and kernels.int4_fast_supported(torch.bfloat16, q.scale, q.int4_block, q.group,
+                                                                     q.pqs, q.zero)
     x = torch.randn(3, q.weight.shape[1] * 2, device="cuda").bfloat16()
     fast = kernels.gemv(x, q.weight, kind=q.kind, w_scale=q.scale, group=q.group, pre_quant_scale=q.pqs,
                         zero=q.zero, int4_block=q.int4_block)

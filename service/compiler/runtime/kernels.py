@@ -21,7 +21,6 @@ the GPU tests; the CPU engine does not use this module.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
@@ -350,9 +349,14 @@ def _int4h_tiles(n: int, k: int, block: int) -> tuple[int, int, int, int]:
     return (64 if tall else 32), nb, 4, 1
 
 
-def int4_fast_supported(x_dtype: torch.dtype, w_scale: torch.Tensor | None, int4_block: int) -> bool:
+def int4_fast_supported(x_dtype: torch.dtype, w_scale: torch.Tensor | None, int4_block: int, group: int = 0,
+                        pre_quant_scale: torch.Tensor | None = None, zero: torch.Tensor | None = None) -> bool:
+    """Where the engine takes the bit-unpacking kernel: per-channel int4 (W4A16) with bf16/fp16
+    activations — the case it was measured faster in (benchmarks/README-engine.md, third session).
+    Group scales, AWQ pre-quant scales and zeros work in it (kernel_bench checks them) but were not
+    faster there, so those keep the converting kernel."""
     return (x_dtype in (torch.bfloat16, torch.float16) and int4_block > 0 and w_scale is not None
-            and w_scale.numel() > 1)
+            and w_scale.numel() > 1 and group == 0 and pre_quant_scale is None and zero is None)
 
 
 def gemv_int4h(x2: torch.Tensor, w: torch.Tensor, y: torch.Tensor, *, w_scale, group, pre_quant_scale, zero, bias,
@@ -375,7 +379,6 @@ def gemv_int4h(x2: torch.Tensor, w: torch.Tensor, y: torch.Tensor, *, w_scale, g
 
 
 GEMV_MAX_ROWS = 16
-INT4_FAST = os.environ.get("KILN_INT4_FAST", "1") != "0"  # the bit-unpacking int4 kernel
 
 
 def _gemv_tiles(n: int, k: int, kind: int, group: int) -> tuple[int, int, int]:
@@ -391,12 +394,13 @@ def _gemv_tiles(n: int, k: int, kind: int, group: int) -> tuple[int, int, int]:
 def gemv(x: torch.Tensor, w: torch.Tensor, *, kind: int = W_BF16, w_scale: torch.Tensor | None = None,
          act_scale: torch.Tensor | None = None, group: int = 0, pre_quant_scale: torch.Tensor | None = None,
          zero: torch.Tensor | None = None, bias: torch.Tensor | None = None, dynamic_token: bool = False,
-         int4_block: int = 0, fp8_upcast: bool = False, int4_fast: bool = INT4_FAST,
+         int4_block: int = 0, fp8_upcast: bool = False, int4_fast: bool | None = None,
          out_dtype: torch.dtype | None = None, tiles: tuple[int, int, int] | None = None) -> torch.Tensor:
     """y = x @ W_effectiveᵀ (+ bias) for x [M <= 16, K] (contiguous last dim). ``int4_block`` > 0: the
     int4 weight is packed by ``pack_int4_halves(q, int4_block)`` (else ``pack_int4_k``); with bf16/fp16
-    activations it then runs the bit-unpacking kernel (``int4_fast``; ``tiles`` = (BN, blocks per
-    step, warps) there)."""
+    activations it can run the bit-unpacking kernel: ``int4_fast`` None = where
+    ``int4_fast_supported``, True = always (bf16/fp16 x; ``tiles`` = (BN, blocks per step, warps[,
+    stages]) there), False = never."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     M, K = x2.shape
@@ -407,7 +411,8 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, kind: int = W_BF16, w_scale: torch
         raise ValueError("gemv needs contiguous rows")
     y_out = torch.empty((*lead, N), dtype=out_dtype or x.dtype, device=x.device)
     y = y_out.view(M, N)
-    if kind == W_INT4 and int4_fast and int4_fast_supported(x.dtype, w_scale, int4_block):
+    if kind == W_INT4 and (int4_fast is True or (int4_fast is None and int4_fast_supported(
+            x.dtype, w_scale, int4_block, group, pre_quant_scale, zero))):
         gemv_int4h(x2, w, y, w_scale=w_scale, group=group, pre_quant_scale=pre_quant_scale, zero=zero, bias=bias,
                    int4_block=int4_block, tiles=tiles)
         return y_out
