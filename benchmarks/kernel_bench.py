@@ -253,6 +253,9 @@ def time_gemv(rows: list, shape: str, kinds: list[str], M: int = 1, sweep: bool 
             if sweep and (not sweep_kinds or kind in sweep_kinds):
                 configs += [(bn, bk, nw) for bn in (16, 32, 64) for bk in (128, 256, 512) for nw in (4, 8)
                             if not (kind == "int4g128" and bk != 128)]
+                if kind in ("bf16", "fp8", "fp8dyn", "int8"):  # split-K: (BN, BK, warps, splits)
+                    configs += [(bn, bk, 4, sp) for bn in (32, 64) for bk in (256, 512) for sp in (2, 4, 8)
+                                if Kd % (bk * sp) == 0]
                 if kind in ("int4h", "int4g128h"):  # BK is the packing block
                     configs = [None] + [(bn, 0, nw) for bn in (16, 32, 64, 128) for nw in (4, 8)]
                 if kind in ("int4hf", "int4g128hf", "int4g128zf"):  # (BN, packing blocks per step, warps)

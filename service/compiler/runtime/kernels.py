@@ -168,22 +168,29 @@ W_BF16, W_FP8, W_INT8, W_INT4 = 0, 1, 2, 3
 
 
 @triton.jit
-def _gemv(X, W, Y, WS, AS, PQS, Z, BIAS,
-          M, N, K, sxm, swn, sym, sgs_n,
+def _gemv(X, W, Y, WS, AS, PQS, Z, BIAS, PART, CNT,
+          M, N, K, KS, sxm, swn, sym, sgs_n,
           KIND: tl.constexpr, PER_ROW_SCALE: tl.constexpr, GROUP: tl.constexpr, HAS_PQS: tl.constexpr,
           HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, DYN_TOKEN: tl.constexpr, FP8_UPCAST: tl.constexpr,
-          INT4_HALVES: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+          INT4_HALVES: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+          SPLIT: tl.constexpr):
     """One program: BN output columns for all M (<= BM) rows, looping over K in BK steps.
     KIND 0 bf16/fp16 W; 1 FP8 W + static per-tensor activation scale AS (x quantized to E4M3);
     2 int8 W; 3 int4 W packed two per byte along K ([N, K/2], even k in the low nibble).
     WS: per-tensor scalar (PER_ROW_SCALE=0), per-row [N] (GROUP=0) or per-group [N, K/GROUP];
-    Z: additive per-group zero [N, K/GROUP] (AWQ with zero point); PQS: per-input scale [K] (AWQ)."""
+    Z: additive per-group zero [N, K/GROUP] (AWQ with zero point); PQS: per-input scale [K] (AWQ).
+    SPLIT > 1 (split-K): program (pid, s) covers K in [s*KS, (s+1)*KS), writes its float32 partial to
+    PART[s]; the last of a column tile's SPLIT programs to arrive (counter CNT[pid], reset by it) adds
+    the partials in split order — deterministic — and runs the epilogue."""
     pid = tl.program_id(0)
+    k_lo = tl.program_id(1) * KS
+    k_hi = k_lo + KS
     offs_m = tl.arange(0, BM)
     offs_n = pid * BN + tl.arange(0, BN)
     nmask = offs_n < N
     mmask = offs_m < M
     acc = tl.zeros([BM, BN], tl.float32)
+    a_row = tl.full([BM], 1.0, tl.float32)  # per-token activation scales (DYN_TOKEN)
     if KIND == 1:
         if DYN_TOKEN:  # per-token dynamic scale: amax of each row first (FP8_PER_CHANNEL_PER_TOKEN)
             amax = tl.zeros([BM], tl.float32)
@@ -196,7 +203,7 @@ def _gemv(X, W, Y, WS, AS, PQS, Z, BIAS,
         else:
             inv_a = 1.0 / tl.load(AS)
     if INT4_HALVES:  # int4 packed per BK block: byte j holds k0 + j (low) and k0 + BK/2 + j (high)
-        for k0 in range(0, K, BK):
+        for k0 in range(k_lo, k_hi, BK):
             HB: tl.constexpr = BK // 2
             offs_lo = k0 + tl.arange(0, HB)
             x_lo = tl.load(X + offs_m[:, None] * sxm + offs_lo[None, :], mask=mmask[:, None], other=0.0)
@@ -219,7 +226,7 @@ def _gemv(X, W, Y, WS, AS, PQS, Z, BIAS,
                     w_hi = w_hi + z_hi.to(tl.float32)
             acc += tl.dot(x_lo, tl.trans(w_lo.to(X.dtype.element_ty)), input_precision=PREC)
             acc += tl.dot(x_hi, tl.trans(w_hi.to(X.dtype.element_ty)), input_precision=PREC)
-    for k0 in range(0, 0 if INT4_HALVES else K, BK):
+    for k0 in range(k_lo, k_lo if INT4_HALVES else k_hi, BK):
         offs_k = k0 + tl.arange(0, BK)
         x = tl.load(X + offs_m[:, None] * sxm + offs_k[None, :], mask=mmask[:, None], other=0.0)
         if HAS_PQS:
@@ -249,6 +256,27 @@ def _gemv(X, W, Y, WS, AS, PQS, Z, BIAS,
                     z = tl.load(Z + offs_n[:, None] * sgs_n + (k0 // GROUP), mask=nmask[:, None], other=0.0)
                     wf = wf + z.to(tl.float32)
             acc += tl.dot(x, tl.trans(wf.to(X.dtype.element_ty)), input_precision=PREC)
+    if SPLIT > 1:
+        part = PART + offs_m[:, None] * N + offs_n[None, :]
+        tl.store(part + tl.program_id(1) * BM * N, acc, mask=nmask[None, :])
+        tl.debug_barrier()  # every thread's partial is written before the release below
+        if tl.atomic_add(CNT + pid, 1, sem="acq_rel") == SPLIT - 1:
+            acc = tl.load(part, mask=nmask[None, :], other=0.0, cache_modifier=".cg")
+            for s in range(1, SPLIT):
+                acc += tl.load(part + s * BM * N, mask=nmask[None, :], other=0.0, cache_modifier=".cg")
+            tl.atomic_xchg(CNT + pid, 0)  # ready for the next call (and the next CUDA graph replay)
+            _gemv_epilogue(acc, Y, WS, AS, BIAS, offs_m, offs_n, mmask, nmask, sym, a_row,
+                           KIND, PER_ROW_SCALE, GROUP, HAS_BIAS, DYN_TOKEN)
+    else:
+        _gemv_epilogue(acc, Y, WS, AS, BIAS, offs_m, offs_n, mmask, nmask, sym, a_row,
+                       KIND, PER_ROW_SCALE, GROUP, HAS_BIAS, DYN_TOKEN)
+
+
+@triton.jit
+def _gemv_epilogue(acc, Y, WS, AS, BIAS, offs_m, offs_n, mmask, nmask, sym, a_row,
+                   KIND: tl.constexpr, PER_ROW_SCALE: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   DYN_TOKEN: tl.constexpr):
+    """Scales (activation, weight per tensor / per row), bias, cast, store."""
     if KIND == 1:
         if DYN_TOKEN:
             acc = acc * a_row[:, None]
@@ -416,23 +444,46 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, kind: int = W_BF16, w_scale: torch
         gemv_int4h(x2, w, y, w_scale=w_scale, group=group, pre_quant_scale=pre_quant_scale, zero=zero, bias=bias,
                    int4_block=int4_block, tiles=tiles)
         return y_out
-    bn, bk, warps = tiles or _gemv_tiles(N, K, kind, group)
+    bn, bk, warps, *rest = tiles or _gemv_tiles(N, K, kind, group)
+    split = rest[0] if rest else 1
     if int4_block:
         bk = int4_block
+    if split > 1 and (K % split or (K // split) % bk):
+        raise ValueError(f"split-K {split} needs K={K} to split into whole {bk}-column steps")
     per_row = w_scale is not None and w_scale.numel() > 1
     dummy = x2
-    _gemv[(triton.cdiv(N, bn),)](
+    tiles_n = triton.cdiv(N, bn)
+    part, cnt = (torch.empty((split, 16, N), dtype=torch.float32, device=x.device),
+                 _split_counters(x.device, tiles_n)) if split > 1 else (dummy, dummy)
+    _gemv[(tiles_n, split)](
         x2, w, y, w_scale if w_scale is not None else dummy, act_scale if act_scale is not None else dummy,
         pre_quant_scale if pre_quant_scale is not None else dummy, zero if zero is not None else dummy,
-        bias if bias is not None else dummy,
-        M, N, K, x2.stride(0), w.stride(0), y.stride(0), w_scale.stride(0) if (per_row and group) else 0,
+        bias if bias is not None else dummy, part, cnt,
+        M, N, K, K // split, x2.stride(0), w.stride(0), y.stride(0), w_scale.stride(0) if (per_row and group) else 0,
         KIND=kind, PER_ROW_SCALE=per_row, GROUP=group, HAS_PQS=pre_quant_scale is not None,
         HAS_ZERO=zero is not None, HAS_BIAS=bias is not None, DYN_TOKEN=dynamic_token, FP8_UPCAST=fp8_upcast,
         INT4_HALVES=bool(int4_block),
         PREC="ieee" if x.dtype == torch.float32 else "tf32",  # float32 activations: exact float32 products
-        BM=16, BN=bn, BK=bk, num_warps=warps, num_stages=3,
+        BM=16, BN=bn, BK=bk, SPLIT=split, num_warps=warps, num_stages=3,
     )
     return y_out
+
+
+_COUNTERS: dict = {}
+
+
+def _split_counters(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 arrival counters for split-K, one per column tile, kept per device (each call's
+    last program resets its counter, so they stay zero between calls and CUDA graph replays)."""
+    index = device.index
+    if index is None and device.type == "cuda":
+        index = torch.cuda.current_device()
+    key = (device.type, index)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
+        _COUNTERS[key] = buf
+    return buf
 
 
 
