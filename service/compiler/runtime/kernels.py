@@ -183,8 +183,12 @@ def _gemv(X, W, Y, WS, AS, PQS, Z, BIAS, PART, CNT,
     PART[s]; the last of a column tile's SPLIT programs to arrive (counter CNT[pid], reset by it) adds
     the partials in split order — deterministic — and runs the epilogue."""
     pid = tl.program_id(0)
-    k_lo = tl.program_id(1) * KS
-    k_hi = k_lo + KS
+    if SPLIT > 1:
+        k_lo = tl.program_id(1) * KS
+        k_hi = k_lo + KS
+    else:  # the unsplit loop exactly as measured (constant bounds)
+        k_lo = 0
+        k_hi = K
     offs_m = tl.arange(0, BM)
     offs_n = pid * BN + tl.arange(0, BN)
     nmask = offs_n < N
