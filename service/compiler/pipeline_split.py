@@ -40,8 +40,12 @@ class Cost:
         return Cost(*(getattr(self, m) + getattr(other, m) for m in METRICS))
 
 
+_FLOAT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}  # without importing torch (kiln convert's fast path)
+
+
 def _dtype_bytes(cfg: dict) -> int:
-    return TORCH_DTYPES[cfg.get("dtype", "bfloat16")].itemsize
+    name = cfg.get("dtype", "bfloat16")
+    return _FLOAT_BYTES[name] if name in _FLOAT_BYTES else TORCH_DTYPES[name].itemsize
 
 
 def layer_cost(cfg: dict, layer: LayerConfig, tp: int = 1, context_len: int = DEFAULT_CONTEXT_LEN) -> Cost:

@@ -223,16 +223,16 @@ def _cli(args: list[str]) -> tuple[dict, list[str]]:
     return json.loads(lines[-1]), lines[:-1]
 
 
-@pytest.mark.parametrize("tp", [1, 2])
-def test_cli_fast_path_never_imports_torch(models, tmp_path, tp):
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2)])
+def test_cli_fast_path_never_imports_torch(models, tmp_path, tp, pp):
     src = models["untied_bf16_sharded"]
     out = tmp_path / "cli"
-    got, printed = _cli(["convert", str(src), str(out), "--dtype", "bfloat16", "--tp-size", str(tp), "--quiet",
-                         "--json"])
+    got, printed = _cli(["convert", str(src), str(out), "--dtype", "bfloat16", "--tp-size", str(tp), "--pp-size",
+                         str(pp), "--quiet", "--json"])
     assert got == {"rc": 0, "torch": []}
     assert json.loads(printed[-1])["torch_free"] is True
     ref = tmp_path / "ref"
-    convert_checkpoint(src, ref, dtype="bfloat16", mapping=Mapping(tp_size=tp), torch_free=False)
+    convert_checkpoint(src, ref, dtype="bfloat16", mapping=Mapping(tp_size=tp, pp_size=pp), torch_free=False)
     assert _files(out) == _files(ref)
 
 
