@@ -106,6 +106,18 @@ def test_build_writes_a_performance_report(built):
     assert perf["peak_gpu_memory_bytes"] is None and "CPU" in perf["peak_gpu_memory_reason"]
 
 
+def test_build_without_performance_measurement(tiny_ckpt, tmp_path):
+    """measure_performance=False: performance.json still exists, every figure null, with the reason."""
+    from service.compiler.runtime.performance import KEYS
+
+    build(tiny_ckpt, BuildConfig(max_batch_size=2, max_input_len=16, max_seq_len=32, target="cpu",
+                                 measure_performance=False), tmp_path / "engine")
+    perf = json.loads((tmp_path / "engine" / "performance.json").read_text())
+    assert all(perf[k] is None for k in KEYS if k != "build_seconds") and "measure_performance" in perf["reason"]
+    assert perf["build_seconds"] > 0
+    assert Engine.load(tmp_path / "engine").generate([[1, 2, 3]], 4).tokens[0]
+
+
 def test_batched_greedy_generation_matches_transformers(built):
     _, model, root, _ = built
     engine = Engine.load(root / "engine")

@@ -54,9 +54,9 @@ def test_quantized_engine_on_gpu_matches_reference_arithmetic(llama, tmp_path, k
     ckpt = tmp_path / "ckpt"
     calib = CalibrationSettings(samples=8, seq_len=48, heldout_samples=2, awq_tokens=256, token_ids=IDS)
     quantize_checkpoint(llama, ckpt, QuantConfig(**kw), calibration=calib, dtype="float32")
-    # compiled engines with one batch bucket: the build compiles (and times) every bucket in subprocesses
+    # compiled engines with one batch bucket: the build compiles every bucket in a subprocess
     build(ckpt, BuildConfig(max_batch_size=1 if compiled else 4, max_input_len=64, max_seq_len=128, target="auto",
-                            compile=compiled), tmp_path / "engine")
+                            measure_performance=False, compile=compiled), tmp_path / "engine")
     engine = Engine.load(tmp_path / "engine")
     ref = CheckpointRunner.from_dir(ckpt)
     ids = IDS[3:5, :32] if not compiled else IDS[3:4, :32]  # within max_batch_size
@@ -81,7 +81,7 @@ def test_bf16_engine_decode_kernels_agree_with_float32(llama, tmp_path):
     from service.compiler.convert import convert_checkpoint
 
     convert_checkpoint(llama, tmp_path / "ckpt", dtype="float32")
-    bc = dict(max_batch_size=4, max_input_len=64, max_seq_len=128, target="auto")
+    bc = dict(max_batch_size=4, max_input_len=64, max_seq_len=128, target="auto", measure_performance=False)
     build(tmp_path / "ckpt", BuildConfig(dtype="bfloat16", **bc), tmp_path / "bf16")
     build(tmp_path / "ckpt", BuildConfig(dtype="float32", compile=False, **bc), tmp_path / "fp32")
     e16, e32 = Engine.load(tmp_path / "bf16"), Engine.load(tmp_path / "fp32")
@@ -99,7 +99,8 @@ def test_bf16_int4_engine_bit_unpacking_kernel(llama, tmp_path):
     ckpt = tmp_path / "ckpt"
     calib = CalibrationSettings(samples=8, seq_len=48, heldout_samples=2, awq_tokens=256, token_ids=IDS)
     quantize_checkpoint(llama, ckpt, QuantConfig("W4A16"), calibration=calib, dtype="float32")
-    bc = dict(max_batch_size=4, max_input_len=64, max_seq_len=128, target="auto", compile=False)
+    bc = dict(max_batch_size=4, max_input_len=64, max_seq_len=128, target="auto", measure_performance=False,
+              compile=False)
     build(ckpt, BuildConfig(dtype="bfloat16", **bc), tmp_path / "bf16")
     build(ckpt, BuildConfig(dtype="float32", **bc), tmp_path / "fp32")
     e16, e32 = Engine.load(tmp_path / "bf16"), Engine.load(tmp_path / "fp32")

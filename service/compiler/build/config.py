@@ -93,6 +93,8 @@ class BuildConfig:
     compile_mode: str | None = None  # torch.compile mode (None = "default"; chosen by measurement)
     compile_options: dict | None = None  # Inductor options, e.g. {"coordinate_descent_tuning": True}
     memory_fraction: float = 0.92  # share of the target's memory the estimate may use
+    measure_performance: bool = True  # time the finished engine (performance.json); False: the file says
+    #                                   why its figures are null (benchmarks that time engines themselves)
     keep_tensor_parallel: bool = False  # torch backend: one engine file per tp rank (run one process
     #                                     per rank); False merges a split checkpoint into one rank
 

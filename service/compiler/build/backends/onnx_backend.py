@@ -31,7 +31,7 @@ from ...errors import InvalidCheckpoint, KilnError
 from ...runtime.engine_gpt import GPT_ARCHS, activation, activation_name, is_post_ln, layer_norm
 from ...runtime.engine_gpt import LAYER_FIELDS as GPT_FIELDS
 from ...runtime.engine_model import apply_rope, rms_norm, rope_inv_freq
-from ...runtime.performance import PERFORMANCE_FILE
+from ...runtime.performance import PERFORMANCE_FILE, not_measured
 from ..config import ResolvedBuild
 from .torch_backend import ENGINE_VERSION, write_engine_weights
 
@@ -293,8 +293,9 @@ def build_onnx_engine(ckpt_dir: Path, resolved: ResolvedBuild, out_dir: Path, *,
         stats = {"build_seconds": round(time.perf_counter() - start, 3)}
         engine_cfg["build_stats"] = stats
         (tmp / "config.json").write_text(json.dumps(engine_cfg, indent=2) + "\n")
-        perf = measure_onnx(tmp, int(cfg["vocab_size"]), int(bc.max_batch_size), int(bc.max_input_len),
-                            int(bc.max_seq_len))
+        perf = (measure_onnx(tmp, int(cfg["vocab_size"]), int(bc.max_batch_size), int(bc.max_input_len),
+                             int(bc.max_seq_len)) if bc.measure_performance
+                else not_measured("build_config.measure_performance is false"))
         (tmp / PERFORMANCE_FILE).write_text(json.dumps({**perf, "build_seconds": stats["build_seconds"]}, indent=2)
                                             + "\n")
         if out_dir.exists():

@@ -38,7 +38,7 @@ from ...runtime.engine_decilm import DECILM_LAYOUT, decilm_engine_table, merged_
 from ...runtime.engine_gpt import GPT_ARCHS, GPT_LAYOUT, gpt_engine_table
 from ...runtime.engine_model import ENGINE_LAYOUT, checkpoint_to_engine_table
 from ...runtime.engine_quant import quantized_layer_tensors, quantized_slots
-from ...runtime.performance import PERFORMANCE_FILE, measure_in_build
+from ...runtime.performance import PERFORMANCE_FILE, measure_in_build, not_measured
 from ...safetensors_io import SafetensorsFile, SafetensorsWriter, dtype_name, publish_dir
 from ..config import ResolvedBuild
 
@@ -223,7 +223,8 @@ def build_torch_engine(ckpt_dir: Path, resolved: ResolvedBuild, out_dir: Path, *
                  "compile_seconds": round(compile_s, 3), "build_seconds": round(time.perf_counter() - start, 3)}
         engine_cfg["build_stats"] = stats
         (tmp / "config.json").write_text(json.dumps(engine_cfg, indent=2) + "\n")
-        perf = measure_in_build(tmp, gpu=resolved.target is not None, tp=tp)
+        perf = (measure_in_build(tmp, gpu=resolved.target is not None, tp=tp) if bc.measure_performance
+                else not_measured("build_config.measure_performance is false", tp_size=tp))
         (tmp / PERFORMANCE_FILE).write_text(json.dumps({**perf, "build_seconds": stats["build_seconds"]}, indent=2)
                                             + "\n")
         publish_dir(tmp, out_dir)
