@@ -25,7 +25,15 @@ import torch
 import torch.nn.functional as F
 
 from ..models.nemotron_nas import ARCH, checkpoint_layers
-from .engine_model import apply_rope, decode_mask, lm_head, rms_norm, rope_inv_freq
+from .engine_model import (
+    apply_rope,
+    compile_kwargs,
+    decode_mask,
+    lm_head,
+    prefill_attention,
+    rms_norm,
+    rope_inv_freq,
+)
 
 DECILM_LAYOUT = "kiln-decilm-fused/1"
 ATTN, LINEAR, MLP = "attn", "linear", "mlp"
@@ -106,13 +114,8 @@ def prefill_attn_block(h: torch.Tensor, w: tuple, k_cache: torch.Tensor, v_cache
     q = apply_rope(q.view(B, T, nh, d), cos[None, :, None], sin[None, :, None]).transpose(1, 2)
     k = apply_rope(k.view(B, T, nkv, d), cos[None, :, None], sin[None, :, None]).transpose(1, 2)
     v = v.view(B, T, nkv, d).transpose(1, 2)
-    k_cache[:, :, :T] = k
-    v_cache[:, :, :T] = v
-    if nkv != nh:
-        k = k.repeat_interleave(nh // nkv, 1)
-        v = v.repeat_interleave(nh // nkv, 1)
-    attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    return h + F.linear(attn.transpose(1, 2).reshape(B, T, nh * d), w[2])
+    attn = prefill_attention(q, k, v, k_cache, v_cache)
+    return h + F.linear(attn, w[2])
 
 
 class DeciLMEngineModel:
@@ -166,17 +169,7 @@ class DeciLMEngineModel:
         self._head: Callable[..., torch.Tensor] = lm_head
 
     def compile(self, mode: str | None = None, options: dict | None = None) -> None:
-        import torch._dynamo
-        import torch.fx.experimental._config as fx_config
-
-        fx_config.use_duck_shape = False
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
-        torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit, 1024)
-        kw: dict = {"fullgraph": True}
-        if options:
-            kw["options"] = options
-        elif mode:
-            kw["mode"] = mode
+        kw = compile_kwargs(mode, options)
         # decode graphs are static (one per batch / span bucket), prefill graphs dynamic; separate
         # wrappers keep the two kinds of graph for linear / mlp blocks apart
         self._decode = {k: torch.compile(f, dynamic=False, **kw) for k, f in

@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .engine_model import decode_mask, gather_vocab
+from .engine_model import compile_kwargs, decode_mask, gather_vocab, prefill_attention
 
 GPT_LAYOUT = "kiln-gpt-fused/1"
 GPT_ARCHS = ("GPTForCausalLM", "GPT2LMHeadModel", "OPTForCausalLM")
@@ -122,13 +122,8 @@ def prefill_layer(h: torch.Tensor, w: tuple, k_cache: torch.Tensor, v_cache: tor
     q = q.view(B, T, nh, d).transpose(1, 2)
     k = k.view(B, T, nkv, d).transpose(1, 2)
     v = v.view(B, T, nkv, d).transpose(1, 2)
-    k_cache[:, :, :T] = k
-    v_cache[:, :, :T] = v
-    if nkv != nh:
-        k = k.repeat_interleave(nh // nkv, 1)
-        v = v.repeat_interleave(nh // nkv, 1)
-    attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    return _finish_layer(h, attn.transpose(1, 2).reshape(B, T, nh * d), w, eps, act, post_ln, group)
+    attn = prefill_attention(q, k, v, k_cache, v_cache)
+    return _finish_layer(h, attn, w, eps, act, post_ln, group)
 
 
 def lm_head(h: torch.Tensor, norm: torch.Tensor | None, norm_b: torch.Tensor | None, head: torch.Tensor,
@@ -176,17 +171,7 @@ class GPTEngineModel:
         self._head: Callable[..., torch.Tensor] = lm_head
 
     def compile(self, mode: str | None = None, options: dict | None = None) -> None:
-        import torch._dynamo
-        import torch.fx.experimental._config as fx_config
-
-        fx_config.use_duck_shape = False  # see EngineModel.compile: stable prefill graphs across processes
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
-        torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit, 1024)
-        kw: dict = {"fullgraph": True}
-        if options:
-            kw["options"] = options
-        elif mode:
-            kw["mode"] = mode
+        kw = compile_kwargs(mode, options)
         self._decode_layer = torch.compile(decode_layer, dynamic=False, **kw)
         self._head = torch.compile(lm_head, dynamic=False, **kw)
         self._prefill_layer = torch.compile(prefill_layer, dynamic=True, **kw)

@@ -175,6 +175,40 @@ def decode_out(h: torch.Tensor, attn: torch.Tensor, w: LayerWeights, eps: float,
     return _mlp_and_residual(h, attn, w, eps, group)
 
 
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                      v_cache: torch.Tensor) -> torch.Tensor:
+    """Prefill attention of every engine model: q [B, nh, T, d], k/v [B, nkv, T, d] (already rounded
+    as the cache stores them) are written to cache slots [0, T); causal SDPA with the KV heads repeated
+    for GQA; returns [B, T, nh * d]."""
+    B, nh, T, d = q.shape
+    k_cache[:, :, :T] = k
+    v_cache[:, :, :T] = v
+    if k.shape[1] != nh:
+        k = k.repeat_interleave(nh // k.shape[1], 1)
+        v = v.repeat_interleave(nh // v.shape[1], 1)
+    attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return attn.transpose(1, 2).reshape(B, T, nh * d)
+
+
+def compile_kwargs(mode: str | None, options: dict | None) -> dict:
+    """The torch.compile settings every engine model uses (and the Dynamo settings they need)."""
+    import torch._dynamo
+    import torch.fx.experimental._config as fx_config
+
+    # No duck sizing: a prompt length equal to some other size (head_size 128, say) must not
+    # produce a different prefill graph, or a fresh process misses the shipped compile cache.
+    fx_config.use_duck_shape = False
+    # one compiled graph per decode (batch, kv) bucket plus the dynamic prefill; never fall back silently
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
+    torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit, 1024)
+    kw: dict = {"fullgraph": True}
+    if options:
+        kw["options"] = options
+    elif mode:
+        kw["mode"] = mode
+    return kw
+
+
 def prefill_layer(h: torch.Tensor, w: LayerWeights, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   cos: torch.Tensor, sin: torch.Tensor, nh: int, nkv: int, d: int, eps: float,
                   group=None, kv_algo: str | None = None) -> torch.Tensor:
@@ -186,13 +220,8 @@ def prefill_layer(h: torch.Tensor, w: LayerWeights, k_cache: torch.Tensor, v_cac
     k = apply_rope(k.view(B, T, nkv, d), cos[None, :, None], sin[None, :, None]).transpose(1, 2)
     v = v.view(B, T, nkv, d).transpose(1, 2)
     k, v = qdq_kv(k, w[10], kv_algo), qdq_kv(v, w[10], kv_algo)
-    k_cache[:, :, :T] = k
-    v_cache[:, :, :T] = v
-    if nkv != nh:
-        k = k.repeat_interleave(nh // nkv, 1)
-        v = v.repeat_interleave(nh // nkv, 1)
-    attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    return _mlp_and_residual(h, attn.transpose(1, 2).reshape(B, T, nh * d), w, eps, group, dense=True)
+    attn = prefill_attention(q, k, v, k_cache, v_cache)
+    return _mlp_and_residual(h, attn, w, eps, group, dense=True)
 
 
 def decode_mask(slots: torch.Tensor, pos: torch.Tensor, kv: int, dtype: torch.dtype) -> torch.Tensor:
@@ -261,20 +290,7 @@ class EngineModel:
             self.kernels = None
 
     def compile(self, mode: str | None = None, options: dict | None = None) -> None:
-        import torch._dynamo
-        import torch.fx.experimental._config as fx_config
-
-        # No duck sizing: a prompt length equal to some other size (head_size 128, say) must not
-        # produce a different prefill graph, or a fresh process misses the shipped compile cache.
-        fx_config.use_duck_shape = False
-        # one compiled graph per decode (batch, kv) bucket plus the dynamic prefill; never fall back silently
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
-        torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit, 1024)
-        kw: dict = {"fullgraph": True}
-        if options:
-            kw["options"] = options
-        elif mode:
-            kw["mode"] = mode
+        kw = compile_kwargs(mode, options)
         self._decode_layer = torch.compile(decode_layer, dynamic=False, **kw)
         self._decode_qkv = torch.compile(decode_qkv, dynamic=False, **kw)
         self._decode_out = torch.compile(decode_out, dynamic=False, **kw)
