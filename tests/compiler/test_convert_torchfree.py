@@ -170,38 +170,35 @@ def test_in_memory_tensors_of_a_raw_model_match(models):
         ref.close()
 
 
+def _messages(exc: type, src: Path, out: Path, **kw) -> list[str]:
+    """The error of the torch route and of the torch-free route, in that order."""
+    msgs = []
+    for torch_free in (False, True):
+        with pytest.raises(exc) as info:
+            convert_checkpoint(src, out, torch_free=torch_free, **kw)
+        msgs.append(str(info.value))
+    return msgs
+
+
 def test_validation_errors_are_the_same_on_both_routes(models, tmp_path):
     from service.compiler.errors import InvalidMapping, MalformedWeights, WeightsMismatch
 
     src = models["tied_bf16"]
-    for kw, exc in (({"mapping": Mapping(tp_size=3)}, InvalidMapping),
-                    ({"mapping": Mapping(pp_size=3)}, InvalidMapping)):
-        msgs = []
-        for torch_free in (False, True):
-            with pytest.raises(exc) as info:
-                convert_checkpoint(src, tmp_path / "x", torch_free=torch_free, **kw)
-            msgs.append(str(info.value))
+    for mapping in (Mapping(tp_size=3), Mapping(pp_size=3)):
+        msgs = _messages(InvalidMapping, src, tmp_path / "x", mapping=mapping)
         assert msgs[0] == msgs[1]
     bad = tmp_path / "bad"
     bad.mkdir()
     cfg = json.loads((src / "config.json").read_text())
     (bad / "config.json").write_text(json.dumps(cfg | {"intermediate_size": 128}))
     (bad / "model.safetensors").write_bytes((src / "model.safetensors").read_bytes())
-    msgs = []
-    for torch_free in (False, True):
-        with pytest.raises(WeightsMismatch) as info:
-            convert_checkpoint(bad, tmp_path / "y", torch_free=torch_free)
-        msgs.append(str(info.value))
+    msgs = _messages(WeightsMismatch, bad, tmp_path / "y")
     assert msgs[0] == msgs[1] and "shape mismatch" in msgs[0]
     trunc = tmp_path / "trunc"
     trunc.mkdir()
     (trunc / "config.json").write_text((src / "config.json").read_text())
     (trunc / "model.safetensors").write_bytes((src / "model.safetensors").read_bytes()[:-10])
-    msgs = []
-    for torch_free in (False, True):
-        with pytest.raises(MalformedWeights) as info:
-            convert_checkpoint(trunc, tmp_path / "z", torch_free=torch_free)
-        msgs.append(str(info.value))
+    msgs = _messages(MalformedWeights, trunc, tmp_path / "z")
     assert msgs[0] == msgs[1] and "model.safetensors" in msgs[0]
     assert not any((tmp_path / n).exists() for n in ("x", "y", "z"))
 
