@@ -114,22 +114,9 @@ def prompts(n: int, length: int, vocab: int, seed: int = 1) -> list[list[int]]:
 
 # -- workers (each in a fresh process) --------------------------------------------------------------
 def worker_engine(engine_dir: str, shape: str, long: bool, big: bool) -> dict:
-    from service.compiler.runtime.engine import Engine
-
-    t0 = time.perf_counter()
-    engine = Engine.load(engine_dir)
+    engine, res = fresh_start(engine_dir, shape)
     vocab = SHAPES[shape]["vocab_size"]
-    first = engine.generate(prompts(1, PROMPT, vocab), 1)
-    import psutil
-    from torch._dynamo.utils import counters
-
-    res = {"load_to_first_token_s": time.perf_counter() - t0, "load": engine.load_stats,
-           "first_token_compile_counters": {k: dict(v) for k, v in counters.items() if k in ("inductor", "aot_autograd")},
-           "process_start_to_first_token_s": time.time() - psutil.Process().create_time(),
-           "first_ttft_s": first.stats["ttft_seconds"]}
     p1 = prompts(1, PROMPT, vocab)
-    engine.generate(p1, NEW)  # decode graphs compile (from the shipped cache) and capture on first use
-    res["process_start_to_first_full_generation_s"] = time.time() - psutil.Process().create_time()
     for _ in range(2):
         engine.generate(p1, NEW)
     runs = [engine.generate(p1, NEW).stats for _ in range(3)]
@@ -157,9 +144,10 @@ def worker_engine(engine_dir: str, shape: str, long: bool, big: bool) -> dict:
     return res
 
 
-def worker_start(engine_dir: str, shape: str) -> dict:
-    """Only a fresh process's start: imports, Engine.load phases, first token, then a full 128+256
-    generation, with Inductor's counters (what had to be compiled or benchmarked in this process)."""
+def fresh_start(engine_dir: str, shape: str):
+    """A fresh process's start: imports, Engine.load phases, first token, then a first full 128+256
+    generation (decode graphs load from the shipped cache and are captured), with Inductor's counters
+    (what had to be compiled or benchmarked in this process). Returns (engine, figures)."""
     import psutil
 
     created = psutil.Process().create_time()
@@ -177,7 +165,7 @@ def worker_start(engine_dir: str, shape: str) -> dict:
     res["process_start_to_first_token_s"] = time.time() - created
     from torch._dynamo.utils import counters
 
-    res["first_token_counters"] = {k: dict(v) for k, v in counters.items() if k in ("inductor", "aot_autograd")}
+    res["first_token_compile_counters"] = {k: dict(v) for k, v in counters.items() if k in ("inductor", "aot_autograd")}
     engine.generate(prompts(1, PROMPT, vocab), NEW)
     res["process_start_to_first_full_generation_s"] = time.time() - created
     res["all_counters"] = {k: dict(v) for k, v in counters.items() if k in ("inductor", "aot_autograd")}
@@ -187,7 +175,7 @@ def worker_start(engine_dir: str, shape: str) -> dict:
                if f.is_file() and f.stat().st_mtime > created and not f.name.endswith(".lock")]
         res["cache_files_written"] = len(new)
         res["cache_files_written_head"] = sorted(new)[:40]
-    return res
+    return engine, res
 
 
 def profile_decode(engine, prompt: list[list[int]], steps: int = 20) -> dict:
@@ -278,7 +266,7 @@ def main() -> int:
         print(json.dumps(worker_engine(a.engine, a.shape, "long" in a.flags, "big" in a.flags)))
         return 0
     if a.worker == "start":
-        print(json.dumps(worker_start(a.engine, a.shape)))
+        print(json.dumps(fresh_start(a.engine, a.shape)[1]))
         return 0
     if a.worker == "hf":
         print(json.dumps(worker_hf(a.shape, a.mode)))
