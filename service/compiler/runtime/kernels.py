@@ -395,6 +395,9 @@ def gemv_int4h(x2: torch.Tensor, w: torch.Tensor, y: torch.Tensor, *, w_scale, g
                int4_block: int, tiles: tuple[int, int, int] | None = None) -> None:
     M, K = x2.shape
     N = w.shape[0]
+    if x2.dtype not in (torch.bfloat16, torch.float16) or w_scale is None or w_scale.numel() == 1:
+        raise ValueError("the bit-unpacking int4 kernel takes bf16/fp16 activations and per-row or per-group "
+                         f"scales, got {x2.dtype} activations")
     fp16 = x2.dtype == torch.float16
     dummy = x2
     args = (x2, w, y, w_scale, pre_quant_scale if pre_quant_scale is not None else dummy,
