@@ -116,6 +116,9 @@ def test_build_without_performance_measurement(tiny_ckpt, tmp_path):
     assert all(perf[k] is None for k in KEYS if k != "build_seconds") and "measure_performance" in perf["reason"]
     assert perf["build_seconds"] > 0
     assert Engine.load(tmp_path / "engine").generate([[1, 2, 3]], 4).tokens[0]
+    with pytest.raises(InvalidBuildConfig, match="measure_performance must be true or false"):
+        build(tiny_ckpt, BuildConfig(target="cpu", measure_performance="false"), tmp_path / "e2")
+    assert not (tmp_path / "e2").exists()
 
 
 def test_batched_greedy_generation_matches_transformers(built):

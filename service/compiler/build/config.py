@@ -206,6 +206,9 @@ def validate_build(cfg: BuildConfig, ckpt: dict, *, weight_bytes: int | None = N
 
     if cfg.backend not in BACKENDS:
         raise UnknownBackend(f"unknown backend {cfg.backend!r}")
+    for flag in ("use_cuda_graph", "compile", "compile_on_cpu", "measure_performance", "keep_tensor_parallel"):
+        if not isinstance(getattr(cfg, flag), bool):  # "false" from a JSON string would read as true
+            raise InvalidBuildConfig(f"{flag} must be true or false, got {getattr(cfg, flag)!r}")
     if cfg.kv_cache_type not in KV_CACHE_TYPES:
         raise InvalidBuildConfig(f"kv_cache_type must be one of {', '.join(KV_CACHE_TYPES)}, got {cfg.kv_cache_type!r}")
     if cfg.backend in ("torch", "onnx", "tensorrt") and cfg.kv_cache_type != "continuous":
