@@ -178,6 +178,52 @@ def check_gemv(results: list) -> None:
                 out = K.gemv(x, *wt["args"], **wt["kw"])
             err = rel(out, ref)
             results.append({"check": f"gemv_{kind}", "shape": [M, N, Kd], "rel_err": err, "ok": err < 1e-2})
+            try:
+                check_split(results, kind, wt, x, ref, a_s if kind in ("fp8", "fp8u") else None)
+            except Exception as exc:  # report, keep going with the other checks
+                results.append({"check": f"gemv_{kind}_splitk", "shape": [M, N, Kd], "ok": False,
+                                "error": repr(exc)[:2000]})
+
+
+def check_split(results: list, kind: str, wt: dict, x: torch.Tensor, ref: torch.Tensor, a_s) -> None:
+    """Split-K: within the bound of the reference, the same bits on every call and in CUDA graph
+    replays (the arrival counters reset themselves; the partials are added in a fixed order)."""
+    M, Kd = x.shape
+    extra = {"act_scale": a_s} if a_s is not None else {}
+    for sp in (8, 4, 2):
+        if kind in INT4F:
+            blk = wt["kw"]["int4_block"]
+            tiles = (32, 1, 4, 1, sp) if Kd % (blk * sp) == 0 else None
+        elif kind in ("bf16", "fp8", "fp8dyn", "int8"):
+            tiles = (32, 256, 4, sp) if Kd % (256 * sp) == 0 else None
+        else:
+            return
+        if tiles:
+            break
+    else:
+        return
+
+    def f():
+        return K.gemv(x, *wt["args"], tiles=tiles, **wt["kw"], **extra)
+    outs = [f() for _ in range(3)]
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        f()
+    torch.cuda.current_stream().wait_stream(s)
+    with torch.cuda.graph(g):
+        gout = f()
+    replays = []
+    for _ in range(3):
+        gout.fill_(float("nan"))
+        g.replay()
+        replays.append(gout.clone())
+    torch.cuda.synchronize()
+    err = rel(outs[0], ref)
+    same = all(torch.equal(o, outs[0]) for o in outs + replays)
+    results.append({"check": f"gemv_{kind}_splitk", "tiles": list(tiles), "shape": [M, wt["args"][0].shape[0], Kd],
+                    "rel_err": err, "same_bits_calls_and_replays": same, "ok": err < 1e-2 and same})
 
 
 def graph_time(fns: list, replays: int = 20) -> float:
@@ -228,8 +274,12 @@ def time_attention(rows: list, shape: str, span: int = 512, pos: int = 383, batc
                  "sdpa_us": t_sdpa * 1e6, "triton_us": t_tri * 1e6, "speedup": t_sdpa / t_tri})
 
 
+INT4F = ("int4hf", "int4g128hf", "int4g128zf")
+
+
 def time_gemv(rows: list, shape: str, kinds: list[str], M: int = 1, sweep: bool = False,
-              sweep_kinds: list[str] | None = None, matrices: list[str] | None = None) -> None:
+              sweep_kinds: list[str] | None = None, matrices: list[str] | None = None,
+              split_only: bool = False) -> None:
     hidden, nh, nkv, d, inter, vocab = SHAPES[shape]
     mats = {"qkv": ((nh + 2 * nkv) * d, hidden), "o": (hidden, nh * d), "gate_up": (2 * inter, hidden),
             "down": (hidden, inter), "lm_head": (vocab, hidden)}
@@ -262,6 +312,13 @@ def time_gemv(rows: list, shape: str, kinds: list[str], M: int = 1, sweep: bool 
                     blk = ws[0]["kw"]["int4_block"]
                     configs = [None] + [(bn, nb, nw, st) for bn in (16, 32, 64) for nb in (1, 2, 4)
                                         for nw in (4, 8) for st in (1, 3) if Kd % (blk * nb) == 0]
+                    configs += [(bn, nb, 4, 1, sp) for bn in (32, 64) for nb in (1, 2) for sp in (2, 4, 8)
+                                if Kd % (blk * nb * sp) == 0]
+                if split_only:  # only the split-K candidates and their unsplit twins
+                    configs = [None] + [c for c in configs[1:] if c is not None and (
+                        (len(c) == 4 and kind not in INT4F) or len(c) == 5
+                        or (kind in INT4F and c[2] == 4 and c[3] == 1 and c[0] in (32, 64) and c[1] in (1, 2))
+                        or (kind not in INT4F and c[2] == 4 and c[0] in (32, 64) and c[1] in (256, 512)))]
             best = None
             for cfg in configs:
                 try:
@@ -290,6 +347,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--sweep-kinds", default="", help="sweep only these kinds (default: all)")
     ap.add_argument("--matrices", default="", help="only these matrices (qkv,o,gate_up,down,lm_head)")
+    ap.add_argument("--split-only", action="store_true",
+                    help="sweep only split-K configs and their unsplit twins (32/64 rows, 4 warps)")
     ap.add_argument("--no-attention", action="store_true")
     ap.add_argument("--no-checks", action="store_true")
     ap.add_argument("--json-name", default="kernel_bench.json")
@@ -316,7 +375,7 @@ def main() -> None:
             time_attention(rows, shape, batch=32, span=512, pos=383)
         time_gemv(rows, shape, args.kinds.split(","), M=args.batch, sweep=args.sweep,
                   sweep_kinds=[k for k in args.sweep_kinds.split(",") if k],
-                  matrices=[m for m in args.matrices.split(",") if m])
+                  matrices=[m for m in args.matrices.split(",") if m], split_only=args.split_only)
     with open(os.path.join(args.out, args.json_name), "w") as f:
         json.dump({"checks": checks, "rows": rows, "device": torch.cuda.get_device_name()}, f, indent=1)
     print(f"\n{torch.cuda.get_device_name()}  torch {torch.__version__}")

@@ -261,19 +261,31 @@ def _gemv(X, W, Y, WS, AS, PQS, Z, BIAS, PART, CNT,
                     wf = wf + z.to(tl.float32)
             acc += tl.dot(x, tl.trans(wf.to(X.dtype.element_ty)), input_precision=PREC)
     if SPLIT > 1:
-        part = PART + offs_m[:, None] * N + offs_n[None, :]
-        tl.store(part + tl.program_id(1) * BM * N, acc, mask=nmask[None, :])
-        tl.debug_barrier()  # every thread's partial is written before the release below
-        if tl.atomic_add(CNT + pid, 1, sem="acq_rel") == SPLIT - 1:
-            acc = tl.load(part, mask=nmask[None, :], other=0.0, cache_modifier=".cg")
-            for s in range(1, SPLIT):
-                acc += tl.load(part + s * BM * N, mask=nmask[None, :], other=0.0, cache_modifier=".cg")
-            tl.atomic_xchg(CNT + pid, 0)  # ready for the next call (and the next CUDA graph replay)
+        acc, last = _split_k_gather(acc, PART, CNT, offs_m, offs_n, nmask, N, BM, SPLIT)
+        if last:
             _gemv_epilogue(acc, Y, WS, AS, BIAS, offs_m, offs_n, mmask, nmask, sym, a_row,
                            KIND, PER_ROW_SCALE, GROUP, HAS_BIAS, DYN_TOKEN)
     else:
         _gemv_epilogue(acc, Y, WS, AS, BIAS, offs_m, offs_n, mmask, nmask, sym, a_row,
                        KIND, PER_ROW_SCALE, GROUP, HAS_BIAS, DYN_TOKEN)
+
+
+@triton.jit
+def _split_k_gather(acc, PART, CNT, offs_m, offs_n, nmask, N, BM: tl.constexpr, SPLIT: tl.constexpr):
+    """Split-K: program (pid, s) writes its float32 partial to PART[s]; the last of column tile pid's
+    SPLIT programs to arrive (counter CNT[pid], reset by it for the next call and CUDA graph replay)
+    adds the partials in split order — deterministic — and gets (sum, True); the others (acc, False)."""
+    pid = tl.program_id(0)
+    part = PART + offs_m[:, None] * N + offs_n[None, :]
+    tl.store(part + tl.program_id(1) * BM * N, acc, mask=nmask[None, :])
+    tl.debug_barrier()  # every thread's partial is written before the release below
+    last = tl.atomic_add(CNT + pid, 1, sem="acq_rel") == SPLIT - 1
+    if last:
+        acc = tl.load(part, mask=nmask[None, :], other=0.0, cache_modifier=".cg")
+        for s in range(1, SPLIT):
+            acc += tl.load(part + s * BM * N, mask=nmask[None, :], other=0.0, cache_modifier=".cg")
+        tl.atomic_xchg(CNT + pid, 0)
+    return acc, last
 
 
 @triton.jit
@@ -321,16 +333,23 @@ _ASM = {(h, f): _int4_unpack_asm(h, f) for h in (False, True) for f in (False, T
 
 
 @triton.jit
-def _gemv_int4h(X, W, Y, WS, PQS, Z, BIAS, M, N, K, sxm, swn, sym, sgs_n,
+def _gemv_int4h(X, W, Y, WS, PQS, Z, BIAS, PART, CNT, M, N, K, KS, sxm, swn, sym, sgs_n,
                 GROUP: tl.constexpr, HAS_PQS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
                 BLK: tl.constexpr, NB: tl.constexpr, ASM_LO: tl.constexpr, ASM_HI: tl.constexpr,
-                BM: tl.constexpr, BN: tl.constexpr):
+                BM: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr):
     """int4 weights packed by ``pack_int4_halves(q, BLK)`` ([N, K/2] int8; in each BLK of K, byte j holds
     k = j low and k = BLK/2 + j high), bf16/fp16 activations. The nibbles become bf16/fp16 values by
     bit arithmetic (``_int4_unpack_asm``); each half-block lies in one scale group, so the group
     scale (and zero: z * sum(x)) is applied to the [M, BN] partial product, not to every weight. NB
-    packing blocks per loop step keep enough bytes in flight."""
+    packing blocks per loop step keep enough bytes in flight. SPLIT > 1: split-K as in ``_gemv``
+    (program (pid, s) covers K in [s*KS, (s+1)*KS))."""
     pid = tl.program_id(0)
+    if SPLIT > 1:
+        k_lo = tl.program_id(1) * KS
+        k_hi = k_lo + KS
+    else:
+        k_lo = 0
+        k_hi = K
     offs_m = tl.arange(0, BM)
     offs_n = pid * BN + tl.arange(0, BN)
     nmask = offs_n < N
@@ -338,7 +357,7 @@ def _gemv_int4h(X, W, Y, WS, PQS, Z, BIAS, M, N, K, sxm, swn, sym, sgs_n,
     HB: tl.constexpr = BLK // 2
     offs_h = tl.arange(0, HB)
     acc = tl.zeros([BM, BN], tl.float32)
-    for k0 in range(0, K, BLK * NB):
+    for k0 in range(k_lo, k_hi, BLK * NB):
         for b in tl.static_range(NB):
             kb = k0 + b * BLK
             wb = tl.load(W + offs_n[:, None] * swn + (kb // 2 + offs_h)[None, :], mask=nmask[:, None], other=0)
@@ -362,6 +381,17 @@ def _gemv_int4h(X, W, Y, WS, PQS, Z, BIAS, M, N, K, sxm, swn, sym, sgs_n,
                             + tl.sum(x_hi.to(tl.float32), 1)[:, None] * z_hi[None, :])
             else:
                 acc += d_lo + d_hi
+    if SPLIT > 1:
+        acc, last = _split_k_gather(acc, PART, CNT, offs_m, offs_n, nmask, N, BM, SPLIT)
+        if last:
+            _int4h_epilogue(acc, Y, WS, BIAS, offs_m, offs_n, mmask, nmask, sym, GROUP, HAS_BIAS)
+    else:
+        _int4h_epilogue(acc, Y, WS, BIAS, offs_m, offs_n, mmask, nmask, sym, GROUP, HAS_BIAS)
+
+
+@triton.jit
+def _int4h_epilogue(acc, Y, WS, BIAS, offs_m, offs_n, mmask, nmask, sym, GROUP: tl.constexpr,
+                    HAS_BIAS: tl.constexpr):
     if GROUP == 0:
         acc = acc * tl.load(WS + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
@@ -392,25 +422,28 @@ def int4_fast_supported(x_dtype: torch.dtype, w_scale: torch.Tensor | None, int4
 
 
 def gemv_int4h(x2: torch.Tensor, w: torch.Tensor, y: torch.Tensor, *, w_scale, group, pre_quant_scale, zero, bias,
-               int4_block: int, tiles: tuple[int, int, int] | None = None) -> None:
+               int4_block: int, tiles: tuple[int, ...] | None = None) -> None:
     M, K = x2.shape
     N = w.shape[0]
     if x2.dtype not in (torch.bfloat16, torch.float16) or w_scale is None or w_scale.numel() == 1:
         raise ValueError("the bit-unpacking int4 kernel takes bf16/fp16 activations and per-row or per-group "
                          f"scales, got {x2.dtype} activations")
     fp16 = x2.dtype == torch.float16
+    bn, nb, warps, *rest = tiles or _int4h_tiles(N, K, int4_block)
+    stages = rest[0] if rest else 1
+    split = rest[1] if len(rest) > 1 else 1
+    if K % (int4_block * nb * split):
+        raise ValueError(f"K={K} is not a multiple of {split} x {nb} int4 blocks of {int4_block}")
+    tiles_n = triton.cdiv(N, bn)
+    part, cnt = _split_buffers(x2, split, N, tiles_n)
     dummy = x2
     args = (x2, w, y, w_scale, pre_quant_scale if pre_quant_scale is not None else dummy,
-            zero if zero is not None else dummy, bias if bias is not None else dummy,
-            M, N, K, x2.stride(0), w.stride(0), y.stride(0), w_scale.stride(0) if group else 0)
+            zero if zero is not None else dummy, bias if bias is not None else dummy, part, cnt,
+            M, N, K, K // split, x2.stride(0), w.stride(0), y.stride(0), w_scale.stride(0) if group else 0)
     const = dict(GROUP=group, HAS_PQS=pre_quant_scale is not None, HAS_ZERO=zero is not None,
                  HAS_BIAS=bias is not None, BLK=int4_block, ASM_LO=_ASM[(False, fp16)], ASM_HI=_ASM[(True, fp16)],
                  BM=16)
-    bn, nb, warps, *stages = tiles or _int4h_tiles(N, K, int4_block)
-    if K % (int4_block * nb):
-        raise ValueError(f"K={K} is not a multiple of {nb} int4 blocks of {int4_block}")
-    _gemv_int4h[(triton.cdiv(N, bn),)](*args, **const, BN=bn, NB=nb, num_warps=warps,
-                                        num_stages=stages[0] if stages else 1)
+    _gemv_int4h[(tiles_n, split)](*args, **const, BN=bn, NB=nb, SPLIT=split, num_warps=warps, num_stages=stages)
 
 
 GEMV_MAX_ROWS = 16
@@ -430,12 +463,13 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, kind: int = W_BF16, w_scale: torch
          act_scale: torch.Tensor | None = None, group: int = 0, pre_quant_scale: torch.Tensor | None = None,
          zero: torch.Tensor | None = None, bias: torch.Tensor | None = None, dynamic_token: bool = False,
          int4_block: int = 0, fp8_upcast: bool = False, int4_fast: bool | None = None,
-         out_dtype: torch.dtype | None = None, tiles: tuple[int, int, int] | None = None) -> torch.Tensor:
+         out_dtype: torch.dtype | None = None, tiles: tuple[int, ...] | None = None) -> torch.Tensor:
     """y = x @ W_effectiveᵀ (+ bias) for x [M <= 16, K] (contiguous last dim). ``int4_block`` > 0: the
     int4 weight is packed by ``pack_int4_halves(q, int4_block)`` (else ``pack_int4_k``); with bf16/fp16
     activations it can run the bit-unpacking kernel: ``int4_fast`` None = where
     ``int4_fast_supported``, True = always (bf16/fp16 x; ``tiles`` = (BN, blocks per step, warps[,
-    stages]) there), False = never."""
+    stages[, splits]]) there), False = never. Otherwise ``tiles`` = (BN, BK, warps[, splits]); splits > 1
+    is split-K (more programs for matrices with few output columns)."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     M, K = x2.shape
@@ -460,8 +494,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, kind: int = W_BF16, w_scale: torch
     per_row = w_scale is not None and w_scale.numel() > 1
     dummy = x2
     tiles_n = triton.cdiv(N, bn)
-    part, cnt = (torch.empty((split, 16, N), dtype=torch.float32, device=x.device),
-                 _split_counters(x.device, tiles_n)) if split > 1 else (dummy, dummy)
+    part, cnt = _split_buffers(x2, split, N, tiles_n)
     _gemv[(tiles_n, split)](
         x2, w, y, w_scale if w_scale is not None else dummy, act_scale if act_scale is not None else dummy,
         pre_quant_scale if pre_quant_scale is not None else dummy, zero if zero is not None else dummy,
@@ -477,6 +510,14 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, kind: int = W_BF16, w_scale: torch
 
 
 _COUNTERS: dict = {}
+
+
+def _split_buffers(x2: torch.Tensor, split: int, n: int, tiles_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float32 partials [split, 16, n], arrival counters) for split-K; ``x2`` twice (unused) without."""
+    if split <= 1:
+        return x2, x2
+    return (torch.empty((split, GEMV_MAX_ROWS, n), dtype=torch.float32, device=x2.device),
+            _split_counters(x2.device, tiles_n))
 
 
 def _split_counters(device: torch.device, n: int) -> torch.Tensor:
