@@ -63,14 +63,17 @@ def test_quantized_engine_on_gpu_matches_reference_arithmetic(llama, tmp_path, k
     got, want = engine.forward(ids), ref.logits(ids)  # prefill path: _scaled_mm / dequantized GEMM
     out = engine.generate(PROMPTS, max_new_tokens=12)  # decode: Triton kernels in CUDA graphs
     expect = [ref.generate(p, 12) for p in PROMPTS]
-    if kw["quant_algo"] != "FP8_PER_CHANNEL_PER_TOKEN":
+    if not kw["quant_algo"].startswith("FP8"):
         assert float((got - want).norm() / want.norm()) < 2e-3
         assert out.tokens == expect
     else:
-        # Per-token activation scales follow every float-level difference between GPU and CPU
-        # arithmetic and re-round whole rows: on this model a 1e-6 relative perturbation of the
-        # embeddings moves the reference's own logits by 0.76% (per-tensor FP8: 1.5e-7; W8A16: 3e-6).
-        # So: the same predictions, not the same bits.
+        # FP8 rounds every activation to E4M3 (3 mantissa bits), so the quantized model is a
+        # step function of its inputs: any GPU-vs-CPU float difference (reduction order, Hopper
+        # FP8 accumulation) re-rounds some activations. Measured on this model (CPU, relative
+        # noise on the embeddings -> relative change of the reference's own logits): per-tensor
+        # FP8 1e-5 -> 2.1%, 1e-4 -> 6.7%; per-token 1e-6 -> 1.8%; W8A16 1e-4 -> 0.03% (linear).
+        # The compiled per-tensor engine measured 5.0% on the H100. So: the same predictions, not
+        # the same bits (a wrong scale or layout gives errors of order 1 and wrong tokens).
         assert float((got - want).norm() / want.norm()) < 0.1
         assert float((got.argmax(-1) == want.argmax(-1)).float().mean()) >= 0.9
         same = sum(a == b for x, y in zip(out.tokens, expect, strict=True) for a, b in zip(x, y, strict=True))
