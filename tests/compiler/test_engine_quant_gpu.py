@@ -67,17 +67,46 @@ def test_quantized_engine_on_gpu_matches_reference_arithmetic(llama, tmp_path, k
         assert float((got - want).norm() / want.norm()) < 2e-3
         assert out.tokens == expect
     else:
-        # FP8 rounds every activation to E4M3 (3 mantissa bits), so the quantized model is a
-        # step function of its inputs: any GPU-vs-CPU float difference (reduction order, Hopper
-        # FP8 accumulation) re-rounds some activations. Measured on this model (CPU, relative
-        # noise on the embeddings -> relative change of the reference's own logits): per-tensor
-        # FP8 1e-5 -> 2.1%, 1e-4 -> 6.7%; per-token 1e-6 -> 1.8%; W8A16 1e-4 -> 0.03% (linear).
-        # The compiled per-tensor engine measured 5.0% on the H100. So: the same predictions, not
-        # the same bits (a wrong scale or layout gives errors of order 1 and wrong tokens).
-        assert float((got - want).norm() / want.norm()) < 0.1
-        assert float((got.argmax(-1) == want.argmax(-1)).float().mean()) >= 0.9
-        same = sum(a == b for x, y in zip(out.tokens, expect, strict=True) for a, b in zip(x, y, strict=True))
-        assert same / sum(len(x) for x in expect) >= 0.75, (out.tokens, expect)
+        # FP8 rounds every activation to E4M3 (3 mantissa bits), so the quantized model is a step
+        # function of its inputs: any GPU-vs-CPU float difference (reduction order, Hopper FP8
+        # accumulation) re-rounds some activations. Measured on this model (CPU, relative noise
+        # on the embeddings): 1e-5 moves per-tensor FP8 logits by 3-5% and leaves 88-98% of top-1
+        # predictions (per-token FP8 + FP8 KV: 6%, 78-94%); W8A16 at 1e-4 moves 0.03% (linear).
+        # The engine is held to that envelope: no further from the reference than the reference
+        # is from itself under 1e-4 relative input noise (a wrong scale or layout is far outside).
+        rel, top1, toks = _noise_envelope(ref, ids, PROMPTS, 12)
+        err = float((got - want).norm() / want.norm())
+        agree = float((got.argmax(-1) == want.argmax(-1)).float().mean())
+        assert err < 1.5 * rel, (err, rel)
+        assert agree >= top1 - 0.05, (agree, top1)
+        assert _agreement(out.tokens, expect) >= toks - 0.1, (out.tokens, expect, toks)
+
+
+def _agreement(a: list[list[int]], b: list[list[int]]) -> float:
+    same = sum(x == y for p, q in zip(a, b, strict=True) for x, y in zip(p, q, strict=True))
+    return same / sum(len(q) for q in b)
+
+
+def _noise_envelope(ref: CheckpointRunner, ids: torch.Tensor, prompts: list, new: int, eps: float = 1e-4,
+                    seeds: int = 3) -> tuple[float, float, float]:
+    """How far the reference moves from itself when its embeddings get ``eps`` relative noise: the
+    largest relative logit change, the lowest top-1 agreement and the lowest greedy-token agreement
+    over ``seeds`` draws."""
+    name = next(k for k in ref.globals if k.endswith("vocab_embedding.weight"))
+    orig = ref.globals[name]
+    base, base_tokens = ref.logits(ids), [ref.generate(p, new) for p in prompts]
+    rels, top1s, toks = [], [], []
+    try:
+        for seed in range(seeds):
+            g = torch.Generator().manual_seed(seed + 1)
+            ref.globals[name] = orig * (1 + eps * torch.randn(orig.shape, generator=g))
+            lg = ref.logits(ids)
+            rels.append(float((lg - base).norm() / base.norm()))
+            top1s.append(float((lg.argmax(-1) == base.argmax(-1)).float().mean()))
+            toks.append(_agreement([ref.generate(p, new) for p in prompts], base_tokens))
+    finally:
+        ref.globals[name] = orig
+    return max(rels), min(top1s), min(toks)
 
 
 def test_bf16_engine_decode_kernels_agree_with_float32(llama, tmp_path):
