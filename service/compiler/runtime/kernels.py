@@ -410,7 +410,7 @@ def _int4h_tiles(n: int, k: int, block: int) -> tuple[int, ...]:
     if block > 256:
         splits = _splits(n, k, block)
         if splits > 1:
-            return 32, 1, 4, 1, splits
+            return (64 if splits >= 4 else 32), 1, 4, 1, splits
     nb = (2 if tall else 4) if block <= 256 else (1 if tall else 2)
     while nb > 1 and k % (block * nb):
         nb //= 2
