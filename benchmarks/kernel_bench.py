@@ -9,6 +9,7 @@
    than L2), medians of replays: decode attention (index_put K/V + SDPA, as the engine did, vs the
    Triton kernel) for the Llama-3.2-1B and 3.1-8B shapes, and the decode GEMVs of both shapes at batch
    1 (cuBLAS bf16 vs Triton bf16 / FP8 / int8 / int4 per-channel / int4 group-128), in GB/s of weight.
+   Kind ``int4vf``: the batch-1 CUDA-core int4 kernel (``gemv_int4v``, opt-in, not yet measured).
 """
 
 from __future__ import annotations
@@ -104,9 +105,9 @@ def make_weights(n: int, k: int, kind: str, device="cuda") -> dict:
         w8 = (w / s[:, None]).to(torch.float8_e4m3fn)
         return {"args": (w8,), "kw": {"kind": K.W_FP8, "w_scale": s, "dynamic_token": True}, "fp8dyn": (w8, s),
                 "bytes": w8.numel()}
-    if kind in ("int4h", "int4g128h", "int4hf", "int4g128hf", "int4g128zf"):
+    if kind in ("int4h", "int4g128h", "int4hf", "int4g128hf", "int4g128zf", "int4vf"):
         # *h: packed in halves (the engine's layout), older conversion kernel; *hf: bit-unpacking kernel;
-        # int4g128zf: + AWQ zero point and pre-quant scale
+        # int4g128zf: + AWQ zero point and pre-quant scale; int4vf: batch-1 CUDA-core kernel
         group = 128 if "g128" in kind else 0
         zero = pqs = None
         if group:
@@ -122,7 +123,8 @@ def make_weights(n: int, k: int, kind: str, device="cuda") -> dict:
             ref = q.float() * s.float()[:, None]
         blk = K.int4_block_for(k, group)
         p = K.pack_int4_halves(q, blk)
-        kw = {"kind": K.W_INT4, "w_scale": s, "group": group, "int4_block": blk, "int4_fast": kind.endswith("f")}
+        kw = {"kind": K.W_INT4, "w_scale": s, "group": group, "int4_block": blk,
+              "int4_fast": "vec" if kind == "int4vf" else kind.endswith("f")}
         if zero is not None:
             kw.update(zero=zero, pre_quant_scale=pqs)
         return {"args": (p,), "kw": kw, "ref_w": ref, "bytes": p.numel() + s.numel() * 2}
@@ -153,8 +155,10 @@ def probe_int4_unpack(results: list) -> None:
 
 def check_gemv(results: list) -> None:
     for kind in ("bf16", "fp8", "fp8u", "fp8dyn", "int8", "int4", "int4g128", "int4h", "int4g128h", "int4hf",
-                 "int4g128hf", "int4g128zf"):
+                 "int4g128hf", "int4g128zf", "int4vf"):
         for M, N, Kd in [(1, 4096, 4096), (3, 1000, 2048), (16, 6144, 4096)]:
+            if kind == "int4vf" and M != 1:  # batch 1 only
+                continue
             wt = make_weights(N, Kd, kind)
             x = torch.randn(M, Kd, device="cuda").bfloat16()
             if kind == "fp8dyn":
@@ -194,6 +198,9 @@ def check_split(results: list, kind: str, wt: dict, x: torch.Tensor, ref: torch.
         if kind in INT4F:
             blk = wt["kw"]["int4_block"]
             tiles = (32, 1, 4, 1, sp) if Kd % (blk * sp) == 0 else None
+        elif kind == "int4vf":
+            blk = wt["kw"]["int4_block"]
+            tiles = (32, 128, 4, sp) if Kd % (blk * sp) == 0 else None
         elif kind in ("bf16", "fp8", "fp8dyn", "int8"):
             tiles = (32, 256, 4, sp) if Kd % (256 * sp) == 0 else None
         else:
@@ -314,7 +321,13 @@ def time_gemv(rows: list, shape: str, kinds: list[str], M: int = 1, sweep: bool 
                                         for nw in (4, 8) for st in (1, 3) if Kd % (blk * nb) == 0]
                     configs += [(bn, nb, 4, 1, sp) for bn in (32, 64) for nb in (1, 2) for sp in (2, 4, 8)
                                 if Kd % (blk * nb * sp) == 0]
-                if split_only:  # only the split-K candidates and their unsplit twins
+                if kind == "int4vf":  # (BN, bytes per row per step, warps, splits)
+                    blk = ws[0]["kw"]["int4_block"]
+                    configs = [None] + [(bn, cb, nw, sp) for bn in (16, 32, 64) for cb in (64, 128, 256)
+                                        for nw in (4, 8) for sp in (1, 2, 4, 8)
+                                        if Kd % (blk * sp) == 0 and (blk // 2) % cb == 0
+                                        and (not split_only or (nw == 4 and cb == 128))]
+                if split_only and kind != "int4vf":  # only the split-K candidates and their unsplit twins
                     configs = [None] + [c for c in configs[1:] if c is not None and (
                         (len(c) == 4 and kind not in INT4F) or len(c) == 5
                         or (kind in INT4F and c[2] == 4 and c[3] == 1 and c[0] in (32, 64) and c[1] in (1, 2))

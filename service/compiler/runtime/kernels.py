@@ -437,6 +437,80 @@ def int4_fast_supported(x_dtype: torch.dtype, w_scale: torch.Tensor | None, int4
             and w_scale.numel() > 1 and group == 0 and pre_quant_scale is None and zero is None)
 
 
+@triton.jit
+def _gemv_int4v(X, W, Y, WS, BIAS, PART, CNT, N, K, KS, swn, sym,
+                HAS_BIAS: tl.constexpr, BLK: tl.constexpr, CB: tl.constexpr, USE_ASM: tl.constexpr,
+                ASM_LO: tl.constexpr, ASM_HI: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr):
+    """Batch 1, per-channel int4 packed by ``pack_int4_halves(q, BLK)``: products on the CUDA cores
+    (a [BN, CB] float32 tile of partial products, reduced over K once at the end) instead of
+    ``tl.dot``, which pads the single activation row to 16. CB bytes of each row per step (CB low and
+    CB high nibbles); bf16/fp16 activations unpack by the inline PTX of ``_gemv_int4h`` (USE_ASM),
+    float32 ones by shifts. SPLIT > 1: split-K as in ``_gemv``."""
+    pid = tl.program_id(0)
+    if SPLIT > 1:
+        k_lo = tl.program_id(1) * KS
+        k_hi = k_lo + KS
+    else:
+        k_lo = 0
+        k_hi = K
+    offs_n = pid * BN + tl.arange(0, BN)
+    nmask = offs_n < N
+    offs_c = tl.arange(0, CB)
+    HB: tl.constexpr = BLK // 2
+    acc = tl.zeros([BN, CB], tl.float32)
+    for k0 in range(k_lo, k_hi, BLK):
+        for c in tl.static_range(HB // CB):
+            j = k0 + c * CB
+            wb = tl.load(W + offs_n[:, None] * swn + (k0 // 2 + c * CB + offs_c)[None, :], mask=nmask[:, None], other=0)
+            x_lo = tl.load(X + j + offs_c).to(tl.float32)
+            x_hi = tl.load(X + HB + j + offs_c).to(tl.float32)
+            if USE_ASM:
+                w_lo = tl.inline_asm_elementwise(ASM_LO, "=r,=r,r", [wb], dtype=X.dtype.element_ty, is_pure=True,
+                                                 pack=4).to(tl.float32)
+                w_hi = tl.inline_asm_elementwise(ASM_HI, "=r,=r,r", [wb], dtype=X.dtype.element_ty, is_pure=True,
+                                                 pack=4).to(tl.float32)
+            else:
+                w_lo = ((wb << 4).to(tl.int8) >> 4).to(tl.float32)
+                w_hi = (wb.to(tl.int8) >> 4).to(tl.float32)
+            acc += w_lo * x_lo[None, :] + w_hi * x_hi[None, :]
+    out = tl.reshape(tl.sum(acc, 1), (1, BN))
+    offs_m = tl.arange(0, 1)
+    mmask = offs_m < 1
+    if SPLIT > 1:
+        out, last = _split_k_gather(out, PART, CNT, offs_m, offs_n, nmask, N, 1, SPLIT)
+        if last:
+            _int4h_epilogue(out, Y, WS, BIAS, offs_m, offs_n, mmask, nmask, sym, 0, HAS_BIAS)
+    else:
+        _int4h_epilogue(out, Y, WS, BIAS, offs_m, offs_n, mmask, nmask, sym, 0, HAS_BIAS)
+
+
+def _int4v_tiles(n: int, k: int, block: int) -> tuple[int, int, int, int]:
+    """(BN, bytes per row per step, num_warps, splits) for ``gemv_int4v`` — not yet swept on a GPU."""
+    return 32, min(128, block // 2), 4, _splits(n, k, block)
+
+
+def gemv_int4v(x2: torch.Tensor, w: torch.Tensor, y: torch.Tensor, *, w_scale, bias, int4_block: int,
+               tiles: tuple[int, ...] | None = None) -> None:
+    """Batch-1 per-channel int4 GEMV on the CUDA cores (``_gemv_int4v``); opt-in (``int4_fast="vec"``)
+    until a GPU sweep shows where it beats ``_gemv_int4h``."""
+    M, K = x2.shape
+    N = w.shape[0]
+    if M != 1 or w_scale is None or w_scale.numel() != N:
+        raise ValueError(f"the CUDA-core int4 kernel takes one activation row and per-row scales, got {M} rows")
+    if x2.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"unsupported activation dtype {x2.dtype}")
+    bn, cb, warps, split = tiles or _int4v_tiles(N, K, int4_block)
+    if K % (int4_block * split) or (int4_block // 2) % cb:
+        raise ValueError(f"K={K}: {split} splits of whole {int4_block}-blocks in steps of {cb} bytes do not fit")
+    tiles_n = triton.cdiv(N, bn)
+    part, cnt = _split_buffers(x2, split, N, tiles_n)
+    fp16 = x2.dtype == torch.float16
+    _gemv_int4v[(tiles_n, split)](
+        x2, w, y, w_scale, bias if bias is not None else x2, part, cnt, N, K, K // split, w.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, BLK=int4_block, CB=cb, USE_ASM=x2.dtype != torch.float32,
+        ASM_LO=_ASM[(False, fp16)], ASM_HI=_ASM[(True, fp16)], BN=bn, SPLIT=split, num_warps=warps, num_stages=1)
+
+
 def gemv_int4h(x2: torch.Tensor, w: torch.Tensor, y: torch.Tensor, *, w_scale, group, pre_quant_scale, zero, bias,
                int4_block: int, tiles: tuple[int, ...] | None = None) -> None:
     M, K = x2.shape
@@ -484,13 +558,14 @@ def _gemv_tiles(n: int, k: int, kind: int, group: int) -> tuple[int, ...]:
 def gemv(x: torch.Tensor, w: torch.Tensor, *, kind: int = W_BF16, w_scale: torch.Tensor | None = None,
          act_scale: torch.Tensor | None = None, group: int = 0, pre_quant_scale: torch.Tensor | None = None,
          zero: torch.Tensor | None = None, bias: torch.Tensor | None = None, dynamic_token: bool = False,
-         int4_block: int = 0, fp8_upcast: bool = False, int4_fast: bool | None = None,
+         int4_block: int = 0, fp8_upcast: bool = False, int4_fast: bool | str | None = None,
          out_dtype: torch.dtype | None = None, tiles: tuple[int, ...] | None = None) -> torch.Tensor:
     """y = x @ W_effectiveᵀ (+ bias) for x [M <= 16, K] (contiguous last dim). ``int4_block`` > 0: the
     int4 weight is packed by ``pack_int4_halves(q, int4_block)`` (else ``pack_int4_k``); with bf16/fp16
     activations it can run the bit-unpacking kernel: ``int4_fast`` None = where
     ``int4_fast_supported``, True = always (bf16/fp16 x; ``tiles`` = (BN, blocks per step, warps[,
-    stages[, splits]]) there), False = never. Otherwise ``tiles`` = (BN, BK, warps[, splits]); splits > 1
+    stages[, splits]]) there), False = never; "vec" = the batch-1 CUDA-core kernel (``gemv_int4v``,
+    per-channel only; ``tiles`` = (BN, bytes per step, warps, splits)). Otherwise ``tiles`` = (BN, BK, warps[, splits]); splits > 1
     is split-K (more programs for matrices with few output columns)."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
@@ -502,6 +577,11 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, kind: int = W_BF16, w_scale: torch
         raise ValueError("gemv needs contiguous rows")
     y_out = torch.empty((*lead, N), dtype=out_dtype or x.dtype, device=x.device)
     y = y_out.view(M, N)
+    if kind == W_INT4 and int4_fast == "vec":
+        if group or pre_quant_scale is not None or zero is not None or not int4_block:
+            raise ValueError("the CUDA-core int4 kernel handles per-channel int4 packed in halves only")
+        gemv_int4v(x2, w, y, w_scale=w_scale, bias=bias, int4_block=int4_block, tiles=tiles)
+        return y_out
     if kind == W_INT4 and (int4_fast is True or (int4_fast is None and int4_fast_supported(
             x.dtype, w_scale, int4_block, group, pre_quant_scale, zero))):
         gemv_int4h(x2, w, y, w_scale=w_scale, group=group, pre_quant_scale=pre_quant_scale, zero=zero, bias=bias,
