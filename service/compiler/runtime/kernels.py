@@ -496,7 +496,8 @@ def gemv_int4v(x2: torch.Tensor, w: torch.Tensor, y: torch.Tensor, *, w_scale, b
     M, K = x2.shape
     N = w.shape[0]
     if M != 1 or w_scale is None or w_scale.numel() != N:
-        raise ValueError(f"the CUDA-core int4 kernel takes one activation row and per-row scales, got {M} rows")
+        raise ValueError(f"the CUDA-core int4 kernel takes one activation row and {N} per-row scales, got {M} rows "
+                         f"and {None if w_scale is None else w_scale.numel()} scales")
     if x2.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"unsupported activation dtype {x2.dtype}")
     bn, cb, warps, split = tiles or _int4v_tiles(N, K, int4_block)
@@ -565,8 +566,8 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, kind: int = W_BF16, w_scale: torch
     activations it can run the bit-unpacking kernel: ``int4_fast`` None = where
     ``int4_fast_supported``, True = always (bf16/fp16 x; ``tiles`` = (BN, blocks per step, warps[,
     stages[, splits]]) there), False = never; "vec" = the batch-1 CUDA-core kernel (``gemv_int4v``,
-    per-channel only; ``tiles`` = (BN, bytes per step, warps, splits)). Otherwise ``tiles`` = (BN, BK, warps[, splits]); splits > 1
-    is split-K (more programs for matrices with few output columns)."""
+    per-channel only; ``tiles`` = (BN, bytes per step, warps, splits)). Otherwise ``tiles`` = (BN, BK,
+    warps[, splits]). splits > 1 is split-K (more programs for matrices with few output columns)."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     M, K = x2.shape
@@ -597,33 +598,21 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, kind: int = W_BF16, w_scale: torch
     dummy = x2
     tiles_n = triton.cdiv(N, bn)
     part, cnt = _split_buffers(x2, split, N, tiles_n)
-    const = dict(KIND=kind, PER_ROW_SCALE=per_row, GROUP=group, HAS_PQS=pre_quant_scale is not None,
-                 HAS_ZERO=zero is not None, HAS_BIAS=bias is not None, DYN_TOKEN=dynamic_token, FP8_UPCAST=fp8_upcast,
-                 INT4_HALVES=bool(int4_block),
-                 PREC="ieee" if x.dtype == torch.float32 else "tf32",  # float32 activations: exact products
-                 BM=16, BN=bn, BK=bk, SPLIT=split, num_warps=warps)
-    key = (x.dtype, w.dtype, x.device.index, *const.items())
-    args = (x2, w, y, w_scale if w_scale is not None else dummy, act_scale if act_scale is not None else dummy,
-            pre_quant_scale if pre_quant_scale is not None else dummy, zero if zero is not None else dummy,
-            bias if bias is not None else dummy, part, cnt,
-            M, N, K, K // split, x2.stride(0), w.stride(0), y.stride(0),
-            w_scale.stride(0) if (per_row and group) else 0)
-    stages = _STAGES.get(key, 3)
-    while True:
-        try:
-            _gemv[(tiles_n, split)](*args, **const, num_stages=stages)
-            break
-        except triton.runtime.errors.OutOfResources:
-            # shared memory: float32 activations with long K steps (the float32 engines and tests)
-            # do not fit three pipeline stages; the measured bf16 configs all do
-            if stages == 1:
-                raise
-            stages -= 1
-    _STAGES[key] = stages
+    _gemv[(tiles_n, split)](
+        x2, w, y, w_scale if w_scale is not None else dummy, act_scale if act_scale is not None else dummy,
+        pre_quant_scale if pre_quant_scale is not None else dummy, zero if zero is not None else dummy,
+        bias if bias is not None else dummy, part, cnt,
+        M, N, K, K // split, x2.stride(0), w.stride(0), y.stride(0), w_scale.stride(0) if (per_row and group) else 0,
+        KIND=kind, PER_ROW_SCALE=per_row, GROUP=group, HAS_PQS=pre_quant_scale is not None,
+        HAS_ZERO=zero is not None, HAS_BIAS=bias is not None, DYN_TOKEN=dynamic_token, FP8_UPCAST=fp8_upcast,
+        INT4_HALVES=bool(int4_block),
+        PREC="ieee" if x.dtype == torch.float32 else "tf32",  # float32 activations: exact float32 products
+        BM=16, BN=bn, BK=bk, SPLIT=split, num_warps=warps,
+        # float32 activations (the float32 engines and tests) take twice the shared memory per stage:
+        # three stages of a 1024-wide int4 step needed 288 KB on the H100 (limit 227 KB)
+        num_stages=1 if x.dtype == torch.float32 else 3,
+    )
     return y_out
-
-
-_STAGES: dict = {}  # launch constants -> pipeline stages that fit the GPU's shared memory
 
 
 _COUNTERS: dict = {}
