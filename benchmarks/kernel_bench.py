@@ -213,14 +213,9 @@ def check_split(results: list, kind: str, wt: dict, x: torch.Tensor, ref: torch.
     def f():
         return K.gemv(x, *wt["args"], tiles=tiles, **wt["kw"], **extra)
     outs = [f() for _ in range(3)]
-    g = torch.cuda.CUDAGraph()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        f()
-    torch.cuda.current_stream().wait_stream(s)
-    with torch.cuda.graph(g):
-        gout = f()
+    captured: list = []
+    g = capture([lambda: captured.append(f())])
+    gout = captured[-1]  # the output tensor the graph writes on every replay
     replays = []
     for _ in range(3):
         gout.fill_(float("nan"))
@@ -233,8 +228,8 @@ def check_split(results: list, kind: str, wt: dict, x: torch.Tensor, ref: torch.
                     "rel_err": err, "same_bits_calls_and_replays": same, "ok": err < 1e-2 and same})
 
 
-def graph_time(fns: list, replays: int = 20) -> float:
-    """Median seconds of one call, from a CUDA graph of every fn in ``fns`` (rotating inputs)."""
+def capture(fns: list) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of every fn in ``fns`` in order (after one warm-up call each on a side stream)."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -245,6 +240,12 @@ def graph_time(fns: list, replays: int = 20) -> float:
     with torch.cuda.graph(g):
         for f in fns:
             f()
+    return g
+
+
+def graph_time(fns: list, replays: int = 20) -> float:
+    """Median seconds of one call, from a CUDA graph of every fn in ``fns`` (rotating inputs)."""
+    g = capture(fns)
     times = []
     for _ in range(replays):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -284,6 +285,31 @@ def time_attention(rows: list, shape: str, span: int = 512, pos: int = 383, batc
 INT4F = ("int4hf", "int4g128hf", "int4g128zf")
 
 
+def sweep_configs(kind: str, Kd: int, blk: int, split_only: bool) -> list[tuple]:
+    """Tile configs to try for one kind (``gemv``'s ``tiles``); ``split_only``: the split-K candidates
+    and their unsplit twins (32/64 rows, 4 warps, one stage)."""
+    splits = (2, 4, 8)
+    if kind == "int4vf":  # (BN, bytes per row per step, warps, splits)
+        return [(bn, cb, nw, sp) for bn in (16, 32, 64) for cb in (64, 128, 256) for nw in (4, 8)
+                for sp in (1, *splits) if Kd % (blk * sp) == 0 and (blk // 2) % cb == 0
+                and (not split_only or (nw == 4 and cb == 128))]
+    if kind in INT4F:  # (BN, packing blocks per step, warps, stages[, splits])
+        split = [(bn, nb, 4, 1, sp) for bn in (32, 64) for nb in (1, 2) for sp in splits if Kd % (blk * nb * sp) == 0]
+        if split_only:
+            return [(bn, nb, 4, 1) for bn in (32, 64) for nb in (1, 2) if Kd % (blk * nb) == 0] + split
+        return [(bn, nb, nw, st) for bn in (16, 32, 64) for nb in (1, 2, 4) for nw in (4, 8) for st in (1, 3)
+                if Kd % (blk * nb) == 0] + split
+    if kind in ("int4h", "int4g128h"):  # (BN, -, warps): BK is the packing block
+        return [] if split_only else [(bn, 0, nw) for bn in (16, 32, 64, 128) for nw in (4, 8)]
+    # (BN, BK, warps[, splits])
+    split = ([(bn, bk, 4, sp) for bn in (32, 64) for bk in (256, 512) for sp in splits if Kd % (bk * sp) == 0]
+             if kind in ("bf16", "fp8", "fp8dyn", "int8") else [])
+    bks = (128,) if kind == "int4g128" else (128, 256, 512)  # group 128: one group per K step
+    if split_only:
+        return [(bn, bk, 4) for bn in (32, 64) for bk in bks if bk != 128] + split
+    return [(bn, bk, nw) for bn in (16, 32, 64) for bk in bks for nw in (4, 8)] + split
+
+
 def time_gemv(rows: list, shape: str, kinds: list[str], M: int = 1, sweep: bool = False,
               sweep_kinds: list[str] | None = None, matrices: list[str] | None = None,
               split_only: bool = False) -> None:
@@ -308,30 +334,7 @@ def time_gemv(rows: list, shape: str, kinds: list[str], M: int = 1, sweep: bool 
             extra = {"act_scale": a_s} if kind in ("fp8", "fp8u") else {}
             configs = [None]
             if sweep and (not sweep_kinds or kind in sweep_kinds):
-                configs += [(bn, bk, nw) for bn in (16, 32, 64) for bk in (128, 256, 512) for nw in (4, 8)
-                            if not (kind == "int4g128" and bk != 128)]
-                if kind in ("bf16", "fp8", "fp8dyn", "int8"):  # split-K: (BN, BK, warps, splits)
-                    configs += [(bn, bk, 4, sp) for bn in (32, 64) for bk in (256, 512) for sp in (2, 4, 8)
-                                if Kd % (bk * sp) == 0]
-                if kind in ("int4h", "int4g128h"):  # BK is the packing block
-                    configs = [None] + [(bn, 0, nw) for bn in (16, 32, 64, 128) for nw in (4, 8)]
-                if kind in ("int4hf", "int4g128hf", "int4g128zf"):  # (BN, packing blocks per step, warps)
-                    blk = ws[0]["kw"]["int4_block"]
-                    configs = [None] + [(bn, nb, nw, st) for bn in (16, 32, 64) for nb in (1, 2, 4)
-                                        for nw in (4, 8) for st in (1, 3) if Kd % (blk * nb) == 0]
-                    configs += [(bn, nb, 4, 1, sp) for bn in (32, 64) for nb in (1, 2) for sp in (2, 4, 8)
-                                if Kd % (blk * nb * sp) == 0]
-                if kind == "int4vf":  # (BN, bytes per row per step, warps, splits)
-                    blk = ws[0]["kw"]["int4_block"]
-                    configs = [None] + [(bn, cb, nw, sp) for bn in (16, 32, 64) for cb in (64, 128, 256)
-                                        for nw in (4, 8) for sp in (1, 2, 4, 8)
-                                        if Kd % (blk * sp) == 0 and (blk // 2) % cb == 0
-                                        and (not split_only or (nw == 4 and cb == 128))]
-                if split_only and kind != "int4vf":  # only the split-K candidates and their unsplit twins
-                    configs = [None] + [c for c in configs[1:] if c is not None and (
-                        (len(c) == 4 and kind not in INT4F) or len(c) == 5
-                        or (kind in INT4F and c[2] == 4 and c[3] == 1 and c[0] in (32, 64) and c[1] in (1, 2))
-                        or (kind not in INT4F and c[2] == 4 and c[0] in (32, 64) and c[1] in (256, 512)))]
+                configs += sweep_configs(kind, Kd, ws[0]["kw"].get("int4_block", 0), split_only)
             best = None
             for cfg in configs:
                 try:
