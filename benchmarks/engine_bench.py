@@ -4,8 +4,11 @@ Synthesizes random bf16 checkpoints with the real Llama-3.2-1B / Llama-3.1-8B sh
 GPU machine (no weights travel), builds engines (cold compile cache), measures a fresh process's
 load-to-first-token, batch-1 decode (128-token prompt, 256 new tokens), TTFT at 128 and 2,048
 tokens, batch-32 throughput, and the HF baselines on the same machine, then prints one table.
+``--tp 1,2`` also builds a tensor-parallel engine per shape (one process per GPU over NCCL; tp>1
+engines compile at first load, so their fresh start includes compiling) and times it the same way.
 
     PYTHONPATH=. python3 benchmarks/engine_bench.py --shapes 1b,8b --hf --out $OUT
+    PYTHONPATH=. python3 benchmarks/engine_bench.py --shapes 1b,8b --tp 1,2 --work /dev/shm/eb --out $OUT
     PYTHONPATH=. python3 benchmarks/engine_bench.py --shapes 1b --variants default,cdt --out /tmp/x
 """
 
@@ -43,7 +46,7 @@ VARIANTS = {  # Inductor settings tried for the decode/prefill graphs (env of a 
 PROMPT, NEW, TTFT_LONG, BIG_BATCH = 128, 256, 2048, 32
 
 
-def trt_config(s: dict) -> dict:
+def trt_config(s: dict, tp: int = 1) -> dict:
     from service.compiler.models.hf_config import base_quantization
 
     return {
@@ -55,30 +58,32 @@ def trt_config(s: dict) -> dict:
         "position_embedding_type": "rope_gpt_neox", "rotary_base": 500000.0,
         "rotary_scaling": {"factor": s["rope_factor"], "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                            "original_max_position_embeddings": 8192, "rope_type": "llama3", "type": "llama3"},
-        "mapping": {"world_size": 1, "tp_size": 1, "pp_size": 1}, "quantization": base_quantization(),
+        "mapping": {"world_size": tp, "tp_size": tp, "pp_size": 1}, "quantization": base_quantization(),
         "use_parallel_embedding": False, "embedding_sharding_dim": 0, "mlp_bias": False, "attn_bias": False,
         "residual_mlp": False, "tie_word_embeddings": s["tie"], "qk_layernorm": False,
     }
 
 
-def synth_checkpoint(shape: str, out: Path, std: float = 0.02, seed: int = 0) -> float:
-    """Random bf16 weights made on the GPU, written as a TensorRT-LLM checkpoint; returns seconds."""
+def synth_checkpoint(shape: str, out: Path, std: float = 0.02, seed: int = 0, tp: int = 1) -> float:
+    """Random bf16 weights made on the GPU, written as a TensorRT-LLM checkpoint split ``tp`` ways
+    (each rank's own random slices: speed does not depend on the values); returns seconds."""
     from service.compiler.models.llama import LLAMA
     from service.compiler.safetensors_io import SafetensorsWriter, dtype_name
 
     t0 = time.perf_counter()
-    cfg = trt_config(SHAPES[shape])
+    cfg = trt_config(SHAPES[shape], tp)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    names = LLAMA.expected(cfg, 0)
     g = torch.Generator(device="cuda").manual_seed(seed)
-    with SafetensorsWriter(out / "rank0.safetensors", [(n, dtype_name(d), s) for n, s, d in names]) as w:
-        for name, shp, dt in names:
-            if len(shp) == 1:
-                t = torch.ones(shp, dtype=dt)
-            else:
-                t = (torch.randn(shp, generator=g, device="cuda", dtype=torch.float32) * std).to(dt).cpu()
-            w.write(name, 0, t)
+    for rank in range(tp):
+        names = LLAMA.expected(cfg, rank)
+        with SafetensorsWriter(out / f"rank{rank}.safetensors", [(n, dtype_name(d), s) for n, s, d in names]) as w:
+            for name, shp, dt in names:
+                if len(shp) == 1:
+                    t = torch.ones(shp, dtype=dt)
+                else:
+                    t = (torch.randn(shp, generator=g, device="cuda", dtype=torch.float32) * std).to(dt).cpu()
+                w.write(name, 0, t)
     return time.perf_counter() - t0
 
 
@@ -232,16 +237,43 @@ def worker_hf(shape: str, mode: str) -> dict:
     return {"tok_s": NEW / min(times[1:]), "first_call_s": times[0], "total_s": time.perf_counter() - t0}
 
 
-def spawn(args: list[str], env_extra: dict | None = None, timeout: float = 900) -> dict:
+def spawn(args: list[str], env_extra: dict | None = None, timeout: float = 900, tp: int = 1) -> dict:
+    """Run a worker in a fresh process (``tp`` processes, one per rank and GPU, for a tp engine);
+    rank 0's JSON."""
     env = dict(os.environ, PYTHONPATH=str(REPO), **(env_extra or {}))
+    cmd = [sys.executable, __file__, *args]
+    if tp > 1:
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        cmd += ["--world-size", str(tp), "--init-method", f"tcp://127.0.0.1:{port}"]
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True, timeout=timeout)
+    procs = [subprocess.Popen(cmd + ["--rank", str(r)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for r in range(tp)]
+    try:
+        outs = [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
     wall = time.perf_counter() - t0
-    if p.returncode != 0:
-        return {"error": p.stderr[-3000:], "wall_s": wall}
-    out = json.loads(p.stdout.strip().splitlines()[-1])
+    bad = [(r, p.returncode, outs[r][1]) for r, p in enumerate(procs) if p.returncode != 0]
+    if bad:
+        return {"error": "\n".join(f"rank {r} exit {c}: {e[-3000:]}" for r, c, e in bad), "wall_s": wall}
+    out = json.loads(outs[0][0].strip().splitlines()[-1])
     out["process_wall_s"] = wall
     return out
+
+
+def init_rank(a: argparse.Namespace) -> None:
+    """A tp worker's process group (NCCL, this rank's GPU) before anything touches the engine."""
+    if a.world_size > 1:
+        import torch.distributed as dist
+
+        torch.cuda.set_device(a.rank)
+        dist.init_process_group("nccl", rank=a.rank, world_size=a.world_size, init_method=a.init_method)
 
 
 def main() -> int:
@@ -261,9 +293,20 @@ def main() -> int:
     ap.add_argument("--shape", help=argparse.SUPPRESS)
     ap.add_argument("--mode", help=argparse.SUPPRESS)
     ap.add_argument("--flags", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--tp", default="1", help="tp sizes to build and time per shape, e.g. 1,2 (tp>1: that many GPUs)")
+    ap.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--world-size", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--init-method", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker == "engine":
-        print(json.dumps(worker_engine(a.engine, a.shape, "long" in a.flags, "big" in a.flags)))
+        init_rank(a)
+        res = worker_engine(a.engine, a.shape, "long" in a.flags, "big" in a.flags)
+        if a.world_size > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+        if a.rank == 0:
+            print(json.dumps(res))
         return 0
     if a.worker == "start":
         print(json.dumps(fresh_start(a.engine, a.shape)[1]))
@@ -283,32 +326,39 @@ def main() -> int:
             "copy_bandwidth_TBps": bw / 1e12}
     print(json.dumps(meta), flush=True)
     results: dict = {"meta": meta, "shapes": {}}
+    tps = [int(t) for t in a.tp.split(",")]
+    if max(tps) > torch.cuda.device_count():
+        ap.error(f"--tp {a.tp} needs {max(tps)} GPUs; this machine has {torch.cuda.device_count()}")
     for shape in a.shapes.split(","):
         r: dict = {}
         results["shapes"][shape] = r
-        shutil.rmtree(work / shape, ignore_errors=True)
-        ckpt, engine = work / shape / "ckpt", work / shape / "engine"
-        r["synth_s"] = synth_checkpoint(shape, ckpt)
-        torch.cuda.empty_cache()
-        bc = BuildConfig(max_batch_size=BIG_BATCH, max_input_len=TTFT_LONG, max_seq_len=TTFT_LONG + NEW,
-                         dtype="bfloat16", target="auto")
-        t0 = time.perf_counter()
-        r["build_stats"] = build(ckpt, bc, engine)
-        r["cold_build_s"] = time.perf_counter() - t0
-        print(shape, "build", json.dumps(r["build_stats"]), flush=True)
-        shutil.rmtree(ckpt, ignore_errors=True)
-        flags = ",".join(x for x, on in (("long", shape in a.long), ("big", shape in a.big)) if on)
-        for v in a.variants.split(",") if a.fresh_only else []:
-            for i in range(a.fresh_only):
-                r[f"start_{v}_{i}"] = spawn(["--worker", "start", "--engine", str(engine), "--shape", shape],
-                                            VARIANTS[v])
-                print(shape, "start", v, i, json.dumps(r[f"start_{v}_{i}"]), flush=True)
+        for tp in tps:
+            sfx = "" if tp == 1 else f"_tp{tp}"  # tp=1 keys as before
+            shutil.rmtree(work / shape, ignore_errors=True)
+            ckpt, engine = work / shape / "ckpt", work / shape / "engine"
+            r["synth_s" + sfx] = synth_checkpoint(shape, ckpt, tp=tp)
+            torch.cuda.empty_cache()
+            # a tp>1 build is not timed in the build (its worker below times it the same way as tp=1)
+            bc = BuildConfig(max_batch_size=BIG_BATCH, max_input_len=TTFT_LONG, max_seq_len=TTFT_LONG + NEW,
+                             dtype="bfloat16", target="auto", keep_tensor_parallel=tp > 1,
+                             measure_performance=tp == 1)
+            t0 = time.perf_counter()
+            r["build_stats" + sfx] = build(ckpt, bc, engine)
+            r["cold_build_s" + sfx] = time.perf_counter() - t0
+            print(shape, f"tp={tp}", "build", json.dumps(r["build_stats" + sfx]), flush=True)
+            shutil.rmtree(ckpt, ignore_errors=True)
+            flags = ",".join(x for x, on in (("long", shape in a.long), ("big", shape in a.big)) if on)
+            for v in a.variants.split(",") if a.fresh_only else []:
+                for i in range(a.fresh_only):
+                    r[f"start_{v}{sfx}_{i}"] = spawn(["--worker", "start", "--engine", str(engine), "--shape",
+                                                      shape], VARIANTS[v])
+                    print(shape, "start", v, i, json.dumps(r[f"start_{v}{sfx}_{i}"]), flush=True)
+                    (out / "engine_bench.json").write_text(json.dumps(results, indent=2))
+            for v in a.variants.split(",") if not a.fresh_only else []:
+                r[f"engine_{v}{sfx}"] = spawn(["--worker", "engine", "--engine", str(engine), "--shape", shape,
+                                               "--flags", flags], VARIANTS[v], tp=tp)
+                print(shape, v, f"tp={tp}", json.dumps(r[f"engine_{v}{sfx}"]), flush=True)
                 (out / "engine_bench.json").write_text(json.dumps(results, indent=2))
-        for v in a.variants.split(",") if not a.fresh_only else []:
-            r[f"engine_{v}"] = spawn(["--worker", "engine", "--engine", str(engine), "--shape", shape,
-                                      "--flags", flags], VARIANTS[v])
-            print(shape, v, json.dumps(r[f"engine_{v}"]), flush=True)
-            (out / "engine_bench.json").write_text(json.dumps(results, indent=2))
         if a.hf and not a.fresh_only:
             modes = a.hf_modes.split(",")
             if "=" in a.hf_modes:
@@ -327,11 +377,12 @@ def main() -> int:
 
 def print_table(results: dict) -> None:
     bw = results["meta"]["copy_bandwidth_TBps"] * 1e12
+    spec = 4.8e12 if "H200" in results["meta"]["device"] else 3.35e12  # HBM spec bandwidth per GPU
     print(f"\n{results['meta']['device']}, torch {results['meta']['torch']}, copy {bw / 1e12:.2f} TB/s; "
           f"bf16, {PROMPT}-token prompt, {NEW} new tokens, random weights")
-    print("| shape | variant | decode tok/s bs1 | e2e tok/s bs1 | % spec roofline | TTFT@128 ms | TTFT@2048 ms | "
+    print("| shape | variant | tp | decode tok/s bs1 | e2e tok/s bs1 | % spec roofline | TTFT@128 ms | TTFT@2048 ms | "
           "bs32 tok/s | fresh process start->1st token s | cold build s | HF eager tok/s | HF static+compile tok/s |")
-    print("|" + "---|" * 12)
+    print("|" + "---|" * 13)
 
     def f(x, fmt: str) -> str:
         return "-" if x is None else format(x, fmt)
@@ -342,15 +393,19 @@ def print_table(results: dict) -> None:
         for key, e in r.items():
             if not key.startswith("engine_"):
                 continue
+            variant, _, tp = key[7:].partition("_tp")
+            tp = int(tp or 1)
+            sfx = "" if tp == 1 else f"_tp{tp}"
             if "error" in e:
-                print(f"| {shape} | {key[7:]} | ERROR {e['error'][-300:]!r} |")
+                print(f"| {shape} | {variant} | {tp} | ERROR {e['error'][-300:]!r} |")
                 continue
-            roof = e["bs1_decode_tok_s"] * decode_bytes(shape, PROMPT + NEW // 2) / 3.35e12
+            # each GPU reads about 1/tp of the bytes (weights and KV heads split; the norms, replicated, are tiny)
+            roof = e["bs1_decode_tok_s"] * decode_bytes(shape, PROMPT + NEW // 2) / tp / spec
             ttft2k = e.get("ttft2048_s")
-            print(f"| {SHAPES[shape]['name']} | {key[7:]} | {e['bs1_decode_tok_s']:.1f} | {e['bs1_e2e_tok_s']:.1f} | "
+            print(f"| {SHAPES[shape]['name']} | {variant} | {tp} | {e['bs1_decode_tok_s']:.1f} | {e['bs1_e2e_tok_s']:.1f} | "
                   f"{100 * roof:.0f}% | {1e3 * e['ttft128_s']:.1f} | {f(ttft2k and 1e3 * ttft2k, '.1f')} | "
                   f"{f(e.get('bs32_tok_s'), '.0f')} | {e['process_start_to_first_token_s']:.1f} | "
-                  f"{r['cold_build_s']:.0f} | {hfs['eager']} | {hfs['static_compile']} |")
+                  f"{r['cold_build_s' + sfx]:.0f} | {hfs['eager']} | {hfs['static_compile']} |")
 
 
 if __name__ == "__main__":

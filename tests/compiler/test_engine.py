@@ -154,6 +154,9 @@ def test_generation_matches_reference_runtime(built):
     for p in PROMPTS:
         assert engine.generate([p], max_new_tokens=10).tokens[0] == ref.generate(p, max_new_tokens=10)
     torch.testing.assert_close(engine.forward([PROMPTS[0]]), ref.forward([PROMPTS[0]]), rtol=1e-4, atol=1e-4)
+    engine.close()  # releases captured graphs (none on the CPU); the engine still generates after it
+    assert not engine._graphs
+    assert engine.generate([PROMPTS[0]], max_new_tokens=10).tokens[0] == ref.generate(PROMPTS[0], max_new_tokens=10)
 
 
 def test_sampling_is_seeded_and_eos_stops(built):

@@ -1,5 +1,6 @@
-"""Tensor-parallel torch engines: one process per rank (torch.distributed, gloo on CPU), each loading
-its own engine file; generations must equal the tp=1 engine's and transformers'."""
+"""Tensor-parallel torch engines: one process per rank (torch.distributed: gloo on the CPU, nccl on
+two GPUs), each loading its own engine file; generations must equal the tp=1 engine's and
+transformers'."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,15 +26,57 @@ PROMPTS = [[5, 17, 3, 88, 41, 9, 2], [60, 1, 33]]
 RANK_MAIN = """
 import json, sys, torch.distributed as dist
 from service.compiler.runtime.engine import Engine
-rank, port, engine_dir, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
-dist.init_process_group("gloo", rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}")
+rank, port, engine_dir, out, backend = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[6]
+if backend == "nccl":
+    import torch
+    torch.cuda.set_device(rank)
+dist.init_process_group(backend, rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}")
 engine = Engine.load(engine_dir)
 res = engine.generate(json.loads(sys.argv[5]), max_new_tokens=8)
 logits = engine.forward([json.loads(sys.argv[5])[0]])
 if rank == 0:
-    json.dump({"tokens": res.tokens, "logits": logits.tolist()}, open(out, "w"))
+    json.dump({"tokens": res.tokens, "logits": logits.tolist(), "device": str(engine.device),
+               "graphs": engine.use_graphs}, open(out, "w"))
+engine.close()  # captured graphs hold NCCL work: a live engine made destroy_process_group hang on GPUs
+del engine
 dist.destroy_process_group()
 """
+
+
+def _run_ranks(engine_dir: Path, out: Path, backend: str) -> dict:
+    """Both ranks of a tp=2 engine, each in its own process; rank 0's tokens and logits."""
+    port = str(_free_port())
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    logs = [out.with_name(f"rank{r}.err") for r in range(2)]
+    procs = []
+    for r in range(2):  # stderr to files: a rank that fails leaves the other in a collective, killed below
+        with open(logs[r], "w") as err:
+            procs.append(subprocess.Popen([sys.executable, "-c", RANK_MAIN, str(r), port, str(engine_dir), str(out),
+                                           json.dumps(PROMPTS), backend], env=env, stderr=err, text=True))
+    deadline = time.monotonic() + 600
+    try:
+        while any(p.poll() is None for p in procs) and not any(p.poll() for p in procs):
+            assert time.monotonic() < deadline, "the ranks ran past 600 s"
+            time.sleep(0.1)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    assert all(p.returncode == 0 for p in procs), [(p.returncode, log.read_text()[-3000:]) for p, log in
+                                                   zip(procs, logs, strict=True)]
+    return json.loads(out.read_text())
+
+
+def _tiny_tp2_checkpoint(tmp_path: Path, num_kv: int):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=num_kv, vocab_size=101, max_position_embeddings=128)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    convert_checkpoint(tmp_path / "hf", tmp_path / "ckpt", dtype="float32", mapping=Mapping(tp_size=2))
+    return model
+
 
 
 def _free_port() -> int:
@@ -43,12 +87,7 @@ def _free_port() -> int:
 
 @pytest.mark.parametrize("num_kv", [2, 1])  # 1 KV head over 2 ranks: the converter duplicates it
 def test_tp2_engine_one_process_per_rank_matches_tp1(tmp_path, num_kv):
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=num_kv, vocab_size=101, max_position_embeddings=128)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    model.save_pretrained(tmp_path / "hf", safe_serialization=True)
-    convert_checkpoint(tmp_path / "hf", tmp_path / "ckpt", dtype="float32", mapping=Mapping(tp_size=2))
+    model = _tiny_tp2_checkpoint(tmp_path, num_kv)
     bc = dict(max_batch_size=2, max_input_len=16, max_seq_len=48, target="cpu")
     build(tmp_path / "ckpt", BuildConfig(keep_tensor_parallel=True, **bc), tmp_path / "tp2")
     build(tmp_path / "ckpt", BuildConfig(**bc), tmp_path / "tp1")
@@ -57,16 +96,34 @@ def test_tp2_engine_one_process_per_rank_matches_tp1(tmp_path, num_kv):
                                                                                       "rank1.safetensors"]
     with pytest.raises(Exception, match="tp=2 engine"):
         Engine.load(tmp_path / "tp2")  # not inside a process group
-    port, out = str(_free_port()), tmp_path / "out.json"
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    procs = [subprocess.Popen([sys.executable, "-c", RANK_MAIN, str(r), port, str(tmp_path / "tp2"), str(out),
-                               json.dumps(PROMPTS)], env=env, stderr=subprocess.PIPE, text=True) for r in range(2)]
-    errs = [p.communicate(timeout=300)[1] for p in procs]
-    assert all(p.returncode == 0 for p in procs), errs
-    got = json.loads(out.read_text())
+    got = _run_ranks(tmp_path / "tp2", tmp_path / "out.json", "gloo")
     single = Engine.load(tmp_path / "tp1")
     assert got["tokens"] == single.generate(PROMPTS, max_new_tokens=8).tokens
     torch.testing.assert_close(torch.tensor(got["logits"]), single.forward([PROMPTS[0]]), rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        hf = model.generate(torch.tensor([PROMPTS[0]]), max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert got["tokens"][0] == hf[0, len(PROMPTS[0]):].tolist()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+                    reason="needs two CUDA GPUs (tp=2 over NCCL)")
+def test_tp2_engine_on_two_gpus_nccl_compiled_graphs(tmp_path):
+    """tp=2 on two GPUs: compiled steps with NCCL all-reduce / all-gather inside CUDA graphs, one
+    process per rank; the build times it over both GPUs; tokens equal the tp=1 GPU engine's."""
+    model = _tiny_tp2_checkpoint(tmp_path, 2)
+    bc = dict(max_batch_size=2, max_input_len=16, max_seq_len=48, target="auto")
+    build(tmp_path / "ckpt", BuildConfig(keep_tensor_parallel=True, **bc), tmp_path / "tp2")
+    build(tmp_path / "ckpt", BuildConfig(**bc), tmp_path / "tp1")
+    perf = json.loads((tmp_path / "tp2" / "performance.json").read_text())
+    assert perf["tp_size"] == 2 and perf["device"] != "cpu", perf
+    assert perf["decode_tokens_per_second_batch_1"] > 0 and perf["peak_gpu_memory_bytes"] > 0, perf
+    got = _run_ranks(tmp_path / "tp2", tmp_path / "out.json", "nccl")
+    assert got["device"] == "cuda:0" and got["graphs"] is True
+    single = Engine.load(tmp_path / "tp1")
+    assert single.use_graphs
+    assert got["tokens"] == single.generate(PROMPTS, max_new_tokens=8).tokens
+    torch.testing.assert_close(torch.tensor(got["logits"]), single.forward([PROMPTS[0]]), rtol=1e-3, atol=1e-3)
     with torch.no_grad():
         hf = model.generate(torch.tensor([PROMPTS[0]]), max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert got["tokens"][0] == hf[0, len(PROMPTS[0]):].tolist()

@@ -180,6 +180,16 @@ class Engine:
                              "load_seconds": round(time.perf_counter() - start, 3)}
         return engine
 
+    def close(self) -> None:
+        """Release the captured CUDA graphs (and their memory pool). A tp engine's graphs hold NCCL
+        work: close the engine (or drop every reference to it) before
+        ``torch.distributed.destroy_process_group``, which otherwise waits on them forever (seen on two
+        H200s). The engine can still generate afterwards; graphs are captured again on first use."""
+        self._graphs.clear()
+        self._pool = None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def warmup(self) -> None:
         """Compile (or load from cache) every graph and capture the decode step of each bucket."""
         with torch.inference_mode():
