@@ -4,8 +4,8 @@ Synthesizes random bf16 checkpoints with the real Llama-3.2-1B / Llama-3.1-8B sh
 GPU machine (no weights travel), builds engines (cold compile cache), measures a fresh process's
 load-to-first-token, batch-1 decode (128-token prompt, 256 new tokens), TTFT at 128 and 2,048
 tokens, batch-32 throughput, and the HF baselines on the same machine, then prints one table.
-``--tp 1,2`` also builds a tensor-parallel engine per shape (one process per GPU over NCCL; tp>1
-engines compile at first load, so their fresh start includes compiling) and times it the same way.
+``--tp 1,2`` also builds a tensor-parallel engine per shape (one process per GPU over NCCL) and
+times it the same way.
 
     PYTHONPATH=. python3 benchmarks/engine_bench.py --shapes 1b,8b --hf --out $OUT
     PYTHONPATH=. python3 benchmarks/engine_bench.py --shapes 1b,8b --tp 1,2 --work /dev/shm/eb --out $OUT
@@ -338,10 +338,8 @@ def main() -> int:
             ckpt, engine = work / shape / "ckpt", work / shape / "engine"
             r["synth_s" + sfx] = synth_checkpoint(shape, ckpt, tp=tp)
             torch.cuda.empty_cache()
-            # a tp>1 build is not timed in the build (its worker below times it the same way as tp=1)
             bc = BuildConfig(max_batch_size=BIG_BATCH, max_input_len=TTFT_LONG, max_seq_len=TTFT_LONG + NEW,
-                             dtype="bfloat16", target="auto", keep_tensor_parallel=tp > 1,
-                             measure_performance=tp == 1)
+                             dtype="bfloat16", target="auto", keep_tensor_parallel=tp > 1)
             t0 = time.perf_counter()
             r["build_stats" + sfx] = build(ckpt, bc, engine)
             r["cold_build_s" + sfx] = time.perf_counter() - t0

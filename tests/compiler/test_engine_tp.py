@@ -18,6 +18,7 @@ import torch
 from service.compiler import Mapping, convert_checkpoint
 from service.compiler.build import BuildConfig, build
 from service.compiler.runtime.engine import Engine
+from service.compiler.runtime.ranks import run_ranks
 
 transformers = pytest.importorskip("transformers")
 REPO = Path(__file__).resolve().parents[2]
@@ -26,6 +27,7 @@ PROMPTS = [[5, 17, 3, 88, 41, 9, 2], [60, 1, 33]]
 RANK_MAIN = """
 import json, sys, torch.distributed as dist
 from service.compiler.runtime.engine import Engine
+from service.compiler.runtime.ranks import run_ranks
 rank, port, engine_dir, out, backend = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[6]
 if backend == "nccl":
     import torch
@@ -97,6 +99,10 @@ def test_tp2_engine_one_process_per_rank_matches_tp1(tmp_path, num_kv):
     with pytest.raises(Exception, match="tp=2 engine"):
         Engine.load(tmp_path / "tp2")  # not inside a process group
     got = _run_ranks(tmp_path / "tp2", tmp_path / "out.json", "gloo")
+    # the build's compile step for a tp engine: `engine warmup` once per rank, inside its group
+    outs = run_ranks("service.compiler.runtime.engine", ["warmup", str(tmp_path / "tp2")], 2,
+                     what="warming up the tp=2 engine", timeout_s=300)
+    assert [json.loads(o.strip().splitlines()[-1])["weights_seconds"] >= 0 for o in outs] == [True, True]
     single = Engine.load(tmp_path / "tp1")
     assert got["tokens"] == single.generate(PROMPTS, max_new_tokens=8).tokens
     torch.testing.assert_close(torch.tensor(got["logits"]), single.forward([PROMPTS[0]]), rtol=1e-4, atol=1e-4)
@@ -115,6 +121,8 @@ def test_tp2_engine_on_two_gpus_nccl_compiled_graphs(tmp_path):
     bc = dict(max_batch_size=2, max_input_len=16, max_seq_len=48, target="auto")
     build(tmp_path / "ckpt", BuildConfig(keep_tensor_parallel=True, **bc), tmp_path / "tp2")
     build(tmp_path / "ckpt", BuildConfig(**bc), tmp_path / "tp1")
+    cfg = json.loads((tmp_path / "tp2" / "config.json").read_text())
+    assert cfg["engine"]["compile_cache"] and cfg["build_stats"]["compile_seconds"] > 0  # both ranks compiled
     perf = json.loads((tmp_path / "tp2" / "performance.json").read_text())
     assert perf["tp_size"] == 2 and perf["device"] != "cpu", perf
     assert perf["decode_tokens_per_second_batch_1"] > 0 and perf["peak_gpu_memory_bytes"] > 0, perf

@@ -32,6 +32,7 @@ from ..errors import InvalidArgument, InvalidCheckpoint
 from .engine_decilm import DECILM_LAYOUT, DeciLMEngineModel
 from .engine_gpt import GPT_LAYOUT, GPTEngineModel
 from .engine_model import ENGINE_LAYOUT, EngineModel
+from .ranks import add_rank_arguments, join_group, leave_group
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -382,18 +383,28 @@ def _load_tokenizer(engine_dir: Path):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m service.compiler.runtime.engine")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    w = sub.add_parser("warmup", help="load, compile and capture every graph (fills the compile cache)")
+    w = sub.add_parser("warmup", help="load, compile and capture every graph (fills the compile cache); "
+                                      "a tp engine: once per rank, as run_ranks starts it")
     w.add_argument("engine_dir")
+    add_rank_arguments(w)
     g = sub.add_parser("generate", help="greedy generation from comma-separated token ids")
     g.add_argument("engine_dir")
     g.add_argument("ids")
     g.add_argument("--max-new-tokens", type=int, default=16)
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
-    engine = Engine.load(args.engine_dir, warmup=args.cmd == "warmup")
     if args.cmd == "warmup":
-        print(json.dumps({"load_seconds": round(time.perf_counter() - t0, 3), **engine.load_stats}))
+        join_group(args.engine_dir, args.rank, args.world_size, args.init_method)
+        try:
+            engine = Engine.load(args.engine_dir, warmup=True)
+            stats = {"load_seconds": round(time.perf_counter() - t0, 3), **engine.load_stats}
+            engine.close()
+            del engine
+        finally:
+            leave_group()
+        print(json.dumps(stats))
         return 0
+    engine = Engine.load(args.engine_dir)
     out = engine.generate([[int(x) for x in args.ids.split(",")]], args.max_new_tokens)
     print(json.dumps({"tokens": out.tokens[0], "stats": out.stats, "load": engine.load_stats}))
     return 0

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from .ranks import add_rank_arguments, join_group, leave_group, run_ranks
+
 PERFORMANCE_FILE = "performance.json"
 PERFORMANCE_VERSION = 1
 PROMPT_TOKENS = 16
@@ -88,6 +90,7 @@ def measure_performance(engine_dir: str | Path, *, repeats: int | None = None, b
     prompt_len = max(1, min(PROMPT_TOKENS, engine.max_input, engine.max_seq - 2))
     new = min(NEW_TOKENS, engine.max_seq - prompt_len)
     if new < 2:
+        engine.close()
         return not_measured(f"max_seq_len={engine.max_seq} leaves no room to time decoding", tp_size=tp,
                             load_seconds=round(load_s, 4))
     prompt = _prompt(engine.model.vocab, prompt_len)
@@ -127,6 +130,7 @@ def measure_performance(engine_dir: str | Path, *, repeats: int | None = None, b
     if gpu:  # a tp engine reports its busiest rank
         report["peak_gpu_memory_bytes"] = _across_ranks(int(torch.cuda.max_memory_allocated(engine.device)), "max")
         report["peak_gpu_memory_reason"] = None if tp == 1 else f"the largest of the {tp} ranks' peaks"
+    engine.close()  # a tp engine's captured graphs would hold up the process group's end
     return report
 
 
@@ -145,68 +149,22 @@ def measure_in_build(engine_dir: Path, *, gpu: bool, tp: int, timeout_s: float =
     if gpu and tp > torch.cuda.device_count():
         return not_measured(f"a tp={tp} engine is timed on {tp} GPUs; this machine has "
                             f"{torch.cuda.device_count()}", tp_size=tp)
-    import os
-    import socket
-    import subprocess
-    import tempfile
-
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parents[3])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
-    cmd = [sys.executable, "-m", "service.compiler.runtime.performance", str(engine_dir)]
-    if tp > 1:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        cmd += ["--world-size", str(tp), "--init-method", f"tcp://127.0.0.1:{port}"]
-    with tempfile.TemporaryDirectory(prefix="kiln-perf-") as logs:
-        outs = [(Path(logs) / f"{r}.out", Path(logs) / f"{r}.err") for r in range(tp)]
-        procs = []
-        for r, (out, err) in enumerate(outs):  # files, not pipes: no rank blocks on a full pipe
-            with open(out, "w") as fo, open(err, "w") as fe:
-                procs.append(subprocess.Popen(cmd + (["--rank", str(r)] if tp > 1 else []), env=env, stdout=fo,
-                                              stderr=fe, text=True))
-        deadline = time.monotonic() + timeout_s
-        try:  # a rank that fails leaves the others waiting in a collective: stop them then
-            while any(p.poll() is None for p in procs) and not any(p.poll() for p in procs):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"measuring the engine took longer than {timeout_s:.0f} s")
-                time.sleep(0.05)
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
-        codes = [p.returncode for p in procs]
-        if any(codes):
-            errs = "\n".join(f"rank {r} (exit {c}): {outs[r][1].read_text()[-3000:]}" for r, c in enumerate(codes) if c)
-            raise RuntimeError(f"measuring the engine failed:\n{errs}")
-        return json.loads(outs[0][0].read_text().strip().splitlines()[-1])
+    outs = run_ranks("service.compiler.runtime.performance", [str(engine_dir)], tp, what="measuring the engine",
+                     timeout_s=timeout_s)
+    return json.loads(outs[0].strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m service.compiler.runtime.performance")
     parser.add_argument("engine_dir")
     parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--rank", type=int, default=0, help="this process's rank (tp engines)")
-    parser.add_argument("--world-size", type=int, default=1, help="the engine's tp_size")
-    parser.add_argument("--init-method", default=None, help="torch.distributed init method, e.g. tcp://host:port")
+    add_rank_arguments(parser)
     args = parser.parse_args(argv)
-    if args.world_size == 1:
-        print(json.dumps(measure_performance(args.engine_dir, repeats=args.repeats)))
-        return 0
-    import torch.distributed as dist
-
-    config = json.loads((Path(args.engine_dir) / "config.json").read_text())
-    gpu = torch.cuda.is_available() and config["engine"].get("arch") != "cpu"
-    if gpu:
-        torch.cuda.set_device(args.rank % torch.cuda.device_count())
-    dist.init_process_group("nccl" if gpu else "gloo", rank=args.rank, world_size=args.world_size,
-                            init_method=args.init_method)
-    try:
+    join_group(args.engine_dir, args.rank, args.world_size, args.init_method)
+    try:  # the engine is gone when measure_performance returns (a live tp engine blocks the group's end)
         report = measure_performance(args.engine_dir, repeats=args.repeats)
     finally:
-        dist.destroy_process_group()
+        leave_group()
     if args.rank == 0:
         print(json.dumps(report))
     return 0

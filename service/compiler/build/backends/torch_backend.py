@@ -4,10 +4,12 @@ The engine directory (assembled under a temporary name, renamed into place when 
 
     config.json            {version, backend, pretrained_config, build_config, engine, build_stats}
     rank0.safetensors      the weights in the engine layout (fused qkv and gate_up, unpadded lm_head),
-                           cast to the engine dtype, streamed tensor by tensor
+                           cast to the engine dtype, streamed tensor by tensor (rank1... for a tp
+                           engine built with keep_tensor_parallel: one file per rank)
     compile_cache/sm90/    Inductor + Triton compile cache for the target arch (GPU builds only),
-                           filled by a fresh process that loads the engine and compiles + captures
-                           every graph, so a later process on the same GPU type skips compiling
+                           filled by a fresh process (one per rank, in its process group, for a tp
+                           engine) that loads the engine and compiles + captures every graph, so a
+                           later process on the same GPU type skips compiling
     tokenizer files        copied from the checkpoint folder when present
     performance.json       build / load time, time to first token, decode tokens/s at batch 1 and
                            max_batch_size, peak GPU memory (runtime/performance.py), measured last
@@ -19,10 +21,7 @@ segfaulted on load on our H100): compiled code and weights travel separately.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -39,6 +38,7 @@ from ...runtime.engine_gpt import GPT_ARCHS, GPT_LAYOUT, gpt_engine_table
 from ...runtime.engine_model import ENGINE_LAYOUT, checkpoint_to_engine_table
 from ...runtime.engine_quant import quantized_layer_tensors, quantized_slots
 from ...runtime.performance import PERFORMANCE_FILE, measure_in_build, not_measured
+from ...runtime.ranks import run_ranks
 from ...safetensors_io import SafetensorsFile, SafetensorsWriter, dtype_name, publish_dir
 from ..config import ResolvedBuild
 
@@ -156,24 +156,14 @@ def _copy_tokenizer(ckpt_dir: Path, out: Path) -> list[str]:
     return copied
 
 
-def _repo_root() -> str:
-    return str(Path(__file__).resolve().parents[4])
-
-
-def fill_compile_cache(engine_dir: Path, arch_tag: str, timeout_s: float = 1800) -> float:
-    """Load the engine in a fresh process with the cache dir pointing into the engine, compile and
-    capture every graph there; returns the seconds it took."""
-    cache = engine_dir / "compile_cache" / arch_tag
-    cache.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (_repo_root(), env.get("PYTHONPATH", "")) if p)
+def fill_compile_cache(engine_dir: Path, arch_tag: str, tp: int = 1, timeout_s: float = 1800) -> float:
+    """Load the engine in a fresh process (one per rank for a tp engine, in its process group) with
+    the cache dir pointing into the engine, compile and capture every graph there; returns the
+    seconds it took. The ranks of a tp engine compile the same graphs into the one cache."""
+    (engine_dir / "compile_cache" / arch_tag).mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-m", "service.compiler.runtime.engine", "warmup", str(engine_dir)],
-        env=env, capture_output=True, text=True, timeout=timeout_s,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"compiling the engine failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    run_ranks("service.compiler.runtime.engine", ["warmup", str(engine_dir)], tp, what="compiling the engine",
+              timeout_s=timeout_s)
     return time.perf_counter() - start
 
 
@@ -216,8 +206,8 @@ def build_torch_engine(ckpt_dir: Path, resolved: ResolvedBuild, out_dir: Path, *
         }
         (tmp / "config.json").write_text(json.dumps(engine_cfg, indent=2) + "\n")
         compile_s = 0.0
-        if resolved.target is not None and bc.compile and tp == 1:  # tp engines compile at first load
-            compile_s = fill_compile_cache(tmp, resolved.arch_tag)
+        if resolved.target is not None and bc.compile:
+            compile_s = fill_compile_cache(tmp, resolved.arch_tag, tp)
             engine_cfg["engine"]["compile_cache"] = f"compile_cache/{resolved.arch_tag}"
         stats = {"weights_bytes": nbytes, "weights_seconds": round(weights_s, 3),
                  "compile_seconds": round(compile_s, 3), "build_seconds": round(time.perf_counter() - start, 3)}
