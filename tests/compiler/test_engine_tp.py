@@ -5,11 +5,6 @@ transformers'."""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,53 +16,35 @@ from service.compiler.runtime.engine import Engine
 from service.compiler.runtime.ranks import run_ranks
 
 transformers = pytest.importorskip("transformers")
-REPO = Path(__file__).resolve().parents[2]
 PROMPTS = [[5, 17, 3, 88, 41, 9, 2], [60, 1, 33]]
 
+# one rank of a tp engine, as a server runs it: join the group (NCCL for a GPU-built engine, gloo for
+# a CPU one), load this rank's file, generate; rank 0 prints the result
 RANK_MAIN = """
-import json, sys, torch.distributed as dist
+import argparse, json
 from service.compiler.runtime.engine import Engine
-from service.compiler.runtime.ranks import run_ranks
-rank, port, engine_dir, out, backend = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[6]
-if backend == "nccl":
-    import torch
-    torch.cuda.set_device(rank)
-dist.init_process_group(backend, rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}")
-engine = Engine.load(engine_dir)
-res = engine.generate(json.loads(sys.argv[5]), max_new_tokens=8)
-logits = engine.forward([json.loads(sys.argv[5])[0]])
-if rank == 0:
-    json.dump({"tokens": res.tokens, "logits": logits.tolist(), "device": str(engine.device),
-               "graphs": engine.use_graphs}, open(out, "w"))
+from service.compiler.runtime.ranks import add_rank_arguments, join_group, leave_group
+p = argparse.ArgumentParser()
+p.add_argument("engine_dir"); p.add_argument("prompts"); add_rank_arguments(p)
+a = p.parse_args()
+join_group(a.engine_dir, a.rank, a.world_size, a.init_method)
+engine = Engine.load(a.engine_dir)
+res = engine.generate(json.loads(a.prompts), max_new_tokens=8)
+logits = engine.forward([json.loads(a.prompts)[0]])
+out = {"tokens": res.tokens, "logits": logits.tolist(), "device": str(engine.device), "graphs": engine.use_graphs}
 engine.close()  # captured graphs hold NCCL work: a live engine made destroy_process_group hang on GPUs
 del engine
-dist.destroy_process_group()
+leave_group()
+if a.rank == 0:
+    print(json.dumps(out))
 """
 
 
-def _run_ranks(engine_dir: Path, out: Path, backend: str) -> dict:
+def _run_ranks(engine_dir: Path) -> dict:
     """Both ranks of a tp=2 engine, each in its own process; rank 0's tokens and logits."""
-    port = str(_free_port())
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    logs = [out.with_name(f"rank{r}.err") for r in range(2)]
-    procs = []
-    for r in range(2):  # stderr to files: a rank that fails leaves the other in a collective, killed below
-        with open(logs[r], "w") as err:
-            procs.append(subprocess.Popen([sys.executable, "-c", RANK_MAIN, str(r), port, str(engine_dir), str(out),
-                                           json.dumps(PROMPTS), backend], env=env, stderr=err, text=True))
-    deadline = time.monotonic() + 600
-    try:
-        while any(p.poll() is None for p in procs) and not any(p.poll() for p in procs):
-            assert time.monotonic() < deadline, "the ranks ran past 600 s"
-            time.sleep(0.1)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait()
-    assert all(p.returncode == 0 for p in procs), [(p.returncode, log.read_text()[-3000:]) for p, log in
-                                                   zip(procs, logs, strict=True)]
-    return json.loads(out.read_text())
+    outs = run_ranks(["-c", RANK_MAIN, str(engine_dir), json.dumps(PROMPTS)], 2, what="the tp=2 engine",
+                     timeout_s=600)
+    return json.loads(outs[0].strip().splitlines()[-1])
 
 
 def _tiny_tp2_checkpoint(tmp_path: Path, num_kv: int):
@@ -81,12 +58,6 @@ def _tiny_tp2_checkpoint(tmp_path: Path, num_kv: int):
 
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("num_kv", [2, 1])  # 1 KV head over 2 ranks: the converter duplicates it
 def test_tp2_engine_one_process_per_rank_matches_tp1(tmp_path, num_kv):
     model = _tiny_tp2_checkpoint(tmp_path, num_kv)
@@ -98,9 +69,9 @@ def test_tp2_engine_one_process_per_rank_matches_tp1(tmp_path, num_kv):
                                                                                       "rank1.safetensors"]
     with pytest.raises(Exception, match="tp=2 engine"):
         Engine.load(tmp_path / "tp2")  # not inside a process group
-    got = _run_ranks(tmp_path / "tp2", tmp_path / "out.json", "gloo")
+    got = _run_ranks(tmp_path / "tp2")
     # the build's compile step for a tp engine: `engine warmup` once per rank, inside its group
-    outs = run_ranks("service.compiler.runtime.engine", ["warmup", str(tmp_path / "tp2")], 2,
+    outs = run_ranks(["-m", "service.compiler.runtime.engine", "warmup", str(tmp_path / "tp2")], 2,
                      what="warming up the tp=2 engine", timeout_s=300)
     assert [json.loads(o.strip().splitlines()[-1])["weights_seconds"] >= 0 for o in outs] == [True, True]
     single = Engine.load(tmp_path / "tp1")
@@ -126,7 +97,7 @@ def test_tp2_engine_on_two_gpus_nccl_compiled_graphs(tmp_path):
     perf = json.loads((tmp_path / "tp2" / "performance.json").read_text())
     assert perf["tp_size"] == 2 and perf["device"] != "cpu", perf
     assert perf["decode_tokens_per_second_batch_1"] > 0 and perf["peak_gpu_memory_bytes"] > 0, perf
-    got = _run_ranks(tmp_path / "tp2", tmp_path / "out.json", "nccl")
+    got = _run_ranks(tmp_path / "tp2")
     assert got["device"] == "cuda:0" and got["graphs"] is True
     single = Engine.load(tmp_path / "tp1")
     assert single.use_graphs

@@ -149,7 +149,7 @@ def measure_in_build(engine_dir: Path, *, gpu: bool, tp: int, timeout_s: float =
     if gpu and tp > torch.cuda.device_count():
         return not_measured(f"a tp={tp} engine is timed on {tp} GPUs; this machine has "
                             f"{torch.cuda.device_count()}", tp_size=tp)
-    outs = run_ranks("service.compiler.runtime.performance", [str(engine_dir)], tp, what="measuring the engine",
+    outs = run_ranks(["-m", "service.compiler.runtime.performance", str(engine_dir)], tp, what="measuring the engine",
                      timeout_s=timeout_s)
     return json.loads(outs[0].strip().splitlines()[-1])
 

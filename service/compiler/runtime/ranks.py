@@ -1,7 +1,7 @@
 """One fresh process per tensor-parallel rank: what the build runs to compile a tp engine's cache
 and to time it, and what a rank process calls to join its group.
 
-``run_ranks`` starts ``python -m MODULE ARGS`` once per rank (adding ``--rank/--world-size/
+``run_ranks`` starts ``python ARGS`` (``-m MODULE ...``) once per rank (adding ``--rank/--world-size/
 --init-method`` for tp > 1), with output in files (no rank blocks on a full pipe), and stops every
 rank as soon as one fails or the deadline passes: a rank that dies leaves the others waiting in a
 collective forever. ``join_group`` is the rank side (NCCL on GPUs, gloo on the CPU).
@@ -28,13 +28,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_ranks(module: str, args: list[str], tp: int, *, what: str, timeout_s: float) -> list[str]:
-    """Run ``python -m module *args`` in ``tp`` processes (one for tp=1); their stdouts, rank order.
+def run_ranks(args: list[str], tp: int, *, what: str, timeout_s: float) -> list[str]:
+    """Run ``python *args`` in ``tp`` processes (one for tp=1); their stdouts, rank order.
     Raises RuntimeError naming each failed rank (exit code, stderr tail), TimeoutError past the
     deadline; either way no rank is left running."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (_repo_root(), env.get("PYTHONPATH", "")) if p)
-    cmd = [sys.executable, "-m", module, *args]
+    cmd = [sys.executable, *args]
     if tp > 1:
         cmd += ["--world-size", str(tp), "--init-method", f"tcp://127.0.0.1:{free_port()}"]
     with tempfile.TemporaryDirectory(prefix="kiln-ranks-") as logs:

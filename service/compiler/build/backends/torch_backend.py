@@ -162,7 +162,7 @@ def fill_compile_cache(engine_dir: Path, arch_tag: str, tp: int = 1, timeout_s: 
     seconds it took. The ranks of a tp engine compile the same graphs into the one cache."""
     (engine_dir / "compile_cache" / arch_tag).mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    run_ranks("service.compiler.runtime.engine", ["warmup", str(engine_dir)], tp, what="compiling the engine",
+    run_ranks(["-m", "service.compiler.runtime.engine", "warmup", str(engine_dir)], tp, what="compiling the engine",
               timeout_s=timeout_s)
     return time.perf_counter() - start
 
