@@ -1,7 +1,10 @@
-"""Compiler sub-commands of ``kiln``: convert, validate.
+"""Compiler sub-commands of ``kiln``: convert, validate, build, generate.
 
     kiln convert SRC OUT --dtype bfloat16 --tp-size 2 --pp-size 1
     kiln validate OUT [--strict] [--json]
+    kiln build CKPT ENGINE [--backend torch] [--max-batch-size 8 --max-input-len 1024 --max-seq-len N]
+               [--target auto|cpu|h100|sm90] [--keep-tensor-parallel]
+    kiln generate ENGINE --prompt TEXT | --ids 1,2,3 [--max-new-tokens 16] [--temperature T --seed S]
 """
 
 from __future__ import annotations
@@ -76,10 +79,7 @@ def _convert(args: argparse.Namespace) -> int:
                 workers=args.workers,
             )
     except KilnError as exc:
-        print(f"error [{exc.code}]: {exc.message}", file=sys.stderr)
-        if exc.hint:
-            print(f"hint: {exc.hint}", file=sys.stderr)
-        return 2
+        return _report_error(exc)
     if args.json:
         print(json.dumps(summary.to_dict()))
     else:
@@ -108,6 +108,103 @@ def _quantize(args: argparse.Namespace, model_dir, mapping):
                                    overwrite=args.overwrite, progress=None if args.quiet else ProgressBar("quantize"))
     finally:
         model.close()
+
+
+def _report_error(exc: KilnError) -> int:
+    print(f"error [{exc.code}]: {exc.message}", file=sys.stderr)
+    if exc.hint:
+        print(f"hint: {exc.hint}", file=sys.stderr)
+    return 2
+
+
+def _build(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .build import BuildConfig, build
+
+    try:
+        bc = BuildConfig(max_batch_size=args.max_batch_size, max_input_len=args.max_input_len,
+                         max_seq_len=args.max_seq_len, max_num_tokens=args.max_num_tokens, dtype=args.dtype,
+                         target=args.target, backend=args.backend, use_cuda_graph=not args.no_cuda_graph,
+                         measure_performance=not args.no_measure, keep_tensor_parallel=args.keep_tensor_parallel)
+        stats = build(args.checkpoint, bc, args.out, overwrite=args.overwrite,
+                      progress=None if args.quiet else ProgressBar("build"))
+    except KilnError as exc:
+        return _report_error(exc)
+    out = Path(args.out).absolute()
+    engine = json.loads((out / "config.json").read_text()).get("engine", {})
+    perf_file = out / "performance.json"
+    perf = json.loads(perf_file.read_text()) if perf_file.is_file() else {}
+    summary = {"engine_dir": str(out), "backend": args.backend, "arch": engine.get("arch"),
+               "tp_size": engine.get("tp_size", 1), **stats, "performance": perf}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        rate = perf.get("decode_tokens_per_second_batch_1")
+        print(f"built {args.backend} engine ({summary['arch']}, tp={summary['tp_size']}) -> {out}: "
+              f"{stats['weights_bytes'] / 1e9:.2f} GB of weights, {stats['build_seconds']:.1f} s"
+              + (f"; decode {rate:.1f} tok/s at batch 1" if rate else ""))
+    return 0
+
+
+def add_generate_arguments(parser) -> None:
+    """``generate``'s options (also ``kiln generate``'s)."""
+    parser.add_argument("engine_dir")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--ids", help="the prompt as comma-separated token ids")
+    what.add_argument("--prompt", help="the prompt as text (the engine must ship a tokenizer)")
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-k", type=int, default=0, help="0 = off")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+
+
+def generate_argv(args) -> list[str]:
+    """``args`` (parsed by ``add_generate_arguments``) back as a command line, for the rank processes."""
+    out = [args.engine_dir, "--ids", args.ids] if args.ids is not None else [args.engine_dir, "--prompt", args.prompt]
+    out += ["--max-new-tokens", str(args.max_new_tokens), "--temperature", str(args.temperature),
+            "--top-k", str(args.top_k), "--top-p", str(args.top_p)]
+    return out + (["--seed", str(args.seed)] if args.seed is not None else [])
+
+
+def _generate(args: argparse.Namespace) -> int:
+    """One prompt through an engine; a tp engine runs one process per rank (its GPUs, or gloo on the
+    CPU) and rank 0's result is printed."""
+    from pathlib import Path
+
+    try:
+        cfg = json.loads((Path(args.engine_dir) / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        print(f"error [invalid_checkpoint]: {args.engine_dir} is not an engine directory: {exc}", file=sys.stderr)
+        return 2
+    tp = int(cfg.get("engine", {}).get("tp_size", 1))
+    try:
+        if tp == 1:
+            from .runtime.engine import run_generate
+
+            args.rank, args.world_size, args.init_method = 0, 1, None
+            result = run_generate(args)
+        else:
+            from .runtime.ranks import run_ranks
+
+            outs = run_ranks(["-m", "service.compiler.runtime.engine", "generate", *generate_argv(args)], tp,
+                             what=f"generating with the tp={tp} engine", timeout_s=args.timeout)
+            result = json.loads(outs[0].strip().splitlines()[-1])
+    except KilnError as exc:
+        return _report_error(exc)
+    except (RuntimeError, TimeoutError) as exc:  # a rank failed (its stderr is in the message) or ran too long
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(result["text"] if result.get("text") is not None else ",".join(map(str, result["tokens"])))
+        st = result["stats"]
+        print(f"{len(result['tokens'])} tokens on {result['device']} (tp={result['tp_size']}): "
+              f"TTFT {1e3 * st.get('ttft_seconds', 0):.1f} ms, "
+              f"{st.get('decode_tokens_per_second', 0):.1f} tok/s end to end", file=sys.stderr)
+    return 0
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -174,3 +271,33 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--strict", action="store_true", help="unexpected tensors are errors")
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=_validate)
+
+    b = sub.add_parser("build", help="build an engine from a TensorRT-LLM checkpoint (trtllm-build's main knobs)",
+                       description="Build an engine directory (config.json with version / pretrained_config / "
+                       "build_config, per-rank engine files, compile cache, performance.json). Limits are "
+                       "checked against the model and the target's memory before anything is written.")
+    b.add_argument("checkpoint", help="checkpoint directory (kiln convert's output)")
+    b.add_argument("out", help="engine directory (written atomically)")
+    b.add_argument("--backend", default="torch", help="torch (default), onnx, tensorrt, trtllm (where installed)")
+    b.add_argument("--target", default="auto", help="auto (this machine), cpu, a GPU name (h100) or an arch (sm90)")
+    b.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    b.add_argument("--max-batch-size", type=int, default=8)
+    b.add_argument("--max-input-len", type=int, default=1024)
+    b.add_argument("--max-seq-len", type=int, default=None, help="default: min(model's positions, input + 1024)")
+    b.add_argument("--max-num-tokens", type=int, default=None, help="tokens per prefill forward")
+    b.add_argument("--keep-tensor-parallel", action="store_true",
+                   help="one engine file per tp rank of the checkpoint (run one process per GPU); "
+                   "default: a split checkpoint is merged into one rank")
+    b.add_argument("--no-cuda-graph", action="store_true", help="decode without CUDA graphs (GPU)")
+    b.add_argument("--no-measure", action="store_true", help="skip timing the engine (performance.json says so)")
+    b.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (atomically)")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.add_argument("--json", action="store_true", help="print the summary as JSON")
+    b.set_defaults(func=_build)
+
+    g = sub.add_parser("generate", help="generate from one prompt with a torch engine (tp engines: one process "
+                                        "per rank)")
+    add_generate_arguments(g)
+    g.add_argument("--timeout", type=float, default=1800, help="seconds a tp engine's ranks may take")
+    g.add_argument("--json", action="store_true", help="print tokens, text and timings as JSON")
+    g.set_defaults(func=_generate)

@@ -210,6 +210,44 @@ def test_max_seq_len_beyond_the_model_is_refused(tiny_ckpt, tmp_path):
     assert not (tmp_path / "e").exists()
 
 
+def test_kiln_build_and_generate_commands(tiny_ckpt, tmp_path, capsys):
+    """`kiln build` writes the engine (summary with its performance report); `kiln generate` runs it
+    (token ids or, with a tokenizer, text); a bad build config is refused with a clear error and
+    nothing is written."""
+    from service.cli import main as kiln
+
+    out = tmp_path / "engine"
+    limits = ["--target", "cpu", "--max-batch-size", "2", "--max-input-len", "16", "--max-seq-len", "48"]
+    assert kiln(["build", str(tiny_ckpt), str(out), *limits, "--json", "--quiet"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["engine_dir"] == str(out) and summary["arch"] == "cpu" and summary["tp_size"] == 1
+    assert summary["weights_bytes"] > 0 and summary["performance"]["decode_tokens_per_second_batch_1"] > 0
+    assert json.loads((out / "config.json").read_text())["build_config"]["max_seq_len"] == 48
+
+    ids = ",".join(map(str, PROMPTS[0]))
+    assert kiln(["generate", str(out), "--ids", ids, "--max-new-tokens", "6", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert got["tokens"] == Engine.load(out).generate([PROMPTS[0]], 6).tokens[0] and got["device"] == "cpu"
+    assert kiln(["generate", str(out), "--ids", ids, "--max-new-tokens", "6", "--temperature", "0.9",
+                 "--seed", "3"]) == 0
+    sampled = capsys.readouterr().out.strip().splitlines()[-1]
+    want = Engine.load(out).generate([PROMPTS[0]], 6, SamplingConfig(temperature=0.9, seed=3)).tokens[0]
+    assert sampled == ",".join(map(str, want))
+
+    assert kiln(["generate", str(out), "--prompt", "hello"]) == 2  # no tokenizer shipped with this model
+    assert "text prompts need a tokenizer" in capsys.readouterr().err
+    assert kiln(["generate", str(out), "--ids", "1,x"]) == 2
+    assert "comma-separated integers" in capsys.readouterr().err
+
+    bad = tmp_path / "bad"
+    assert kiln(["build", str(tiny_ckpt), str(bad), "--target", "cpu", "--max-seq-len", "4096", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "error [invalid_build_config]" in err and "max_position_embeddings=128" in err
+    assert not bad.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["engine"]
+    assert kiln(["build", str(tiny_ckpt), str(out), *limits, "--quiet"]) == 2  # exists: needs --overwrite
+    assert "already exists" in capsys.readouterr().err
+
+
 def test_unknown_backend_is_refused(tiny_ckpt, tmp_path):
     with pytest.raises(UnknownBackend):
         build(tiny_ckpt, BuildConfig(backend="tvm", target="cpu"), tmp_path / "e")

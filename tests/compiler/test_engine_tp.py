@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from service.cli import main as kiln
 from service.compiler import Mapping, convert_checkpoint
 from service.compiler.build import BuildConfig, build
 from service.compiler.runtime.engine import Engine
@@ -22,7 +23,7 @@ PROMPTS = [[5, 17, 3, 88, 41, 9, 2], [60, 1, 33]]
 # a CPU one), load this rank's file, generate; rank 0 prints the result
 RANK_MAIN = """
 import argparse, json
-from service.compiler.runtime.engine import Engine
+from service.compiler.runtime.engine import Engine, SamplingConfig
 from service.compiler.runtime.ranks import add_rank_arguments, join_group, leave_group
 p = argparse.ArgumentParser()
 p.add_argument("engine_dir"); p.add_argument("prompts"); add_rank_arguments(p)
@@ -31,20 +32,24 @@ join_group(a.engine_dir, a.rank, a.world_size, a.init_method)
 engine = Engine.load(a.engine_dir)
 res = engine.generate(json.loads(a.prompts), max_new_tokens=8)
 logits = engine.forward([json.loads(a.prompts)[0]])
-out = {"tokens": res.tokens, "logits": logits.tolist(), "device": str(engine.device), "graphs": engine.use_graphs}
+sampled = engine.generate(json.loads(a.prompts), max_new_tokens=8, sampling=SamplingConfig(temperature=1.0)).tokens
+out = {"tokens": res.tokens, "logits": logits.tolist(), "device": str(engine.device), "graphs": engine.use_graphs,
+       "sampled": sampled}
 engine.close()  # captured graphs hold NCCL work: a live engine made destroy_process_group hang on GPUs
 del engine
 leave_group()
-if a.rank == 0:
-    print(json.dumps(out))
+print(json.dumps(out))
 """
 
 
 def _run_ranks(engine_dir: Path) -> dict:
-    """Both ranks of a tp=2 engine, each in its own process; rank 0's tokens and logits."""
+    """Both ranks of a tp=2 engine, each in its own process; rank 0's tokens and logits. Unseeded
+    sampling draws the same tokens on both ranks (rank 0's seed), else their steps would diverge."""
     outs = run_ranks(["-c", RANK_MAIN, str(engine_dir), json.dumps(PROMPTS)], 2, what="the tp=2 engine",
                      timeout_s=600)
-    return json.loads(outs[0].strip().splitlines()[-1])
+    r0, r1 = (json.loads(o.strip().splitlines()[-1]) for o in outs)
+    assert r0["sampled"] == r1["sampled"] and r0["tokens"] == r1["tokens"]
+    return r0
 
 
 def _tiny_tp2_checkpoint(tmp_path: Path, num_kv: int):
@@ -59,7 +64,7 @@ def _tiny_tp2_checkpoint(tmp_path: Path, num_kv: int):
 
 
 @pytest.mark.parametrize("num_kv", [2, 1])  # 1 KV head over 2 ranks: the converter duplicates it
-def test_tp2_engine_one_process_per_rank_matches_tp1(tmp_path, num_kv):
+def test_tp2_engine_one_process_per_rank_matches_tp1(tmp_path, num_kv, capsys):
     model = _tiny_tp2_checkpoint(tmp_path, num_kv)
     bc = dict(max_batch_size=2, max_input_len=16, max_seq_len=48, target="cpu")
     build(tmp_path / "ckpt", BuildConfig(keep_tensor_parallel=True, **bc), tmp_path / "tp2")
@@ -77,6 +82,11 @@ def test_tp2_engine_one_process_per_rank_matches_tp1(tmp_path, num_kv):
     single = Engine.load(tmp_path / "tp1")
     assert got["tokens"] == single.generate(PROMPTS, max_new_tokens=8).tokens
     torch.testing.assert_close(torch.tensor(got["logits"]), single.forward([PROMPTS[0]]), rtol=1e-4, atol=1e-4)
+    # `kiln generate` on a tp engine starts one process per rank itself
+    ids = ",".join(map(str, PROMPTS[0]))
+    assert kiln(["generate", str(tmp_path / "tp2"), "--ids", ids, "--max-new-tokens", "8", "--json"]) == 0
+    cli = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert cli["tokens"] == got["tokens"][0] and cli["tp_size"] == 2
     with torch.no_grad():
         hf = model.generate(torch.tensor([PROMPTS[0]]), max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert got["tokens"][0] == hf[0, len(PROMPTS[0]):].tolist()

@@ -11,7 +11,8 @@ decode step, greedy selection included, in one CUDA graph per batch-size bucket.
 up to ``max_batch_size``; prompt and generation limits are those of the build.
 
     python -m service.compiler.runtime.engine warmup ENGINE_DIR   # compile + capture (used by build)
-    python -m service.compiler.runtime.engine generate ENGINE_DIR 1,2,3 --max-new-tokens 16
+    python -m service.compiler.runtime.engine generate ENGINE_DIR --ids 1,2,3 --max-new-tokens 16
+    kiln build CKPT ENGINE_DIR ...; kiln generate ENGINE_DIR --prompt "..."   # the same through the CLI
 """
 
 from __future__ import annotations
@@ -269,7 +270,7 @@ class Engine:
         gen = None
         if sampling.temperature > 0:
             gen = torch.Generator(device=self.device)
-            gen.manual_seed(sampling.seed if sampling.seed is not None else int(time.time_ns()))
+            gen.manual_seed(sampling.seed if sampling.seed is not None else self._shared_seed())
         tokens: list[list[int]] = []
         stats = {"prefill_seconds": 0.0, "decode_seconds": 0.0, "batches": 0, "new_tokens": 0}
         with torch.inference_mode():
@@ -284,6 +285,19 @@ class Engine:
             stats["decode_tokens_per_second"] = stats["new_tokens"] / (stats["prefill_seconds"] + stats["decode_seconds"])
         texts = [self.tokenizer.decode(t) for t in tokens] if (text and self.tokenizer is not None) else None
         return GenerationOutput(tokens=tokens, texts=texts, stats=stats)
+
+    def _shared_seed(self) -> int:
+        """A fresh seed for unseeded sampling; a tp engine's ranks take rank 0's, so every rank draws
+        the same tokens from its identical (gathered) logits and feeds the same ids to the next step."""
+        seed = time.time_ns() % (1 << 62)
+        group = getattr(self.model, "group", None)
+        if group is None:
+            return seed
+        import torch.distributed as dist
+
+        t = torch.tensor([seed], dtype=torch.int64, device=self.device)
+        dist.broadcast(t, src=0, group=group)
+        return int(t.item())
 
     def _choose(self, logits: torch.Tensor, sampling: SamplingConfig, gen: torch.Generator | None) -> torch.Tensor:
         if sampling.temperature <= 0:
@@ -380,6 +394,29 @@ def _load_tokenizer(engine_dir: Path):
         return None
 
 
+def run_generate(args) -> dict:
+    """Load the engine (inside its tp group when ``args.world_size`` > 1) and generate one prompt."""
+    join_group(args.engine_dir, args.rank, args.world_size, args.init_method)
+    try:
+        engine = Engine.load(args.engine_dir)
+        if args.ids is not None:
+            try:
+                prompt = [int(x) for x in args.ids.split(",")]
+            except ValueError:
+                raise InvalidArgument(f"--ids must be comma-separated integers, got {args.ids!r}") from None
+        else:
+            prompt = args.prompt
+        sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+        out = engine.generate([prompt], args.max_new_tokens, sampling)
+        result = {"tokens": out.tokens[0], "text": out.texts[0] if out.texts else None, "stats": out.stats,
+                  "load": engine.load_stats, "device": str(engine.device), "tp_size": engine.config["engine"].get("tp_size", 1)}
+        engine.close()
+        del engine
+    finally:
+        leave_group()
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m service.compiler.runtime.engine")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -387,10 +424,12 @@ def main(argv: list[str] | None = None) -> int:
                                       "a tp engine: once per rank, as run_ranks starts it")
     w.add_argument("engine_dir")
     add_rank_arguments(w)
-    g = sub.add_parser("generate", help="greedy generation from comma-separated token ids")
-    g.add_argument("engine_dir")
-    g.add_argument("ids")
-    g.add_argument("--max-new-tokens", type=int, default=16)
+    from ..cli import add_generate_arguments  # the options of `kiln generate`
+
+    g = sub.add_parser("generate", help="generate from one prompt (a tp engine: once per rank, as run_ranks "
+                                        "starts it; rank 0 prints)")
+    add_generate_arguments(g)
+    add_rank_arguments(g)
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     if args.cmd == "warmup":
@@ -404,9 +443,9 @@ def main(argv: list[str] | None = None) -> int:
             leave_group()
         print(json.dumps(stats))
         return 0
-    engine = Engine.load(args.engine_dir)
-    out = engine.generate([[int(x) for x in args.ids.split(",")]], args.max_new_tokens)
-    print(json.dumps({"tokens": out.tokens[0], "stats": out.stats, "load": engine.load_stats}))
+    result = run_generate(args)
+    if args.rank == 0:
+        print(json.dumps(result))
     return 0
 
 
