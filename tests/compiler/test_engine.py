@@ -236,6 +236,17 @@ def test_kiln_build_and_generate_commands(tiny_ckpt, tmp_path, capsys):
 
     assert kiln(["generate", str(out), "--prompt", "hello"]) == 2  # no tokenizer shipped with this model
     assert "text prompts need a tokenizer" in capsys.readouterr().err
+    tokenizers = pytest.importorskip("tokenizers")  # a word-level tokenizer over the model's 101 ids
+    word = tokenizers.Tokenizer(tokenizers.models.WordLevel({f"w{i}": i for i in range(101)}, unk_token="w0"))
+    word.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=word, unk_token="w0").save_pretrained(tmp_path / "tok")
+    text = " ".join(f"w{i}" for i in PROMPTS[0])
+    assert kiln(["generate", str(out), "--prompt", text, "--tokenizer", str(tmp_path / "tok"),
+                 "--max-new-tokens", "6", "--json"]) == 0
+    got_text = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert got_text["tokens"] == got["tokens"] and got_text["text"].split() == [f"w{i}" for i in got["tokens"]]
+    assert kiln(["generate", str(out), "--prompt", text, "--tokenizer", str(tmp_path)]) == 2
+    assert "no tokenizer could be loaded" in capsys.readouterr().err
     assert kiln(["generate", str(out), "--ids", "1,x"]) == 2
     assert "comma-separated integers" in capsys.readouterr().err
 
@@ -243,7 +254,7 @@ def test_kiln_build_and_generate_commands(tiny_ckpt, tmp_path, capsys):
     assert kiln(["build", str(tiny_ckpt), str(bad), "--target", "cpu", "--max-seq-len", "4096", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "error [invalid_build_config]" in err and "max_position_embeddings=128" in err
-    assert not bad.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["engine"]
+    assert not bad.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["engine", "tok"]  # no temp dir left
     assert kiln(["build", str(tiny_ckpt), str(out), *limits, "--quiet"]) == 2  # exists: needs --overwrite
     assert "already exists" in capsys.readouterr().err
 

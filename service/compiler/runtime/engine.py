@@ -396,9 +396,15 @@ def _load_tokenizer(engine_dir: Path):
 
 def run_generate(args) -> dict:
     """Load the engine (inside its tp group when ``args.world_size`` > 1) and generate one prompt."""
+    tokenizer = None
+    if args.tokenizer:
+        tokenizer = _load_tokenizer(Path(args.tokenizer))
+        if tokenizer is None:
+            raise InvalidArgument(f"no tokenizer could be loaded from {args.tokenizer}",
+                                  hint="a Hugging Face model folder with tokenizer.json / tokenizer_config.json")
     join_group(args.engine_dir, args.rank, args.world_size, args.init_method)
     try:
-        engine = Engine.load(args.engine_dir)
+        engine = Engine.load(args.engine_dir, tokenizer=tokenizer)
         if args.ids is not None:
             try:
                 prompt = [int(x) for x in args.ids.split(",")]
