@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -238,42 +236,18 @@ def worker_hf(shape: str, mode: str) -> dict:
 
 
 def spawn(args: list[str], env_extra: dict | None = None, timeout: float = 900, tp: int = 1) -> dict:
-    """Run a worker in a fresh process (``tp`` processes, one per rank and GPU, for a tp engine);
-    rank 0's JSON."""
-    env = dict(os.environ, PYTHONPATH=str(REPO), **(env_extra or {}))
-    cmd = [sys.executable, __file__, *args]
-    if tp > 1:
-        import socket
+    """Run a worker in a fresh process (``tp`` processes, one per rank and GPU, for a tp engine,
+    through the build's own rank launcher); rank 0's JSON, or the failure."""
+    from service.compiler.runtime.ranks import run_ranks
 
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        cmd += ["--world-size", str(tp), "--init-method", f"tcp://127.0.0.1:{port}"]
     t0 = time.perf_counter()
-    procs = [subprocess.Popen(cmd + ["--rank", str(r)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for r in range(tp)]
     try:
-        outs = [p.communicate(timeout=timeout) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    wall = time.perf_counter() - t0
-    bad = [(r, p.returncode, outs[r][1]) for r, p in enumerate(procs) if p.returncode != 0]
-    if bad:
-        return {"error": "\n".join(f"rank {r} exit {c}: {e[-3000:]}" for r, c, e in bad), "wall_s": wall}
-    out = json.loads(outs[0][0].strip().splitlines()[-1])
-    out["process_wall_s"] = wall
+        outs = run_ranks([__file__, *args], tp, what="the worker", timeout_s=timeout, env_extra=env_extra)
+    except (RuntimeError, TimeoutError) as exc:
+        return {"error": str(exc)[-3000:], "wall_s": time.perf_counter() - t0}
+    out = json.loads(outs[0].strip().splitlines()[-1])
+    out["process_wall_s"] = time.perf_counter() - t0
     return out
-
-
-def init_rank(a: argparse.Namespace) -> None:
-    """A tp worker's process group (NCCL, this rank's GPU) before anything touches the engine."""
-    if a.world_size > 1:
-        import torch.distributed as dist
-
-        torch.cuda.set_device(a.rank)
-        dist.init_process_group("nccl", rank=a.rank, world_size=a.world_size, init_method=a.init_method)
 
 
 def main() -> int:
@@ -298,18 +272,19 @@ def main() -> int:
     ap.add_argument("--world-size", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--init-method", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
-    if a.worker == "engine":
-        init_rank(a)
-        res = worker_engine(a.engine, a.shape, "long" in a.flags, "big" in a.flags)
-        if a.world_size > 1:
-            import torch.distributed as dist
+    if a.worker in ("engine", "start"):  # a tp engine's rank joins its group first (NCCL, its GPU)
+        from service.compiler.runtime.ranks import join_group, leave_group
 
-            dist.destroy_process_group()
+        join_group(a.engine, a.rank, a.world_size, a.init_method)
+        try:  # the engine is gone (its graphs released) when the worker function returns
+            if a.worker == "engine":
+                res = worker_engine(a.engine, a.shape, "long" in a.flags, "big" in a.flags)
+            else:
+                res = fresh_start(a.engine, a.shape)[1]
+        finally:
+            leave_group()
         if a.rank == 0:
             print(json.dumps(res))
-        return 0
-    if a.worker == "start":
-        print(json.dumps(fresh_start(a.engine, a.shape)[1]))
         return 0
     if a.worker == "hf":
         print(json.dumps(worker_hf(a.shape, a.mode)))
@@ -349,7 +324,7 @@ def main() -> int:
             for v in a.variants.split(",") if a.fresh_only else []:
                 for i in range(a.fresh_only):
                     r[f"start_{v}{sfx}_{i}"] = spawn(["--worker", "start", "--engine", str(engine), "--shape",
-                                                      shape], VARIANTS[v])
+                                                      shape], VARIANTS[v], tp=tp)
                     print(shape, "start", v, i, json.dumps(r[f"start_{v}{sfx}_{i}"]), flush=True)
                     (out / "engine_bench.json").write_text(json.dumps(results, indent=2))
             for v in a.variants.split(",") if not a.fresh_only else []:

@@ -28,11 +28,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_ranks(args: list[str], tp: int, *, what: str, timeout_s: float) -> list[str]:
-    """Run ``python *args`` in ``tp`` processes (one for tp=1); their stdouts, rank order.
-    Raises RuntimeError naming each failed rank (exit code, stderr tail), TimeoutError past the
-    deadline; either way no rank is left running."""
-    env = dict(os.environ)
+def run_ranks(args: list[str], tp: int, *, what: str, timeout_s: float, env_extra: dict | None = None) -> list[str]:
+    """Run ``python *args`` in ``tp`` processes (one for tp=1; ``env_extra`` added to this process's
+    environment); their stdouts, rank order. Raises RuntimeError naming each failed rank (exit code,
+    stderr tail), TimeoutError past the deadline; either way no rank is left running."""
+    env = dict(os.environ, **(env_extra or {}))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (_repo_root(), env.get("PYTHONPATH", "")) if p)
     cmd = [sys.executable, *args]
     if tp > 1:
