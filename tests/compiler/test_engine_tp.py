@@ -23,21 +23,17 @@ PROMPTS = [[5, 17, 3, 88, 41, 9, 2], [60, 1, 33]]
 # a CPU one), load this rank's file, generate; rank 0 prints the result
 RANK_MAIN = """
 import argparse, json
-from service.compiler.runtime.engine import Engine, SamplingConfig
-from service.compiler.runtime.ranks import add_rank_arguments, join_group, leave_group
+from service.compiler.runtime.engine import SamplingConfig, engine_in_group
+from service.compiler.runtime.ranks import add_rank_arguments
 p = argparse.ArgumentParser()
 p.add_argument("engine_dir"); p.add_argument("prompts"); add_rank_arguments(p)
 a = p.parse_args()
-join_group(a.engine_dir, a.rank, a.world_size, a.init_method)
-engine = Engine.load(a.engine_dir)
-res = engine.generate(json.loads(a.prompts), max_new_tokens=8)
-logits = engine.forward([json.loads(a.prompts)[0]])
-sampled = engine.generate(json.loads(a.prompts), max_new_tokens=8, sampling=SamplingConfig(temperature=1.0)).tokens
-out = {"tokens": res.tokens, "logits": logits.tolist(), "device": str(engine.device), "graphs": engine.use_graphs,
-       "sampled": sampled}
-engine.close()  # captured graphs hold NCCL work: a live engine made destroy_process_group hang on GPUs
-del engine
-leave_group()
+with engine_in_group(a.engine_dir, a.rank, a.world_size, a.init_method) as engine:  # closed before the group ends
+    res = engine.generate(json.loads(a.prompts), max_new_tokens=8)
+    logits = engine.forward([json.loads(a.prompts)[0]])
+    sampled = engine.generate(json.loads(a.prompts), max_new_tokens=8, sampling=SamplingConfig(temperature=1.0)).tokens
+    out = {"tokens": res.tokens, "logits": logits.tolist(), "device": str(engine.device), "graphs": engine.use_graphs,
+           "sampled": sampled}
 print(json.dumps(out))
 """
 

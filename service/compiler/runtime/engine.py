@@ -18,6 +18,7 @@ up to ``max_batch_size``; prompt and generation limits are those of the build.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -394,6 +395,24 @@ def _load_tokenizer(engine_dir: Path):
         return None
 
 
+@contextlib.contextmanager
+def engine_in_group(engine_dir: str | os.PathLike, rank: int = 0, world_size: int = 1, init_method: str | None = None,
+                    **load_kw):
+    """``Engine.load`` inside the engine's tp group (joined here; nothing to join for one rank). On
+    exit the engine is closed before the group ends: a live tp engine's captured graphs hold NCCL
+    work, and ``destroy_process_group`` then waits forever (seen on two H200s)."""
+    join_group(engine_dir, rank, world_size, init_method)
+    try:
+        engine = Engine.load(engine_dir, **load_kw)
+        try:
+            yield engine
+        finally:
+            engine.close()
+            del engine
+    finally:
+        leave_group()
+
+
 def run_generate(args) -> dict:
     """Load the engine (inside its tp group when ``args.world_size`` > 1) and generate one prompt."""
     tokenizer = None
@@ -402,25 +421,18 @@ def run_generate(args) -> dict:
         if tokenizer is None:
             raise InvalidArgument(f"no tokenizer could be loaded from {args.tokenizer}",
                                   hint="a Hugging Face model folder with tokenizer.json / tokenizer_config.json")
-    join_group(args.engine_dir, args.rank, args.world_size, args.init_method)
-    try:
-        engine = Engine.load(args.engine_dir, tokenizer=tokenizer)
-        if args.ids is not None:
-            try:
-                prompt = [int(x) for x in args.ids.split(",")]
-            except ValueError:
-                raise InvalidArgument(f"--ids must be comma-separated integers, got {args.ids!r}") from None
-        else:
-            prompt = args.prompt
-        sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    if args.ids is not None:
+        try:
+            prompt = [int(x) for x in args.ids.split(",")]
+        except ValueError:
+            raise InvalidArgument(f"--ids must be comma-separated integers, got {args.ids!r}") from None
+    else:
+        prompt = args.prompt
+    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    with engine_in_group(args.engine_dir, args.rank, args.world_size, args.init_method, tokenizer=tokenizer) as engine:
         out = engine.generate([prompt], args.max_new_tokens, sampling)
-        result = {"tokens": out.tokens[0], "text": out.texts[0] if out.texts else None, "stats": out.stats,
-                  "load": engine.load_stats, "device": str(engine.device), "tp_size": engine.config["engine"].get("tp_size", 1)}
-        engine.close()
-        del engine
-    finally:
-        leave_group()
-    return result
+        return {"tokens": out.tokens[0], "text": out.texts[0] if out.texts else None, "stats": out.stats,
+                "load": engine.load_stats, "device": str(engine.device), "tp_size": engine.config["engine"].get("tp_size", 1)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -439,14 +451,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     if args.cmd == "warmup":
-        join_group(args.engine_dir, args.rank, args.world_size, args.init_method)
-        try:
-            engine = Engine.load(args.engine_dir, warmup=True)
+        with engine_in_group(args.engine_dir, args.rank, args.world_size, args.init_method, warmup=True) as engine:
             stats = {"load_seconds": round(time.perf_counter() - t0, 3), **engine.load_stats}
-            engine.close()
-            del engine
-        finally:
-            leave_group()
         print(json.dumps(stats))
         return 0
     result = run_generate(args)
