@@ -71,6 +71,9 @@ def main() -> int:
     ap.add_argument("--algos", default="FP8,W4A16,W4A16_AWQ")
     ap.add_argument("--work", default="/tmp/kiln-quant-engine-bench")
     ap.add_argument("--out", default=".")
+    ap.add_argument("--int4-kernels", default="cuda_cores,tensor_cores",
+                    help="W4A16 engines: time each batch-1 int4 kernel (KILN_INT4_BATCH1_KERNEL), the first "
+                         "as the row's figure")
     a = ap.parse_args()
     work, out = Path(a.work), Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -103,8 +106,12 @@ def main() -> int:
             row["build"] = build(ckpt, bc, root / f"engine-{algo}")
             row["build_s"] = time.perf_counter() - t0
             row["engine_bytes"] = sum(f.stat().st_size for f in (root / f"engine-{algo}").glob("rank*.safetensors"))
-            row["run"] = engine_bench.spawn(["--worker", "engine", "--engine", str(root / f"engine-{algo}"),
-                                             "--shape", shape, "--flags", ""])
+            worker = ["--worker", "engine", "--engine", str(root / f"engine-{algo}"), "--shape", shape, "--flags", ""]
+            kernels = a.int4_kernels.split(",") if algo == "W4A16" else [None]
+            for kern in kernels:  # the same engine, fresh processes; its compile cache serves both
+                env = {"KILN_INT4_BATCH1_KERNEL": kern} if kern else None
+                row["run" if kern == kernels[0] else f"run_{kern}"] = engine_bench.spawn(worker, env)
+                row.setdefault("int4_kernel", kern)
             print(shape, algo, json.dumps({k: v for k, v in row.items() if k != "build"})[:1500], flush=True)
             shutil.rmtree(root / f"engine-{algo}", ignore_errors=True)
             if algo != "bf16":
@@ -120,14 +127,15 @@ def main() -> int:
         for algo, row in r.items():
             if not isinstance(row, dict) or "run" not in row:
                 continue
-            run = row["run"]
-            if "error" in run:
-                print(f"| {shape} | {algo} | ERROR {run['error'][-400:]!r} |")
-                continue
-            tok = run["bs1_decode_tok_s"]
-            print(f"| {engine_bench.SHAPES[shape]['name']} | {algo} | {row['engine_bytes'] / 1e9:.2f} | {tok:.1f} | "
-                  f"{tok / base:.2f} | {1e3 * run['ttft128_s']:.1f} | {row.get('quantize_s', 0):.0f} | "
-                  f"{row['build_s']:.0f} |")
+            runs = [(row.get("int4_kernel"), row["run"])] + [(k[4:], v) for k, v in row.items() if k.startswith("run_")]
+            for kern, run in runs:
+                if "error" in run:
+                    print(f"| {shape} | {algo} ({kern}) | ERROR {run['error'][-400:]!r} |")
+                    continue
+                tok = run["bs1_decode_tok_s"]
+                print(f"| {engine_bench.SHAPES[shape]['name']} | {algo}{f' ({kern})' if kern else ''} | "
+                      f"{row['engine_bytes'] / 1e9:.2f} | {tok:.1f} | {tok / base:.2f} | {1e3 * run['ttft128_s']:.1f} | "
+                      f"{row.get('quantize_s', 0):.0f} | {row['build_s']:.0f} |")
     return 0
 
 

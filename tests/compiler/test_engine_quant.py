@@ -116,3 +116,33 @@ def test_int4_halves_packing_round_trips(k, group):
     b = packed.view(torch.uint8).to(torch.int16)
     lo = torch.where((b & 15) > 7, (b & 15) - 16, b & 15)
     assert torch.equal(lo[:, : block // 2].to(torch.int8), q[:, : block // 2])
+
+
+def test_int4_decode_kernel_choice(monkeypatch):
+    """Per-channel W4A16 with bf16/fp16 activations: one row takes the CUDA-core kernel (sixth
+    session's H100 sweep), more rows the bit-unpacking one; groups, AWQ scales, zeros and float32
+    convert; KILN_INT4_BATCH1_KERNEL and the int4_fast argument override; bad values are refused."""
+    from service.compiler.runtime.engine_quant import int4_gemv_kernel
+
+    per_row, one = torch.ones(64), torch.ones(1)
+    bf16 = torch.bfloat16
+    monkeypatch.delenv("KILN_INT4_BATCH1_KERNEL", raising=False)
+    assert int4_gemv_kernel(bf16, 1, per_row, 1024, 0, None, None) == "cuda_cores"
+    assert int4_gemv_kernel(torch.float16, 1, per_row, 1024, 0, None, None) == "cuda_cores"
+    assert int4_gemv_kernel(bf16, 2, per_row, 1024, 0, None, None) == "unpack"
+    assert int4_gemv_kernel(bf16, 1, per_row, 1024, 0, None, None, tiles_given=True) == "unpack"
+    assert int4_gemv_kernel(torch.float32, 1, per_row, 1024, 0, None, None) == "convert"
+    assert int4_gemv_kernel(bf16, 1, torch.ones(64, 2), 256, 128, None, None) == "convert"  # groups
+    assert int4_gemv_kernel(bf16, 1, per_row, 1024, 0, torch.ones(128), None) == "convert"  # AWQ pre-quant scale
+    assert int4_gemv_kernel(bf16, 1, one, 1024, 0, None, None) == "convert"  # one scale for the tensor
+    assert int4_gemv_kernel(bf16, 1, per_row, 0, 0, None, None) == "convert"  # packed along K the old way
+    assert int4_gemv_kernel(bf16, 1, per_row, 1024, 0, None, None, int4_fast=False) == "convert"
+    assert int4_gemv_kernel(bf16, 1, per_row, 1024, 0, None, None, int4_fast=True) == "unpack"
+    assert int4_gemv_kernel(torch.float32, 3, per_row, 1024, 0, None, None, int4_fast="vec") == "cuda_cores"
+    with pytest.raises(ValueError, match="per-channel"):
+        int4_gemv_kernel(bf16, 1, torch.ones(64, 2), 256, 128, None, None, int4_fast="vec")
+    monkeypatch.setenv("KILN_INT4_BATCH1_KERNEL", "tensor_cores")
+    assert int4_gemv_kernel(bf16, 1, per_row, 1024, 0, None, None) == "unpack"
+    monkeypatch.setenv("KILN_INT4_BATCH1_KERNEL", "fastest")
+    with pytest.raises(ValueError, match="KILN_INT4_BATCH1_KERNEL"):
+        int4_gemv_kernel(bf16, 1, per_row, 1024, 0, None, None)

@@ -147,7 +147,22 @@ def test_bf16_int4_engine_bit_unpacking_kernel(llama, tmp_path):
     slow = kernels.gemv(x, q.weight, kind=q.kind, w_scale=q.scale, group=q.group, pre_quant_scale=q.pqs,
                         zero=q.zero, int4_block=q.int4_block, int4_fast=False)
     assert float((fast.float() - slow.float()).norm() / slow.float().norm()) < 1e-2
+    # one row: the CUDA-core kernel by default, the bit-unpacking one when asked; both near the converting one
+    x1 = x[:1]
+    kw = dict(kind=q.kind, w_scale=q.scale, group=q.group, pre_quant_scale=q.pqs, zero=q.zero, int4_block=q.int4_block)
+    one, vec = kernels.gemv(x1, q.weight, **kw), kernels.gemv(x1, q.weight, int4_fast="vec", **kw)
+    assert torch.equal(one, vec)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KILN_INT4_BATCH1_KERNEL", "tensor_cores")
+        tc = kernels.gemv(x1, q.weight, **kw)
+        assert torch.equal(tc, kernels.gemv(x1, q.weight, int4_fast=True, **kw))
+    ref1 = kernels.gemv(x1, q.weight, int4_fast=False, **kw).float()
+    for y in (vec, tc):
+        assert float((y.float() - ref1).norm() / ref1.norm()) < 1e-2
     t16 = e16.generate(PROMPTS, 16).tokens
     t32 = e32.generate(PROMPTS, 16).tokens
     agree = sum(a == b for x, y in zip(t16, t32, strict=True) for a, b in zip(x, y, strict=True)) / sum(len(x) for x in t32)
     assert agree >= 0.9, (t16, t32)
+    one16 = [e16.generate([p], 16).tokens[0] for p in PROMPTS]  # batch 1: the CUDA-core kernel
+    agree = sum(a == b for x, y in zip(one16, t32, strict=True) for a, b in zip(x, y, strict=True)) / sum(len(x) for x in t32)
+    assert agree >= 0.9, (one16, t32)

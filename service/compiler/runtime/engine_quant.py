@@ -25,6 +25,7 @@ runtime's arithmetic) computes.
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
@@ -82,6 +83,49 @@ def int4_block_for(k: int, group: int) -> int:
     if half < 16 or (group and group % half):
         raise InvalidCheckpoint(f"no int4 packing block fits {k} input features with group size {group}")
     return 2 * half
+
+
+def int4_fast_supported(x_dtype: torch.dtype, w_scale: torch.Tensor | None, int4_block: int, group: int = 0,
+                        pre_quant_scale: torch.Tensor | None = None, zero: torch.Tensor | None = None) -> bool:
+    """Where the engine takes the bit-unpacking kernel: per-channel int4 (W4A16) with bf16/fp16
+    activations — the case it was measured faster in (benchmarks/README-engine.md, third session).
+    Group scales, AWQ pre-quant scales and zeros work in it (kernel_bench checks them) but were not
+    faster there, so those keep the converting kernel."""
+    return (x_dtype in (torch.bfloat16, torch.float16) and int4_block > 0 and w_scale is not None
+            and w_scale.numel() > 1 and group == 0 and pre_quant_scale is None and zero is None)
+
+
+def int4_batch1_kernel() -> str:
+    """Which kernel batch-1 per-channel int4 (W4A16) GEMVs take: "cuda_cores" (``gemv_int4v``, the
+    default: on the H100, 8B per layer 95.6 -> 86.6 us, faster on 7 of the 8 swept 1B/8B matrices,
+    1B o 5.6 -> 5.8 us; benchmarks/README-engine.md, sixth session) or "tensor_cores"
+    (``gemv_int4h``). ``KILN_INT4_BATCH1_KERNEL`` overrides, read at each call (a CUDA graph keeps
+    the kernel it captured)."""
+    choice = os.environ.get("KILN_INT4_BATCH1_KERNEL", "cuda_cores")
+    if choice not in ("cuda_cores", "tensor_cores"):
+        raise ValueError(f"KILN_INT4_BATCH1_KERNEL must be cuda_cores or tensor_cores, got {choice!r}")
+    return choice
+
+
+def int4_gemv_kernel(x_dtype: torch.dtype, rows: int, w_scale: torch.Tensor | None, int4_block: int, group: int,
+                     pre_quant_scale: torch.Tensor | None, zero: torch.Tensor | None,
+                     int4_fast: bool | str | None = None, tiles_given: bool = False) -> str:
+    """Which decode kernel an int4 GEMV takes (``kernels.gemv``): "cuda_cores" (``gemv_int4v``, batch
+    1, per channel), "unpack" (``gemv_int4h``, tensor cores on nibbles unpacked in registers) or
+    "convert" (the weight converted to the activation dtype per step). ``int4_fast``: None = by these
+    rules, True = "unpack", False = "convert", "vec" = "cuda_cores"; ``tiles_given``: the caller's
+    tiles are in the unpacking kernel's format, so the automatic choice stays there."""
+    if int4_fast == "vec":
+        if group or pre_quant_scale is not None or zero is not None or not int4_block:
+            raise ValueError("the CUDA-core int4 kernel handles per-channel int4 packed in halves only")
+        return "cuda_cores"
+    if int4_fast is True:
+        return "unpack"
+    if int4_fast is False or not int4_fast_supported(x_dtype, w_scale, int4_block, group, pre_quant_scale, zero):
+        return "convert"
+    if rows == 1 and not tiles_given and int4_batch1_kernel() == "cuda_cores":
+        return "cuda_cores"
+    return "unpack"
 
 
 def pack_int4_halves(q: torch.Tensor, block: int) -> torch.Tensor:

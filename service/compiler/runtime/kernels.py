@@ -26,7 +26,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .engine_quant import int4_block_for, pack_int4_halves, unpack_int4_halves  # noqa: F401 (the layout)
+from .engine_quant import (  # noqa: F401 (the layout and the int4 kernel rules)
+    int4_block_for,
+    int4_fast_supported,
+    int4_gemv_kernel,
+    pack_int4_halves,
+    unpack_int4_halves,
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,16 +433,6 @@ def _splits(n: int, k: int, step: int) -> int:
     return s
 
 
-def int4_fast_supported(x_dtype: torch.dtype, w_scale: torch.Tensor | None, int4_block: int, group: int = 0,
-                        pre_quant_scale: torch.Tensor | None = None, zero: torch.Tensor | None = None) -> bool:
-    """Where the engine takes the bit-unpacking kernel: per-channel int4 (W4A16) with bf16/fp16
-    activations — the case it was measured faster in (benchmarks/README-engine.md, third session).
-    Group scales, AWQ pre-quant scales and zeros work in it (kernel_bench checks them) but were not
-    faster there, so those keep the converting kernel."""
-    return (x_dtype in (torch.bfloat16, torch.float16) and int4_block > 0 and w_scale is not None
-            and w_scale.numel() > 1 and group == 0 and pre_quant_scale is None and zero is None)
-
-
 @triton.jit
 def _gemv_int4v(X, W, Y, WS, BIAS, PART, CNT, N, K, KS, swn, sym,
                 HAS_BIAS: tl.constexpr, BLK: tl.constexpr, CB: tl.constexpr, USE_ASM: tl.constexpr,
@@ -485,14 +481,19 @@ def _gemv_int4v(X, W, Y, WS, BIAS, PART, CNT, N, K, KS, swn, sym,
 
 
 def _int4v_tiles(n: int, k: int, block: int) -> tuple[int, int, int, int]:
-    """(BN, bytes per row per step, num_warps, splits) for ``gemv_int4v`` — not yet swept on a GPU."""
-    return 32, min(128, block // 2), 4, _splits(n, k, block)
+    """(BN, bytes per row per step, num_warps, splits) for ``gemv_int4v``, from the sixth session's
+    sweep on the H100 (batch 1, Llama 1B/8B matrices): 128 bytes per step, 4 warps, split-K by
+    ``_splits``, and 16 rows per program where 32 would give fewer than 384 programs (8B down 30.2 ->
+    27.1 us, 1B qkv / o a few percent)."""
+    splits = _splits(n, k, block)
+    bn = 16 if triton.cdiv(n, 32) * splits < 384 else 32
+    return bn, min(128, block // 2), 4, splits
 
 
 def gemv_int4v(x2: torch.Tensor, w: torch.Tensor, y: torch.Tensor, *, w_scale, bias, int4_block: int,
                tiles: tuple[int, ...] | None = None) -> None:
-    """Batch-1 per-channel int4 GEMV on the CUDA cores (``_gemv_int4v``); opt-in (``int4_fast="vec"``)
-    until a GPU sweep shows where it beats ``_gemv_int4h``."""
+    """Batch-1 per-channel int4 GEMV on the CUDA cores (``_gemv_int4v``): ``gemv``'s choice for one
+    bf16/fp16 activation row (``int4_batch1_kernel``), or ``int4_fast="vec"``."""
     M, K = x2.shape
     N = w.shape[0]
     if M != 1 or w_scale is None or w_scale.numel() != N:
@@ -564,9 +565,10 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, kind: int = W_BF16, w_scale: torch
     """y = x @ W_effectiveᵀ (+ bias) for x [M <= 16, K] (contiguous last dim). ``int4_block`` > 0: the
     int4 weight is packed by ``pack_int4_halves(q, int4_block)`` (else ``pack_int4_k``); with bf16/fp16
     activations it can run the bit-unpacking kernel: ``int4_fast`` None = where
-    ``int4_fast_supported``, True = always (bf16/fp16 x; ``tiles`` = (BN, blocks per step, warps[,
-    stages[, splits]]) there), False = never; "vec" = the batch-1 CUDA-core kernel (``gemv_int4v``,
-    per-channel only; ``tiles`` = (BN, bytes per step, warps, splits)). Otherwise ``tiles`` = (BN, BK,
+    ``int4_fast_supported`` (one row: the CUDA-core kernel, ``int4_gemv_kernel``), True = always
+    (bf16/fp16 x; ``tiles`` = (BN, blocks per step, warps[, stages[, splits]]) there), False = never;
+    "vec" = the batch-1 CUDA-core kernel (``gemv_int4v``, per-channel only; ``tiles`` = (BN, bytes
+    per step, warps, splits)). Otherwise ``tiles`` = (BN, BK,
     warps[, splits]). splits > 1 is split-K (more programs for matrices with few output columns)."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
@@ -578,13 +580,12 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, kind: int = W_BF16, w_scale: torch
         raise ValueError("gemv needs contiguous rows")
     y_out = torch.empty((*lead, N), dtype=out_dtype or x.dtype, device=x.device)
     y = y_out.view(M, N)
-    if kind == W_INT4 and int4_fast == "vec":
-        if group or pre_quant_scale is not None or zero is not None or not int4_block:
-            raise ValueError("the CUDA-core int4 kernel handles per-channel int4 packed in halves only")
+    path = int4_gemv_kernel(x.dtype, M, w_scale, int4_block, group, pre_quant_scale, zero, int4_fast,
+                            tiles is not None) if kind == W_INT4 else "convert"
+    if path == "cuda_cores":
         gemv_int4v(x2, w, y, w_scale=w_scale, bias=bias, int4_block=int4_block, tiles=tiles)
         return y_out
-    if kind == W_INT4 and (int4_fast is True or (int4_fast is None and int4_fast_supported(
-            x.dtype, w_scale, int4_block, group, pre_quant_scale, zero))):
+    if path == "unpack":
         gemv_int4h(x2, w, y, w_scale=w_scale, group=group, pre_quant_scale=pre_quant_scale, zero=zero, bias=bias,
                    int4_block=int4_block, tiles=tiles)
         return y_out
