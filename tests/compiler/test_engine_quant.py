@@ -9,6 +9,7 @@ cannot run are refused before anything is written.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -146,3 +147,25 @@ def test_int4_decode_kernel_choice(monkeypatch):
     monkeypatch.setenv("KILN_INT4_BATCH1_KERNEL", "fastest")
     with pytest.raises(ValueError, match="KILN_INT4_BATCH1_KERNEL"):
         int4_gemv_kernel(bf16, 1, per_row, 1024, 0, None, None)
+
+
+def test_engine_header_specs_come_from_shapes_and_match_the_tensors(llama, tmp_path):
+    """The build lays the engine file out from ``quantized_layer_specs`` (meta tensors, no bytes read)
+    and computes each layer's tensors once; the specs equal the tensors, and a checkpoint whose fused
+    AWQ pre-quant scales differ is still refused when the tensors are made."""
+    from service.compiler.errors import InvalidCheckpoint
+    from service.compiler.runtime.engine_quant import quantized_layer_specs, quantized_layer_tensors
+
+    ckpt = tmp_path / "ckpt"
+    quantize_checkpoint(llama, ckpt, QuantConfig(**CASES["awq-zero-int8kv"][0]), calibration=_calib(), dtype="float32")
+    quant = json.loads((ckpt / "config.json").read_text())["quantization"]
+    with SafetensorsFile(ckpt / "rank0.safetensors") as f:
+        tensors = {n: f.tensor(n).clone() for n in f.keys()}
+    for layer in (0, 1):
+        real = quantized_layer_tensors(tensors, layer, quant)
+        assert quantized_layer_specs(tensors, layer, quant) == {n: (t.dtype, tuple(t.shape)) for n, t in real.items()}
+        assert f"layers.{layer}.gate_up.pqs" in real and f"layers.{layer}.kv_scale" in real
+    tensors["transformer.layers.1.mlp.gate.prequant_scaling_factor"] *= 1.5
+    assert "layers.1.gate_up.pqs" in quantized_layer_specs(tensors, 1, quant)
+    with pytest.raises(InvalidCheckpoint, match="different AWQ pre-quant scales"):
+        quantized_layer_tensors(tensors, 1, quant)

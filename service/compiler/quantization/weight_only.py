@@ -50,7 +50,7 @@ def unpack_int4_rows(packed: torch.Tensor) -> torch.Tensor:
     lo, hi = b & 0x0F, (b >> 4) & 0x0F
     lo = torch.where(lo > 7, lo - 16, lo)
     hi = torch.where(hi > 7, hi - 16, hi)
-    out = torch.empty((packed.shape[0] * 2, *packed.shape[1:]), dtype=torch.int8)
+    out = torch.empty((packed.shape[0] * 2, *packed.shape[1:]), dtype=torch.int8, device=packed.device)
     out[0::2], out[1::2] = lo.to(torch.int8), hi.to(torch.int8)
     return out
 
@@ -67,8 +67,8 @@ def unpack_int4_cols(packed: torch.Tensor) -> torch.Tensor:
 def quantize_weight_only(w: torch.Tensor, bits: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """[out, in] float -> checkpoint tensors {weight [in, out] or [in, out/2], per_channel_scale [out]}."""
     q, scale = quantize_per_channel(w, bits, dtype)
-    qt = q.t().contiguous()
-    return {"weight": qt if bits == 8 else pack_int4_cols(qt), "per_channel_scale": scale}
+    # pack_int4_cols(q.t()) is pack_int4_rows(q).t(): pack first, then one transposing copy of half the bytes
+    return {"weight": (q if bits == 8 else pack_int4_rows(q)).t().contiguous(), "per_channel_scale": scale}
 
 
 def dequantize_weight_only(weight: torch.Tensor, per_channel_scale: torch.Tensor, bits: int) -> torch.Tensor:

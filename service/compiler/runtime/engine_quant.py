@@ -26,6 +26,7 @@ runtime's arithmetic) computes.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import torch
@@ -35,7 +36,7 @@ from ..errors import InvalidCheckpoint
 from ..quantization import config as qc
 from ..quantization.fp8 import scale_from_amax, to_fp8
 from ..quantization.kv_cache import qdq_kv as _qdq_kv
-from ..quantization.weight_only import dequantize_groupwise, unpack_int4_cols, unpack_int4_rows
+from ..quantization.weight_only import dequantize_groupwise, unpack_int4_rows
 
 W_FP8, W_INT8, W_INT4 = 1, 2, 3  # kernels.W_* (kept here so CPU engines need no Triton)
 ENGINE_QUANT_ALGOS = (qc.FP8, qc.FP8_PER_CHANNEL_PER_TOKEN, qc.W8A16, qc.W4A16, qc.W4A16_AWQ)
@@ -158,7 +159,8 @@ def _module_q(tensors, module: str, algo: str, group: int) -> dict[str, torch.Te
     if algo == qc.W8A16:
         return {"q": w.t().contiguous(), "scale": tensors[p + "per_channel_scale"].float()}
     if algo == qc.W4A16:
-        return {"q": unpack_int4_cols(w).t().contiguous(), "scale": tensors[p + "per_channel_scale"].float()}
+        # [K, N/2] packed along N -> [N, K]: unpack_int4_cols(w).t() without its two transposing copies
+        return {"q": unpack_int4_rows(w.t().contiguous()), "scale": tensors[p + "per_channel_scale"].float()}
     if algo == qc.W4A16_AWQ:
         out = {"q": unpack_int4_rows(w), "scale": tensors[p + "weights_scaling_factor"].float(),
                "pqs": tensors[p + "prequant_scaling_factor"].float()}
@@ -191,7 +193,7 @@ def quantized_layer_tensors(tensors, layer: int, quant: dict) -> dict[str, torch
         if "act" in parts[0]:
             out[e + "act_scale"] = torch.stack([p["act"] for p in parts]).amax(0).reshape(1)
         if "pqs" in parts[0]:
-            if any(not torch.equal(parts[0]["pqs"], p["pqs"]) for p in parts[1:]):
+            if q.device.type != "meta" and any(not torch.equal(parts[0]["pqs"], p["pqs"]) for p in parts[1:]):
                 raise InvalidCheckpoint(f"{base}: mlp.fc and mlp.gate have different AWQ pre-quant scales; "
                                         "the engine fuses them over one input")
             out[e + "pqs"] = parts[0]["pqs"].contiguous()
@@ -201,6 +203,29 @@ def quantized_layer_tensors(tensors, layer: int, quant: dict) -> dict[str, torch
     if quant.get("kv_cache_quant_algo") and kv is not None:
         out[f"layers.{layer}.kv_scale"] = kv.float().reshape(1)
     return out
+
+
+class _MetaView(Mapping):
+    """Checkpoint tensors as meta tensors of the same shapes and dtypes (no bytes read)."""
+
+    def __init__(self, tensors):
+        self._t = tensors
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        t = self._t[name]
+        return torch.empty(t.shape, dtype=t.dtype, device="meta")
+
+    def __iter__(self):
+        return iter(self._t)
+
+    def __len__(self) -> int:
+        return len(self._t)
+
+
+def quantized_layer_specs(tensors, layer: int, quant: dict) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """Name -> (dtype, shape) of ``quantized_layer_tensors``' output, computed on meta tensors: what
+    the engine file's header needs before the bytes, without unpacking and repacking the weights."""
+    return {n: (t.dtype, tuple(t.shape)) for n, t in quantized_layer_tensors(_MetaView(tensors), layer, quant).items()}
 
 
 def quantized_slots(layer_tensors: dict[str, torch.Tensor], layer: int) -> set[str]:

@@ -36,7 +36,7 @@ from ...mapping import Mapping
 from ...runtime.engine_decilm import DECILM_LAYOUT, decilm_engine_table, merged_decilm_tensors
 from ...runtime.engine_gpt import GPT_ARCHS, GPT_LAYOUT, gpt_engine_table
 from ...runtime.engine_model import ENGINE_LAYOUT, checkpoint_to_engine_table
-from ...runtime.engine_quant import quantized_layer_tensors, quantized_slots
+from ...runtime.engine_quant import quantized_layer_specs, quantized_layer_tensors, quantized_slots
 from ...runtime.performance import PERFORMANCE_FILE, measure_in_build, not_measured
 from ...runtime.ranks import run_ranks
 from ...safetensors_io import SafetensorsFile, SafetensorsWriter, dtype_name, publish_dir
@@ -84,23 +84,21 @@ def engine_layout(cfg: dict) -> tuple[str, list[tuple[str, tuple[str, ...]]]]:
     return ENGINE_LAYOUT, checkpoint_to_engine_table(cfg)
 
 
-def _quantized_engine_tensors(tensors: dict, cfg: dict) -> tuple[set[str], Callable[[int], dict]]:
-    """(float table entries a quantized checkpoint replaces, layer -> its quantized engine tensors)."""
+def _quantized_engine_tensors(tensors: dict, cfg: dict) -> tuple[dict[int, dict], Callable[[int], dict]]:
+    """(layer -> name -> (dtype, shape) of its quantized engine tensors, from shapes alone; layer -> the
+    tensors themselves, computed once per layer while writing)."""
     quant = cfg.get("quantization") or {}
     if not (quant.get("quant_algo") or quant.get("kv_cache_quant_algo")):
-        return set(), lambda i: {}
+        return {}, lambda i: {}
 
-    def layer(i: int) -> dict:
+    def checked(fn: Callable[..., dict], i: int) -> dict:
         try:
-            return quantized_layer_tensors(tensors, i, quant)
+            return fn(tensors, i, quant)
         except KeyError as exc:
             raise InvalidCheckpoint(f"quantized checkpoint lacks {exc.args[0]}") from exc
 
-    replaced = set()
-    if quant.get("quant_algo"):
-        for i in range(int(cfg["num_hidden_layers"])):
-            replaced |= {f"layers.{i}.{s}" for s in quantized_slots(layer(i), i)}
-    return replaced, layer
+    specs = {i: checked(quantized_layer_specs, i) for i in range(int(cfg["num_hidden_layers"]))}
+    return specs, lambda i: checked(quantized_layer_tensors, i)
 
 
 def write_engine_weights(ckpt_dir: Path, cfg: dict, dtype: torch.dtype, out: Path,
@@ -110,13 +108,12 @@ def write_engine_weights(ckpt_dir: Path, cfg: dict, dtype: torch.dtype, out: Pat
     tensors, files = _checkpoint_tensors(ckpt_dir, cfg, rank)
     try:
         layout, table = engine_layout(cfg)
-        replaced, qlayer = _quantized_engine_tensors(tensors, cfg)
+        specs, qlayer = _quantized_engine_tensors(tensors, cfg)
+        replaced = {f"layers.{i}.{s}" for i, spec in specs.items() for s in quantized_slots(spec, i)}
         table = [(n, src) for n, src in table if n not in replaced]
-        qlayers = int(cfg["num_hidden_layers"]) if (cfg.get("quantization") or {}) else 0
         vocab = int(cfg["vocab_size"]) if rank is None else tensors["lm_head.weight"].shape[0]  # padded slice
-        entries = []
-        for i in range(qlayers):  # shapes first (the writer lays the file out before any byte is written)
-            entries += [(n, dtype_name(t.dtype), tuple(t.shape)) for n, t in qlayer(i).items()]
+        # shapes first (the writer lays the file out before any byte is written)
+        entries = [(n, dtype_name(dt), shape) for spec in specs.values() for n, (dt, shape) in spec.items()]
         for name, sources in table:
             missing = [s for s in sources if s not in tensors]
             if missing:
@@ -126,8 +123,10 @@ def write_engine_weights(ckpt_dir: Path, cfg: dict, dtype: torch.dtype, out: Pat
             entries.append((name, dtype_name(dtype), (rows, *shapes[0][1:])))
         total = 0
         with SafetensorsWriter(out, entries, metadata={"format": "pt", "layout": layout}) as w:
-            for i in range(qlayers):
+            for i in specs:
                 for n, t in qlayer(i).items():
+                    if (t.dtype, tuple(t.shape)) != specs[i][n]:  # the header was laid out from the specs
+                        raise RuntimeError(f"{n}: {t.dtype} {tuple(t.shape)} != header {specs[i][n]}")
                     total += w.write(n, 0, t.contiguous())
             for n, (name, sources) in enumerate(table):
                 offset = 0
