@@ -33,8 +33,9 @@ from service.compiler.quantization import CalibrationSettings, QuantConfig, quan
 from service.compiler.safetensors_io import SafetensorsWriter, dtype_name  # noqa: E402
 
 
-def synth_hf(shape: str, out: Path, std: float = 0.02) -> float:
-    s = engine_bench.SHAPES[shape]
+def synth_hf(shape: str, out: Path, std: float = 0.02, *, layers: int | None = None, device: str = "cuda") -> float:
+    """Random bf16 HF folder with the real shape (``layers``: fewer decoder layers), made on ``device``."""
+    s = dict(engine_bench.SHAPES[shape], **({"num_hidden_layers": layers} if layers else {}))
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     H, inter, L, nh, nkv, d, V = (s["hidden_size"], s["intermediate_size"], s["num_hidden_layers"],
@@ -56,11 +57,11 @@ def synth_hf(shape: str, out: Path, std: float = 0.02) -> float:
                   (p + "self_attn.v_proj.weight", (nkv * d, H)), (p + "self_attn.o_proj.weight", (H, nh * d)),
                   (p + "mlp.gate_proj.weight", (inter, H)), (p + "mlp.up_proj.weight", (inter, H)),
                   (p + "mlp.down_proj.weight", (H, inter))]
-    g = torch.Generator(device="cuda").manual_seed(0)
+    g = torch.Generator(device=device).manual_seed(0)
     with SafetensorsWriter(out / "model.safetensors", [(n, dtype_name(torch.bfloat16), sh) for n, sh in names],
                            metadata={"format": "pt"}) as w:
         for n, sh in names:
-            t = torch.ones(sh) if len(sh) == 1 else torch.randn(sh, generator=g, device="cuda") * std
+            t = torch.ones(sh) if len(sh) == 1 else torch.randn(sh, generator=g, device=device) * std
             w.write(n, 0, t.to(torch.bfloat16).cpu())
     return time.perf_counter() - t0
 
