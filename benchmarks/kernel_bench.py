@@ -9,7 +9,8 @@
    than L2), medians of replays: decode attention (index_put K/V + SDPA, as the engine did, vs the
    Triton kernel) for the Llama-3.2-1B and 3.1-8B shapes, and the decode GEMVs of both shapes at batch
    1 (cuBLAS bf16 vs Triton bf16 / FP8 / int8 / int4 per-channel / int4 group-128), in GB/s of weight.
-   Kind ``int4vf``: the batch-1 CUDA-core int4 kernel (``gemv_int4v``, opt-in, not yet measured).
+   Kind ``int4vf``: the batch-1 int4 kernel on the CUDA cores (``gemv_int4v``; the engine's choice for
+   one row of per-channel W4A16 since the sixth session's sweep).
 """
 
 from __future__ import annotations

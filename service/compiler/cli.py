@@ -181,8 +181,9 @@ def _generate(args: argparse.Namespace) -> int:
     try:
         cfg = json.loads((Path(args.engine_dir) / "config.json").read_text())
     except (OSError, ValueError) as exc:
-        print(f"error [invalid_checkpoint]: {args.engine_dir} is not an engine directory: {exc}", file=sys.stderr)
-        return 2
+        from .errors import InvalidCheckpoint
+
+        return _report_error(InvalidCheckpoint(f"{args.engine_dir} is not an engine directory: {exc}"))
     tp = int(cfg.get("engine", {}).get("tp_size", 1))
     try:
         if tp == 1:

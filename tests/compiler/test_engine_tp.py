@@ -58,7 +58,6 @@ def _tiny_tp2_checkpoint(tmp_path: Path, num_kv: int):
     return model
 
 
-
 @pytest.mark.parametrize("num_kv", [2, 1])  # 1 KV head over 2 ranks: the converter duplicates it
 def test_tp2_engine_one_process_per_rank_matches_tp1(tmp_path, num_kv, capsys):
     model = _tiny_tp2_checkpoint(tmp_path, num_kv)

@@ -568,8 +568,8 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, kind: int = W_BF16, w_scale: torch
     ``int4_fast_supported`` (one row: the CUDA-core kernel, ``int4_gemv_kernel``), True = always
     (bf16/fp16 x; ``tiles`` = (BN, blocks per step, warps[, stages[, splits]]) there), False = never;
     "vec" = the batch-1 CUDA-core kernel (``gemv_int4v``, per-channel only; ``tiles`` = (BN, bytes
-    per step, warps, splits)). Otherwise ``tiles`` = (BN, BK,
-    warps[, splits]). splits > 1 is split-K (more programs for matrices with few output columns)."""
+    per step, warps, splits)). Otherwise ``tiles`` = (BN, BK, warps[, splits]). splits > 1 is split-K
+    (more programs for matrices with few output columns)."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     M, K = x2.shape
