@@ -22,6 +22,8 @@ from collections.abc import Iterator
 
 import torch
 
+from .weight_only import div_exact
+
 E4M3_MAX = 448.0
 TINY = 1e-12
 
@@ -37,7 +39,7 @@ def qdq_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def scale_from_amax(amax: torch.Tensor | float) -> torch.Tensor:
     a = torch.as_tensor(amax, dtype=torch.float32)
-    return (a.clamp_min(TINY) / E4M3_MAX).reshape(a.shape or (1,))
+    return div_exact(a.clamp_min(TINY), E4M3_MAX).reshape(a.shape or (1,))
 
 
 def quantize_per_tensor(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,7 +24,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -69,6 +69,12 @@ class LayerResult:
     gptq_gain: dict[str, float] = field(default_factory=dict)  # GPTQ output error / round-to-nearest's
 
 
+def _result_on(res: LayerResult, device: torch.device) -> LayerResult:
+    """``res`` with its tensors on ``device`` (the write pass quantizes where calibration ran)."""
+    return replace(res, amax={m: a.to(device) for m, a in res.amax.items()},
+                   awq={m: (p.to(device), None if c is None else c.to(device)) for m, (p, c) in res.awq.items()})
+
+
 @dataclass
 class QuantizeSummary:
     out_dir: str
@@ -110,7 +116,9 @@ def quantize_layer(t: dict[str, torch.Tensor], layer: int, res: LayerResult, cfg
     def quantized(m: str) -> bool:
         return is_quantized_linear(full + m + ".weight", tuple(t[m + ".weight"].shape), quant)
 
-    spooled = torch.load(res.fp8_file, weights_only=True) if algo == qc.FP8 and res.fp8_file else None
+    device = next(iter(t.values())).device if t else torch.device("cpu")
+    spooled = (torch.load(res.fp8_file, weights_only=True, map_location=device)
+               if algo == qc.FP8 and res.fp8_file else None)
 
     for group in linear_groups(t) if algo else []:
         mods = [m for m in group if quantized(m)]
@@ -415,7 +423,8 @@ def quantize_checkpoint(model, out_dir: str | os.PathLike, cfg: QuantConfig, *,
             record["smoothquant_alpha"] = alpha
             record["alpha_searched"] = cfg.smoothquant_alpha is None
         config["kiln_quantization"] = record
-        _write(model, out, config, spec, results, cfg, quant, mdt, alpha, progress)
+        _write(model, out, config, spec, results, cfg, quant, mdt, alpha, progress,
+               torch.device(settings.resolved_device))
     finally:
         if spool is not None:
             shutil.rmtree(spool, ignore_errors=True)
@@ -430,7 +439,10 @@ def quantize_checkpoint(model, out_dir: str | os.PathLike, cfg: QuantConfig, *,
 
 
 def _write(model, out: Path, config: dict, spec, results: dict[int, LayerResult], cfg: QuantConfig, quant: dict,
-           dtype: torch.dtype, alpha: float | None, progress: ProgressFn | None) -> None:
+           dtype: torch.dtype, alpha: float | None, progress: ProgressFn | None,
+           device: torch.device) -> None:
+    """Pass 2. Each layer is quantized on ``device`` (the calibration device: the GPU when there is
+    one; the same IEEE rounding as on the CPU) and written from host memory."""
     expected = {n for n, _, _ in spec}
     n_layers = config["num_hidden_layers"]
 
@@ -439,8 +451,9 @@ def _write(model, out: Path, config: dict, spec, results: dict[int, LayerResult]
             if idx is None:
                 yield from t.items()
                 continue
-            qt = quantize_layer(t, idx, results.get(idx, LayerResult()), cfg, quant, dtype, alpha)
-            yield from ((f"transformer.layers.{idx}.{k}", v) for k, v in qt.items()
+            res = _result_on(results.get(idx, LayerResult()), device)
+            qt = quantize_layer({k: v.to(device) for k, v in t.items()}, idx, res, cfg, quant, dtype, alpha)
+            yield from ((f"transformer.layers.{idx}.{k}", v.cpu()) for k, v in qt.items()
                         if f"transformer.layers.{idx}.{k}" in expected)
             if progress:
                 progress(0.85 + 0.15 * (idx + 1) / n_layers, f"wrote layer {idx + 1}/{n_layers}")

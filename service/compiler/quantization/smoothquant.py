@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from .weight_only import div_exact
+
 QMAX = 127.0
 
 
@@ -22,7 +24,7 @@ def smooth_scale(act_amax: torch.Tensor, weights: list[torch.Tensor], alpha: flo
 
 
 def quantize_int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    scale = (w.float().abs().amax(dim=1).clamp_min(1e-12) / QMAX).float()
+    scale = div_exact(w.float().abs().amax(dim=1).clamp_min(1e-12), QMAX).float()
     return torch.round(w.float() / scale[:, None]).clamp(-QMAX, QMAX).to(torch.int8), scale
 
 

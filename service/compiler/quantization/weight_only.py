@@ -20,9 +20,16 @@ QMIN = {8: -128, 4: -8}
 TINY = 1e-12
 
 
+def div_exact(x: torch.Tensor, c: float) -> torch.Tensor:
+    """``x / c``, correctly rounded on every device. With a Python number CUDA multiplies by the float32
+    reciprocal (one ulp off the CPU's division for some x), so a checkpoint quantized on the GPU
+    would differ from the CPU's; dividing by a tensor on x's device is a true division on both."""
+    return x / torch.tensor(c, dtype=x.dtype, device=x.device)
+
+
 def symmetric_scale(amax: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
     """amax / qmax rounded to the storage dtype (and back to float32 for the division)."""
-    return (amax.float().clamp_min(TINY) / QMAX[bits]).to(dtype).float().clamp_min(TINY)
+    return div_exact(amax.float().clamp_min(TINY), QMAX[bits]).to(dtype).float().clamp_min(TINY)
 
 
 def quantize_symmetric(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
@@ -98,7 +105,7 @@ def quantize_groupwise(w: torch.Tensor, group: int, dtype: torch.dtype, *, zero_
         q = torch.round(wg / scale[..., None]).clamp(-8, 7)
         return q.reshape(out, inp).to(torch.int8), scale.to(dtype), None
     mx, mn = wg.amax(dim=-1), wg.amin(dim=-1)
-    scale = ((mx - mn).clamp_min(TINY) / 15).to(dtype).float().clamp_min(TINY)
+    scale = div_exact((mx - mn).clamp_min(TINY), 15).to(dtype).float().clamp_min(TINY)
     z = torch.round(-mn / scale).clamp(0, 15)
     zero = ((8 - z) * scale).to(dtype)
     qu = (torch.round(wg / scale[..., None]) + z[..., None]).clamp(0, 15)

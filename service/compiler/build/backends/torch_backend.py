@@ -25,6 +25,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable
+from collections.abc import Mapping as MappingABC
 from pathlib import Path
 
 import torch
@@ -84,31 +85,57 @@ def engine_layout(cfg: dict) -> tuple[str, list[tuple[str, tuple[str, ...]]]]:
     return ENGINE_LAYOUT, checkpoint_to_engine_table(cfg)
 
 
-def _quantized_engine_tensors(tensors: dict, cfg: dict) -> tuple[dict[int, dict], Callable[[int], dict]]:
+class _OnDevice(MappingABC):
+    """Checkpoint tensors, each copied to ``device`` when read."""
+
+    def __init__(self, tensors: dict, device: torch.device):
+        self._t, self._device = tensors, device
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._t[name].to(self._device)
+
+    def __iter__(self):
+        return iter(self._t)
+
+    def __len__(self) -> int:
+        return len(self._t)
+
+
+def _quantized_engine_tensors(tensors: dict, cfg: dict, device: torch.device
+                              ) -> tuple[dict[int, dict], Callable[[int], dict]]:
     """(layer -> name -> (dtype, shape) of its quantized engine tensors, from shapes alone; layer -> the
-    tensors themselves, computed once per layer while writing)."""
+    tensors themselves, computed once per layer on ``device`` while writing, returned in host memory)."""
     quant = cfg.get("quantization") or {}
     if not (quant.get("quant_algo") or quant.get("kv_cache_quant_algo")):
         return {}, lambda i: {}
 
-    def checked(fn: Callable[..., dict], i: int) -> dict:
+    def checked(fn: Callable[..., dict], source, i: int) -> dict:
         try:
-            return fn(tensors, i, quant)
+            return fn(source, i, quant)
         except KeyError as exc:
             raise InvalidCheckpoint(f"quantized checkpoint lacks {exc.args[0]}") from exc
 
-    specs = {i: checked(quantized_layer_specs, i) for i in range(int(cfg["num_hidden_layers"]))}
-    return specs, lambda i: checked(quantized_layer_tensors, i)
+    specs = {i: checked(quantized_layer_specs, tensors, i) for i in range(int(cfg["num_hidden_layers"]))}
+    source = tensors if device.type == "cpu" else _OnDevice(tensors, device)
+    return specs, lambda i: {n: t.cpu() for n, t in checked(quantized_layer_tensors, source, i).items()}
+
+
+def conversion_device() -> torch.device:
+    """Where a build unpacks and repacks quantized weights: the GPU when there is one (one layer at a
+    time; the same integer ops as on the CPU), else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def write_engine_weights(ckpt_dir: Path, cfg: dict, dtype: torch.dtype, out: Path,
-                         progress: ProgressFn | None = None, rank: int | None = None) -> int:
+                         progress: ProgressFn | None = None, rank: int | None = None,
+                         device: torch.device | None = None) -> int:
     """Stream the checkpoint (or one tp rank of it) into ``out`` in the engine layout; returns bytes.
-    A quantized checkpoint's linears keep their stored FP8 / int8 / int4 weights (``engine_quant``)."""
+    A quantized checkpoint's linears keep their stored FP8 / int8 / int4 weights (``engine_quant``),
+    rearranged for the kernels on ``device`` (default ``conversion_device()``)."""
     tensors, files = _checkpoint_tensors(ckpt_dir, cfg, rank)
     try:
         layout, table = engine_layout(cfg)
-        specs, qlayer = _quantized_engine_tensors(tensors, cfg)
+        specs, qlayer = _quantized_engine_tensors(tensors, cfg, device or conversion_device())
         replaced = {f"layers.{i}.{s}" for i, spec in specs.items() for s in quantized_slots(spec, i)}
         table = [(n, src) for n, src in table if n not in replaced]
         vocab = int(cfg["vocab_size"]) if rank is None else tensors["lm_head.weight"].shape[0]  # padded slice
