@@ -10,7 +10,8 @@
    Triton kernel) for the Llama-3.2-1B and 3.1-8B shapes, and the decode GEMVs of both shapes at batch
    1 (cuBLAS bf16 vs Triton bf16 / FP8 / int8 / int4 per-channel / int4 group-128), in GB/s of weight.
    Kind ``int4vf``: the batch-1 int4 kernel on the CUDA cores (``gemv_int4v``; the engine's choice for
-   one row of per-channel W4A16 since the sixth session's sweep).
+   one row of per-channel W4A16 since the sixth session's sweep); ``int4wf``: its variant on int32
+   words (``_gemv_int4w``: nibbles to float32 by and-xor + subtract, no bf16 stage).
 """
 
 from __future__ import annotations
@@ -106,9 +107,10 @@ def make_weights(n: int, k: int, kind: str, device="cuda") -> dict:
         w8 = (w / s[:, None]).to(torch.float8_e4m3fn)
         return {"args": (w8,), "kw": {"kind": K.W_FP8, "w_scale": s, "dynamic_token": True}, "fp8dyn": (w8, s),
                 "bytes": w8.numel()}
-    if kind in ("int4h", "int4g128h", "int4hf", "int4g128hf", "int4g128zf", "int4vf"):
+    if kind in ("int4h", "int4g128h", "int4hf", "int4g128hf", "int4g128zf", "int4vf", "int4wf"):
         # *h: packed in halves (the engine's layout), older conversion kernel; *hf: bit-unpacking kernel;
-        # int4g128zf: + AWQ zero point and pre-quant scale; int4vf: batch-1 CUDA-core kernel
+        # int4g128zf: + AWQ zero point and pre-quant scale; int4vf: batch-1 CUDA-core kernel; int4wf: its
+        # int32-word variant
         group = 128 if "g128" in kind else 0
         zero = pqs = None
         if group:
@@ -125,7 +127,7 @@ def make_weights(n: int, k: int, kind: str, device="cuda") -> dict:
         blk = K.int4_block_for(k, group)
         p = K.pack_int4_halves(q, blk)
         kw = {"kind": K.W_INT4, "w_scale": s, "group": group, "int4_block": blk,
-              "int4_fast": "vec" if kind == "int4vf" else kind.endswith("f")}
+              "int4_fast": {"int4vf": "vec", "int4wf": "word"}.get(kind, kind.endswith("f"))}
         if zero is not None:
             kw.update(zero=zero, pre_quant_scale=pqs)
         return {"args": (p,), "kw": kw, "ref_w": ref, "bytes": p.numel() + s.numel() * 2}
@@ -156,9 +158,9 @@ def probe_int4_unpack(results: list) -> None:
 
 def check_gemv(results: list) -> None:
     for kind in ("bf16", "fp8", "fp8u", "fp8dyn", "int8", "int4", "int4g128", "int4h", "int4g128h", "int4hf",
-                 "int4g128hf", "int4g128zf", "int4vf"):
+                 "int4g128hf", "int4g128zf", "int4vf", "int4wf"):
         for M, N, Kd in [(1, 4096, 4096), (3, 1000, 2048), (16, 6144, 4096)]:
-            if kind == "int4vf" and M != 1:  # batch 1 only
+            if kind in ("int4vf", "int4wf") and M != 1:  # batch 1 only
                 continue
             wt = make_weights(N, Kd, kind)
             x = torch.randn(M, Kd, device="cuda").bfloat16()
@@ -183,6 +185,16 @@ def check_gemv(results: list) -> None:
                 out = K.gemv(x, *wt["args"], **wt["kw"])
             err = rel(out, ref)
             results.append({"check": f"gemv_{kind}", "shape": [M, N, Kd], "rel_err": err, "ok": err < 1e-2})
+            if kind == "int4vf":  # software pipelining reorders loads, not arithmetic: the same bits
+                for tiles in [(bn, 128, 4, sp, st) for bn, sp in ((32, 1), (16, 2)) for st in (1, 2, 3, 4)]:
+                    try:
+                        y = K.gemv(x, *wt["args"], tiles=tiles, **wt["kw"])
+                        one = K.gemv(x, *wt["args"], tiles=tiles[:4], **wt["kw"])
+                        results.append({"check": "gemv_int4vf_stages", "tiles": list(tiles), "shape": [M, N, Kd],
+                                        "rel_err": rel(y, ref), "ok": torch.equal(y, one)})
+                    except Exception as exc:
+                        results.append({"check": "gemv_int4vf_stages", "tiles": list(tiles), "ok": False,
+                                        "error": repr(exc)[:500]})
             try:
                 check_split(results, kind, wt, x, ref, a_s if kind in ("fp8", "fp8u") else None)
             except Exception as exc:  # report, keep going with the other checks
@@ -199,7 +211,7 @@ def check_split(results: list, kind: str, wt: dict, x: torch.Tensor, ref: torch.
         if kind in INT4F:
             blk = wt["kw"]["int4_block"]
             tiles = (32, 1, 4, 1, sp) if Kd % (blk * sp) == 0 else None
-        elif kind == "int4vf":
+        elif kind in ("int4vf", "int4wf"):
             blk = wt["kw"]["int4_block"]
             tiles = (32, 128, 4, sp) if Kd % (blk * sp) == 0 else None
         elif kind in ("bf16", "fp8", "fp8dyn", "int8"):
@@ -286,14 +298,15 @@ def time_attention(rows: list, shape: str, span: int = 512, pos: int = 383, batc
 INT4F = ("int4hf", "int4g128hf", "int4g128zf")
 
 
-def sweep_configs(kind: str, Kd: int, blk: int, split_only: bool) -> list[tuple]:
+def sweep_configs(kind: str, Kd: int, blk: int, split_only: bool, stages: tuple[int, ...] = (1,)) -> list[tuple]:
     """Tile configs to try for one kind (``gemv``'s ``tiles``); ``split_only``: the split-K candidates
-    and their unsplit twins (32/64 rows, 4 warps, one stage)."""
+    and their unsplit twins (32/64 rows, 4 warps, one stage); ``stages``: software-pipelining depths
+    to try (``int4vf`` only)."""
     splits = (2, 4, 8)
-    if kind == "int4vf":  # (BN, bytes per row per step, warps, splits)
-        return [(bn, cb, nw, sp) for bn in (16, 32, 64) for cb in (64, 128, 256) for nw in (4, 8)
-                for sp in (1, *splits) if Kd % (blk * sp) == 0 and (blk // 2) % cb == 0
-                and (not split_only or (nw == 4 and cb == 128))]
+    if kind in ("int4vf", "int4wf"):  # (BN, bytes per row per step, warps, splits, stages)
+        return [(bn, cb, nw, sp, st) for bn in (16, 32, 64) for cb in (64, 128, 256) for nw in (4, 8)
+                for sp in (1, *splits) for st in stages if Kd % (blk * sp) == 0 and (blk // 2) % cb == 0
+                and (not split_only or (nw == 4 and cb == 128 and bn < 64))]
     if kind in INT4F:  # (BN, packing blocks per step, warps, stages[, splits])
         split = [(bn, nb, 4, 1, sp) for bn in (32, 64) for nb in (1, 2) for sp in splits if Kd % (blk * nb * sp) == 0]
         if split_only:
@@ -313,7 +326,7 @@ def sweep_configs(kind: str, Kd: int, blk: int, split_only: bool) -> list[tuple]
 
 def time_gemv(rows: list, shape: str, kinds: list[str], M: int = 1, sweep: bool = False,
               sweep_kinds: list[str] | None = None, matrices: list[str] | None = None,
-              split_only: bool = False) -> None:
+              split_only: bool = False, stages: tuple[int, ...] = (1,)) -> None:
     hidden, nh, nkv, d, inter, vocab = SHAPES[shape]
     mats = {"qkv": ((nh + 2 * nkv) * d, hidden), "o": (hidden, nh * d), "gate_up": (2 * inter, hidden),
             "down": (hidden, inter), "lm_head": (vocab, hidden)}
@@ -335,7 +348,7 @@ def time_gemv(rows: list, shape: str, kinds: list[str], M: int = 1, sweep: bool 
             extra = {"act_scale": a_s} if kind in ("fp8", "fp8u") else {}
             configs = [None]
             if sweep and (not sweep_kinds or kind in sweep_kinds):
-                configs += sweep_configs(kind, Kd, ws[0]["kw"].get("int4_block", 0), split_only)
+                configs += sweep_configs(kind, Kd, ws[0]["kw"].get("int4_block", 0), split_only, stages)
             best = None
             for cfg in configs:
                 try:
@@ -344,6 +357,8 @@ def time_gemv(rows: list, shape: str, kinds: list[str], M: int = 1, sweep: bool 
                 except Exception as exc:  # a tile config the compiler refuses
                     row.setdefault("errors", []).append(f"{kind} {cfg}: {exc!r}"[:200])
                     continue
+                if cfg is not None:
+                    row.setdefault(f"{kind}_sweep", []).append([list(cfg), round(t * 1e6, 2)])
                 if cfg is None:
                     row[f"{kind}_us"] = t * 1e6
                     row[f"{kind}_GBps"] = ws[0]["bytes"] / t / 1e9
@@ -366,6 +381,7 @@ def main() -> None:
     ap.add_argument("--matrices", default="", help="only these matrices (qkv,o,gate_up,down,lm_head)")
     ap.add_argument("--split-only", action="store_true",
                     help="sweep only split-K configs and their unsplit twins (32/64 rows, 4 warps)")
+    ap.add_argument("--stages", default="1", help="int4vf sweep: software-pipelining depths to try, e.g. 1,2,3")
     ap.add_argument("--no-attention", action="store_true")
     ap.add_argument("--no-checks", action="store_true")
     ap.add_argument("--json-name", default="kernel_bench.json")
@@ -392,7 +408,8 @@ def main() -> None:
             time_attention(rows, shape, batch=32, span=512, pos=383)
         time_gemv(rows, shape, args.kinds.split(","), M=args.batch, sweep=args.sweep,
                   sweep_kinds=[k for k in args.sweep_kinds.split(",") if k],
-                  matrices=[m for m in args.matrices.split(",") if m], split_only=args.split_only)
+                  matrices=[m for m in args.matrices.split(",") if m], split_only=args.split_only,
+                  stages=tuple(int(v) for v in args.stages.split(",")))
     with open(os.path.join(args.out, args.json_name), "w") as f:
         json.dump({"checks": checks, "rows": rows, "device": torch.cuda.get_device_name()}, f, indent=1)
     print(f"\n{torch.cuda.get_device_name()}  torch {torch.__version__}")
@@ -410,6 +427,14 @@ def main() -> None:
                  for k in kinds]
         print(f"| {r['shape']} | {r['matrix']} | {r['N']}x{r['K']} | {r['cublas_bf16_us']:.1f} "
               f"({r['cublas_bf16_GBps']:.0f}) | " + " | ".join(cells) + " |")
+    if args.stages != "1":  # int4vf / int4wf: the best config at each pipelining depth
+        for r in rows:
+            for kind in ("int4vf", "int4wf"):
+                sw = r.get(f"{kind}_sweep", [])
+                best = {st: min((t, c) for c, t in sw if c[4] == st) for st in {c[4] for c, _ in sw}}
+                if best:
+                    print(f"{kind} {r['shape']} {r['matrix']}: " + ", ".join(
+                        f"stages {st}: {t:.1f} us {c}" for st, (t, c) in sorted(best.items())))
 
 
 if __name__ == "__main__":

@@ -139,11 +139,17 @@ def test_int4_decode_kernel_choice(monkeypatch):
     assert int4_gemv_kernel(bf16, 1, per_row, 0, 0, None, None) == "convert"  # packed along K the old way
     assert int4_gemv_kernel(bf16, 1, per_row, 1024, 0, None, None, int4_fast=False) == "convert"
     assert int4_gemv_kernel(bf16, 1, per_row, 1024, 0, None, None, int4_fast=True) == "unpack"
-    assert int4_gemv_kernel(torch.float32, 3, per_row, 1024, 0, None, None, int4_fast="vec") == "cuda_cores"
+    assert int4_gemv_kernel(torch.float32, 3, per_row, 1024, 0, None, None, int4_fast="vec") == "cuda_cores_bytes"
     with pytest.raises(ValueError, match="per-channel"):
         int4_gemv_kernel(bf16, 1, torch.ones(64, 2), 256, 128, None, None, int4_fast="vec")
+    assert int4_gemv_kernel(bf16, 1, per_row, 1024, 0, None, None, int4_fast="word") == "cuda_cores_words"
     monkeypatch.setenv("KILN_INT4_BATCH1_KERNEL", "tensor_cores")
     assert int4_gemv_kernel(bf16, 1, per_row, 1024, 0, None, None) == "unpack"
+    for forced in ("cuda_cores_words", "cuda_cores_bytes"):
+        monkeypatch.setenv("KILN_INT4_BATCH1_KERNEL", forced)
+        assert int4_gemv_kernel(bf16, 1, per_row, 1024, 0, None, None) == forced
+    assert int4_gemv_kernel(bf16, 4, per_row, 1024, 0, None, None) == "unpack"
+    assert int4_gemv_kernel(torch.float32, 1, per_row, 1024, 0, None, None) == "convert"
     monkeypatch.setenv("KILN_INT4_BATCH1_KERNEL", "fastest")
     with pytest.raises(ValueError, match="KILN_INT4_BATCH1_KERNEL"):
         int4_gemv_kernel(bf16, 1, per_row, 1024, 0, None, None)

@@ -96,15 +96,20 @@ def int4_fast_supported(x_dtype: torch.dtype, w_scale: torch.Tensor | None, int4
             and w_scale.numel() > 1 and group == 0 and pre_quant_scale is None and zero is None)
 
 
+INT4_BATCH1_KERNELS = ("cuda_cores", "cuda_cores_bytes", "cuda_cores_words", "tensor_cores")
+
+
 def int4_batch1_kernel() -> str:
     """Which kernel batch-1 per-channel int4 (W4A16) GEMVs take: "cuda_cores" (``gemv_int4v``, the
     default: on the H100, 8B per layer 95.6 -> 86.6 us, faster on 7 of the 8 swept 1B/8B matrices,
     1B o 5.6 -> 5.8 us; benchmarks/README-engine.md, sixth session) or "tensor_cores"
-    (``gemv_int4h``). ``KILN_INT4_BATCH1_KERNEL`` overrides, read at each call (a CUDA graph keeps
+    (``gemv_int4h``). On the CUDA cores the weight is read as bytes (``_gemv_int4v``) or int32 words
+    (``_gemv_int4w``), chosen per shape by ``kernels.int4_words`` (seventh session's sweep), or forced by
+    "cuda_cores_bytes" / "cuda_cores_words". ``KILN_INT4_BATCH1_KERNEL`` overrides, read at each call (a CUDA graph keeps
     the kernel it captured)."""
     choice = os.environ.get("KILN_INT4_BATCH1_KERNEL", "cuda_cores")
-    if choice not in ("cuda_cores", "tensor_cores"):
-        raise ValueError(f"KILN_INT4_BATCH1_KERNEL must be cuda_cores or tensor_cores, got {choice!r}")
+    if choice not in INT4_BATCH1_KERNELS:
+        raise ValueError(f"KILN_INT4_BATCH1_KERNEL must be one of {', '.join(INT4_BATCH1_KERNELS)}, got {choice!r}")
     return choice
 
 
@@ -112,21 +117,22 @@ def int4_gemv_kernel(x_dtype: torch.dtype, rows: int, w_scale: torch.Tensor | No
                      pre_quant_scale: torch.Tensor | None, zero: torch.Tensor | None,
                      int4_fast: bool | str | None = None, tiles_given: bool = False) -> str:
     """Which decode kernel an int4 GEMV takes (``kernels.gemv``): "cuda_cores" (``gemv_int4v``, batch
-    1, per channel), "unpack" (``gemv_int4h``, tensor cores on nibbles unpacked in registers) or
-    "convert" (the weight converted to the activation dtype per step). ``int4_fast``: None = by these
-    rules, True = "unpack", False = "convert", "vec" = "cuda_cores"; ``tiles_given``: the caller's
-    tiles are in the unpacking kernel's format, so the automatic choice stays there."""
-    if int4_fast == "vec":
+    1, per channel; bytes or int32 words by the weight's shape), "cuda_cores_bytes" /
+    "cuda_cores_words" (the same, forced), "unpack" (``gemv_int4h``, tensor cores on nibbles unpacked
+    in registers) or "convert" (the weight converted to the activation dtype per step). ``int4_fast``:
+    None = by these rules, True = "unpack", False = "convert", "vec" = "cuda_cores_bytes", "word" =
+    "cuda_cores_words"; ``tiles_given``: the caller's tiles are in the unpacking kernel's format, so
+    the automatic choice stays there."""
+    if int4_fast in ("vec", "word"):
         if group or pre_quant_scale is not None or zero is not None or not int4_block:
             raise ValueError("the CUDA-core int4 kernel handles per-channel int4 packed in halves only")
-        return "cuda_cores"
+        return "cuda_cores_bytes" if int4_fast == "vec" else "cuda_cores_words"
     if int4_fast is True:
         return "unpack"
     if int4_fast is False or not int4_fast_supported(x_dtype, w_scale, int4_block, group, pre_quant_scale, zero):
         return "convert"
-    if rows == 1 and not tiles_given and int4_batch1_kernel() == "cuda_cores":
-        return "cuda_cores"
-    return "unpack"
+    choice = int4_batch1_kernel() if rows == 1 and not tiles_given else "tensor_cores"
+    return "unpack" if choice == "tensor_cores" else choice
 
 
 def pack_int4_halves(q: torch.Tensor, block: int) -> torch.Tensor:

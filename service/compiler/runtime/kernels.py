@@ -423,12 +423,12 @@ def _int4h_tiles(n: int, k: int, block: int) -> tuple[int, ...]:
     return (64 if tall else 32), nb, 4, 1
 
 
-def _splits(n: int, k: int, step: int) -> int:
-    """Split-K factor for an [n, k] weight at batch <= 16: the most (<= 8) that keeps n x splits <= 16384
-    (up to ~512 programs of 32 rows: matrices with many rows already fill the GPU) and >= 512 K
+def _splits(n: int, k: int, step: int, rows: int = 16384) -> int:
+    """Split-K factor for an [n, k] weight at batch <= 16: the most (<= 8) that keeps n x splits <= ``rows``
+    (16384: up to ~512 programs of 32 rows: matrices with many rows already fill the GPU) and >= 512 K
     (and a whole number of ``step``s) per split. From the fourth session's sweep on the H100."""
     s = 8
-    while s > 1 and (n * s > 16384 or k // s < max(512, step) or k % (step * s)):
+    while s > 1 and (n * s > rows or k // s < max(512, step) or k % (step * s)):
         s //= 2
     return s
 
@@ -480,8 +480,65 @@ def _gemv_int4v(X, W, Y, WS, BIAS, PART, CNT, N, K, KS, swn, sym,
         _int4h_epilogue(out, Y, WS, BIAS, offs_m, offs_n, mmask, nmask, sym, 0, HAS_BIAS)
 
 
-def _int4v_tiles(n: int, k: int, block: int) -> tuple[int, int, int, int]:
-    """(BN, bytes per row per step, num_warps, splits) for ``gemv_int4v``, from the sixth session's
+@triton.jit
+def _int4w_term(src, SHIFT: tl.constexpr, x):
+    """One nibble of every int32 word in ``src`` (bits SHIFT..SHIFT+3, SHIFT <= 16) times ``x``, with
+    no conversion instruction: the nibble, its sign bit flipped, lands in the mantissa of 2^23 (one
+    and-xor), so the float is 2^23 + (s + 8) * 2^SHIFT for the signed nibble s; one subtraction
+    leaves s * 2^SHIFT exactly, and ``x`` comes pre-scaled by 2^-SHIFT (exact)."""
+    v = ((src & (15 << SHIFT)) ^ (0x4B000000 | (8 << SHIFT))).to(tl.float32, bitcast=True)
+    return (v - (8388608.0 + 8.0 * (1 << SHIFT))) * x[None, :]
+
+
+@triton.jit
+def _gemv_int4w(X, W, Y, WS, BIAS, PART, CNT, N, K, KS, swn, sym,
+                HAS_BIAS: tl.constexpr, BLK: tl.constexpr, CW: tl.constexpr, BN: tl.constexpr,
+                SPLIT: tl.constexpr):
+    """``_gemv_int4v`` on int32 words (W: the packed bytes viewed as int32, ``swn`` in words): a word
+    holds bytes j..j+3 of a half-block, so nibble 2m is k = j + m (low half) and 2m + 1 is
+    k = BLK/2 + j + m. Each nibble becomes float32 by ``_int4w_term`` (and-xor, subtract, FMA: three
+    instructions a weight, against unpacking to bf16, converting and FMA); nibbles above bit 19 are
+    shifted down first (one shift for three). CW words of each row per step."""
+    pid = tl.program_id(0)
+    if SPLIT > 1:
+        k_lo = tl.program_id(1) * KS
+        k_hi = k_lo + KS
+    else:
+        k_lo = 0
+        k_hi = K
+    offs_n = pid * BN + tl.arange(0, BN)
+    nmask = offs_n < N
+    offs_w = tl.arange(0, CW)
+    HB: tl.constexpr = BLK // 2
+    acc = tl.zeros([BN, CW], tl.float32)
+    for k0 in range(k_lo, k_hi, BLK):
+        for c in tl.static_range(HB // (4 * CW)):
+            j = k0 + c * 4 * CW
+            w = tl.load(W + offs_n[:, None] * swn + (k0 // 8 + c * CW + offs_w)[None, :], mask=nmask[:, None], other=0)
+            ws = w >> 12
+            xl = X + j + 4 * offs_w
+            xh = X + HB + j + 4 * offs_w
+            acc += _int4w_term(w, 0, tl.load(xl).to(tl.float32))
+            acc += _int4w_term(w, 4, tl.load(xh).to(tl.float32) * 0.0625)
+            acc += _int4w_term(w, 8, tl.load(xl + 1).to(tl.float32) * 0.00390625)
+            acc += _int4w_term(w, 12, tl.load(xh + 1).to(tl.float32) * 0.000244140625)
+            acc += _int4w_term(w, 16, tl.load(xl + 2).to(tl.float32) * 0.0000152587890625)
+            acc += _int4w_term(ws, 8, tl.load(xh + 2).to(tl.float32) * 0.00390625)
+            acc += _int4w_term(ws, 12, tl.load(xl + 3).to(tl.float32) * 0.000244140625)
+            acc += _int4w_term(ws, 16, tl.load(xh + 3).to(tl.float32) * 0.0000152587890625)
+    out = tl.reshape(tl.sum(acc, 1), (1, BN))
+    offs_m = tl.arange(0, 1)
+    mmask = offs_m < 1
+    if SPLIT > 1:
+        out, last = _split_k_gather(out, PART, CNT, offs_m, offs_n, nmask, N, 1, SPLIT)
+        if last:
+            _int4h_epilogue(out, Y, WS, BIAS, offs_m, offs_n, mmask, nmask, sym, 0, HAS_BIAS)
+    else:
+        _int4h_epilogue(out, Y, WS, BIAS, offs_m, offs_n, mmask, nmask, sym, 0, HAS_BIAS)
+
+
+def _int4v_tiles(n: int, k: int, block: int) -> tuple[int, ...]:
+    """(BN, bytes per row per step, num_warps, splits[, stages]) for ``gemv_int4v``, from the sixth session's
     sweep on the H100 (batch 1, Llama 1B/8B matrices): 128 bytes per step, 4 warps, split-K by
     ``_splits``, and 16 rows per program where 32 would give fewer than 384 programs (8B down 30.2 ->
     27.1 us, 1B qkv / o a few percent)."""
@@ -490,8 +547,24 @@ def _int4v_tiles(n: int, k: int, block: int) -> tuple[int, int, int, int]:
     return bn, min(128, block // 2), 4, splits
 
 
+def _int4w_tiles(n: int, k: int, block: int) -> tuple[int, int, int, int]:
+    """(BN, bytes per row per step, num_warps, splits) for the int32-word kernel, from the seventh
+    session's sweep on the H100: 32 rows, 128 bytes, 4 warps, and twice ``_splits``' programs at most
+    (n x splits <= 65536): 8B qkv / o split 4, gate_up 2; 1B down 8."""
+    return 32, min(128, block // 2), 4, _splits(n, k, block, rows=65536)
+
+
+def int4_words(n: int, k: int) -> bool:
+    """Whether a batch-1 per-channel int4 GEMV of an [n, k] weight reads int32 words (``_gemv_int4w``)
+    rather than bytes (``_gemv_int4v``). The seventh session's H100 sweep (best tiles of each, 8B and
+    1B Llama matrices) found words faster for 4096 <= k <= 8192 (8B qkv 11.8 -> 11.1 us, o 9.0 -> 8.8,
+    gate_up 38.0 -> 33.7; 1B down 9.1 -> 8.8) and bytes faster or equal elsewhere (8B down, k = 14336:
+    26.7 vs 28.2; 1B qkv / o / gate_up, k = 2048)."""
+    return 4096 <= k <= 8192
+
+
 def gemv_int4v(x2: torch.Tensor, w: torch.Tensor, y: torch.Tensor, *, w_scale, bias, int4_block: int,
-               tiles: tuple[int, ...] | None = None) -> None:
+               tiles: tuple[int, ...] | None = None, words: bool | None = None) -> None:
     """Batch-1 per-channel int4 GEMV on the CUDA cores (``_gemv_int4v``): ``gemv``'s choice for one
     bf16/fp16 activation row (``int4_batch1_kernel``), or ``int4_fast="vec"``."""
     M, K = x2.shape
@@ -501,16 +574,27 @@ def gemv_int4v(x2: torch.Tensor, w: torch.Tensor, y: torch.Tensor, *, w_scale, b
                          f"and {None if w_scale is None else w_scale.numel()} scales")
     if x2.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"unsupported activation dtype {x2.dtype}")
-    bn, cb, warps, split = tiles or _int4v_tiles(N, K, int4_block)
+    if words is None:
+        words = int4_words(N, K)
+    bn, cb, warps, split, *rest = tiles or (_int4w_tiles if words else _int4v_tiles)(N, K, int4_block)
+    stages = rest[0] if rest else 1
     if K % (int4_block * split) or (int4_block // 2) % cb:
         raise ValueError(f"K={K}: {split} splits of whole {int4_block}-blocks in steps of {cb} bytes do not fit")
     tiles_n = triton.cdiv(N, bn)
     part, cnt = _split_buffers(x2, split, N, tiles_n)
+    if words:
+        if cb % 4 or w.stride(0) % 4 or w.data_ptr() % 16:
+            raise ValueError("the int32-word int4 kernel needs rows of whole, aligned 4-byte words")
+        _gemv_int4w[(tiles_n, split)](
+            x2, w.view(torch.int32), y, w_scale, bias if bias is not None else x2, part, cnt, N, K, K // split,
+            w.stride(0) // 4, y.stride(0), HAS_BIAS=bias is not None, BLK=int4_block, CW=cb // 4, BN=bn, SPLIT=split,
+            num_warps=warps, num_stages=stages)
+        return
     fp16 = x2.dtype == torch.float16
     _gemv_int4v[(tiles_n, split)](
         x2, w, y, w_scale, bias if bias is not None else x2, part, cnt, N, K, K // split, w.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, BLK=int4_block, CB=cb, USE_ASM=x2.dtype != torch.float32,
-        ASM_LO=_ASM[(False, fp16)], ASM_HI=_ASM[(True, fp16)], BN=bn, SPLIT=split, num_warps=warps, num_stages=1)
+        ASM_LO=_ASM[(False, fp16)], ASM_HI=_ASM[(True, fp16)], BN=bn, SPLIT=split, num_warps=warps, num_stages=stages)
 
 
 def gemv_int4h(x2: torch.Tensor, w: torch.Tensor, y: torch.Tensor, *, w_scale, group, pre_quant_scale, zero, bias,
@@ -568,7 +652,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, kind: int = W_BF16, w_scale: torch
     ``int4_fast_supported`` (one row: the CUDA-core kernel, ``int4_gemv_kernel``), True = always
     (bf16/fp16 x; ``tiles`` = (BN, blocks per step, warps[, stages[, splits]]) there), False = never;
     "vec" = the batch-1 CUDA-core kernel (``gemv_int4v``, per-channel only; ``tiles`` = (BN, bytes
-    per step, warps, splits)). Otherwise ``tiles`` = (BN, BK, warps[, splits]). splits > 1 is split-K
+    per step, warps, splits[, stages])). Otherwise ``tiles`` = (BN, BK, warps[, splits]). splits > 1 is split-K
     (more programs for matrices with few output columns)."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
@@ -582,8 +666,9 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, kind: int = W_BF16, w_scale: torch
     y = y_out.view(M, N)
     path = int4_gemv_kernel(x.dtype, M, w_scale, int4_block, group, pre_quant_scale, zero, int4_fast,
                             tiles is not None) if kind == W_INT4 else "convert"
-    if path == "cuda_cores":
-        gemv_int4v(x2, w, y, w_scale=w_scale, bias=bias, int4_block=int4_block, tiles=tiles)
+    if path.startswith("cuda_cores"):
+        gemv_int4v(x2, w, y, w_scale=w_scale, bias=bias, int4_block=int4_block, tiles=tiles,
+                   words={"cuda_cores_bytes": False, "cuda_cores_words": True}.get(path))
         return y_out
     if path == "unpack":
         gemv_int4h(x2, w, y, w_scale=w_scale, group=group, pre_quant_scale=pre_quant_scale, zero=zero, bias=bias,
