@@ -117,12 +117,10 @@ def test_bf16_engine_decode_kernels_agree_with_float32(llama, tmp_path):
     build(tmp_path / "ckpt", BuildConfig(dtype="bfloat16", **bc), tmp_path / "bf16")
     build(tmp_path / "ckpt", BuildConfig(dtype="float32", compile=False, **bc), tmp_path / "fp32")
     e16, e32 = Engine.load(tmp_path / "bf16"), Engine.load(tmp_path / "fp32")
-    t16 = e16.generate(PROMPTS, 16).tokens
     t32 = e32.generate(PROMPTS, 16).tokens
     ref = CheckpointRunner.from_dir(tmp_path / "ckpt")
     assert t32 == [ref.generate(p, 16) for p in PROMPTS]
-    agree = sum(a == b for x, y in zip(t16, t32, strict=True) for a, b in zip(x, y, strict=True)) / sum(len(x) for x in t32)
-    assert agree >= 0.9, (t16, t32)
+    _choices_near_argmax(e16.generate(PROMPTS, 16).tokens, e32)
 
 
 def test_bf16_int4_engine_bit_unpacking_kernel(llama, tmp_path):
@@ -151,18 +149,82 @@ def test_bf16_int4_engine_bit_unpacking_kernel(llama, tmp_path):
     x1 = x[:1]
     kw = dict(kind=q.kind, w_scale=q.scale, group=q.group, pre_quant_scale=q.pqs, zero=q.zero, int4_block=q.int4_block)
     one, vec = kernels.gemv(x1, q.weight, **kw), kernels.gemv(x1, q.weight, int4_fast="vec", **kw)
-    assert torch.equal(one, vec)
+    pick = "word" if kernels.int4_words(q.weight.shape[0], x1.shape[1]) else "vec"  # bytes or words by shape
+    assert torch.equal(one, kernels.gemv(x1, q.weight, int4_fast=pick, **kw))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("KILN_INT4_BATCH1_KERNEL", "tensor_cores")
         tc = kernels.gemv(x1, q.weight, **kw)
         assert torch.equal(tc, kernels.gemv(x1, q.weight, int4_fast=True, **kw))
+        mp.setenv("KILN_INT4_BATCH1_KERNEL", "cuda_cores_words")
+        words = kernels.gemv(x1, q.weight, **kw)
+        assert torch.equal(words, kernels.gemv(x1, q.weight, int4_fast="word", **kw))
     ref1 = kernels.gemv(x1, q.weight, int4_fast=False, **kw).float()
-    for y in (vec, tc):
+    for y in (vec, tc, words):
         assert float((y.float() - ref1).norm() / ref1.norm()) < 1e-2
-    t16 = e16.generate(PROMPTS, 16).tokens
-    t32 = e32.generate(PROMPTS, 16).tokens
-    agree = sum(a == b for x, y in zip(t16, t32, strict=True) for a, b in zip(x, y, strict=True)) / sum(len(x) for x in t32)
-    assert agree >= 0.9, (t16, t32)
-    one16 = [e16.generate([p], 16).tokens[0] for p in PROMPTS]  # batch 1: the CUDA-core kernel
-    agree = sum(a == b for x, y in zip(one16, t32, strict=True) for a, b in zip(x, y, strict=True)) / sum(len(x) for x in t32)
-    assert agree >= 0.9, (one16, t32)
+    _choices_near_argmax(e16.generate(PROMPTS, 16).tokens, e32)  # three rows: the tensor-core kernel
+    _choices_near_argmax([e16.generate([p], 16).tokens[0] for p in PROMPTS], e32)  # one row: CUDA cores
+
+
+def _choices_near_argmax(tokens: list[list[int]], e32: Engine, margin: float = 0.05) -> None:
+    """Every greedy choice of a bf16 engine is the float32 engine's best next token given the same
+    prefix, or within ``margin`` of the logit range's spread above the mean from it (a near-tie that bf16
+    rounding may flip). Teacher-forced on the bf16 tokens, so one flipped tie does not count every
+    later token as a miss, as comparing two free-running generations does; a wrong kernel picks tokens
+    far below the best."""
+    flips = 0
+    for p, toks in zip(PROMPTS, tokens, strict=True):
+        logits = e32.forward([p + toks])[0]
+        for i, t in enumerate(toks):
+            row = logits[len(p) - 1 + i]
+            gap = float(row.max() - row[t])
+            assert gap <= margin * float(row.max() - row.mean()), (p, i, t, gap, float(row.max() - row.mean()))
+            flips += gap > 0
+    assert flips <= len(tokens), flips  # ties are rare: at most about one per sequence
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    from service.compiler.safetensors_io import SafetensorsFile
+
+    f = SafetensorsFile(path)
+    try:
+        return {n: f.tensor(n).clone() for n in f.keys()}
+    finally:
+        f.close()
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], names=None) -> None:
+    assert set(a) == set(b)
+    for n in names if names is not None else a:
+        x, y = a[n], b[n]
+        assert x.dtype == y.dtype and x.shape == y.shape, n
+        assert torch.equal(x.view(torch.uint8), y.view(torch.uint8)), n  # bit for bit (fp8 has no NaN compare)
+
+
+@pytest.mark.parametrize("algo", ["W4A16", "W8A16", "FP8", "W4A16_AWQ"])
+def test_gpu_quantize_and_build_conversion_write_what_the_cpu_writes(llama, tmp_path, algo):
+    """The write pass quantizes each layer on the calibration device and the build rearranges quantized
+    weights on the GPU: the same bytes as on the CPU (weight-only: the whole checkpoint; FP8 / AWQ,
+    whose calibration statistics come from GPU vs CPU float matmuls: the weights and weight scales of
+    FP8, and the engine files built from one checkpoint for every algo)."""
+    from service.compiler.build.backends.torch_backend import write_engine_weights
+    from service.compiler.checkpoint import load_config
+
+    kw = {"W4A16_AWQ": dict(group_size=128, awq_grid=4), "FP8": dict(fp8_gptq=False)}.get(algo, {})
+    cfg = QuantConfig(algo, **kw)  # FP8 rounded to nearest: its GPTQ rounding depends on the calibration
+    ck = {}
+    for dev in ("cpu", "cuda"):
+        calib = CalibrationSettings(samples=4, seq_len=32, heldout_samples=2, awq_tokens=128, token_ids=IDS, device=dev)
+        quantize_checkpoint(llama, tmp_path / dev, cfg, calibration=calib, dtype="bfloat16")
+        ck[dev] = _tensors(tmp_path / dev / "rank0.safetensors")
+    if algo in ("W4A16", "W8A16"):
+        _same(ck["cpu"], ck["cuda"])
+    elif algo == "FP8":
+        _same(ck["cpu"], ck["cuda"], [n for n in ck["cpu"] if n.endswith(("weight", "weights_scaling_factor"))])
+    conf = load_config(tmp_path / "cpu")
+    eng = {}
+    for dev in ("cpu", "cuda"):
+        write_engine_weights(tmp_path / "cpu", conf, torch.bfloat16, tmp_path / f"engine-{dev}.safetensors",
+                             device=torch.device(dev))
+        eng[dev] = _tensors(tmp_path / f"engine-{dev}.safetensors")
+    assert any(n.endswith("scale") for n in eng["cpu"])  # quantized slots were written
+    _same(eng["cpu"], eng["cuda"])
