@@ -107,16 +107,17 @@ def make_weights(n: int, k: int, kind: str, device="cuda") -> dict:
         w8 = (w / s[:, None]).to(torch.float8_e4m3fn)
         return {"args": (w8,), "kw": {"kind": K.W_FP8, "w_scale": s, "dynamic_token": True}, "fp8dyn": (w8, s),
                 "bytes": w8.numel()}
-    if kind in ("int4h", "int4g128h", "int4hf", "int4g128hf", "int4g128zf", "int4vf", "int4wf"):
+    if kind in ("int4h", "int4g128h", "int4hf", "int4g128hf", "int4g128zf", "int4vf", "int4wf", "int4g128wf",
+                "int4g128zwf"):
         # *h: packed in halves (the engine's layout), older conversion kernel; *hf: bit-unpacking kernel;
         # int4g128zf: + AWQ zero point and pre-quant scale; int4vf: batch-1 CUDA-core kernel; int4wf: its
-        # int32-word variant
+        # int32-word variant; int4g128wf / int4g128zwf: the word kernel with group scales (+ zero, pre-quant scale)
         group = 128 if "g128" in kind else 0
         zero = pqs = None
         if group:
-            q, s, z = quantize_groupwise(w, 128, torch.bfloat16, zero_point=kind == "int4g128zf")
+            q, s, z = quantize_groupwise(w, 128, torch.bfloat16, zero_point=kind in ("int4g128zf", "int4g128zwf"))
             ref = dequantize_groupwise(q, s, z, 128)
-            if kind == "int4g128zf":
+            if kind in ("int4g128zf", "int4g128zwf"):
                 zero = z.to(torch.bfloat16)
                 ref = dequantize_groupwise(q, s, zero, 128)
                 pqs = (torch.rand(k, device=device) + 0.5).to(torch.bfloat16)
@@ -127,7 +128,7 @@ def make_weights(n: int, k: int, kind: str, device="cuda") -> dict:
         blk = K.int4_block_for(k, group)
         p = K.pack_int4_halves(q, blk)
         kw = {"kind": K.W_INT4, "w_scale": s, "group": group, "int4_block": blk,
-              "int4_fast": {"int4vf": "vec", "int4wf": "word"}.get(kind, kind.endswith("f"))}
+              "int4_fast": "vec" if kind == "int4vf" else "word" if kind.endswith("wf") else kind.endswith("f")}
         if zero is not None:
             kw.update(zero=zero, pre_quant_scale=pqs)
         return {"args": (p,), "kw": kw, "ref_w": ref, "bytes": p.numel() + s.numel() * 2}
@@ -158,9 +159,9 @@ def probe_int4_unpack(results: list) -> None:
 
 def check_gemv(results: list) -> None:
     for kind in ("bf16", "fp8", "fp8u", "fp8dyn", "int8", "int4", "int4g128", "int4h", "int4g128h", "int4hf",
-                 "int4g128hf", "int4g128zf", "int4vf", "int4wf"):
+                 "int4g128hf", "int4g128zf", "int4vf", "int4wf", "int4g128wf", "int4g128zwf"):
         for M, N, Kd in [(1, 4096, 4096), (3, 1000, 2048), (16, 6144, 4096)]:
-            if kind in ("int4vf", "int4wf") and M != 1:  # batch 1 only
+            if kind in WORDS and M != 1:  # batch 1 only
                 continue
             wt = make_weights(N, Kd, kind)
             x = torch.randn(M, Kd, device="cuda").bfloat16()
@@ -211,7 +212,7 @@ def check_split(results: list, kind: str, wt: dict, x: torch.Tensor, ref: torch.
         if kind in INT4F:
             blk = wt["kw"]["int4_block"]
             tiles = (32, 1, 4, 1, sp) if Kd % (blk * sp) == 0 else None
-        elif kind in ("int4vf", "int4wf"):
+        elif kind in WORDS:
             blk = wt["kw"]["int4_block"]
             tiles = (32, 128, 4, sp) if Kd % (blk * sp) == 0 else None
         elif kind in ("bf16", "fp8", "fp8dyn", "int8"):
@@ -296,6 +297,7 @@ def time_attention(rows: list, shape: str, span: int = 512, pos: int = 383, batc
 
 
 INT4F = ("int4hf", "int4g128hf", "int4g128zf")
+WORDS = ("int4vf", "int4wf", "int4g128wf", "int4g128zwf")  # the batch-1 CUDA-core kernels
 
 
 def sweep_configs(kind: str, Kd: int, blk: int, split_only: bool, stages: tuple[int, ...] = (1,)) -> list[tuple]:
@@ -303,7 +305,7 @@ def sweep_configs(kind: str, Kd: int, blk: int, split_only: bool, stages: tuple[
     and their unsplit twins (32/64 rows, 4 warps, one stage); ``stages``: software-pipelining depths
     to try (``int4vf`` only)."""
     splits = (2, 4, 8)
-    if kind in ("int4vf", "int4wf"):  # (BN, bytes per row per step, warps, splits, stages)
+    if kind in WORDS:  # (BN, bytes per row per step, warps, splits, stages)
         return [(bn, cb, nw, sp, st) for bn in (16, 32, 64) for cb in (64, 128, 256) for nw in (4, 8)
                 for sp in (1, *splits) for st in stages if Kd % (blk * sp) == 0 and (blk // 2) % cb == 0
                 and (not split_only or (nw == 4 and cb == 128 and bn < 64))]
@@ -429,7 +431,7 @@ def main() -> None:
               f"({r['cublas_bf16_GBps']:.0f}) | " + " | ".join(cells) + " |")
     if args.stages != "1":  # int4vf / int4wf: the best config at each pipelining depth
         for r in rows:
-            for kind in ("int4vf", "int4wf"):
+            for kind in WORDS:
                 sw = r.get(f"{kind}_sweep", [])
                 best = {st: min((t, c) for c, t in sw if c[4] == st) for st in {c[4] for c, _ in sw}}
                 if best:

@@ -121,8 +121,9 @@ def test_int4_halves_packing_round_trips(k, group):
 
 def test_int4_decode_kernel_choice(monkeypatch):
     """Per-channel W4A16 with bf16/fp16 activations: one row takes the CUDA-core kernel (sixth
-    session's H100 sweep), more rows the bit-unpacking one; groups, AWQ scales, zeros and float32
-    convert; KILN_INT4_BATCH1_KERNEL and the int4_fast argument override; bad values are refused."""
+    session's H100 sweep), more rows the bit-unpacking one; group-wise int4 (AWQ scales, zeros) takes
+    the CUDA-core word kernel for one row and converts otherwise, as float32 does;
+    KILN_INT4_BATCH1_KERNEL and the int4_fast argument override; bad values are refused."""
     from service.compiler.runtime.engine_quant import int4_gemv_kernel
 
     per_row, one = torch.ones(64), torch.ones(1)
@@ -133,18 +134,23 @@ def test_int4_decode_kernel_choice(monkeypatch):
     assert int4_gemv_kernel(bf16, 2, per_row, 1024, 0, None, None) == "unpack"
     assert int4_gemv_kernel(bf16, 1, per_row, 1024, 0, None, None, tiles_given=True) == "unpack"
     assert int4_gemv_kernel(torch.float32, 1, per_row, 1024, 0, None, None) == "convert"
-    assert int4_gemv_kernel(bf16, 1, torch.ones(64, 2), 256, 128, None, None) == "convert"  # groups
-    assert int4_gemv_kernel(bf16, 1, per_row, 1024, 0, torch.ones(128), None) == "convert"  # AWQ pre-quant scale
+    groups = torch.ones(64, 2)
+    assert int4_gemv_kernel(bf16, 1, groups, 256, 128, None, None) == "cuda_cores_words"  # groups: the words
+    assert int4_gemv_kernel(bf16, 1, groups, 256, 128, torch.ones(256), groups) == "cuda_cores_words"  # AWQ + zero
+    assert int4_gemv_kernel(bf16, 2, groups, 256, 128, None, None) == "convert"  # groups, more rows
+    assert int4_gemv_kernel(torch.float32, 1, groups, 256, 128, None, None) == "convert"
+    assert int4_gemv_kernel(bf16, 1, groups, 256, 128, None, None, int4_fast="word") == "cuda_cores_words"
     assert int4_gemv_kernel(bf16, 1, one, 1024, 0, None, None) == "convert"  # one scale for the tensor
     assert int4_gemv_kernel(bf16, 1, per_row, 0, 0, None, None) == "convert"  # packed along K the old way
     assert int4_gemv_kernel(bf16, 1, per_row, 1024, 0, None, None, int4_fast=False) == "convert"
     assert int4_gemv_kernel(bf16, 1, per_row, 1024, 0, None, None, int4_fast=True) == "unpack"
     assert int4_gemv_kernel(torch.float32, 3, per_row, 1024, 0, None, None, int4_fast="vec") == "cuda_cores_bytes"
-    with pytest.raises(ValueError, match="per-channel"):
+    with pytest.raises(ValueError, match="per channel only on bytes"):
         int4_gemv_kernel(bf16, 1, torch.ones(64, 2), 256, 128, None, None, int4_fast="vec")
     assert int4_gemv_kernel(bf16, 1, per_row, 1024, 0, None, None, int4_fast="word") == "cuda_cores_words"
     monkeypatch.setenv("KILN_INT4_BATCH1_KERNEL", "tensor_cores")
     assert int4_gemv_kernel(bf16, 1, per_row, 1024, 0, None, None) == "unpack"
+    assert int4_gemv_kernel(bf16, 1, groups, 256, 128, None, None) == "convert"  # the old choice for groups
     for forced in ("cuda_cores_words", "cuda_cores_bytes"):
         monkeypatch.setenv("KILN_INT4_BATCH1_KERNEL", forced)
         assert int4_gemv_kernel(bf16, 1, per_row, 1024, 0, None, None) == forced

@@ -118,18 +118,29 @@ def int4_gemv_kernel(x_dtype: torch.dtype, rows: int, w_scale: torch.Tensor | No
                      int4_fast: bool | str | None = None, tiles_given: bool = False) -> str:
     """Which decode kernel an int4 GEMV takes (``kernels.gemv``): "cuda_cores" (``gemv_int4v``, batch
     1, per channel; bytes or int32 words by the weight's shape), "cuda_cores_bytes" /
-    "cuda_cores_words" (the same, forced), "unpack" (``gemv_int4h``, tensor cores on nibbles unpacked
-    in registers) or "convert" (the weight converted to the activation dtype per step). ``int4_fast``:
+    "cuda_cores_words" (the same, forced; group-wise int4 — AWQ's group scales, pre-quant scales and
+    zeros — always takes the words), "unpack" (``gemv_int4h``, tensor cores on nibbles unpacked in
+    registers) or "convert" (the weight converted to the activation dtype per step). ``int4_fast``:
     None = by these rules, True = "unpack", False = "convert", "vec" = "cuda_cores_bytes", "word" =
     "cuda_cores_words"; ``tiles_given``: the caller's tiles are in the unpacking kernel's format, so
-    the automatic choice stays there."""
+    the automatic choice stays there. Group-wise int4 with more than one row, or with
+    ``KILN_INT4_BATCH1_KERNEL`` naming another kernel, converts (the bit-unpacking kernel was not
+    faster for it: third session)."""
+    grouped = bool(group) or pre_quant_scale is not None or zero is not None
     if int4_fast in ("vec", "word"):
-        if group or pre_quant_scale is not None or zero is not None or not int4_block:
-            raise ValueError("the CUDA-core int4 kernel handles per-channel int4 packed in halves only")
+        if not int4_block or (int4_fast == "vec" and grouped):
+            raise ValueError("the CUDA-core int4 kernel handles int4 packed in halves only, and per channel only "
+                             "on bytes (int4_fast='vec'); groups take int4_fast='word'")
         return "cuda_cores_bytes" if int4_fast == "vec" else "cuda_cores_words"
     if int4_fast is True:
         return "unpack"
-    if int4_fast is False or not int4_fast_supported(x_dtype, w_scale, int4_block, group, pre_quant_scale, zero):
+    if int4_fast is False:
+        return "convert"
+    batch1 = (rows == 1 and not tiles_given and x_dtype in (torch.bfloat16, torch.float16) and int4_block > 0
+              and w_scale is not None and w_scale.numel() > 1)
+    if grouped:
+        return "cuda_cores_words" if batch1 and int4_batch1_kernel() in ("cuda_cores", "cuda_cores_words") else "convert"
+    if not int4_fast_supported(x_dtype, w_scale, int4_block, group, pre_quant_scale, zero):
         return "convert"
     choice = int4_batch1_kernel() if rows == 1 and not tiles_given else "tensor_cores"
     return "unpack" if choice == "tensor_cores" else choice

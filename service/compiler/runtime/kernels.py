@@ -491,14 +491,27 @@ def _int4w_term(src, SHIFT: tl.constexpr, x):
 
 
 @triton.jit
-def _gemv_int4w(X, W, Y, WS, BIAS, PART, CNT, N, K, KS, swn, sym,
-                HAS_BIAS: tl.constexpr, BLK: tl.constexpr, CW: tl.constexpr, BN: tl.constexpr,
-                SPLIT: tl.constexpr):
+def _int4w_x(X, PQS, offs, SCALE: tl.constexpr, HAS_PQS: tl.constexpr):
+    """Activations at ``offs`` as float32 (times the AWQ pre-quant scale), times SCALE = 2^-shift."""
+    x = tl.load(X + offs).to(tl.float32)
+    if HAS_PQS:
+        x = x * tl.load(PQS + offs).to(tl.float32)
+    return x * SCALE
+
+
+@triton.jit
+def _gemv_int4w(X, W, Y, WS, PQS, Z, BIAS, PART, CNT, N, K, KS, swn, sym, sgs_n,
+                GROUP: tl.constexpr, HAS_PQS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+                BLK: tl.constexpr, CW: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr):
     """``_gemv_int4v`` on int32 words (W: the packed bytes viewed as int32, ``swn`` in words): a word
     holds bytes j..j+3 of a half-block, so nibble 2m is k = j + m (low half) and 2m + 1 is
     k = BLK/2 + j + m. Each nibble becomes float32 by ``_int4w_term`` (and-xor, subtract, FMA: three
     instructions a weight, against unpacking to bf16, converting and FMA); nibbles above bit 19 are
-    shifted down first (one shift for three). CW words of each row per step."""
+    shifted down first (one shift for three). CW words of each row per step. GROUP > 0: group scales
+    [N, K/GROUP] (row stride ``sgs_n``); each half-block lies in one group (``int4_block_for``), so the
+    low and high halves' partial sums take their group's scale once per word, the additive zero
+    (HAS_ZERO, same layout) is zero x sum(x) per group, and HAS_PQS multiplies x by the AWQ pre-quant
+    scale as it is loaded."""
     pid = tl.program_id(0)
     if SPLIT > 1:
         k_lo = tl.program_id(1) * KS
@@ -511,30 +524,52 @@ def _gemv_int4w(X, W, Y, WS, BIAS, PART, CNT, N, K, KS, swn, sym,
     offs_w = tl.arange(0, CW)
     HB: tl.constexpr = BLK // 2
     acc = tl.zeros([BN, CW], tl.float32)
+    accz = tl.zeros([BN], tl.float32)
     for k0 in range(k_lo, k_hi, BLK):
         for c in tl.static_range(HB // (4 * CW)):
             j = k0 + c * 4 * CW
             w = tl.load(W + offs_n[:, None] * swn + (k0 // 8 + c * CW + offs_w)[None, :], mask=nmask[:, None], other=0)
             ws = w >> 12
-            xl = X + j + 4 * offs_w
-            xh = X + HB + j + 4 * offs_w
-            acc += _int4w_term(w, 0, tl.load(xl).to(tl.float32))
-            acc += _int4w_term(w, 4, tl.load(xh).to(tl.float32) * 0.0625)
-            acc += _int4w_term(w, 8, tl.load(xl + 1).to(tl.float32) * 0.00390625)
-            acc += _int4w_term(w, 12, tl.load(xh + 1).to(tl.float32) * 0.000244140625)
-            acc += _int4w_term(w, 16, tl.load(xl + 2).to(tl.float32) * 0.0000152587890625)
-            acc += _int4w_term(ws, 8, tl.load(xh + 2).to(tl.float32) * 0.00390625)
-            acc += _int4w_term(ws, 12, tl.load(xl + 3).to(tl.float32) * 0.000244140625)
-            acc += _int4w_term(ws, 16, tl.load(xh + 3).to(tl.float32) * 0.0000152587890625)
-    out = tl.reshape(tl.sum(acc, 1), (1, BN))
+            ol = j + 4 * offs_w
+            oh = HB + j + 4 * offs_w
+            x0 = _int4w_x(X, PQS, ol, 1.0, HAS_PQS)
+            x1 = _int4w_x(X, PQS, oh, 0.0625, HAS_PQS)
+            x2 = _int4w_x(X, PQS, ol + 1, 0.00390625, HAS_PQS)
+            x3 = _int4w_x(X, PQS, oh + 1, 0.000244140625, HAS_PQS)
+            x4 = _int4w_x(X, PQS, ol + 2, 0.0000152587890625, HAS_PQS)
+            x5 = _int4w_x(X, PQS, oh + 2, 0.00390625, HAS_PQS)
+            x6 = _int4w_x(X, PQS, ol + 3, 0.000244140625, HAS_PQS)
+            x7 = _int4w_x(X, PQS, oh + 3, 0.0000152587890625, HAS_PQS)
+            if GROUP == 0:
+                acc += _int4w_term(w, 0, x0)
+                acc += _int4w_term(w, 4, x1)
+                acc += _int4w_term(w, 8, x2)
+                acc += _int4w_term(w, 12, x3)
+                acc += _int4w_term(w, 16, x4)
+                acc += _int4w_term(ws, 8, x5)
+                acc += _int4w_term(ws, 12, x6)
+                acc += _int4w_term(ws, 16, x7)
+            else:
+                t_lo = _int4w_term(w, 0, x0) + _int4w_term(w, 8, x2) + _int4w_term(w, 16, x4) + _int4w_term(ws, 12, x6)
+                t_hi = _int4w_term(w, 4, x1) + _int4w_term(w, 12, x3) + _int4w_term(ws, 8, x5) + _int4w_term(ws, 16, x7)
+                s_lo = tl.load(WS + offs_n * sgs_n + j // GROUP, mask=nmask, other=0.0).to(tl.float32)
+                s_hi = tl.load(WS + offs_n * sgs_n + (HB + j) // GROUP, mask=nmask, other=0.0).to(tl.float32)
+                acc += t_lo * s_lo[:, None] + t_hi * s_hi[:, None]
+                if HAS_ZERO:  # x came scaled by 2^-shift: undo it for the sums (exact)
+                    sum_lo = tl.sum(x0 + x2 * 256.0 + x4 * 65536.0 + x6 * 4096.0, 0)
+                    sum_hi = tl.sum(x1 * 16.0 + x3 * 4096.0 + x5 * 256.0 + x7 * 65536.0, 0)
+                    z_lo = tl.load(Z + offs_n * sgs_n + j // GROUP, mask=nmask, other=0.0).to(tl.float32)
+                    z_hi = tl.load(Z + offs_n * sgs_n + (HB + j) // GROUP, mask=nmask, other=0.0).to(tl.float32)
+                    accz += z_lo * sum_lo + z_hi * sum_hi
+    out = tl.reshape(tl.sum(acc, 1) + accz, (1, BN))
     offs_m = tl.arange(0, 1)
     mmask = offs_m < 1
     if SPLIT > 1:
         out, last = _split_k_gather(out, PART, CNT, offs_m, offs_n, nmask, N, 1, SPLIT)
         if last:
-            _int4h_epilogue(out, Y, WS, BIAS, offs_m, offs_n, mmask, nmask, sym, 0, HAS_BIAS)
+            _int4h_epilogue(out, Y, WS, BIAS, offs_m, offs_n, mmask, nmask, sym, GROUP, HAS_BIAS)
     else:
-        _int4h_epilogue(out, Y, WS, BIAS, offs_m, offs_n, mmask, nmask, sym, 0, HAS_BIAS)
+        _int4h_epilogue(out, Y, WS, BIAS, offs_m, offs_n, mmask, nmask, sym, GROUP, HAS_BIAS)
 
 
 def _int4v_tiles(n: int, k: int, block: int) -> tuple[int, ...]:
@@ -564,18 +599,24 @@ def int4_words(n: int, k: int) -> bool:
 
 
 def gemv_int4v(x2: torch.Tensor, w: torch.Tensor, y: torch.Tensor, *, w_scale, bias, int4_block: int,
-               tiles: tuple[int, ...] | None = None, words: bool | None = None) -> None:
-    """Batch-1 per-channel int4 GEMV on the CUDA cores (``_gemv_int4v``): ``gemv``'s choice for one
-    bf16/fp16 activation row (``int4_batch1_kernel``), or ``int4_fast="vec"``."""
+               tiles: tuple[int, ...] | None = None, words: bool | None = None, group: int = 0,
+               pre_quant_scale: torch.Tensor | None = None, zero: torch.Tensor | None = None) -> None:
+    """Batch-1 int4 GEMV on the CUDA cores (``_gemv_int4v`` on bytes, ``_gemv_int4w`` on int32 words):
+    ``gemv``'s choice for one bf16/fp16 activation row (``int4_batch1_kernel``), or ``int4_fast="vec"``
+    / ``"word"``. Group scales, AWQ pre-quant scales and zeros: the word kernel only."""
     M, K = x2.shape
     N = w.shape[0]
-    if M != 1 or w_scale is None or w_scale.numel() != N:
-        raise ValueError(f"the CUDA-core int4 kernel takes one activation row and {N} per-row scales, got {M} rows "
+    grouped = bool(group) or pre_quant_scale is not None or zero is not None
+    want = N * (K // group) if group else N
+    if M != 1 or w_scale is None or w_scale.numel() != want:
+        raise ValueError(f"the CUDA-core int4 kernel takes one activation row and {want} scales, got {M} rows "
                          f"and {None if w_scale is None else w_scale.numel()} scales")
     if x2.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"unsupported activation dtype {x2.dtype}")
     if words is None:
-        words = int4_words(N, K)
+        words = grouped or int4_words(N, K)
+    if grouped and not words:
+        raise ValueError("group scales, pre-quant scales and zeros need the word kernel (int4_fast='word')")
     bn, cb, warps, split, *rest = tiles or (_int4w_tiles if words else _int4v_tiles)(N, K, int4_block)
     stages = rest[0] if rest else 1
     if K % (int4_block * split) or (int4_block // 2) % cb:
@@ -585,10 +626,14 @@ def gemv_int4v(x2: torch.Tensor, w: torch.Tensor, y: torch.Tensor, *, w_scale, b
     if words:
         if cb % 4 or w.stride(0) % 4 or w.data_ptr() % 16:
             raise ValueError("the int32-word int4 kernel needs rows of whole, aligned 4-byte words")
+        if group and (int4_block // 2) % cb:
+            raise ValueError(f"group {group}: a step of {cb} bytes crosses a half-block of {int4_block // 2}")
         _gemv_int4w[(tiles_n, split)](
-            x2, w.view(torch.int32), y, w_scale, bias if bias is not None else x2, part, cnt, N, K, K // split,
-            w.stride(0) // 4, y.stride(0), HAS_BIAS=bias is not None, BLK=int4_block, CW=cb // 4, BN=bn, SPLIT=split,
-            num_warps=warps, num_stages=stages)
+            x2, w.view(torch.int32), y, w_scale, x2 if pre_quant_scale is None else pre_quant_scale,
+            x2 if zero is None else zero, bias if bias is not None else x2, part, cnt, N, K, K // split,
+            w.stride(0) // 4, y.stride(0), w_scale.stride(0) if group else 0, GROUP=group,
+            HAS_PQS=pre_quant_scale is not None, HAS_ZERO=zero is not None, HAS_BIAS=bias is not None,
+            BLK=int4_block, CW=cb // 4, BN=bn, SPLIT=split, num_warps=warps, num_stages=stages)
         return
     fp16 = x2.dtype == torch.float16
     _gemv_int4v[(tiles_n, split)](
@@ -668,7 +713,8 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, kind: int = W_BF16, w_scale: torch
                             tiles is not None) if kind == W_INT4 else "convert"
     if path.startswith("cuda_cores"):
         gemv_int4v(x2, w, y, w_scale=w_scale, bias=bias, int4_block=int4_block, tiles=tiles,
-                   words={"cuda_cores_bytes": False, "cuda_cores_words": True}.get(path))
+                   words={"cuda_cores_bytes": False, "cuda_cores_words": True}.get(path), group=group,
+                   pre_quant_scale=pre_quant_scale, zero=zero)
         return y_out
     if path == "unpack":
         gemv_int4h(x2, w, y, w_scale=w_scale, group=group, pre_quant_scale=pre_quant_scale, zero=zero, bias=bias,
