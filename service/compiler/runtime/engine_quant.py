@@ -26,7 +26,7 @@ runtime's arithmetic) computes.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 import torch
@@ -104,9 +104,9 @@ def int4_batch1_kernel() -> str:
     default: on the H100, 8B per layer 95.6 -> 86.6 us, faster on 7 of the 8 swept 1B/8B matrices,
     1B o 5.6 -> 5.8 us; benchmarks/README-engine.md, sixth session) or "tensor_cores"
     (``gemv_int4h``). On the CUDA cores the weight is read as bytes (``_gemv_int4v``) or int32 words
-    (``_gemv_int4w``), chosen per shape by ``kernels.int4_words`` (seventh session's sweep), or forced by
-    "cuda_cores_bytes" / "cuda_cores_words". ``KILN_INT4_BATCH1_KERNEL`` overrides, read at each call (a CUDA graph keeps
-    the kernel it captured)."""
+    (``_gemv_int4w``), chosen per shape by ``kernels.int4_words`` (seventh session's sweep), or forced
+    by "cuda_cores_bytes" / "cuda_cores_words". ``KILN_INT4_BATCH1_KERNEL`` overrides, read at each
+    call (a CUDA graph keeps the kernel it captured)."""
     choice = os.environ.get("KILN_INT4_BATCH1_KERNEL", "cuda_cores")
     if choice not in INT4_BATCH1_KERNELS:
         raise ValueError(f"KILN_INT4_BATCH1_KERNEL must be one of {', '.join(INT4_BATCH1_KERNELS)}, got {choice!r}")
@@ -136,13 +136,11 @@ def int4_gemv_kernel(x_dtype: torch.dtype, rows: int, w_scale: torch.Tensor | No
         return "unpack"
     if int4_fast is False:
         return "convert"
-    batch1 = (rows == 1 and not tiles_given and x_dtype in (torch.bfloat16, torch.float16) and int4_block > 0
-              and w_scale is not None and w_scale.numel() > 1)
-    if grouped:
-        return "cuda_cores_words" if batch1 and int4_batch1_kernel() in ("cuda_cores", "cuda_cores_words") else "convert"
-    if not int4_fast_supported(x_dtype, w_scale, int4_block, group, pre_quant_scale, zero):
+    if not int4_fast_supported(x_dtype, w_scale, int4_block):  # the same tests, groups aside
         return "convert"
     choice = int4_batch1_kernel() if rows == 1 and not tiles_given else "tensor_cores"
+    if grouped:
+        return "cuda_cores_words" if choice in ("cuda_cores", "cuda_cores_words") else "convert"
     return "unpack" if choice == "tensor_cores" else choice
 
 
@@ -222,15 +220,15 @@ def quantized_layer_tensors(tensors, layer: int, quant: dict) -> dict[str, torch
     return out
 
 
-class _MetaView(Mapping):
-    """Checkpoint tensors as meta tensors of the same shapes and dtypes (no bytes read)."""
+class TensorView(Mapping):
+    """Checkpoint tensors, each passed through ``fn`` when read (to meta tensors for shapes alone, to a
+    device for the conversion)."""
 
-    def __init__(self, tensors):
-        self._t = tensors
+    def __init__(self, tensors, fn: Callable[[torch.Tensor], torch.Tensor]):
+        self._t, self._fn = tensors, fn
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        t = self._t[name]
-        return torch.empty(t.shape, dtype=t.dtype, device="meta")
+        return self._fn(self._t[name])
 
     def __iter__(self):
         return iter(self._t)
@@ -239,10 +237,14 @@ class _MetaView(Mapping):
         return len(self._t)
 
 
+def _as_meta(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty(t.shape, dtype=t.dtype, device="meta")
+
+
 def quantized_layer_specs(tensors, layer: int, quant: dict) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
     """Name -> (dtype, shape) of ``quantized_layer_tensors``' output, computed on meta tensors: what
     the engine file's header needs before the bytes, without unpacking and repacking the weights."""
-    return {n: (t.dtype, tuple(t.shape)) for n, t in quantized_layer_tensors(_MetaView(tensors), layer, quant).items()}
+    return {n: (t.dtype, tuple(t.shape)) for n, t in quantized_layer_tensors(TensorView(tensors, _as_meta), layer, quant).items()}
 
 
 def quantized_slots(layer_tensors: dict[str, torch.Tensor], layer: int) -> set[str]:

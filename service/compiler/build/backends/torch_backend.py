@@ -25,7 +25,6 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable
-from collections.abc import Mapping as MappingABC
 from pathlib import Path
 
 import torch
@@ -37,7 +36,12 @@ from ...mapping import Mapping
 from ...runtime.engine_decilm import DECILM_LAYOUT, decilm_engine_table, merged_decilm_tensors
 from ...runtime.engine_gpt import GPT_ARCHS, GPT_LAYOUT, gpt_engine_table
 from ...runtime.engine_model import ENGINE_LAYOUT, checkpoint_to_engine_table
-from ...runtime.engine_quant import quantized_layer_specs, quantized_layer_tensors, quantized_slots
+from ...runtime.engine_quant import (
+    TensorView,
+    quantized_layer_specs,
+    quantized_layer_tensors,
+    quantized_slots,
+)
 from ...runtime.performance import PERFORMANCE_FILE, measure_in_build, not_measured
 from ...runtime.ranks import run_ranks
 from ...safetensors_io import SafetensorsFile, SafetensorsWriter, dtype_name, publish_dir
@@ -85,22 +89,6 @@ def engine_layout(cfg: dict) -> tuple[str, list[tuple[str, tuple[str, ...]]]]:
     return ENGINE_LAYOUT, checkpoint_to_engine_table(cfg)
 
 
-class _OnDevice(MappingABC):
-    """Checkpoint tensors, each copied to ``device`` when read."""
-
-    def __init__(self, tensors: dict, device: torch.device):
-        self._t, self._device = tensors, device
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self._t[name].to(self._device)
-
-    def __iter__(self):
-        return iter(self._t)
-
-    def __len__(self) -> int:
-        return len(self._t)
-
-
 def _quantized_engine_tensors(tensors: dict, cfg: dict, device: torch.device
                               ) -> tuple[dict[int, dict], Callable[[int], dict]]:
     """(layer -> name -> (dtype, shape) of its quantized engine tensors, from shapes alone; layer -> the
@@ -116,7 +104,7 @@ def _quantized_engine_tensors(tensors: dict, cfg: dict, device: torch.device
             raise InvalidCheckpoint(f"quantized checkpoint lacks {exc.args[0]}") from exc
 
     specs = {i: checked(quantized_layer_specs, tensors, i) for i in range(int(cfg["num_hidden_layers"]))}
-    source = tensors if device.type == "cpu" else _OnDevice(tensors, device)
+    source = TensorView(tensors, lambda t: t.to(device))  # a no-op on the CPU
     return specs, lambda i: {n: t.cpu() for n, t in checked(quantized_layer_tensors, source, i).items()}
 
 
