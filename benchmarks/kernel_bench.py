@@ -12,6 +12,9 @@
    Kind ``int4vf``: the batch-1 int4 kernel on the CUDA cores (``gemv_int4v``; the engine's choice for
    one row of per-channel W4A16 since the sixth session's sweep); ``int4wf``: its variant on int32
    words (``_gemv_int4w``: nibbles to float32 by and-xor + subtract, no bf16 stage).
+3. ``--prefill M``: one prefill linear of M rows, bf16 cuBLAS vs integer weights dequantized for the
+   same GEMM (the Inductor-compiled torch dequantization the prefill graph had, and the one-pass
+   Triton ``kernels.dequantize``).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from service.compiler.quantization.weight_only import (
     quantize_groupwise,
     quantize_per_channel,
 )
+from service.compiler.runtime import engine_quant as EQ
 from service.compiler.runtime import kernels as K
 
 SHAPES = {  # name: (hidden, heads, kv_heads, head, inter, vocab)
@@ -242,6 +246,66 @@ def check_split(results: list, kind: str, wt: dict, x: torch.Tensor, ref: torch.
                     "rel_err": err, "same_bits_calls_and_replays": same, "ok": err < 1e-2 and same})
 
 
+PREFILL_KINDS = {"int4": (K.W_INT4, 0, False), "int4g128z": (K.W_INT4, 128, True), "int8": (K.W_INT8, 0, False)}
+
+
+def engine_qlinear(n: int, k: int, kind: str, device="cuda") -> EQ.QLinear:
+    """An engine QLinear (float32 scales, int4 packed in halves) of a random [n, k] weight."""
+    wkind, group, zero_point = PREFILL_KINDS[kind]
+    w = torch.randn(n, k, device=device) * 0.02
+    zero = None
+    if group:
+        q, s, zero = quantize_groupwise(w, group, torch.float32, zero_point=zero_point)
+    else:
+        q, s = quantize_per_channel(w, 8 if wkind == K.W_INT8 else 4, torch.float32)
+    blk = K.int4_block_for(k, group) if wkind == K.W_INT4 else 0
+    packed = K.pack_int4_halves(q, blk) if blk else q
+    return EQ.QLinear(packed, s.float().contiguous(), None, None, zero, wkind, group, False, blk)
+
+
+def check_dequantize(results: list) -> None:
+    """The prefill's one-pass dequantization (``kernels.dequantize``) against the engine's torch
+    reference (``engine_quant.dequantize(q).to(dtype)``): equal bits without a zero point; with one
+    the Triton multiply-add may round once less (a bf16 ulp at most)."""
+    for kind in PREFILL_KINDS:
+        for n, k in [(4096, 4096), (1000, 2048), (96, 14336)]:
+            q = engine_qlinear(n, k, kind)
+            for dtype in (torch.bfloat16, torch.float16):
+                ref = EQ.dequantize(q).to(dtype)
+                got = K.dequantize(q.weight, q.scale, kind=q.kind, dtype=dtype, group=q.group, zero=q.zero,
+                                   int4_block=q.int4_block)
+                err = rel(got, ref)
+                ok = torch.equal(got, ref) if q.zero is None else err < 1e-2
+                results.append({"check": f"dequantize_{kind}_{str(dtype)[6:]}", "shape": [n, k], "rel_err": err,
+                                "ok": bool(ok)})
+
+
+def time_prefill(rows: list, shape: str, kinds: list[str], M: int) -> None:
+    """One prefill linear of M rows: bf16 cuBLAS against an integer weight dequantized for the same GEMM,
+    by the engine's earlier path (``engine_quant.dequantize`` compiled by Inductor, dynamic shapes, as
+    in the prefill graph) and by the one-pass Triton kernel (``kernels.dequantize``)."""
+    hidden, nh, nkv, d, inter, vocab = SHAPES[shape]
+    mats = {"qkv": ((nh + 2 * nkv) * d, hidden), "o": (hidden, nh * d), "gate_up": (2 * inter, hidden),
+            "down": (hidden, inter)}
+    old = torch.compile(lambda x, q: F.linear(x, EQ.dequantize(q).to(x.dtype)), dynamic=True)
+    for name, (N, Kd) in mats.items():
+        copies = max(2, min(8, int(400e6 // (N * Kd * 2))))
+        x = torch.randn(M, Kd, device="cuda").bfloat16()
+        row = {"bench": "prefill_linear", "shape": shape, "matrix": name, "N": N, "K": Kd, "M": M}
+        ws = [torch.randn(N, Kd, device="cuda").bfloat16() for _ in range(copies)]
+        row["bf16_us"] = graph_time([lambda w=w, x=x: F.linear(x, w) for w in ws]) * 1e6
+        del ws
+        for kind in kinds:
+            qs = [engine_qlinear(N, Kd, kind) for _ in range(copies)]
+            row[f"{kind}_inductor_us"] = graph_time([lambda q=q, x=x: old(x, q) for q in qs]) * 1e6
+            row[f"{kind}_triton_us"] = graph_time([lambda q=q, x=x: F.linear(x, K.dequantize(
+                q.weight, q.scale, kind=q.kind, dtype=x.dtype, group=q.group, zero=q.zero,
+                int4_block=q.int4_block)) for q in qs]) * 1e6
+            del qs
+        rows.append(row)
+        torch.cuda.empty_cache()
+
+
 def capture(fns: list) -> torch.cuda.CUDAGraph:
     """A CUDA graph of every fn in ``fns`` in order (after one warm-up call each on a side stream)."""
     s = torch.cuda.Stream()
@@ -384,6 +448,10 @@ def main() -> None:
     ap.add_argument("--split-only", action="store_true",
                     help="sweep only split-K configs and their unsplit twins (32/64 rows, 4 warps)")
     ap.add_argument("--stages", default="1", help="int4vf sweep: software-pipelining depths to try, e.g. 1,2,3")
+    ap.add_argument("--prefill", type=int, default=0,
+                    help="also time prefill linears of this many rows (bf16 vs dequantize + GEMM)")
+    ap.add_argument("--prefill-kinds", default="int4,int4g128z,int8")
+    ap.add_argument("--no-gemv", action="store_true", help="skip the decode GEMV timings")
     ap.add_argument("--no-attention", action="store_true")
     ap.add_argument("--no-checks", action="store_true")
     ap.add_argument("--json-name", default="kernel_bench.json")
@@ -399,6 +467,7 @@ def main() -> None:
         checks.append({"check": "int4_unpack_probe", "ok": False, "error": repr(exc)[:2000]})
     if not args.no_checks:
         check_gemv(checks)
+        check_dequantize(checks)
     for c in checks:
         print(json.dumps(c))
     print("correctness:", "ALL OK" if all(c["ok"] for c in checks) else "FAILURES")
@@ -408,10 +477,13 @@ def main() -> None:
             time_attention(rows, shape)
             time_attention(rows, shape, span=2304, pos=2200)
             time_attention(rows, shape, batch=32, span=512, pos=383)
-        time_gemv(rows, shape, args.kinds.split(","), M=args.batch, sweep=args.sweep,
-                  sweep_kinds=[k for k in args.sweep_kinds.split(",") if k],
-                  matrices=[m for m in args.matrices.split(",") if m], split_only=args.split_only,
-                  stages=tuple(int(v) for v in args.stages.split(",")))
+        if not args.no_gemv:
+            time_gemv(rows, shape, args.kinds.split(","), M=args.batch, sweep=args.sweep,
+                      sweep_kinds=[k for k in args.sweep_kinds.split(",") if k],
+                      matrices=[m for m in args.matrices.split(",") if m], split_only=args.split_only,
+                      stages=tuple(int(v) for v in args.stages.split(",")))
+        if args.prefill:
+            time_prefill(rows, shape, args.prefill_kinds.split(","), args.prefill)
     with open(os.path.join(args.out, args.json_name), "w") as f:
         json.dump({"checks": checks, "rows": rows, "device": torch.cuda.get_device_name()}, f, indent=1)
     print(f"\n{torch.cuda.get_device_name()}  torch {torch.__version__}")
@@ -429,6 +501,14 @@ def main() -> None:
                  for k in kinds]
         print(f"| {r['shape']} | {r['matrix']} | {r['N']}x{r['K']} | {r['cublas_bf16_us']:.1f} "
               f"({r['cublas_bf16_GBps']:.0f}) | " + " | ".join(cells) + " |")
+    pk = args.prefill_kinds.split(",")
+    if args.prefill:
+        print(f"\nprefill linear, {args.prefill} rows, us: bf16 | " + " | ".join(
+            f"{k} inductor dequant | {k} triton dequant" for k in pk))
+    for r in rows:
+        if r["bench"] == "prefill_linear":
+            print(f"| {r['shape']} | {r['matrix']} | {r['N']}x{r['K']} | {r['bf16_us']:.1f} | " + " | ".join(
+                f"{r[k + '_inductor_us']:.1f} | {r[k + '_triton_us']:.1f}" for k in pk) + " |")
     if args.stages != "1":  # int4vf / int4wf: the best config at each pipelining depth
         for r in rows:
             for kind in WORDS:

@@ -165,6 +165,39 @@ def test_bf16_int4_engine_bit_unpacking_kernel(llama, tmp_path):
     _choices_near_argmax([e16.generate([p], 16).tokens[0] for p in PROMPTS], e32)  # one row: CUDA cores
 
 
+@pytest.mark.parametrize("bits,group,zero_point", [(4, 0, False), (8, 0, False), (4, 128, False), (4, 64, True)],
+                         ids=["w4a16", "w8a16", "awq-g128", "awq-zero-g64"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_prefill_dequantize_kernel_matches_torch(bits, group, zero_point, dtype):
+    """The prefill's one-pass Triton dequantization gives ``engine_quant.dequantize(q).to(dtype)``: the
+    same bits without a zero point; with one, within one rounding of the multiply-add."""
+    from service.compiler.quantization.weight_only import quantize_groupwise, quantize_per_channel
+    from service.compiler.runtime import engine_quant, kernels
+
+    torch.manual_seed(0)
+    n, k = 1000, 3072
+    w = torch.randn(n, k, device="cuda") * 0.02
+    zero = None
+    if group:
+        q, s, zero = quantize_groupwise(w, group, torch.float32, zero_point=zero_point)
+    else:
+        q, s = quantize_per_channel(w, bits, torch.float32)
+    kind = kernels.W_INT4 if bits == 4 else kernels.W_INT8
+    block = kernels.int4_block_for(k, group) if bits == 4 else 0
+    packed = kernels.pack_int4_halves(q, block) if block else q
+    ql = engine_quant.QLinear(packed, s, None, None, zero, kind, group, False, block)
+    ref = engine_quant.dequantize(ql).to(dtype)
+    got = kernels.dequantize(packed, s, kind=kind, dtype=dtype, group=group, zero=zero, int4_block=block)
+    assert got.shape == ref.shape and got.dtype == dtype
+    if zero is None:
+        assert torch.equal(got, ref)
+    else:
+        assert float((got.float() - ref.float()).abs().max()) <= float(ref.float().abs().max()) * 2 ** -7
+    x = torch.randn(128, k, device="cuda", dtype=dtype)
+    y = engine_quant.qlinear_forward(x, ql, None, None, kernels.engine_dequantize)
+    assert torch.equal(y, torch.nn.functional.linear(x, got))
+
+
 def _choices_near_argmax(tokens: list[list[int]], e32: Engine, margin: float = 0.05) -> None:
     """Every greedy choice of a bf16 engine is the float32 engine's best next token given the same
     prefix, or within ``margin`` of the logit range's spread above the mean from it (a near-tie that bf16

@@ -30,13 +30,14 @@ LAYER_FIELDS = ("attn_norm", "qkv", "qkv_bias", "o", "o_bias", "mlp_norm", "gate
                 "down_bias", "kv_scale")
 LINEAR_FIELDS = ("qkv", "o", "gate_up", "down")
 GEMV_ROWS = 16
-_gemv = None  # kernels.gemv once an engine is placed on a CUDA device (Triton present)
+_gemv = None  # kernels.engine_gemv once an engine is placed on a CUDA device (Triton present)
+_dequant = None  # kernels.engine_dequantize, likewise
 _kernels = None
 
 
 def _cuda_kernels():
     """The Triton kernels module, or None (no Triton / the KILN_ENGINE_KERNELS=0 switch)."""
-    global _kernels, _gemv
+    global _kernels, _gemv, _dequant
     if _kernels is None:
         import os
 
@@ -48,7 +49,7 @@ def _cuda_kernels():
             except ImportError:
                 _kernels = False
             else:
-                _kernels, _gemv = k, k.engine_gemv
+                _kernels, _gemv, _dequant = k, k.engine_gemv, k.engine_dequantize
     return _kernels or None
 
 
@@ -56,7 +57,8 @@ def linear(x: torch.Tensor, w, b: torch.Tensor | None = None, dense: bool = Fals
     """x @ wᵀ (+ b) for a float weight or a QLinear; few rows on CUDA (decode): the Triton skinny GEMM.
     ``dense`` (prefill): always the dense GEMM, so the dynamic prefill graph has no row-count guard."""
     if isinstance(w, QLinear):
-        return qlinear_forward(x, w, b, _gemv if (x.is_cuda and not dense) else None)
+        return qlinear_forward(x, w, b, _gemv if (x.is_cuda and not dense) else None,
+                               _dequant if x.is_cuda else None)
     if (_gemv is not None and not dense and x.is_cuda and x.numel() // x.shape[-1] <= GEMV_ROWS
             and w.dtype != torch.float32):
         return _gemv(x, w, bias=b)

@@ -18,7 +18,8 @@ pre-quant scales must be equal (Kiln's AWQ searches one scale for the shared inp
 Arithmetic (``qlinear_forward``): on CUDA with at most ``kernels.GEMV_MAX_ROWS`` rows (decode) one
 Triton kernel reads the packed weight once (FP8: activations rounded to E4M3 with their scale, E4M3 x
 E4M3 products accumulated in float32; int: weights dequantized in registers); with more rows (prefill)
-FP8 runs ``torch._scaled_mm`` and integer weights are dequantized to the model dtype for one GEMM; on
+FP8 runs ``torch._scaled_mm`` and integer weights are dequantized to the model dtype for one GEMM (on
+CUDA by one Triton pass, ``kernels.dequantize``: packed bytes in, the dense weight out); on
 CPU the same roundings are computed in float32, which is what ``quantization.qlinear`` (the reference
 runtime's arithmetic) computes.
 """
@@ -278,9 +279,10 @@ def _fp8_act(x: torch.Tensor, q: QLinear) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def qlinear_forward(x: torch.Tensor, q: QLinear, bias: torch.Tensor | None = None,
-                    gemv=None) -> torch.Tensor:
-    """``x @ Wᵀ (+ bias)`` from the stored low-precision weight, in x's dtype. ``gemv``: the Triton
-    kernel wrapper (``kernels.gemv``) when the caller runs on CUDA, else None."""
+                    gemv=None, dequant=None) -> torch.Tensor:
+    """``x @ Wᵀ (+ bias)`` from the stored low-precision weight, in x's dtype. ``gemv`` / ``dequant``: the
+    Triton kernel wrappers (``kernels.engine_gemv`` for decode, ``kernels.engine_dequantize`` for the
+    prefill GEMM's weight) when the caller runs on CUDA, else None."""
     rows = x.numel() // x.shape[-1]
     if gemv is not None and rows <= 16:
         return gemv(x, q.weight, kind=q.kind, w_scale=q.scale, act_scale=q.act_scale, group=q.group,
@@ -300,7 +302,12 @@ def qlinear_forward(x: torch.Tensor, q: QLinear, bias: torch.Tensor | None = Non
             y = xq.float() @ q.weight.float().t()
         y = y * s * q.scale.float()
     elif x.is_cuda:  # prefill: one dequantized GEMM in the model dtype
-        y = F.linear(x, dequantize(q).to(x.dtype))
+        if dequant is not None and x.dtype in (torch.bfloat16, torch.float16):
+            w = dequant(q.weight, q.scale, kind=q.kind, dtype=x.dtype, group=q.group, zero=q.zero,
+                        int4_block=q.int4_block)
+        else:
+            w = dequantize(q).to(x.dtype)
+        y = F.linear(x, w)
     else:
         y = x.float() @ dequantize(q).t()
     if bias is not None:

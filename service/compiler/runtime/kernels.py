@@ -387,6 +387,16 @@ def _gemv_int4h(X, W, Y, WS, PQS, Z, BIAS, PART, CNT, M, N, K, KS, sxm, swn, sym
                             + tl.sum(x_hi.to(tl.float32), 1)[:, None] * z_hi[None, :])
             else:
                 acc += d_lo + d_hi
+    _int4_finish(acc, Y, WS, BIAS, PART, CNT, offs_m, offs_n, M, N, sym, GROUP, HAS_BIAS, BM, SPLIT)
+
+
+@triton.jit
+def _int4_finish(acc, Y, WS, BIAS, PART, CNT, offs_m, offs_n, M, N, sym, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 BM: tl.constexpr, SPLIT: tl.constexpr):
+    """The int4 kernels' end: split-K gather (SPLIT > 1; only the last program goes on), then
+    ``_int4h_epilogue`` on the [BM, BN] float32 sums ``acc`` of rows ``offs_m`` < M."""
+    nmask = offs_n < N
+    mmask = offs_m < M
     if SPLIT > 1:
         acc, last = _split_k_gather(acc, PART, CNT, offs_m, offs_n, nmask, N, BM, SPLIT)
         if last:
@@ -469,15 +479,8 @@ def _gemv_int4v(X, W, Y, WS, BIAS, PART, CNT, N, K, KS, swn, sym,
                 w_lo = ((wb << 4).to(tl.int8) >> 4).to(tl.float32)
                 w_hi = (wb.to(tl.int8) >> 4).to(tl.float32)
             acc += w_lo * x_lo[None, :] + w_hi * x_hi[None, :]
-    out = tl.reshape(tl.sum(acc, 1), (1, BN))
-    offs_m = tl.arange(0, 1)
-    mmask = offs_m < 1
-    if SPLIT > 1:
-        out, last = _split_k_gather(out, PART, CNT, offs_m, offs_n, nmask, N, 1, SPLIT)
-        if last:
-            _int4h_epilogue(out, Y, WS, BIAS, offs_m, offs_n, mmask, nmask, sym, 0, HAS_BIAS)
-    else:
-        _int4h_epilogue(out, Y, WS, BIAS, offs_m, offs_n, mmask, nmask, sym, 0, HAS_BIAS)
+    _int4_finish(tl.reshape(tl.sum(acc, 1), (1, BN)), Y, WS, BIAS, PART, CNT, tl.arange(0, 1), offs_n, 1, N, sym,
+                 0, HAS_BIAS, 1, SPLIT)
 
 
 @triton.jit
@@ -561,15 +564,8 @@ def _gemv_int4w(X, W, Y, WS, PQS, Z, BIAS, PART, CNT, N, K, KS, swn, sym, sgs_n,
                     z_lo = tl.load(Z + offs_n * sgs_n + j // GROUP, mask=nmask, other=0.0).to(tl.float32)
                     z_hi = tl.load(Z + offs_n * sgs_n + (HB + j) // GROUP, mask=nmask, other=0.0).to(tl.float32)
                     accz += z_lo * sum_lo + z_hi * sum_hi
-    out = tl.reshape(tl.sum(acc, 1) + accz, (1, BN))
-    offs_m = tl.arange(0, 1)
-    mmask = offs_m < 1
-    if SPLIT > 1:
-        out, last = _split_k_gather(out, PART, CNT, offs_m, offs_n, nmask, N, 1, SPLIT)
-        if last:
-            _int4h_epilogue(out, Y, WS, BIAS, offs_m, offs_n, mmask, nmask, sym, GROUP, HAS_BIAS)
-    else:
-        _int4h_epilogue(out, Y, WS, BIAS, offs_m, offs_n, mmask, nmask, sym, GROUP, HAS_BIAS)
+    _int4_finish(tl.reshape(tl.sum(acc, 1) + accz, (1, BN)), Y, WS, BIAS, PART, CNT, tl.arange(0, 1), offs_n, 1, N,
+                 sym, GROUP, HAS_BIAS, 1, SPLIT)
 
 
 def _int4v_tiles(n: int, k: int, block: int) -> tuple[int, ...]:
@@ -747,6 +743,74 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, kind: int = W_BF16, w_scale: torch
     return y_out
 
 
+# ---------------------------------------------------------------------------------------------
+# prefill: integer weights dequantized for one dense GEMM
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _dequant(W, S, Z, OUT, N, swn, sgs_n, son, INT4: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
+             HB: tl.constexpr, BN: tl.constexpr):
+    """Program (pid, b): rows [pid*BN, +BN) x K columns [b*2*HB, (b+1)*2*HB) of OUT = q * scale (+ zero)
+    in OUT's dtype. INT4: W is ``pack_int4_halves(q, 2*HB)`` (byte j of the block: k = j low, HB + j
+    high); else int8 [N, K]. S: per row [N] (GROUP 0) or per group [N, K/GROUP] (row stride ``sgs_n``,
+    each half-block inside one group), Z likewise (additive zero). Products in float32, as
+    ``engine_quant.dequantize``."""
+    offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
+    nmask = offs_n < N
+    offs_h = tl.arange(0, HB)
+    k0 = tl.program_id(1) * 2 * HB
+    if INT4:
+        wb = tl.load(W + offs_n[:, None] * swn + (k0 // 2 + offs_h)[None, :], mask=nmask[:, None], other=0)
+        lo = ((wb << 4).to(tl.int8) >> 4).to(tl.float32)
+        hi = (wb.to(tl.int8) >> 4).to(tl.float32)
+    else:
+        lo = tl.load(W + offs_n[:, None] * swn + (k0 + offs_h)[None, :], mask=nmask[:, None], other=0).to(tl.float32)
+        hi = tl.load(W + offs_n[:, None] * swn + (k0 + HB + offs_h)[None, :], mask=nmask[:, None],
+                     other=0).to(tl.float32)
+    if GROUP > 0:
+        lo = lo * tl.load(S + offs_n * sgs_n + k0 // GROUP, mask=nmask, other=0.0)[:, None]
+        hi = hi * tl.load(S + offs_n * sgs_n + (k0 + HB) // GROUP, mask=nmask, other=0.0)[:, None]
+        if HAS_ZERO:
+            lo = lo + tl.load(Z + offs_n * sgs_n + k0 // GROUP, mask=nmask, other=0.0)[:, None]
+            hi = hi + tl.load(Z + offs_n * sgs_n + (k0 + HB) // GROUP, mask=nmask, other=0.0)[:, None]
+    else:
+        s = tl.load(S + offs_n, mask=nmask, other=0.0)[:, None]
+        lo = lo * s
+        hi = hi * s
+    out = OUT + offs_n[:, None] * son + (k0 + offs_h)[None, :]
+    tl.store(out, lo.to(OUT.dtype.element_ty), mask=nmask[:, None])
+    tl.store(out + HB, hi.to(OUT.dtype.element_ty), mask=nmask[:, None])
+
+
+def dequantize(w: torch.Tensor, scale: torch.Tensor, *, kind: int, dtype: torch.dtype, group: int = 0,
+               zero: torch.Tensor | None = None, int4_block: int = 0) -> torch.Tensor:
+    """[N, K] ``dtype`` weight = q * scale (+ zero) of an int8 [N, K] or int4 [N, K/2]
+    (``pack_int4_halves(q, int4_block)``) weight with float32 per-row [N] or per-group [N, K/group]
+    scales, in one pass (read the packed bytes, write the dense weight): what the prefill GEMM
+    multiplies. Equal to ``engine_quant.dequantize(q).to(dtype)`` (the zero point may round once
+    less: multiply-add)."""
+    if kind not in (W_INT8, W_INT4) or (kind == W_INT4) != bool(int4_block):
+        raise ValueError(f"dequantize takes int8 or int4 (with its packing block) weights, got kind {kind}")
+    n = w.shape[0]
+    k = w.shape[1] * 2 if kind == W_INT4 else w.shape[1]
+    if w.stride(1) != 1 or scale.dtype != torch.float32 or (zero is not None and zero.dtype != torch.float32):
+        raise ValueError("dequantize needs contiguous weight rows and float32 scales / zeros")
+    want = n * (k // group) if group else n
+    if scale.numel() != want or (zero is not None and (not group or zero.shape != scale.shape)):
+        raise ValueError(f"{want} scales (and zeros of the same shape, grouped only) expected for [{n}, {k}], "
+                         f"got {scale.numel()}")
+    hb = int4_block // 2 if kind == W_INT4 else 256
+    while kind == W_INT8 and hb > 1 and k % (2 * hb):
+        hb //= 2
+    if k % (2 * hb) or (group and (group % hb or hb > group)):
+        raise ValueError(f"K={k} does not split into half-blocks of {hb} inside groups of {group}")
+    out = torch.empty((n, k), dtype=dtype, device=w.device)
+    bn = max(1, min(64, 8192 // hb))
+    _dequant[(triton.cdiv(n, bn), k // (2 * hb))](
+        w, scale, zero if zero is not None else scale, out, n, w.stride(0), scale.stride(0) if group else 0,
+        out.stride(0), INT4=kind == W_INT4, GROUP=group, HAS_ZERO=zero is not None, HB=hb, BN=bn, num_warps=4)
+    return out
+
+
 _COUNTERS: dict = {}
 
 
@@ -798,3 +862,22 @@ def engine_gemv(x: torch.Tensor, w: torch.Tensor, *, kind: int = W_BF16, w_scale
                 int4_block: int = 0) -> torch.Tensor:
     """What the engine calls (same arguments as ``gemv``), through the ``kiln::gemv`` operator."""
     return gemv_op(x, w, kind, w_scale, act_scale, group, pre_quant_scale, zero, bias, dynamic_token, int4_block)
+
+
+@torch.library.custom_op("kiln::dequantize", mutates_args=())
+def dequantize_op(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, kind: int, dtype: torch.dtype,
+                  group: int, int4_block: int) -> torch.Tensor:
+    """``dequantize`` as an opaque operator for the compiled prefill graph."""
+    return dequantize(w, scale, kind=kind, dtype=dtype, group=group, zero=zero, int4_block=int4_block)
+
+
+@dequantize_op.register_fake
+def _dequantize_fake(w, scale, zero, kind, dtype, group, int4_block):
+    k = w.shape[1] * 2 if kind == W_INT4 else w.shape[1]
+    return w.new_empty((w.shape[0], k), dtype=dtype)
+
+
+def engine_dequantize(w: torch.Tensor, scale: torch.Tensor, *, kind: int, dtype: torch.dtype, group: int = 0,
+                      zero: torch.Tensor | None = None, int4_block: int = 0) -> torch.Tensor:
+    """What the engine's prefill calls (``dequantize``'s arguments), through ``kiln::dequantize``."""
+    return dequantize_op(w, scale, zero, kind, dtype, group, int4_block)
