@@ -75,6 +75,8 @@ def main() -> int:
     ap.add_argument("--int4-kernels", default="cuda_cores,tensor_cores",
                     help="W4A16 engines: time each batch-1 int4 kernel (KILN_INT4_BATCH1_KERNEL), the first "
                          "as the row's figure")
+    ap.add_argument("--keep-engines", action="store_true",
+                    help="leave each shape's engines in --work (for benchmarks/prefill_profile.py)")
     a = ap.parse_args()
     work, out = Path(a.work), Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -114,11 +116,13 @@ def main() -> int:
                 row["run" if kern == kernels[0] else f"run_{kern}"] = engine_bench.spawn(worker, env)
                 row.setdefault("int4_kernel", kern)
             print(shape, algo, json.dumps({k: v for k, v in row.items() if k != "build"})[:1500], flush=True)
-            shutil.rmtree(root / f"engine-{algo}", ignore_errors=True)
+            if not a.keep_engines:
+                shutil.rmtree(root / f"engine-{algo}", ignore_errors=True)
             if algo != "bf16":
                 shutil.rmtree(ckpt, ignore_errors=True)
             (out / "quant_engine_bench.json").write_text(json.dumps(results, indent=2))
-        shutil.rmtree(root, ignore_errors=True)
+        if not a.keep_engines:
+            shutil.rmtree(root, ignore_errors=True)
     print(f"\n{results['device']}, torch {results['torch']}; batch 1, {engine_bench.PROMPT}-token prompt, "
           f"{engine_bench.NEW} new tokens, random weights")
     print("| shape | algo | engine weights GB | decode tok/s bs1 | x bf16 | TTFT@128 ms | quantize s | build s |")

@@ -196,6 +196,12 @@ def test_prefill_dequantize_kernel_matches_torch(bits, group, zero_point, dtype)
     x = torch.randn(128, k, device="cuda", dtype=dtype)
     y = engine_quant.qlinear_forward(x, ql, None, None, kernels.engine_dequantize)
     assert torch.equal(y, torch.nn.functional.linear(x, got))
+    if dtype == torch.bfloat16:  # inside a dynamic-shape compiled graph, as in the engine's prefill
+        torch._dynamo.reset()
+        f = torch.compile(lambda x, w, s, z: torch.nn.functional.linear(x, kernels.engine_dequantize(
+            w, s, kind=kind, dtype=dtype, group=group, zero=z, int4_block=block)), dynamic=True)
+        assert torch.equal(f(x, packed, s, zero), y)
+        assert torch.equal(f(x[:40], packed, s, zero), torch.nn.functional.linear(x[:40], got))
 
 
 def _choices_near_argmax(tokens: list[list[int]], e32: Engine, margin: float = 0.05) -> None:
