@@ -382,4 +382,6 @@ def print_table(results: dict) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from service.compiler.runtime.ranks import exit_rank
+
+    exit_rank(main())

@@ -101,7 +101,7 @@ def test_tp2_checkpoint_merged_engine_matches_reference(ckpts, tmp_path):
 
 
 RANK_MAIN = """
-import json, sys, torch.distributed as dist
+import json, os, sys, torch.distributed as dist
 from service.compiler.runtime.engine import Engine
 rank, port, engine_dir, out, prompts = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], json.loads(sys.argv[5])
 dist.init_process_group("gloo", rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}")
@@ -110,8 +110,10 @@ batch = engine.generate(prompts[:2], max_new_tokens=int(sys.argv[6])).tokens
 single = [engine.generate([p], max_new_tokens=int(sys.argv[6])).tokens[0] for p in prompts]
 logits = engine.forward([prompts[0]])
 if rank == 0:
-    json.dump({"batch": batch, "single": single, "logits": logits.tolist()}, open(out, "w"))
+    with open(out, "w") as f:
+        json.dump({"batch": batch, "single": single, "logits": logits.tolist()}, f)
 dist.destroy_process_group()
+os._exit(0)  # past gloo's sometimes-aborting teardown (see ranks.exit_rank)
 """
 
 

@@ -24,7 +24,7 @@ PROMPTS = [[5, 17, 3, 88, 41, 9, 2], [60, 1, 33]]
 RANK_MAIN = """
 import argparse, json
 from service.compiler.runtime.engine import SamplingConfig, engine_in_group
-from service.compiler.runtime.ranks import add_rank_arguments
+from service.compiler.runtime.ranks import add_rank_arguments, exit_rank
 p = argparse.ArgumentParser()
 p.add_argument("engine_dir"); p.add_argument("prompts"); add_rank_arguments(p)
 a = p.parse_args()
@@ -35,6 +35,7 @@ with engine_in_group(a.engine_dir, a.rank, a.world_size, a.init_method) as engin
     out = {"tokens": res.tokens, "logits": logits.tolist(), "device": str(engine.device), "graphs": engine.use_graphs,
            "sampled": sampled}
 print(json.dumps(out))
+exit_rank(0)
 """
 
 

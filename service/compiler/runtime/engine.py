@@ -22,7 +22,6 @@ import contextlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ from ..errors import InvalidArgument, InvalidCheckpoint
 from .engine_decilm import DECILM_LAYOUT, DeciLMEngineModel
 from .engine_gpt import GPT_LAYOUT, GPTEngineModel
 from .engine_model import ENGINE_LAYOUT, EngineModel
-from .ranks import add_rank_arguments, join_group, leave_group
+from .ranks import add_rank_arguments, exit_rank, join_group, leave_group
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -462,4 +461,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_rank(main())

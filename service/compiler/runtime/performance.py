@@ -23,13 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from .ranks import add_rank_arguments, join_group, leave_group, run_ranks
+from .ranks import add_rank_arguments, exit_rank, join_group, leave_group, run_ranks
 
 PERFORMANCE_FILE = "performance.json"
 PERFORMANCE_VERSION = 1
@@ -171,4 +170,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_rank(main())
