@@ -174,6 +174,19 @@ W_BF16, W_FP8, W_INT8, W_INT4 = 0, 1, 2, 3
 
 
 @triton.jit
+def _k_range(K, KS, SPLIT: tl.constexpr):
+    """The K range of program (pid, s): [s*KS, (s+1)*KS) under split-K, else [0, K) (the unsplit loop
+    exactly as measured: constant bounds)."""
+    if SPLIT > 1:
+        k_lo = tl.program_id(1) * KS
+        k_hi = k_lo + KS
+    else:
+        k_lo = 0
+        k_hi = K
+    return k_lo, k_hi
+
+
+@triton.jit
 def _gemv(X, W, Y, WS, AS, PQS, Z, BIAS, PART, CNT,
           M, N, K, KS, sxm, swn, sym, sgs_n,
           KIND: tl.constexpr, PER_ROW_SCALE: tl.constexpr, GROUP: tl.constexpr, HAS_PQS: tl.constexpr,
@@ -189,12 +202,7 @@ def _gemv(X, W, Y, WS, AS, PQS, Z, BIAS, PART, CNT,
     PART[s]; the last of a column tile's SPLIT programs to arrive (counter CNT[pid], reset by it) adds
     the partials in split order — deterministic — and runs the epilogue."""
     pid = tl.program_id(0)
-    if SPLIT > 1:
-        k_lo = tl.program_id(1) * KS
-        k_hi = k_lo + KS
-    else:  # the unsplit loop exactly as measured (constant bounds)
-        k_lo = 0
-        k_hi = K
+    k_lo, k_hi = _k_range(K, KS, SPLIT)
     offs_m = tl.arange(0, BM)
     offs_n = pid * BN + tl.arange(0, BN)
     nmask = offs_n < N
@@ -350,12 +358,7 @@ def _gemv_int4h(X, W, Y, WS, PQS, Z, BIAS, PART, CNT, M, N, K, KS, sxm, swn, sym
     packing blocks per loop step keep enough bytes in flight. SPLIT > 1: split-K as in ``_gemv``
     (program (pid, s) covers K in [s*KS, (s+1)*KS))."""
     pid = tl.program_id(0)
-    if SPLIT > 1:
-        k_lo = tl.program_id(1) * KS
-        k_hi = k_lo + KS
-    else:
-        k_lo = 0
-        k_hi = K
+    k_lo, k_hi = _k_range(K, KS, SPLIT)
     offs_m = tl.arange(0, BM)
     offs_n = pid * BN + tl.arange(0, BN)
     nmask = offs_n < N
@@ -453,12 +456,7 @@ def _gemv_int4v(X, W, Y, WS, BIAS, PART, CNT, N, K, KS, swn, sym,
     CB high nibbles); bf16/fp16 activations unpack by the inline PTX of ``_gemv_int4h`` (USE_ASM),
     float32 ones by shifts. SPLIT > 1: split-K as in ``_gemv``."""
     pid = tl.program_id(0)
-    if SPLIT > 1:
-        k_lo = tl.program_id(1) * KS
-        k_hi = k_lo + KS
-    else:
-        k_lo = 0
-        k_hi = K
+    k_lo, k_hi = _k_range(K, KS, SPLIT)
     offs_n = pid * BN + tl.arange(0, BN)
     nmask = offs_n < N
     offs_c = tl.arange(0, CB)
@@ -516,12 +514,7 @@ def _gemv_int4w(X, W, Y, WS, PQS, Z, BIAS, PART, CNT, N, K, KS, swn, sym, sgs_n,
     (HAS_ZERO, same layout) is zero x sum(x) per group, and HAS_PQS multiplies x by the AWQ pre-quant
     scale as it is loaded."""
     pid = tl.program_id(0)
-    if SPLIT > 1:
-        k_lo = tl.program_id(1) * KS
-        k_hi = k_lo + KS
-    else:
-        k_lo = 0
-        k_hi = K
+    k_lo, k_hi = _k_range(K, KS, SPLIT)
     offs_n = pid * BN + tl.arange(0, BN)
     nmask = offs_n < N
     offs_w = tl.arange(0, CW)
