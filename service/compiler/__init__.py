@@ -11,7 +11,8 @@ numpy (transformers only for comparisons). Shaped like TensorRT-LLM's conversion
 
 __version__ = "0.1.0"
 
-from .checkpoint import (  # noqa: E402
+from .checkpoint.mapping import Mapping  # noqa: E402
+from .checkpoint.validate import (  # noqa: E402
     CheckpointModel,
     ValidationReport,
     expected_tensors,
@@ -19,7 +20,6 @@ from .checkpoint import (  # noqa: E402
     validate_checkpoint,
 )
 from .convert import ConvertSummary, convert_checkpoint, from_hugging_face, preflight  # noqa: E402
-from .mapping import Mapping  # noqa: E402
 from .models import supported_hf_architectures  # noqa: E402
 
 __all__ = [

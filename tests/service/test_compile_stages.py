@@ -72,7 +72,7 @@ def test_w8a16_build_evaluate_job_succeeds_with_checkpoint_engine_report(worker_
     assert json.loads(ckpt.read_text())["quantization"]["quant_algo"] == "W8A16"
     eng, _ = svc.artifact_file("t", job.id, "engine", "config.json")
     assert json.loads(eng.read_text())["backend"] == "torch"
-    from service.compiler.safetensors_io import SafetensorsFile
+    from service.compiler.checkpoint.safetensors_io import SafetensorsFile
 
     with SafetensorsFile(eng.parent / "rank0.safetensors") as f:  # the published engine holds int8 weights
         assert str(f.tensor("layers.0.qkv.weight").dtype) == "torch.int8"

@@ -160,7 +160,7 @@ def _positive_int(name: str, value: object) -> int:
 def kv_bytes_per_token(ckpt: dict, dtype: str) -> int:
     """K + V bytes per token of the merged (one-rank) engine: only layers with a KV cache count, each
     with its own KV-head count (Nemotron-NAS no-op / linear attention layers have none)."""
-    from ..pipeline_split import kv_cache_bytes_per_token
+    from ..checkpoint.pipeline_split import kv_cache_bytes_per_token
 
     return kv_cache_bytes_per_token({**ckpt, "dtype": dtype}, 1)
 
@@ -169,7 +169,7 @@ def estimate_weight_bytes(ckpt: dict, dtype: str) -> int:
     """Parameter count of a Llama-family model from config.json alone, times the engine dtype's size
     (a DeciLM model's per-layer parts are priced by the pipeline cost model)."""
     if ckpt.get("architecture") == DECILM_ARCH:
-        from ..pipeline_split import stage_costs
+        from ..checkpoint.pipeline_split import stage_costs
 
         return stage_costs({**ckpt, "dtype": dtype}, [int(ckpt["num_hidden_layers"])], tp=1)[0].weight_bytes
     H, L, V = int(ckpt["hidden_size"]), int(ckpt["num_hidden_layers"]), int(ckpt["vocab_size"])

@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..checkpoint.safetensors_io import SafetensorsWriter, dtype_name, publish_dir
 from ..errors import InvalidArgument, InvalidCheckpoint, OutputExists
-from ..safetensors_io import SafetensorsWriter, dtype_name, publish_dir
 from . import config as qc
 from .awq import awq_search, awq_tensors
 from .calibration import (
