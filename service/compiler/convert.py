@@ -33,7 +33,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import __version__
 from .checkpoint.mapping import Mapping
 from .checkpoint.safetensors_io import DTYPES, RAW_NP, SafetensorsWriter, dtype_name, itemsize, publish_dir
 from .errors import InvalidArgument, KilnError, ModelNotFound, OutputExists
@@ -41,6 +40,7 @@ from .models import spec_for_hf
 from .models.base import ArchSpec, Piece, TensorPlan
 from .models.hf_config import resolve_dtype
 from .sources.weights import RawSafetensorsSource, WeightSource, open_weights, read_json
+from .version import __version__
 
 if TYPE_CHECKING:
     import torch
@@ -172,6 +172,10 @@ def from_hugging_face(model_dir: str | os.PathLike, dtype: str = "auto", mapping
     spec = spec_for_hf(hf)
     mapping = mapping or Mapping()
     cfg = spec.trt_config(hf, resolve_dtype(dtype, hf), mapping)
+    if "layer_configs" in cfg:  # per-layer configs (Nemotron-NAS): the checkpoint records its split's cost
+        from .checkpoint.pipeline_split import split_record
+
+        cfg["kiln_pipeline_split"] = split_record(cfg, mapping)
     spec.check_mapping(cfg, mapping)
     source = open_weights(model_dir, allow_pickle=allow_pickle, raw=torch_free)
     try:

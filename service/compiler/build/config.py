@@ -181,6 +181,19 @@ def estimate_weight_bytes(ckpt: dict, dtype: str) -> int:
     return (L * per_layer + 2 * V * H + H) * ENGINE_DTYPES[dtype]
 
 
+def machine_gpu_targets() -> list[GpuTarget]:
+    """This machine's GPUs (none without CUDA)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    out = []
+    for i in range(torch.cuda.device_count()):
+        p = torch.cuda.get_device_properties(i)
+        out.append(GpuTarget(p.name, p.major * 10 + p.minor, int(p.total_memory)))
+    return out
+
+
 def resolve_target(name: str, machine_gpus: list[GpuTarget]) -> GpuTarget | None:
     """None for CPU; a GpuTarget (with this machine's real memory when the GPU is present)."""
     key = name.lower()
@@ -202,8 +215,6 @@ def resolve_target(name: str, machine_gpus: list[GpuTarget]) -> GpuTarget | None
 def validate_build(cfg: BuildConfig, ckpt: dict, *, weight_bytes: int | None = None,
                    machine_gpus: list[GpuTarget] | None = None) -> ResolvedBuild:
     """Resolve defaults and fail fast, before any tensor is read."""
-    from .capabilities import machine_gpu_targets
-
     if cfg.backend not in BACKENDS:
         raise UnknownBackend(f"unknown backend {cfg.backend!r}")
     for flag in ("use_cuda_graph", "compile", "compile_on_cpu", "measure_performance", "keep_tensor_parallel"):

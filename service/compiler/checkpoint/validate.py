@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..convert import preflight  # re-exported: the service checks submissions with it
 from ..errors import InvalidCheckpoint, KilnError
 from ..models import spec_for_checkpoint
 from ..sources.weights import read_json
@@ -196,6 +195,5 @@ __all__ = [
     "expected_tensors",
     "from_checkpoint",
     "load_config",
-    "preflight",
     "validate_checkpoint",
 ]

@@ -276,12 +276,7 @@ class NemotronNAS(TableArch):
             "num_kv_heads_per_layer": kv_heads,
         }
         cfg["mapping"] = mapping.config_dict(cfg["num_hidden_layers"])
-        from ..checkpoint.pipeline_split import (
-            split_record,  # lazy: pipeline_split reads this module's layers
-        )
-
-        cfg["kiln_pipeline_split"] = split_record(cfg, mapping)
-        return cfg
+        return cfg  # from_hugging_face adds kiln_pipeline_split (pipeline_split prices these layers)
 
     def check_mapping(self, cfg: dict, mapping: Mapping) -> None:
         tp = mapping.tp_size

@@ -465,7 +465,7 @@ def write_checkpoint_dir(out: Path, config: dict, spec, named: Iterator[tuple[st
                          producer: str) -> None:
     """Write ``config.json`` + ``rank0.safetensors`` sized from ``spec``; every produced tensor must match the
     spec's shape and dtype and every spec tensor must be produced. Atomic: temp dir + rename."""
-    from .. import __version__
+    from ..version import __version__
 
     expected = {n: (s, d) for n, s, d in spec}
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:12]}"

@@ -29,7 +29,6 @@ from pathlib import Path
 
 import torch
 
-from ... import __version__
 from ...checkpoint.mapping import Mapping
 from ...checkpoint.safetensors_io import SafetensorsFile, SafetensorsWriter, dtype_name, publish_dir
 from ...checkpoint.validate import load_config
@@ -45,6 +44,7 @@ from ...runtime.engine_quant import (
 )
 from ...runtime.performance import PERFORMANCE_FILE, measure_in_build, not_measured
 from ...runtime.ranks import run_ranks
+from ...version import __version__
 from ..config import ResolvedBuild
 
 ENGINE_VERSION = f"kiln-engine/1 (kiln {__version__})"
