@@ -11,7 +11,8 @@ from pydantic import ValidationError
 from service.domain import JobService, JobSpec
 from service.domain.errors import status_for
 from service.store import ArtifactStore, JobStore, make_engine, migrate
-from service.workers.app import load_stage_plugins, make_celery, publish
+from service.workers.broker import make_celery, publish
+from service.workers.pipeline import load_stage_plugins
 
 from .conftest import TINY_REPO, install_in_hf_cache
 from .harness import service_env, settings_from, start_worker, stop, wait_for
