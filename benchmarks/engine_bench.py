@@ -65,8 +65,8 @@ def trt_config(s: dict, tp: int = 1) -> dict:
 def synth_checkpoint(shape: str, out: Path, std: float = 0.02, seed: int = 0, tp: int = 1) -> float:
     """Random bf16 weights made on the GPU, written as a TensorRT-LLM checkpoint split ``tp`` ways
     (each rank's own random slices: speed does not depend on the values); returns seconds."""
+    from service.compiler.checkpoint.safetensors_io import SafetensorsWriter, dtype_name
     from service.compiler.models.llama import LLAMA
-    from service.compiler.safetensors_io import SafetensorsWriter, dtype_name
 
     t0 = time.perf_counter()
     cfg = trt_config(SHAPES[shape], tp)

@@ -23,11 +23,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service.compiler.checkpoint import validate_checkpoint  # noqa: E402
+from service.compiler.checkpoint.validate import validate_checkpoint  # noqa: E402
 from service.compiler.quantization import CalibrationSettings, QuantConfig, quantize_checkpoint  # noqa: E402
 from service.compiler.quantization.calibration import evaluation_windows, load_tokenizer  # noqa: E402
 from service.compiler.quantization.report import MARKDOWN_HEADER, CheckpointRunner, compare  # noqa: E402
-from service.compiler.smollm2 import smollm2_hf_dir  # noqa: E402
+from service.compiler.sources.smollm2 import smollm2_hf_dir  # noqa: E402
 
 # SmolLM2's hidden size 576 is not a multiple of 128: the group-wise algos run at group 64.
 ALGOS = {

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import convert_bench  # noqa: E402
 
-from service.compiler.checkpoint import validate_checkpoint  # noqa: E402
+from service.compiler.checkpoint.validate import validate_checkpoint  # noqa: E402
 from service.compiler.quantization import CalibrationSettings, QuantConfig, quantize_checkpoint  # noqa: E402
 
 convert_bench.SHAPES.setdefault("8b", {"name": "Llama-3.1-8B", "hidden_size": 4096, "num_hidden_layers": 32,

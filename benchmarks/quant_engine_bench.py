@@ -28,9 +28,9 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import engine_bench  # noqa: E402
 
 from service.compiler.build import BuildConfig, build  # noqa: E402
+from service.compiler.checkpoint.safetensors_io import SafetensorsWriter, dtype_name  # noqa: E402
 from service.compiler.convert import convert_checkpoint  # noqa: E402
 from service.compiler.quantization import CalibrationSettings, QuantConfig, quantize_checkpoint  # noqa: E402
-from service.compiler.safetensors_io import SafetensorsWriter, dtype_name  # noqa: E402
 
 
 def synth_hf(shape: str, out: Path, std: float = 0.02, *, layers: int | None = None, device: str = "cuda") -> float:

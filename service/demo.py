@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
 
     convert_only = "--convert-only" in (sys.argv[1:] if argv is None else argv)
 
-    from service.compiler.smollm2 import install_into_hf_cache, smollm2_hf_dir
+    from service.compiler.sources.smollm2 import install_into_hf_cache, smollm2_hf_dir
     from service.settings import Settings
 
     settings = Settings()

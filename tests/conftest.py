@@ -17,7 +17,7 @@ def smollm2_dir() -> Path:
     pytest.importorskip("transformers")
     pytest.importorskip("gguf")
     from service.compiler.errors import ModelNotFound
-    from service.compiler.smollm2 import smollm2_hf_dir
+    from service.compiler.sources.smollm2 import smollm2_hf_dir
 
     try:
         return smollm2_hf_dir()

@@ -191,8 +191,7 @@ def cmd_compile(args) -> int:
     from service.domain import JobService, JobSpec
     from service.settings import get_settings
     from service.store import ArtifactStore, JobStore, make_engine, migrate
-    from service.workers.app import load_stage_plugins
-    from service.workers.pipeline import PipelineRunner
+    from service.workers.pipeline import PipelineRunner, load_stage_plugins
     from service.workers.stages import make_submit_validator
 
     settings = get_settings()

@@ -23,7 +23,8 @@ class Runtime:
 
 
 def build_runtime(settings: Settings) -> Runtime:
-    from service.workers.app import load_stage_plugins, make_celery, publish
+    from service.workers.broker import make_celery, publish
+    from service.workers.pipeline import load_stage_plugins
     from service.workers.stages import make_submit_validator
 
     load_stage_plugins(settings)

@@ -9,18 +9,17 @@ numpy (transformers only for comparisons). Shaped like TensorRT-LLM's conversion
     assert validate_checkpoint("./ckpt").ok
 """
 
-__version__ = "0.1.0"
-
-from .checkpoint import (  # noqa: E402
+from .checkpoint.mapping import Mapping
+from .checkpoint.validate import (
     CheckpointModel,
     ValidationReport,
     expected_tensors,
     from_checkpoint,
     validate_checkpoint,
 )
-from .convert import ConvertSummary, convert_checkpoint, from_hugging_face, preflight  # noqa: E402
-from .mapping import Mapping  # noqa: E402
-from .models import supported_hf_architectures  # noqa: E402
+from .convert import ConvertSummary, convert_checkpoint, from_hugging_face, preflight
+from .models import supported_hf_architectures
+from .version import __version__
 
 __all__ = [
     "CheckpointModel",

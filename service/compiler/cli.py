@@ -46,9 +46,9 @@ class ProgressBar:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    from .checkpoint.mapping import Mapping
     from .convert import convert_checkpoint
-    from .hub import resolve_model_dir
-    from .mapping import Mapping
+    from .sources.hub import resolve_model_dir
 
     try:
         model_dir = resolve_model_dir(
@@ -60,8 +60,8 @@ def _convert(args: argparse.Namespace) -> int:
         )
         mapping = Mapping(tp_size=args.tp_size, pp_size=args.pp_size)
         if args.pp_split == "balanced" and args.pp_size > 1:
-            from .pipeline_split import balanced_mapping
-            from .source import read_json
+            from .checkpoint.pipeline_split import balanced_mapping
+            from .sources.weights import read_json
 
             mapping = balanced_mapping(read_json(model_dir / "config.json", "config.json"),
                                        tp=args.tp_size, pp=args.pp_size)
@@ -214,7 +214,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from .checkpoint import validate_checkpoint
+    from .checkpoint.validate import validate_checkpoint
 
     report = validate_checkpoint(args.dir, strict=args.strict)
     if args.json:

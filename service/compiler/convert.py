@@ -33,14 +33,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import __version__
+from .checkpoint.mapping import Mapping
+from .checkpoint.safetensors_io import DTYPES, RAW_NP, SafetensorsWriter, dtype_name, itemsize, publish_dir
 from .errors import InvalidArgument, KilnError, ModelNotFound, OutputExists
-from .mapping import Mapping
 from .models import spec_for_hf
 from .models.base import ArchSpec, Piece, TensorPlan
 from .models.hf_config import resolve_dtype
-from .safetensors_io import DTYPES, RAW_NP, SafetensorsWriter, dtype_name, itemsize, publish_dir
-from .source import RawSafetensorsSource, WeightSource, open_weights, read_json
+from .sources.weights import RawSafetensorsSource, WeightSource, open_weights, read_json
+from .version import __version__
 
 if TYPE_CHECKING:
     import torch
@@ -76,7 +76,7 @@ class ConvertSummary:
             f"({self.bytes / 1e9 / max(self.seconds, 1e-9):.2f} GB/s), peak RSS {self.peak_rss_bytes / 2**20:.0f} MiB"
         )
         if self.pipeline_split:
-            from .pipeline_split import format_split
+            from .checkpoint.pipeline_split import format_split
 
             text += "\n" + format_split(self.pipeline_split)
         return text
@@ -90,7 +90,7 @@ def _split_report(config: dict, mapping: Mapping) -> dict | None:
         return config["kiln_pipeline_split"]
     if "rope" not in str(config.get("position_embedding_type", "")):
         return None  # the cost model prices Llama-style layers
-    from .pipeline_split import split_record
+    from .checkpoint.pipeline_split import split_record
 
     return split_record(config, mapping)
 
@@ -172,6 +172,10 @@ def from_hugging_face(model_dir: str | os.PathLike, dtype: str = "auto", mapping
     spec = spec_for_hf(hf)
     mapping = mapping or Mapping()
     cfg = spec.trt_config(hf, resolve_dtype(dtype, hf), mapping)
+    if "layer_configs" in cfg:  # per-layer configs (Nemotron-NAS): the checkpoint records its split's cost
+        from .checkpoint.pipeline_split import split_record
+
+        cfg["kiln_pipeline_split"] = split_record(cfg, mapping)
     spec.check_mapping(cfg, mapping)
     source = open_weights(model_dir, allow_pickle=allow_pickle, raw=torch_free)
     try:

@@ -1,7 +1,8 @@
 """JobService: the only business logic. REST, gRPC, the CLI and the dashboard all go through it.
 
-Publishing the Celery message and checking a spec against the compiler are injected
-(``enqueue``, ``validate``) so this layer imports neither Celery nor the compiler.
+The stores (``ports.py``: ``JobRepository``, ``ArtifactReader``), publishing the Celery message
+and checking a spec against the compiler are injected (``store``, ``artifacts``, ``enqueue``,
+``validate``), so this layer imports neither the store, Celery nor the compiler.
 """
 
 from __future__ import annotations
@@ -11,12 +12,10 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-from service.store.artifacts import UnsafePath
 
 from .errors import ArtifactNotFound, IdempotencyConflict, InvalidSpec, JobFinished, JobNotFound, NoWorker
 from .job import TERMINAL_STATES, Job
+from .ports import ArtifactReader, JobRepository, UnsafePath
 from .spec import JobSpec
 
 log = logging.getLogger("kiln.jobs")
@@ -24,12 +23,9 @@ log = logging.getLogger("kiln.jobs")
 Enqueue = Callable[[str, str], None]
 Validate = Callable[[JobSpec], None]
 
-if TYPE_CHECKING:
-    from service.store import ArtifactStore, JobStore
-
 
 class JobService:
-    def __init__(self, store: JobStore, artifacts: ArtifactStore, *, enqueue: Enqueue,
+    def __init__(self, store: JobRepository, artifacts: ArtifactReader, *, enqueue: Enqueue,
                  validate: Validate | None = None, worker_ttl_s: float = 60.0, page_size_max: int = 200):
         self.store = store
         self.artifacts = artifacts

@@ -17,12 +17,10 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
+from service.domain.ports import UnsafePath
+
 MANIFEST = "manifest.json"
 CHUNK = 1 << 20
-
-
-class UnsafePath(ValueError):
-    pass
 
 
 def sha256_file(path: Path) -> str:

@@ -160,9 +160,9 @@ def dequantize_checkpoint(src: Path, dst: Path) -> str:
     import torch
     from safetensors.torch import save_file
 
+    from service.compiler.checkpoint.safetensors_io import SafetensorsFile
     from service.compiler.quantization.layout import linear_module
     from service.compiler.quantization.qlinear import FLOAT_DTYPES, QUANT_PARAM_SUFFIXES, dequantize_weight
-    from service.compiler.safetensors_io import SafetensorsFile
 
     config = json.loads((src / "config.json").read_text())
     quant = config.get("quantization") or {}
@@ -200,7 +200,7 @@ def _build_config(cfg: dict):
 
 def build_stage(ctx: StageContext, input_dir: Path | None, output_dir: Path, cfg: dict, progress: Progress) -> dict:
     from service.compiler.build import build
-    from service.compiler.checkpoint import load_config
+    from service.compiler.checkpoint.validate import load_config
 
     assert input_dir is not None
     ckpt = input_dir

@@ -14,6 +14,7 @@ job row: the artifacts become visible to users at once, and only once.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 import re
@@ -64,6 +65,15 @@ class Stage:
 
 
 STAGES: list[Stage] = []
+
+
+def load_stage_plugins(settings: Settings) -> None:
+    """Import the modules that register stages: fetch/convert, quantize/build/evaluate, and
+    ``KILN_STAGE_PLUGINS``."""
+    importlib.import_module("service.workers.stages")
+    importlib.import_module("service.workers.compile_stages")  # quantize, build, evaluate
+    for name in filter(None, (m.strip() for m in settings.stage_plugins.split(","))):
+        importlib.import_module(name)
 
 
 def register_stage(stage: Stage, *, after: str | None = None) -> None:

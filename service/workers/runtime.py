@@ -15,10 +15,12 @@ import os
 import socket
 import threading
 
-from celery import signals
+from celery import Celery, signals
 
 from service.settings import get_settings
 from service.store import ArtifactStore, JobStore, make_engine, migrate
+
+from .broker import publish
 
 log = logging.getLogger("kiln.worker")
 
@@ -59,9 +61,8 @@ def worker_queues(settings, caps: dict) -> list[str]:
 
 
 class WorkerRuntime:
-    def __init__(self):
-        from .app import app, load_stage_plugins, publish
-        from .pipeline import PipelineRunner
+    def __init__(self, app: Celery):
+        from .pipeline import PipelineRunner, load_stage_plugins
         from .webhooks import notify_job
 
         self.settings = get_settings()
@@ -79,16 +80,15 @@ class WorkerRuntime:
 
 
 @functools.lru_cache(maxsize=1)
-def worker_runtime() -> WorkerRuntime:
-    return WorkerRuntime()
+def worker_runtime(app: Celery) -> WorkerRuntime:
+    """This pool process's runtime; ``app`` (the worker's Celery app) publishes retries."""
+    return WorkerRuntime(app)
 
 
 class MainProcessDuties:
     """Registration heartbeat + reconciler, on a daemon thread in the worker's main process."""
 
-    def __init__(self, hostname: str, consuming: list[str] | None = None):
-        from .app import app, publish
-
+    def __init__(self, app: Celery, hostname: str, consuming: list[str] | None = None):
         self.settings = get_settings()
         self.engine = make_engine(self.settings.db_url)
         migrate(self.engine)
@@ -150,8 +150,8 @@ def _on_worker_ready(sender=None, **_kw) -> None:
         consuming = sorted(sender.app.amqp.queues.consume_from)
     except AttributeError:
         pass
-    _duties = MainProcessDuties(getattr(sender, "hostname", None) or f"kiln@{socket.gethostname()}:{os.getpid()}",
-                                consuming)
+    hostname = getattr(sender, "hostname", None) or f"kiln@{socket.gethostname()}:{os.getpid()}"
+    _duties = MainProcessDuties(sender.app, hostname, consuming)
     _duties.start()
     log.info("worker %s ready: queues=%s capabilities=%s", _duties.worker_id, _duties.queues, _duties.caps)
 

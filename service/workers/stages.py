@@ -24,7 +24,7 @@ def _hf_offline() -> bool:
 def resolve_in_cache(settings: Settings, spec: JobSpec, *, allow_download: bool, token: str | None = None) -> Path:
     """The repo's snapshot folder inside ``$KILN_STORAGE/hf-cache`` (never a server path)."""
     from service.compiler.errors import ModelNotFound
-    from service.compiler.hub import resolve_model_dir
+    from service.compiler.sources.hub import resolve_model_dir
 
     cache = settings.hf_cache
     cache.mkdir(parents=True, exist_ok=True)
@@ -59,8 +59,8 @@ def job_mapping(tp_size: int, pp_size: int, pp_split: str, model_dir: Path | Non
     from service.compiler import Mapping
 
     if pp_split == "balanced" and pp_size > 1 and model_dir is not None:
-        from service.compiler.pipeline_split import balanced_mapping
-        from service.compiler.source import read_json
+        from service.compiler.checkpoint.pipeline_split import balanced_mapping
+        from service.compiler.sources.weights import read_json
 
         return balanced_mapping(read_json(model_dir / "config.json", "config.json"), tp=tp_size, pp=pp_size)
     return Mapping(tp_size=tp_size, pp_size=pp_size)

@@ -203,8 +203,8 @@ def _shard(good, d):
 
 def test_sharded_model_from_hf_cache_converts(good, tmp_path):
     """HF cache snapshots are symlinks into the repo's blobs/ folder: allowed, nothing else is."""
-    from service.compiler.hub import resolve_model_dir
-    from service.compiler.smollm2 import install_into_hf_cache
+    from service.compiler.sources.hub import resolve_model_dir
+    from service.compiler.sources.smollm2 import install_into_hf_cache
 
     _shard(good, tmp_path / "sharded")
     install_into_hf_cache(tmp_path / "sharded", tmp_path / "cache", repo_id="acme/sharded")

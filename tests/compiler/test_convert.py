@@ -246,7 +246,7 @@ def test_cli_convert_prints_summary_and_validate_reports_ok(llama_dir, tmp_path)
 
 
 def test_cli_convert_resolves_repo_id_through_offline_hf_cache(llama_dir, tmp_path):
-    from service.compiler.smollm2 import install_into_hf_cache
+    from service.compiler.sources.smollm2 import install_into_hf_cache
 
     src, _ = llama_dir
     cache = tmp_path / "hf-cache"

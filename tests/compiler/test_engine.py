@@ -23,7 +23,7 @@ from service.compiler.build import (
     plan_build,
 )
 from service.compiler.build.config import GpuTarget, validate_build
-from service.compiler.checkpoint import load_config
+from service.compiler.checkpoint.validate import load_config
 from service.compiler.runtime.engine import Engine, SamplingConfig
 
 transformers = pytest.importorskip("transformers")
@@ -299,7 +299,7 @@ def test_batch_that_does_not_fit_the_memory_estimate_is_refused():
 
 def test_plan_build_uses_exact_weight_bytes(tiny_ckpt):
     plan = plan_build(tiny_ckpt, BuildConfig(target="cpu", max_seq_len=64, max_input_len=32))
-    from service.compiler.safetensors_io import read_header
+    from service.compiler.checkpoint.safetensors_io import read_header
 
     infos, _ = read_header(tiny_ckpt / "rank0.safetensors")
     assert plan.estimate.weights_bytes == sum(i.nbytes for i in infos.values())

@@ -17,7 +17,7 @@ import torch
 from service.compiler import Mapping, convert_checkpoint
 from service.compiler.build import BuildConfig, InvalidBuildConfig, build, plan_build
 from service.compiler.build.config import validate_build
-from service.compiler.checkpoint import load_config
+from service.compiler.checkpoint.validate import load_config
 from service.compiler.runtime.decilm import DeciLMReference
 from service.compiler.runtime.engine import Engine
 from tests.compiler.test_nemotron_nas import IDS, D, tiny  # noqa: F401  (tiny: the fixture)

@@ -21,7 +21,7 @@ import torch
 from service.compiler import Mapping, convert_checkpoint
 from service.compiler.build import BuildConfig, InvalidBuildConfig, build
 from service.compiler.build.config import validate_build
-from service.compiler.checkpoint import load_config
+from service.compiler.checkpoint.validate import load_config
 from service.compiler.runtime import ReferenceModel
 from service.compiler.runtime.engine import Engine
 from service.compiler.runtime.engine_gpt import GPT_LAYOUT

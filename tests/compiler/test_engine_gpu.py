@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from service.compiler.build import BuildConfig, build
+from service.compiler.checkpoint.safetensors_io import SafetensorsWriter, dtype_name
 from service.compiler.models.llama import LLAMA
 from service.compiler.runtime.engine import Engine
-from service.compiler.safetensors_io import SafetensorsWriter, dtype_name
 
 pytestmark = [
     pytest.mark.gpu,

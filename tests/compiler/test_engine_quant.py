@@ -19,11 +19,11 @@ transformers = pytest.importorskip("transformers")
 
 from service.compiler.build import BuildConfig, build  # noqa: E402
 from service.compiler.build.config import InvalidBuildConfig  # noqa: E402
+from service.compiler.checkpoint.safetensors_io import SafetensorsFile  # noqa: E402
 from service.compiler.quantization import CalibrationSettings, QuantConfig, quantize_checkpoint  # noqa: E402
 from service.compiler.quantization.report import CheckpointRunner  # noqa: E402
 from service.compiler.runtime.engine import Engine  # noqa: E402
 from service.compiler.runtime.engine_quant import int4_block_for, pack_int4_halves, unpack_int4_halves  # noqa: E402
-from service.compiler.safetensors_io import SafetensorsFile  # noqa: E402
 
 VOCAB = 128
 IDS = torch.randint(0, VOCAB, (10, 24), generator=torch.Generator().manual_seed(0))

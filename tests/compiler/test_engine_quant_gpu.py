@@ -222,7 +222,7 @@ def _choices_near_argmax(tokens: list[list[int]], e32: Engine, margin: float = 0
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:
-    from service.compiler.safetensors_io import SafetensorsFile
+    from service.compiler.checkpoint.safetensors_io import SafetensorsFile
 
     f = SafetensorsFile(path)
     try:
@@ -246,7 +246,7 @@ def test_gpu_quantize_and_build_conversion_write_what_the_cpu_writes(llama, tmp_
     whose calibration statistics come from GPU vs CPU float matmuls: the weights and weight scales of
     FP8, and the engine files built from one checkpoint for every algo)."""
     from service.compiler.build.backends.torch_backend import write_engine_weights
-    from service.compiler.checkpoint import load_config
+    from service.compiler.checkpoint.validate import load_config
 
     kw = {"W4A16_AWQ": dict(group_size=128, awq_grid=4), "FP8": dict(fp8_gptq=False)}.get(algo, {})
     cfg = QuantConfig(algo, **kw)  # FP8 rounded to nearest: its GPTQ rounding depends on the calibration

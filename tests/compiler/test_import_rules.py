@@ -9,7 +9,7 @@ import sys
 BLOCKED = ["transformers", "fastapi", "celery", "sqlalchemy", "grpc", "redis", "pydantic", "huggingface_hub",
            "onnx", "onnxruntime", "gguf", "accelerate"]
 MODULES = ["service.compiler", "service.compiler.cli", "service.compiler.runtime", "service.compiler.build",
-           "service.compiler.quantization", "service.compiler.pipeline_split", "service.compiler.hub"]
+           "service.compiler.quantization", "service.compiler.checkpoint.pipeline_split", "service.compiler.sources.hub"]
 
 CODE = f"""
 import sys

@@ -9,7 +9,7 @@ import torch
 
 from service.compiler import Mapping
 from service.compiler.models import spec_for_hf
-from service.compiler.source import MetaSource
+from service.compiler.sources.weights import MetaSource
 
 transformers = pytest.importorskip("transformers")
 

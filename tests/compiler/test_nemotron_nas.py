@@ -18,6 +18,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from service.compiler import Mapping, convert_checkpoint, validate_checkpoint
+from service.compiler.checkpoint.pipeline_split import (
+    balanced_mapping,
+    balanced_split,
+    format_split,
+    kv_cache_bytes_per_token,
+    split_record,
+    stage_costs,
+)
 from service.compiler.errors import (
     InvalidArgument,
     InvalidCheckpoint,
@@ -26,16 +34,8 @@ from service.compiler.errors import (
 )
 from service.compiler.models import spec_for_hf
 from service.compiler.models.nemotron_nas import ffn_mult_to_intermediate_size, import_modelopt_checkpoint
-from service.compiler.pipeline_split import (
-    balanced_mapping,
-    balanced_split,
-    format_split,
-    kv_cache_bytes_per_token,
-    split_record,
-    stage_costs,
-)
 from service.compiler.runtime.decilm import DeciLMReference
-from service.compiler.source import MetaSource
+from service.compiler.sources.weights import MetaSource
 
 H, NH, V = 128, 8, 97
 D = H // NH

@@ -15,7 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from service.compiler.checkpoint import validate_checkpoint  # noqa: E402
+from service.compiler.checkpoint.validate import validate_checkpoint  # noqa: E402
 from service.compiler.convert import from_hugging_face  # noqa: E402
 from service.compiler.errors import InvalidArgument, OutputExists, UnsupportedArchitecture  # noqa: E402
 from service.compiler.quantization import (  # noqa: E402
@@ -466,8 +466,8 @@ def test_modelopt_awq_export_imports_and_dequantizes_to_the_exported_weights(mod
 
 
 def test_report_runner_merges_tensor_parallel_float_checkpoints(models, float_tensors, tmp_path):
+    from service.compiler.checkpoint.mapping import Mapping
     from service.compiler.convert import convert_checkpoint
-    from service.compiler.mapping import Mapping
 
     convert_checkpoint(models["qwen2"], tmp_path / "tp2", dtype="float32", mapping=Mapping(tp_size=2, pp_size=1))
     sharded = CheckpointRunner.from_dir(tmp_path / "tp2").logits(IDS[:2])

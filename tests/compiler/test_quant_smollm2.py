@@ -23,7 +23,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from service.compiler.checkpoint import validate_checkpoint  # noqa: E402
+from service.compiler.checkpoint.validate import validate_checkpoint  # noqa: E402
 from service.compiler.errors import InvalidArgument  # noqa: E402
 from service.compiler.quantization import CalibrationSettings, QuantConfig, quantize_checkpoint  # noqa: E402
 from service.compiler.quantization.calibration import evaluation_windows  # noqa: E402

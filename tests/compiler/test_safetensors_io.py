@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from service.compiler.checkpoint.safetensors_io import SafetensorsFile, SafetensorsWriter, read_header
 from service.compiler.errors import MalformedWeights
-from service.compiler.safetensors_io import SafetensorsFile, SafetensorsWriter, read_header
 
 
 def _file(tmp_path, header, data: bytes = b"", raw: bytes | None = None):

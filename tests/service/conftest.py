@@ -87,7 +87,7 @@ def make_tiny_llama(out: Path, **overrides) -> Path:
 def install_in_hf_cache(model_dir: Path, cache_dir: Path, repo_id: str) -> Path:
     """Lay a plain HF folder out as a huggingface_hub cache entry (compiler helper when it exists)."""
     try:
-        from service.compiler.smollm2 import install_into_hf_cache
+        from service.compiler.sources.smollm2 import install_into_hf_cache
     except ImportError:
         install_into_hf_cache = None
     if install_into_hf_cache is not None:

@@ -11,7 +11,8 @@ from pydantic import ValidationError
 from service.domain import JobService, JobSpec
 from service.domain.errors import status_for
 from service.store import ArtifactStore, JobStore, make_engine, migrate
-from service.workers.app import load_stage_plugins, make_celery, publish
+from service.workers.broker import make_celery, publish
+from service.workers.pipeline import load_stage_plugins
 
 from .conftest import TINY_REPO, install_in_hf_cache
 from .harness import service_env, settings_from, start_worker, stop, wait_for
@@ -72,7 +73,7 @@ def test_w8a16_build_evaluate_job_succeeds_with_checkpoint_engine_report(worker_
     assert json.loads(ckpt.read_text())["quantization"]["quant_algo"] == "W8A16"
     eng, _ = svc.artifact_file("t", job.id, "engine", "config.json")
     assert json.loads(eng.read_text())["backend"] == "torch"
-    from service.compiler.safetensors_io import SafetensorsFile
+    from service.compiler.checkpoint.safetensors_io import SafetensorsFile
 
     with SafetensorsFile(eng.parent / "rank0.safetensors") as f:  # the published engine holds int8 weights
         assert str(f.tensor("layers.0.qkv.weight").dtype) == "torch.int8"

@@ -9,7 +9,7 @@ import pytest
 
 from service.domain import JobService, JobSpec
 from service.store import ArtifactStore, JobStore, make_engine, migrate, sha256_file
-from service.workers.app import make_celery, publish
+from service.workers.broker import make_celery, publish
 
 from .conftest import REDIS_HOST, REDIS_PORT, TINY_REPO, PgDatabase, install_in_hf_cache, reachable
 from .harness import kill_group, service_env, settings_from, start_worker, stop, wait_for

@@ -15,7 +15,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from ..checkpoint import load_config
+from ..checkpoint.validate import load_config
 from ..errors import InvalidArgument, OutputExists
 from .capabilities import backend_info, capabilities
 from .config import (
@@ -36,7 +36,7 @@ ProgressFn = Callable[[float, str], None]
 def _weight_bytes(ckpt_dir: Path, cfg: dict, dtype: str) -> int | None:
     """Exact parameter bytes in the engine dtype from a tp=pp=1 checkpoint's header (else None: the
     config-derived estimate is used, since split checkpoints repeat replicated tensors per rank)."""
-    from ..safetensors_io import ITEMSIZE, read_header
+    from ..checkpoint.safetensors_io import ITEMSIZE, read_header
     from .config import ENGINE_DTYPES
 
     if int(cfg.get("mapping", {}).get("world_size", 1)) != 1 or not (ckpt_dir / "rank0.safetensors").is_file():

@@ -16,7 +16,7 @@ from functools import lru_cache
 
 import torch
 
-from .config import GpuTarget
+from .config import machine_gpu_targets
 
 
 @dataclass
@@ -52,16 +52,6 @@ class Capabilities:
             "torch_version": self.torch_version,
             "cuda_version": self.cuda_version,
         }
-
-
-def machine_gpu_targets() -> list[GpuTarget]:
-    if not torch.cuda.is_available():
-        return []
-    out = []
-    for i in range(torch.cuda.device_count()):
-        p = torch.cuda.get_device_properties(i)
-        out.append(GpuTarget(p.name, p.major * 10 + p.minor, int(p.total_memory)))
-    return out
 
 
 def _try_import(module: str) -> tuple[str | None, str | None]:

@@ -160,7 +160,7 @@ def _positive_int(name: str, value: object) -> int:
 def kv_bytes_per_token(ckpt: dict, dtype: str) -> int:
     """K + V bytes per token of the merged (one-rank) engine: only layers with a KV cache count, each
     with its own KV-head count (Nemotron-NAS no-op / linear attention layers have none)."""
-    from ..pipeline_split import kv_cache_bytes_per_token
+    from ..checkpoint.pipeline_split import kv_cache_bytes_per_token
 
     return kv_cache_bytes_per_token({**ckpt, "dtype": dtype}, 1)
 
@@ -169,7 +169,7 @@ def estimate_weight_bytes(ckpt: dict, dtype: str) -> int:
     """Parameter count of a Llama-family model from config.json alone, times the engine dtype's size
     (a DeciLM model's per-layer parts are priced by the pipeline cost model)."""
     if ckpt.get("architecture") == DECILM_ARCH:
-        from ..pipeline_split import stage_costs
+        from ..checkpoint.pipeline_split import stage_costs
 
         return stage_costs({**ckpt, "dtype": dtype}, [int(ckpt["num_hidden_layers"])], tp=1)[0].weight_bytes
     H, L, V = int(ckpt["hidden_size"]), int(ckpt["num_hidden_layers"]), int(ckpt["vocab_size"])
@@ -179,6 +179,19 @@ def estimate_weight_bytes(ckpt: dict, dtype: str) -> int:
     inter = int(ckpt.get("intermediate_size") or 4 * H)
     per_layer = (nh + 2 * nkv) * d * H + nh * d * H + 3 * inter * H + 2 * H
     return (L * per_layer + 2 * V * H + H) * ENGINE_DTYPES[dtype]
+
+
+def machine_gpu_targets() -> list[GpuTarget]:
+    """This machine's GPUs (none without CUDA)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    out = []
+    for i in range(torch.cuda.device_count()):
+        p = torch.cuda.get_device_properties(i)
+        out.append(GpuTarget(p.name, p.major * 10 + p.minor, int(p.total_memory)))
+    return out
 
 
 def resolve_target(name: str, machine_gpus: list[GpuTarget]) -> GpuTarget | None:
@@ -202,8 +215,6 @@ def resolve_target(name: str, machine_gpus: list[GpuTarget]) -> GpuTarget | None
 def validate_build(cfg: BuildConfig, ckpt: dict, *, weight_bytes: int | None = None,
                    machine_gpus: list[GpuTarget] | None = None) -> ResolvedBuild:
     """Resolve defaults and fail fast, before any tensor is read."""
-    from .capabilities import machine_gpu_targets
-
     if cfg.backend not in BACKENDS:
         raise UnknownBackend(f"unknown backend {cfg.backend!r}")
     for flag in ("use_cuda_graph", "compile", "compile_on_cpu", "measure_performance", "keep_tensor_parallel"):

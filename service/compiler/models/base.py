@@ -16,10 +16,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from ..checkpoint.mapping import Mapping
+from ..checkpoint.safetensors_io import DTYPES, LazyMap, itemsize
 from ..errors import InvalidMapping, WeightsMismatch
-from ..mapping import Mapping
-from ..safetensors_io import DTYPES, LazyMap, itemsize
-from ..source import DTYPE_CODES, SourceTensor, WeightSource
+from ..sources.weights import DTYPE_CODES, SourceTensor, WeightSource
 
 if TYPE_CHECKING:
     import torch

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ..checkpoint.mapping import Mapping
 from ..errors import UnsupportedArchitecture
-from ..mapping import Mapping
-from ..source import WeightSource
+from ..sources.weights import WeightSource
 from .base import (
     TORCH_DTYPES,
     TableArch,

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ..checkpoint.mapping import Mapping
 from ..errors import InvalidArgument, UnsupportedArchitecture
-from ..mapping import Mapping
-from ..source import WeightSource
+from ..sources.weights import WeightSource
 from .base import (
     TORCH_DTYPES,
     TableArch,

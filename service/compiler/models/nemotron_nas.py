@@ -16,7 +16,7 @@ exports (already TensorRT-LLM-shaped, with ``attn_replacing_linear`` / ``mlp_rep
 names) are imported by ``import_modelopt_checkpoint``.
 
     from service.compiler import Mapping, convert_checkpoint
-    from service.compiler.pipeline_split import balanced_mapping
+    from service.compiler.checkpoint.pipeline_split import balanced_mapping
     convert_checkpoint("./Nemotron-51B", "./ckpt", mapping=balanced_mapping(hf_cfg, tp=8, pp=2))
 """
 
@@ -32,9 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..checkpoint.mapping import Mapping
 from ..errors import InvalidArgument, InvalidCheckpoint, InvalidMapping, OutputExists, UnsupportedArchitecture
-from ..mapping import Mapping
-from ..source import SourceTensor, WeightSource, read_json
+from ..sources.weights import SourceTensor, WeightSource, read_json
 from .base import (
     TORCH_DTYPES,
     Piece,
@@ -276,10 +276,7 @@ class NemotronNAS(TableArch):
             "num_kv_heads_per_layer": kv_heads,
         }
         cfg["mapping"] = mapping.config_dict(cfg["num_hidden_layers"])
-        from ..pipeline_split import split_record  # lazy: pipeline_split reads this module's layers
-
-        cfg["kiln_pipeline_split"] = split_record(cfg, mapping)
-        return cfg
+        return cfg  # from_hugging_face adds kiln_pipeline_split (pipeline_split prices these layers)
 
     def check_mapping(self, cfg: dict, mapping: Mapping) -> None:
         tp = mapping.tp_size
@@ -394,7 +391,7 @@ def import_modelopt_checkpoint(src_dir: str | os.PathLike, out_dir: str | os.Pat
     The config may carry ``layer_configs`` or HF-style ``block_configs``. Every rank file is
     checked against the spec before anything is written; the output appears atomically.
     """
-    from ..safetensors_io import SafetensorsFile, SafetensorsWriter, dtype_name, publish_dir
+    from ..checkpoint.safetensors_io import SafetensorsFile, SafetensorsWriter, dtype_name, publish_dir
 
     src, out = Path(src_dir), Path(out_dir).absolute()
     if out.exists() and not overwrite:

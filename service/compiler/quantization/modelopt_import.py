@@ -28,7 +28,7 @@ import torch
 
 from ..errors import InvalidArgument, InvalidCheckpoint, OutputExists, UnsupportedArchitecture
 from ..models.base import TORCH_DTYPES, TableArch, resolve_name
-from ..source import SourceTensor, WeightSource, read_json
+from ..sources.weights import SourceTensor, WeightSource, read_json
 from .awq import awq_tensors
 from .config import FP8, W4A16_AWQ, QuantConfig
 from .decoder import LLAMA_ARCHS
@@ -84,11 +84,11 @@ def _scalar(source, name: str) -> torch.Tensor:
 
 def _open_export(src: Path, dtype: str, *, dequantize_awq: bool):
     """``from_hugging_face`` over the export, with packed AWQ weights seen through ``_DequantizedAWQ``."""
+    from ..checkpoint.mapping import Mapping
     from ..convert import HFCheckpointModel, from_hugging_face
-    from ..mapping import Mapping
     from ..models import spec_for_hf
     from ..models.hf_config import resolve_dtype
-    from ..source import open_weights
+    from ..sources.weights import open_weights
 
     if not dequantize_awq:
         return from_hugging_face(src, dtype=dtype)

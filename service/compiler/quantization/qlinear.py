@@ -130,9 +130,9 @@ def load_quantized_checkpoint(ckpt_dir) -> tuple[dict, dict[str, torch.Tensor]]:
     import json
     from pathlib import Path
 
-    from ..checkpoint import validate_checkpoint
+    from ..checkpoint.safetensors_io import SafetensorsFile
+    from ..checkpoint.validate import validate_checkpoint
     from ..errors import InvalidCheckpoint
-    from ..safetensors_io import SafetensorsFile
 
     d = Path(ckpt_dir)
     report = validate_checkpoint(d, strict=True)

@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..checkpoint.safetensors_io import SafetensorsWriter, dtype_name, publish_dir
 from ..errors import InvalidArgument, InvalidCheckpoint, OutputExists
-from ..safetensors_io import SafetensorsWriter, dtype_name, publish_dir
 from . import config as qc
 from .awq import awq_search, awq_tensors
 from .calibration import (
@@ -465,7 +465,7 @@ def write_checkpoint_dir(out: Path, config: dict, spec, named: Iterator[tuple[st
                          producer: str) -> None:
     """Write ``config.json`` + ``rank0.safetensors`` sized from ``spec``; every produced tensor must match the
     spec's shape and dtype and every spec tensor must be produced. Atomic: temp dir + rename."""
-    from .. import __version__
+    from ..version import __version__
 
     expected = {n: (s, d) for n, s, d in spec}
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:12]}"

@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..checkpoint.safetensors_io import SafetensorsFile
 from ..errors import InvalidCheckpoint
-from ..safetensors_io import SafetensorsFile
 from .calibration import evaluation_windows, stream_layers
 from .decoder import Decoder, layer_index, local_name
 from .qlinear import layer_kv, layer_linear

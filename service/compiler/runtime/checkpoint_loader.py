@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from ..checkpoint.mapping import Mapping
 from ..errors import InvalidCheckpoint, InvalidMapping, UnsupportedArchitecture
-from ..mapping import Mapping
 
 LLAMA_FAMILY = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 GPT_FAMILY = ("GPTForCausalLM", "GPT2LMHeadModel")

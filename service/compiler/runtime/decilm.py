@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import load_config
+from ..checkpoint.mapping import Mapping
+from ..checkpoint.safetensors_io import SafetensorsFile
+from ..checkpoint.validate import load_config
 from ..errors import InvalidCheckpoint
-from ..mapping import Mapping
 from ..models.nemotron_nas import ARCH, LayerConfig, checkpoint_layers
-from ..safetensors_io import SafetensorsFile
 
 KVCache = dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> (k, v) [batch, tokens, kv_heads, d]
 

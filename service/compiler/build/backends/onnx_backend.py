@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ...checkpoint import load_config
+from ...checkpoint.validate import load_config
 from ...errors import InvalidCheckpoint, KilnError
 from ...runtime.engine_gpt import GPT_ARCHS, activation, activation_name, is_post_ln, layer_norm
 from ...runtime.engine_gpt import LAYER_FIELDS as GPT_FIELDS

@@ -18,7 +18,7 @@ import time
 import uuid
 from pathlib import Path
 
-from ...checkpoint import load_config
+from ...checkpoint.validate import load_config
 from ...errors import KilnError
 from ..config import ResolvedBuild
 from .onnx_backend import build_onnx_engine

@@ -29,10 +29,10 @@ from pathlib import Path
 
 import torch
 
-from ... import __version__
-from ...checkpoint import load_config
+from ...checkpoint.mapping import Mapping
+from ...checkpoint.safetensors_io import SafetensorsFile, SafetensorsWriter, dtype_name, publish_dir
+from ...checkpoint.validate import load_config
 from ...errors import InvalidCheckpoint
-from ...mapping import Mapping
 from ...runtime.engine_decilm import DECILM_LAYOUT, decilm_engine_table, merged_decilm_tensors
 from ...runtime.engine_gpt import GPT_ARCHS, GPT_LAYOUT, gpt_engine_table
 from ...runtime.engine_model import ENGINE_LAYOUT, checkpoint_to_engine_table
@@ -44,7 +44,7 @@ from ...runtime.engine_quant import (
 )
 from ...runtime.performance import PERFORMANCE_FILE, measure_in_build, not_measured
 from ...runtime.ranks import run_ranks
-from ...safetensors_io import SafetensorsFile, SafetensorsWriter, dtype_name, publish_dir
+from ...version import __version__
 from ..config import ResolvedBuild
 
 ENGINE_VERSION = f"kiln-engine/1 (kiln {__version__})"

@@ -11,7 +11,7 @@ import os
 import re
 from pathlib import Path
 
-from .errors import InvalidArgument, ModelNotFound
+from ..errors import InvalidArgument, ModelNotFound
 
 DEFAULT_PATTERNS = [
     "*.safetensors",

@@ -11,7 +11,7 @@ prices each layer from the checkpoint config alone and offers both splits:
   stage also holds the embedding, the last ln_f and lm_head); ties go to the smallest summed
   share. Kiln's own engine runs it (``Mapping.layers_per_stage``); TensorRT-LLM's loader does not.
 
-    from service.compiler.pipeline_split import balanced_mapping, split_record, format_split
+    from service.compiler.checkpoint.pipeline_split import balanced_mapping, split_record, format_split
     mapping = balanced_mapping(checkpoint_or_hf_config, tp=8, pp=2)
 """
 
@@ -21,10 +21,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import cache
 
-from .errors import InvalidMapping
+from ..errors import InvalidMapping
+from ..models.base import TORCH_DTYPES, pad_vocab
+from ..models.nemotron_nas import LayerConfig, checkpoint_layers
 from .mapping import Mapping
-from .models.base import TORCH_DTYPES, pad_vocab
-from .models.nemotron_nas import LayerConfig, checkpoint_layers
 
 DEFAULT_CONTEXT_LEN = 4096  # tokens of context priced into attention FLOPs (QK^T and AV)
 METRICS = ("weight_bytes", "flops_per_token", "kv_cache_bytes_per_token")
@@ -211,7 +211,7 @@ def balanced_mapping(cfg: dict, tp: int, pp: int, context_len: int = DEFAULT_CON
     """A Mapping with the cost-balanced split. ``cfg`` is a checkpoint config, or an HF DeciLM
     config.json (normalized here)."""
     if "layer_configs" not in cfg and "architectures" in cfg:
-        from .models import spec_for_hf
+        from ..models import spec_for_hf
 
         cfg = spec_for_hf(cfg).trt_config(cfg, "bfloat16", Mapping())
     return Mapping(tp_size=tp, pp_size=pp, layers_per_stage=tuple(balanced_split(cfg, pp, tp, context_len)))

@@ -13,12 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .convert import preflight  # re-exported: the service checks submissions with it
-from .errors import InvalidCheckpoint, KilnError
+from ..errors import InvalidCheckpoint, KilnError
+from ..models import spec_for_checkpoint
+from ..sources.weights import read_json
 from .mapping import Mapping
-from .models import spec_for_checkpoint
 from .safetensors_io import SafetensorsFile, dtype_name
-from .source import read_json
 
 if TYPE_CHECKING:  # annotations only: importing the package must not import torch (kiln convert's fast path)
     import torch
@@ -90,7 +89,7 @@ def expected_list(config: dict, rank: int) -> list[tuple[str, tuple[int, ...], t
     """Every tensor of ``rank`` with shape and dtype, from config.json alone (quantized layouts too)."""
     base = spec_for_checkpoint(config).expected(config, rank)
     if _is_quantized(config):
-        from .quantization.layout import quantized_expected  # the quantizer owns its layouts
+        from ..quantization.layout import quantized_expected  # the quantizer owns its layouts
 
         return quantized_expected(config, rank, base)
     return base
@@ -196,6 +195,5 @@ __all__ = [
     "expected_tensors",
     "from_checkpoint",
     "load_config",
-    "preflight",
     "validate_checkpoint",
 ]

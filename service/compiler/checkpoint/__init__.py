@@ -1,0 +1,2 @@
+"""Checkpoint I/O: safetensors files, the rank mapping, the pipeline split, and reading and
+validating TensorRT-LLM checkpoints."""

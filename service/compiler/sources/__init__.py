@@ -1,0 +1,1 @@
+"""Where a model comes from: a Hugging Face folder read as data, the hub, the bundled SmolLM2."""
