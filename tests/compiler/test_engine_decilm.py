@@ -18,8 +18,8 @@ from service.compiler import Mapping, convert_checkpoint
 from service.compiler.build import BuildConfig, InvalidBuildConfig, build, plan_build
 from service.compiler.build.config import validate_build
 from service.compiler.checkpoint import load_config
-from service.compiler.runtime.decilm import DeciLMReference
-from service.compiler.runtime.engine import Engine
+from service.compiler.engine.engine import Engine
+from service.compiler.reference.decilm import DeciLMReference
 from tests.compiler.test_nemotron_nas import IDS, D, tiny  # noqa: F401  (tiny: the fixture)
 
 PROMPTS = [[3, 17, 42, 5, 88, 60, 1], [29, 71, 13], [9, 50, 50, 2, 64, 33, 7, 70, 11, 4, 96], [8]]
@@ -83,7 +83,7 @@ def test_greedy_generation_identical_to_reference_batch_1_and_2(engines, engine_
 
 
 def test_shared_reference_model_generate_agrees(engines):
-    runtime = pytest.importorskip("service.compiler.runtime")
+    runtime = pytest.importorskip("service.compiler.reference")
     root, _ = engines
     ref = runtime.ReferenceModel.from_checkpoint(root / "ckpt")
     engine = Engine.load(root / "engine")

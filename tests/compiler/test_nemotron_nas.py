@@ -34,7 +34,7 @@ from service.compiler.pipeline_split import (
     split_record,
     stage_costs,
 )
-from service.compiler.runtime.decilm import DeciLMReference
+from service.compiler.reference.decilm import DeciLMReference
 from service.compiler.source import MetaSource
 
 H, NH, V = 128, 8, 97
@@ -572,7 +572,7 @@ def test_51b_cost_model_weight_bytes_equal_the_planned_rank_files(nemotron_51b):
 
 
 def test_shared_reference_runtime_dispatches_decilm_checkpoints(tiny, tmp_path):
-    runtime = pytest.importorskip("service.compiler.runtime")
+    runtime = pytest.importorskip("service.compiler.reference")
     if not hasattr(runtime, "ReferenceModel"):
         pytest.skip("the shared reference runtime is not in this tree")
     src, _, _, want = tiny

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from service.compiler import Mapping, convert_checkpoint
 from service.compiler.errors import InvalidArgument, InvalidCheckpoint
-from service.compiler.runtime import ReferenceModel, load_checkpoint_weights
+from service.compiler.reference import ReferenceModel, load_checkpoint_weights
 
 transformers = pytest.importorskip("transformers")
 
@@ -313,7 +313,7 @@ def test_bad_inputs_raise_invalid_argument(ckpts):
 
 
 def test_decilm_checkpoints_dispatch_to_the_decilm_runtime(tmp_path):
-    from service.compiler.runtime.decilm import DeciLMReference
+    from service.compiler.reference.decilm import DeciLMReference
 
     H, NH = 64, 4
     blocks = [

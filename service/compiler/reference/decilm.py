@@ -5,7 +5,7 @@ Kiln's ``layers_per_stage``), merges the rank files back into whole per-layer we
 block semantics: attention / linear / no-op attention, mlp / linear / no-op FFN, each layer with
 its own KV-head count and FFN width. Only real attention layers get a KV cache.
 
-    from service.compiler.runtime.decilm import DeciLMReference
+    from service.compiler.reference.decilm import DeciLMReference
     model = DeciLMReference.from_checkpoint("./ckpt")
     logits = model.forward(torch.tensor([[1, 2, 3]]))        # [batch, tokens, vocab] float32
     cache = model.new_cache()                                  # entries only for attention layers

@@ -10,8 +10,8 @@ shipped in the engine directory (so a fresh process does not compile from scratc
 decode step, greedy selection included, in one CUDA graph per batch-size bucket. Prompts are batched
 up to ``max_batch_size``; prompt and generation limits are those of the build.
 
-    python -m service.compiler.runtime.engine warmup ENGINE_DIR   # compile + capture (used by build)
-    python -m service.compiler.runtime.engine generate ENGINE_DIR --ids 1,2,3 --max-new-tokens 16
+    python -m service.compiler.engine.engine warmup ENGINE_DIR   # compile + capture (used by build)
+    python -m service.compiler.engine.engine generate ENGINE_DIR --ids 1,2,3 --max-new-tokens 16
     kiln build CKPT ENGINE_DIR ...; kiln generate ENGINE_DIR --prompt "..."   # the same through the CLI
 """
 
@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InvalidArgument, InvalidCheckpoint
+from .cli_args import add_generate_arguments
 from .engine_decilm import DECILM_LAYOUT, DeciLMEngineModel
 from .engine_gpt import GPT_LAYOUT, GPTEngineModel
 from .engine_model import ENGINE_LAYOUT, EngineModel
@@ -435,14 +436,12 @@ def run_generate(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m service.compiler.runtime.engine")
+    parser = argparse.ArgumentParser(prog="python -m service.compiler.engine.engine")
     sub = parser.add_subparsers(dest="cmd", required=True)
     w = sub.add_parser("warmup", help="load, compile and capture every graph (fills the compile cache); "
                                       "a tp engine: once per rank, as run_ranks starts it")
     w.add_argument("engine_dir")
     add_rank_arguments(w)
-    from ..cli import add_generate_arguments  # the options of `kiln generate`
-
     g = sub.add_parser("generate", help="generate from one prompt (a tp engine: once per rank, as run_ranks "
                                         "starts it; rank 0 prints)")
     add_generate_arguments(g)

@@ -1,7 +1,7 @@
 """The Nemotron-NAS / DeciLM engine model: heterogeneous layers on the torch engine.
 
 A DeciLM layer is a Llama layer whose attention and FFN may each be replaced by one H x H linear
-layer (``x + W . rmsnorm(x)``, exactly as ``runtime/decilm.py``) or removed (no tensors, not even
+layer (``x + W . rmsnorm(x)``, exactly as the reference) or removed (no tensors, not even
 the norm, and no compute). Every real attention layer keeps its own KV-head count, and only those
 layers get a static KV cache ``[max_batch, kv_heads_i, max_seq, d]``.
 
@@ -61,7 +61,7 @@ def decilm_engine_table(cfg: dict) -> list[tuple[str, tuple[str, ...]]]:
 
 def merged_decilm_tensors(ckpt_dir) -> dict[str, torch.Tensor]:
     """A tp x pp DeciLM checkpoint merged into global checkpoint names (float32, whole tensors)."""
-    from .decilm import load_decilm_weights
+    from ..reference.decilm import load_decilm_weights
 
     _, layers, w = load_decilm_weights(ckpt_dir)
     out = {"transformer.vocab_embedding.weight": w["embed"], "transformer.ln_f.weight": w["ln_f"],

@@ -9,7 +9,7 @@ code and no compilation, matching Hugging Face numerics:
 * GPT-2: pre-LN LayerNorm, learned positions, biases everywhere, ``proj(act(fc(x)))``.
 * OPT: as GPT-2 with ``do_layer_norm_before`` true; post-LN (``x = ln1(x + attn(x))``,
   ``x = ln2(x + mlp(x))``, no ``ln_f``) when false. Position p uses row p of the table.
-* DeciLM / Nemotron-NAS checkpoints are delegated to ``runtime.decilm`` (float32, CPU).
+* DeciLM / Nemotron-NAS checkpoints are delegated to ``reference.decilm`` (float32, CPU).
 
     m = ReferenceModel.from_checkpoint("./ckpt")              # compute_dtype=torch.float32 upcasts
     logits = m.forward(torch.tensor([[1, 2, 3]]))             # [B, T, vocab_size] float32, causal
@@ -340,7 +340,7 @@ class ReferenceModel:
 
 
 class _DeciLMModel(ReferenceModel):
-    """DeciLM / Nemotron-NAS checkpoints (heterogeneous layers) through ``runtime.decilm``."""
+    """DeciLM / Nemotron-NAS checkpoints (heterogeneous layers) through ``reference.decilm``."""
 
     def __init__(self, ckpt_dir: str | os.PathLike, device: str | torch.device = "cpu",
                  compute_dtype: torch.dtype | None = None):
