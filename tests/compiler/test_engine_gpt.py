@@ -23,7 +23,7 @@ from service.compiler.build import BuildConfig, InvalidBuildConfig, build
 from service.compiler.build.config import validate_build
 from service.compiler.checkpoint import load_config
 from service.compiler.engine.engine import Engine
-from service.compiler.engine.engine_gpt import GPT_LAYOUT
+from service.compiler.models.gpt import GPT_LAYOUT
 from service.compiler.reference import ReferenceModel
 
 transformers = pytest.importorskip("transformers")

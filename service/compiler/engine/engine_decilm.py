@@ -59,26 +59,6 @@ def decilm_engine_table(cfg: dict) -> list[tuple[str, tuple[str, ...]]]:
     return table
 
 
-def merged_decilm_tensors(ckpt_dir) -> dict[str, torch.Tensor]:
-    """A tp x pp DeciLM checkpoint merged into global checkpoint names (float32, whole tensors)."""
-    from ..reference.decilm import load_decilm_weights
-
-    _, layers, w = load_decilm_weights(ckpt_dir)
-    out = {"transformer.vocab_embedding.weight": w["embed"], "transformer.ln_f.weight": w["ln_f"],
-           "lm_head.weight": w["lm_head"]}
-    names = {"input_layernorm": "input_layernorm.weight", "o": "attention.dense.weight",
-             "attn_linear": "attention.weight", "post_layernorm": "post_layernorm.weight",
-             "fc": "ffn.fc.weight", "gate": "ffn.gate.weight", "proj": "ffn.proj.weight", "ffn_linear": "ffn.weight"}
-    for i in range(len(layers)):
-        g, p = f"layers.{i}.", f"transformer.layers.{i}."
-        for short, long in names.items():
-            if g + short in w:
-                out[p + long] = w[g + short]
-        if g + "q" in w:
-            out[p + "attention.qkv.weight"] = torch.cat([w[g + "q"], w[g + "k"], w[g + "v"]], 0)
-    return out
-
-
 # -- step functions, one per block kind ---------------------------------------------------------
 
 def linear_block(h: torch.Tensor, w: tuple, eps: float) -> torch.Tensor:

@@ -31,7 +31,7 @@ import torch
 
 from ... import __version__
 from ...checkpoint import load_config
-from ...engine.engine_decilm import DECILM_LAYOUT, decilm_engine_table, merged_decilm_tensors
+from ...engine.engine_decilm import DECILM_LAYOUT, decilm_engine_table
 from ...engine.engine_gpt import GPT_ARCHS, GPT_LAYOUT, gpt_engine_table
 from ...engine.engine_model import ENGINE_LAYOUT, checkpoint_to_engine_table
 from ...engine.engine_quant import (
@@ -63,8 +63,6 @@ def _checkpoint_tensors(ckpt_dir: Path, cfg: dict, rank: int | None = None
     if m.world_size == 1 or rank is not None:
         f = SafetensorsFile(ckpt_dir / f"rank{rank or 0}.safetensors")
         return {name: f.tensor(name) for name in f.keys()}, [f]
-    if cfg.get("architecture") == DECILM_ARCH:  # per-layer KV heads / missing parts: its own merge
-        return merged_decilm_tensors(ckpt_dir), []
     try:
         from ...reference import load_checkpoint_weights  # type: ignore[attr-defined]
     except ImportError as exc:
