@@ -27,6 +27,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 
+from service.compiler.engine import engine_quant as EQ
 from service.compiler.engine import kernels as K
 from service.compiler.quantization.fp8 import fp8_linear
 from service.compiler.quantization.weight_only import (
@@ -34,7 +35,6 @@ from service.compiler.quantization.weight_only import (
     quantize_groupwise,
     quantize_per_channel,
 )
-from service.compiler.reference import engine_quant as EQ
 
 SHAPES = {  # name: (hidden, heads, kv_heads, head, inter, vocab)
     "1b": (2048, 32, 8, 64, 8192, 128256),

@@ -31,9 +31,7 @@ import torch
 
 from ..errors import InvalidArgument, InvalidCheckpoint
 from .cli_args import add_generate_arguments
-from .engine_decilm import DECILM_LAYOUT, DeciLMEngineModel
-from .engine_gpt import GPT_LAYOUT, GPTEngineModel
-from .engine_model import ENGINE_LAYOUT, EngineModel
+from .model import ENGINE_LAYOUTS, EngineModel
 from .ranks import add_rank_arguments, exit_rank, join_group, leave_group
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -92,7 +90,7 @@ def _use_compile_cache(engine_dir: Path) -> str | None:
 
 
 class Engine:
-    def __init__(self, engine_dir: Path, config: dict, model: EngineModel | DeciLMEngineModel | GPTEngineModel, *,
+    def __init__(self, engine_dir: Path, config: dict, model: EngineModel, *,
                  use_graphs: bool, tokenizer=None):
         self.engine_dir, self.config, self.model = engine_dir, config, model
         self.build_config = config["build_config"]
@@ -122,12 +120,18 @@ class Engine:
         except (OSError, ValueError) as exc:
             raise InvalidCheckpoint(f"{engine_dir} is not an engine directory: {exc}") from exc
         layout = config.get("engine", {}).get("layout")
-        model_classes = {ENGINE_LAYOUT: EngineModel, DECILM_LAYOUT: DeciLMEngineModel, GPT_LAYOUT: GPTEngineModel}
-        if config.get("backend") != "torch" or layout not in model_classes:
+        if config.get("backend") != "torch" or layout not in ENGINE_LAYOUTS:
             raise InvalidCheckpoint(
                 f"{engine_dir} holds a {config.get('backend')!r} engine with layout {layout!r}; "
-                f"Engine runs torch engines of layout {', '.join(model_classes)}"
+                f"Engine runs torch engines of layout {', '.join(ENGINE_LAYOUTS)}"
             )
+        from ..models import spec_for_checkpoint
+
+        arch = config.get("pretrained_config", {}).get("architecture")
+        want = getattr(spec_for_checkpoint(config.get("pretrained_config", {})), "engine_layout", None)
+        if want != layout:
+            raise InvalidCheckpoint(f"{engine_dir} holds a {arch} engine of layout {layout!r}, but {arch} engines "
+                                    f"have layout {want!r}", hint="rebuild the engine from its checkpoint")
         bc = config["build_config"]
         if device is None:
             device = "cuda" if torch.cuda.is_available() and config["engine"]["arch"] != "cpu" else "cpu"
@@ -152,9 +156,8 @@ class Engine:
                 torch.cuda.set_device(device)
         weights = load_file(str(engine_dir / f"rank{rank}.safetensors"), device=str(device))
         weights_s = time.perf_counter() - start
-        model_cls = model_classes[layout]
-        model = model_cls(config["pretrained_config"], weights, max_batch=int(bc["max_batch_size"]),
-                          max_seq=int(bc["max_seq_len"]), tp_group=group, tp_size=tp)
+        model = EngineModel(config["pretrained_config"], weights, max_batch=int(bc["max_batch_size"]),
+                            max_seq=int(bc["max_seq_len"]), tp_group=group, tp_size=tp)
         model_s = time.perf_counter() - start - weights_s
         if compile:
             import torch._inductor.config as inductor_config

@@ -348,10 +348,11 @@ def prefill_layer(h: torch.Tensor, w: LayerWeights, k_cache: torch.Tensor, v_cac
 def decode_mask(slots: torch.Tensor, pos: torch.Tensor, kv: int, dtype: torch.dtype, window: int = 0) -> torch.Tensor:
     """Additive decode mask [B, 1, 1, kv], built once per step (not per layer): 0 for slots <= pos[b]
     (and > pos[b] - window for a sliding window), -inf elsewhere."""
-    hidden = slots[None, :kv] > pos[:, None]
     if window:
-        hidden = hidden | (slots[None, :kv] <= pos[:, None] - window)
-    return torch.zeros((), dtype=dtype, device=slots.device).masked_fill(hidden, float("-inf"))[:, None, None, :]
+        hidden = (slots[None, :kv] > pos[:, None]) | (slots[None, :kv] <= pos[:, None] - window)
+        return torch.zeros((), dtype=dtype, device=slots.device).masked_fill(hidden, float("-inf"))[:, None, None, :]
+    return torch.zeros((), dtype=dtype, device=slots.device).masked_fill(
+        slots[None, :kv] > pos[:, None], float("-inf"))[:, None, None, :]
 
 
 def gather_vocab(logits: torch.Tensor, group, vocab: int) -> torch.Tensor:

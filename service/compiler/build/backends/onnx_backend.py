@@ -27,11 +27,11 @@ import torch
 import torch.nn.functional as F
 
 from ...checkpoint import load_config
-from ...engine.engine_gpt import GPT_ARCHS, activation, activation_name, is_post_ln, layer_norm
-from ...engine.engine_gpt import LAYER_FIELDS as GPT_FIELDS
-from ...engine.engine_model import apply_rope, rms_norm, rope_inv_freq
+from ...engine.model import activation, apply_rope, layer_norm, rms_norm, rope_inv_freq
 from ...engine.performance import PERFORMANCE_FILE, not_measured
 from ...errors import InvalidCheckpoint, KilnError
+from ...models.gpt import GPT_ARCHS, activation_name, is_post_ln
+from ...models.gpt import LAYER_FIELDS as GPT_FIELDS
 from ..config import ResolvedBuild
 from .torch_backend import ENGINE_VERSION, write_engine_weights
 

@@ -31,9 +31,6 @@ import torch
 
 from ... import __version__
 from ...checkpoint import load_config
-from ...engine.engine_decilm import DECILM_LAYOUT, decilm_engine_table
-from ...engine.engine_gpt import GPT_ARCHS, GPT_LAYOUT, gpt_engine_table
-from ...engine.engine_model import ENGINE_LAYOUT, checkpoint_to_engine_table
 from ...engine.engine_quant import (
     TensorView,
     quantized_layer_specs,
@@ -42,8 +39,9 @@ from ...engine.engine_quant import (
 )
 from ...engine.performance import PERFORMANCE_FILE, measure_in_build, not_measured
 from ...engine.ranks import run_ranks
-from ...errors import InvalidCheckpoint
+from ...errors import InvalidCheckpoint, UnsupportedArchitecture
 from ...mapping import Mapping
+from ...models import spec_for_checkpoint
 from ...safetensors_io import SafetensorsFile, SafetensorsWriter, dtype_name, publish_dir
 from ..config import ResolvedBuild
 
@@ -75,16 +73,13 @@ def _checkpoint_tensors(ckpt_dir: Path, cfg: dict, rank: int | None = None
 
 
 def engine_layout(cfg: dict) -> tuple[str, list[tuple[str, tuple[str, ...]]]]:
-    """(layout name, engine table) for a checkpoint: DeciLM's heterogeneous layers, GPT-2 / OPT, or
-    the Llama family's."""
-    if cfg.get("architecture") == DECILM_ARCH:
-        return DECILM_LAYOUT, decilm_engine_table(cfg)
-    if cfg.get("architecture") in GPT_ARCHS:
-        try:
-            return GPT_LAYOUT, gpt_engine_table(cfg)
-        except ValueError as exc:
-            raise InvalidCheckpoint(str(exc)) from exc
-    return ENGINE_LAYOUT, checkpoint_to_engine_table(cfg)
+    """(layout name, engine weight map) of a checkpoint: its family's (``models/<family>.py``); every
+    layout runs on the one engine model (``engine/model.py``)."""
+    try:
+        family = spec_for_checkpoint(cfg)
+        return family.engine_layout, family.engine_weight_map(cfg)
+    except (UnsupportedArchitecture, AttributeError, ValueError) as exc:
+        raise InvalidCheckpoint(f"no torch engine for this {cfg.get('architecture')} checkpoint: {exc}") from exc
 
 
 def _quantized_engine_tensors(tensors: dict, cfg: dict, device: torch.device

@@ -24,4 +24,4 @@ from .attention import decode_attention, decode_attention_supported, decode_spli
 from .common import GEMV_MAX_ROWS, W_BF16, W_FP8, W_INT4, W_INT8  # noqa: F401
 from .dequantize import dequantize, dequantize_op, engine_dequantize  # noqa: F401
 from .gemv import engine_gemv, gemv, gemv_op  # noqa: F401
-from .int4 import _gemv_int4h, gemv_int4h, gemv_int4v, int4_words, pack_int4_k  # noqa: F401
+from .int4 import _ASM, _gemv_int4h, gemv_int4h, gemv_int4v, int4_words, pack_int4_k  # noqa: F401
