@@ -128,7 +128,7 @@ class Engine:
         from ..models import spec_for_checkpoint
 
         arch = config.get("pretrained_config", {}).get("architecture")
-        want = getattr(spec_for_checkpoint(config.get("pretrained_config", {})), "engine_layout", None)
+        want = spec_for_checkpoint(config.get("pretrained_config", {})).engine_layout
         if want != layout:
             raise InvalidCheckpoint(f"{engine_dir} holds a {arch} engine of layout {layout!r}, but {arch} engines "
                                     f"have layout {want!r}", hint="rebuild the engine from its checkpoint")

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -119,7 +119,7 @@ def rope_inv_freq(cfg: dict) -> torch.Tensor:
     d = int(cfg.get("rotary_embedding_dim") or cfg["head_size"])
     base = float(cfg.get("rotary_base", 10000.0))
     inv = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
-    scaling = cfg.get("rotary_scaling") or None
+    scaling: dict = cfg.get("rotary_scaling") or {}
     kind = scaling.get("rope_type", scaling.get("type")) if scaling else None
     if kind == "linear":
         inv = inv / float(scaling["factor"])
@@ -188,7 +188,7 @@ def _row_parallel(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, grou
 
 
 def _residual(h: torch.Tensor, y: torch.Tensor, pre: torch.Tensor, pre_b: torch.Tensor | None,
-              post: torch.Tensor | None, eps: float, p: Plan) -> torch.Tensor:
+              post: torch.Tensor, eps: float, p: Plan) -> torch.Tensor:
     """Add a part's output ``y`` to the residual: post-LN normalizes the sum with the part's norm,
     a sandwich normalizes ``y`` first with its post norm."""
     if p.placement == "post":
@@ -488,7 +488,7 @@ class EngineModel:
         # decode masks the SDPA layers need (one per window size), built once per step
         self._mask_windows = sorted({lp.plan.window for lp, k in zip(self.plans, self._kernel_layers, strict=True)
                                      if lp.cache >= 0 and not k})
-        self._fn: dict[str, Callable[..., torch.Tensor]] = {
+        self._fn: dict[str, Callable[..., Any]] = {
             "decode_layer": decode_layer, "decode_qkv": decode_qkv, "decode_out": decode_out,
             "prefill_layer": prefill_layer}
         self._head: Callable[..., torch.Tensor] = lm_head
@@ -520,6 +520,7 @@ class EngineModel:
                                                              group, None, p)
         kc, vc = self.k_cache[c], self.v_cache[c]
         if self._kernel_layers[i]:
+            assert self.kernels is not None
             qkv, out, attention = self._fn["decode_qkv"], self._fn["decode_out"], self.kernels.decode_attention
 
             def kernel_step(h, pos, ropes, masks, kv, B):

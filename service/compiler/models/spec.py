@@ -156,11 +156,7 @@ def block_specs(cfg: dict) -> ModelSpec:
     """The ModelSpec of a TensorRT-LLM checkpoint config, from its family module."""
     from . import spec_for_checkpoint
 
-    family = spec_for_checkpoint(cfg)
-    fn = getattr(family, "block_specs", None)
-    if fn is None:
-        raise UnsupportedArchitecture(f"{cfg.get('architecture')} has no block spec")
-    return fn(cfg).check()
+    return spec_for_checkpoint(cfg).block_specs(cfg).check()
 
 
 def engine_weight_map(cfg: dict) -> list[tuple[str, tuple[str, ...]]]:

@@ -77,8 +77,10 @@ def engine_layout(cfg: dict) -> tuple[str, list[tuple[str, tuple[str, ...]]]]:
     layout runs on the one engine model (``engine/model.py``)."""
     try:
         family = spec_for_checkpoint(cfg)
+        if family.engine_layout is None:
+            raise UnsupportedArchitecture("the torch engine has no layout for it")
         return family.engine_layout, family.engine_weight_map(cfg)
-    except (UnsupportedArchitecture, AttributeError, ValueError) as exc:
+    except (UnsupportedArchitecture, ValueError) as exc:
         raise InvalidCheckpoint(f"no torch engine for this {cfg.get('architecture')} checkpoint: {exc}") from exc
 
 
