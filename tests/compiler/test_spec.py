@@ -191,3 +191,19 @@ def test_new_block_kinds_match_transformers_in_the_reference_and_the_engine(fami
         for t in range(5, ids.shape[1]):
             got = engine.decode(ids[:, t], torch.full((2,), t))
             torch.testing.assert_close(got, want[:, t], rtol=1e-4, atol=1e-4)
+
+
+def test_an_engine_whose_layout_is_not_its_architectures_is_refused_clearly(tmp_path):
+    import json
+
+    from service.compiler.engine.engine import Engine
+    from service.compiler.errors import InvalidCheckpoint
+
+    cfg = {"backend": "torch", "engine": {"layout": "kiln-gpt-fused/1", "arch": "cpu"},
+           "pretrained_config": {**BASE, "architecture": "LlamaForCausalLM"}, "build_config": {}}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(InvalidCheckpoint, match="LlamaForCausalLM engines have layout 'kiln-llama-fused/1'"):
+        Engine.load(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "engine": {"layout": "kiln-llama-fused/0"}}))
+    with pytest.raises(InvalidCheckpoint, match="Engine runs torch engines of layout kiln-llama-fused/1, kiln-gpt"):
+        Engine.load(tmp_path)
