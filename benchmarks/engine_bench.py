@@ -155,7 +155,7 @@ def fresh_start(engine_dir: str, shape: str):
 
     created = psutil.Process().create_time()
     res = {"import_torch_s": time.time() - created}  # torch is imported at the top of this file
-    from service.compiler.runtime.engine import Engine
+    from service.compiler.engine.engine import Engine
 
     res["import_engine_s"] = time.time() - created
     t0 = time.perf_counter()
@@ -238,7 +238,7 @@ def worker_hf(shape: str, mode: str) -> dict:
 def spawn(args: list[str], env_extra: dict | None = None, timeout: float = 900, tp: int = 1) -> dict:
     """Run a worker in a fresh process (``tp`` processes, one per rank and GPU, for a tp engine,
     through the build's own rank launcher); rank 0's JSON, or the failure."""
-    from service.compiler.runtime.ranks import run_ranks
+    from service.compiler.engine.ranks import run_ranks
 
     t0 = time.perf_counter()
     try:
@@ -273,7 +273,7 @@ def main() -> int:
     ap.add_argument("--init-method", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker in ("engine", "start"):  # a tp engine's rank joins its group first (NCCL, its GPU)
-        from service.compiler.runtime.ranks import join_group, leave_group
+        from service.compiler.engine.ranks import join_group, leave_group
 
         join_group(a.engine, a.rank, a.world_size, a.init_method)
         try:  # the engine is gone (its graphs released) when the worker function returns
@@ -382,6 +382,6 @@ def print_table(results: dict) -> None:
 
 
 if __name__ == "__main__":
-    from service.compiler.runtime.ranks import exit_rank
+    from service.compiler.engine.ranks import exit_rank
 
     exit_rank(main())

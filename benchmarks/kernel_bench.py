@@ -27,14 +27,14 @@ import statistics
 import torch
 import torch.nn.functional as F
 
+from service.compiler.engine import engine_quant as EQ
+from service.compiler.engine import kernels as K
 from service.compiler.quantization.fp8 import fp8_linear
 from service.compiler.quantization.weight_only import (
     dequantize_groupwise,
     quantize_groupwise,
     quantize_per_channel,
 )
-from service.compiler.runtime import engine_quant as EQ
-from service.compiler.runtime import kernels as K
 
 SHAPES = {  # name: (hidden, heads, kv_heads, head, inter, vocab)
     "1b": (2048, 32, 8, 64, 8192, 128256),

@@ -19,7 +19,7 @@ import torch
 
 
 def profile(engine_dir: str, prompt: int, samples: int) -> dict:
-    from service.compiler.runtime.engine import Engine
+    from service.compiler.engine.engine import Engine
 
     engine = Engine.load(engine_dir)
     ids = [torch.randint(0, engine.model.vocab, (prompt,), generator=torch.Generator().manual_seed(0)).tolist()]

@@ -15,6 +15,7 @@ import os
 import sys
 import time
 
+from .engine.cli_args import add_generate_arguments, generate_argv
 from .errors import KilnError
 
 
@@ -149,30 +150,6 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_generate_arguments(parser) -> None:
-    """``generate``'s options (also ``kiln generate``'s)."""
-    parser.add_argument("engine_dir")
-    what = parser.add_mutually_exclusive_group(required=True)
-    what.add_argument("--ids", help="the prompt as comma-separated token ids")
-    what.add_argument("--prompt", help="the prompt as text (the engine must ship a tokenizer)")
-    parser.add_argument("--max-new-tokens", type=int, default=16)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--top-k", type=int, default=0, help="0 = off")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--tokenizer", default=None, metavar="DIR",
-                        help="HF folder with the tokenizer, for engines built without one (as trtllm's --tokenizer_dir)")
-
-
-def generate_argv(args) -> list[str]:
-    """``args`` (parsed by ``add_generate_arguments``) back as a command line, for the rank processes."""
-    out = [args.engine_dir, "--ids", args.ids] if args.ids is not None else [args.engine_dir, "--prompt", args.prompt]
-    out += ["--max-new-tokens", str(args.max_new_tokens), "--temperature", str(args.temperature),
-            "--top-k", str(args.top_k), "--top-p", str(args.top_p)]
-    out += ["--seed", str(args.seed)] if args.seed is not None else []
-    return out + (["--tokenizer", args.tokenizer] if args.tokenizer else [])
-
-
 def _generate(args: argparse.Namespace) -> int:
     """One prompt through an engine; a tp engine runs one process per rank (its GPUs, or gloo on the
     CPU) and rank 0's result is printed."""
@@ -187,14 +164,14 @@ def _generate(args: argparse.Namespace) -> int:
     tp = int(cfg.get("engine", {}).get("tp_size", 1))
     try:
         if tp == 1:
-            from .runtime.engine import run_generate
+            from .engine.engine import run_generate
 
             args.rank, args.world_size, args.init_method = 0, 1, None
             result = run_generate(args)
         else:
-            from .runtime.ranks import run_ranks
+            from .engine.ranks import run_ranks
 
-            outs = run_ranks(["-m", "service.compiler.runtime.engine", "generate", *generate_argv(args)], tp,
+            outs = run_ranks(["-m", "service.compiler.engine.engine", "generate", *generate_argv(args)], tp,
                              what=f"generating with the tp={tp} engine", timeout_s=args.timeout)
             result = json.loads(outs[0].strip().splitlines()[-1])
     except KilnError as exc:

@@ -257,7 +257,7 @@ def _rouge_of(candidate_ckpt: Path, reference_ckpt: Path, prompts: list[list[int
     """Mean ROUGE-1 / ROUGE-L of the candidate's greedy continuations against the reference's (the
     reference runtime executes quantized checkpoints from their stored low-precision tensors)."""
     from service.compiler.quantization.report import rouge
-    from service.compiler.runtime import ReferenceModel
+    from service.compiler.reference import ReferenceModel
 
     cand, ref = ReferenceModel.from_checkpoint(candidate_ckpt), ReferenceModel.from_checkpoint(reference_ckpt)
     scores = [rouge(cand.generate(p, max_new), ref.generate(p, max_new)) for p in prompts]
@@ -270,9 +270,9 @@ def engine_vs_reference(engine_dir: Path, ckpt_dir: Path, windows, prompts: list
     import torch
     import torch.nn.functional as F
 
+    from service.compiler.engine.engine import Engine
     from service.compiler.quantization.report import perplexity, rouge
-    from service.compiler.runtime import ReferenceModel
-    from service.compiler.runtime.engine import Engine
+    from service.compiler.reference import ReferenceModel
 
     t0 = time.perf_counter()
     engine = Engine.load(engine_dir)

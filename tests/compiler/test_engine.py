@@ -1,6 +1,6 @@
 """torch-backend engines on CPU: build from tiny converted checkpoints, generate, compare.
 
-The oracles are the reference runtime (service.compiler.runtime.ReferenceModel, when importable)
+The oracles are the reference runtime (service.compiler.reference.ReferenceModel, when importable)
 and transformers itself; generations must be identical token for token (float32, greedy).
 """
 
@@ -24,7 +24,7 @@ from service.compiler.build import (
 )
 from service.compiler.build.config import GpuTarget, validate_build
 from service.compiler.checkpoint.validate import load_config
-from service.compiler.runtime.engine import Engine, SamplingConfig
+from service.compiler.engine.engine import Engine, SamplingConfig
 
 transformers = pytest.importorskip("transformers")
 
@@ -96,7 +96,7 @@ def test_build_writes_a_performance_report(built):
     after the engine is complete; peak GPU memory is null on the CPU, with the reason."""
     _, _, root, stats = built
     perf = json.loads((root / "engine" / "performance.json").read_text())
-    from service.compiler.runtime.performance import KEYS
+    from service.compiler.engine.performance import KEYS
 
     assert set(KEYS) <= set(perf) and perf["build_seconds"] == stats["build_seconds"]
     for key in KEYS[:-1]:
@@ -108,7 +108,7 @@ def test_build_writes_a_performance_report(built):
 
 def test_build_without_performance_measurement(tiny_ckpt, tmp_path):
     """measure_performance=False: performance.json still exists, every figure null, with the reason."""
-    from service.compiler.runtime.performance import KEYS
+    from service.compiler.engine.performance import KEYS
 
     build(tiny_ckpt, BuildConfig(max_batch_size=2, max_input_len=16, max_seq_len=32, target="cpu",
                                  measure_performance=False), tmp_path / "engine")
@@ -147,7 +147,7 @@ def test_forward_logits_match_transformers(built):
 
 
 def test_generation_matches_reference_runtime(built):
-    runtime = pytest.importorskip("service.compiler.runtime", reason="reference runtime not importable")
+    runtime = pytest.importorskip("service.compiler.reference", reason="reference runtime not importable")
     _, _, root, _ = built
     ref = runtime.ReferenceModel.from_checkpoint(root / "ckpt")
     engine = Engine.load(root / "engine")
@@ -194,7 +194,7 @@ def tiny_ckpt(tmp_path_factory):
 def test_performance_measurement_failure_names_the_rank(tiny_ckpt, tmp_path):
     """A tp engine is timed by one process per rank; a rank that cannot load fails the measurement
     (and so the build) with its error, and the other rank does not hang."""
-    from service.compiler.runtime.performance import measure_in_build
+    from service.compiler.engine.performance import measure_in_build
 
     build(tiny_ckpt, BuildConfig(max_batch_size=1, max_input_len=8, max_seq_len=16, target="cpu"), tmp_path / "e")
     cfg = json.loads((tmp_path / "e" / "config.json").read_text())
@@ -315,7 +315,7 @@ def test_paged_kv_and_non_llama_are_refused_by_torch_backend(tiny_ckpt):
 
 
 def test_tp2_checkpoint_builds_a_merged_engine(tmp_path):
-    pytest.importorskip("service.compiler.runtime", reason="merging ranks needs the reference runtime's loader")
+    pytest.importorskip("service.compiler.reference", reason="merging ranks needs the reference runtime's loader")
     from service.compiler import Mapping
 
     model = _hf_model("llama-gqa-llama3rope", seed=1)

@@ -18,8 +18,8 @@ from service.compiler import Mapping, convert_checkpoint
 from service.compiler.build import BuildConfig, InvalidBuildConfig, build, plan_build
 from service.compiler.build.config import validate_build
 from service.compiler.checkpoint.validate import load_config
-from service.compiler.runtime.decilm import DeciLMReference
-from service.compiler.runtime.engine import Engine
+from service.compiler.engine.engine import Engine
+from service.compiler.reference import ReferenceModel
 from tests.compiler.test_nemotron_nas import IDS, D, tiny  # noqa: F401  (tiny: the fixture)
 
 PROMPTS = [[3, 17, 42, 5, 88, 60, 1], [29, 71, 13], [9, 50, 50, 2, 64, 33, 7, 70, 11, 4, 96], [8]]
@@ -35,10 +35,10 @@ def engines(tiny, tmp_path_factory):  # noqa: F811  (the imported fixture)
     build(root / "ckpt", BuildConfig(**LIMITS), root / "engine")
     convert_checkpoint(src, root / "ckpt-tp2pp2", dtype="float32", mapping=Mapping(tp_size=2, pp_size=2))
     build(root / "ckpt-tp2pp2", BuildConfig(**LIMITS), root / "engine-tp2pp2")
-    return root, DeciLMReference.from_checkpoint(root / "ckpt")
+    return root, ReferenceModel.from_checkpoint(root / "ckpt")
 
 
-def _reference_generate(ref: DeciLMReference, prompt: list[int], n: int) -> list[int]:
+def _reference_generate(ref: ReferenceModel, prompt: list[int], n: int) -> list[int]:
     """Greedy decoding with the reference runtime's KV cache (what ReferenceModel.generate runs)."""
     cache = ref.new_cache()
     logits, out = ref.forward(torch.tensor([prompt]), cache), []
@@ -83,7 +83,7 @@ def test_greedy_generation_identical_to_reference_batch_1_and_2(engines, engine_
 
 
 def test_shared_reference_model_generate_agrees(engines):
-    runtime = pytest.importorskip("service.compiler.runtime")
+    runtime = pytest.importorskip("service.compiler.reference")
     root, _ = engines
     ref = runtime.ReferenceModel.from_checkpoint(root / "ckpt")
     engine = Engine.load(root / "engine")

@@ -12,7 +12,7 @@ from service.compiler.build import BuildConfig, build
 from service.compiler.evaluate import EvalConfig, evaluate, held_out_text, rouge_l, rouge_n
 
 transformers = pytest.importorskip("transformers")
-pytest.importorskip("service.compiler.runtime", reason="evaluation compares against the reference runtime")
+pytest.importorskip("service.compiler.reference", reason="evaluation compares against the reference runtime")
 
 
 def test_rouge_matches_hand_computed_values():

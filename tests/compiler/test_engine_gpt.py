@@ -22,9 +22,9 @@ from service.compiler import Mapping, convert_checkpoint
 from service.compiler.build import BuildConfig, InvalidBuildConfig, build
 from service.compiler.build.config import validate_build
 from service.compiler.checkpoint.validate import load_config
-from service.compiler.runtime import ReferenceModel
-from service.compiler.runtime.engine import Engine
-from service.compiler.runtime.engine_gpt import GPT_LAYOUT
+from service.compiler.engine.engine import Engine
+from service.compiler.models.gpt import GPT_LAYOUT
+from service.compiler.reference import ReferenceModel
 
 transformers = pytest.importorskip("transformers")
 REPO = Path(__file__).resolve().parents[2]
@@ -102,7 +102,7 @@ def test_tp2_checkpoint_merged_engine_matches_reference(ckpts, tmp_path):
 
 RANK_MAIN = """
 import json, os, sys, torch.distributed as dist
-from service.compiler.runtime.engine import Engine
+from service.compiler.engine.engine import Engine
 rank, port, engine_dir, out, prompts = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], json.loads(sys.argv[5])
 dist.init_process_group("gloo", rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}")
 engine = Engine.load(engine_dir)

@@ -10,8 +10,8 @@ import torch
 
 from service.compiler.build import BuildConfig, build
 from service.compiler.checkpoint.safetensors_io import SafetensorsWriter, dtype_name
+from service.compiler.engine.engine import Engine
 from service.compiler.models.llama import LLAMA
-from service.compiler.runtime.engine import Engine
 
 pytestmark = [
     pytest.mark.gpu,
@@ -50,7 +50,7 @@ def ckpt_1b(tmp_path_factory):
 
 
 def test_1b_shape_engine_matches_reference_runtime_on_gpu(ckpt_1b, tmp_path):
-    from service.compiler.runtime import ReferenceModel
+    from service.compiler.reference import ReferenceModel
 
     stats = build(ckpt_1b, BuildConfig(max_batch_size=4, max_input_len=64, max_seq_len=128, target="auto"),
                   tmp_path / "engine")

@@ -20,10 +20,10 @@ transformers = pytest.importorskip("transformers")
 from service.compiler.build import BuildConfig, build  # noqa: E402
 from service.compiler.build.config import InvalidBuildConfig  # noqa: E402
 from service.compiler.checkpoint.safetensors_io import SafetensorsFile  # noqa: E402
+from service.compiler.engine.engine import Engine  # noqa: E402
+from service.compiler.engine.engine_quant import int4_block_for, pack_int4_halves, unpack_int4_halves  # noqa: E402
 from service.compiler.quantization import CalibrationSettings, QuantConfig, quantize_checkpoint  # noqa: E402
 from service.compiler.quantization.report import CheckpointRunner  # noqa: E402
-from service.compiler.runtime.engine import Engine  # noqa: E402
-from service.compiler.runtime.engine_quant import int4_block_for, pack_int4_halves, unpack_int4_halves  # noqa: E402
 
 VOCAB = 128
 IDS = torch.randint(0, VOCAB, (10, 24), generator=torch.Generator().manual_seed(0))
@@ -124,7 +124,7 @@ def test_int4_decode_kernel_choice(monkeypatch):
     session's H100 sweep), more rows the bit-unpacking one; group-wise int4 (AWQ scales, zeros) takes
     the CUDA-core word kernel for one row and converts otherwise, as float32 does;
     KILN_INT4_BATCH1_KERNEL and the int4_fast argument override; bad values are refused."""
-    from service.compiler.runtime.engine_quant import int4_gemv_kernel
+    from service.compiler.engine.engine_quant import int4_gemv_kernel
 
     per_row, one = torch.ones(64), torch.ones(1)
     bf16 = torch.bfloat16
@@ -165,8 +165,8 @@ def test_engine_header_specs_come_from_shapes_and_match_the_tensors(llama, tmp_p
     """The build lays the engine file out from ``quantized_layer_specs`` (meta tensors, no bytes read)
     and computes each layer's tensors once; the specs equal the tensors, and a checkpoint whose fused
     AWQ pre-quant scales differ is still refused when the tensors are made."""
+    from service.compiler.engine.engine_quant import quantized_layer_specs, quantized_layer_tensors
     from service.compiler.errors import InvalidCheckpoint
-    from service.compiler.runtime.engine_quant import quantized_layer_specs, quantized_layer_tensors
 
     ckpt = tmp_path / "ckpt"
     quantize_checkpoint(llama, ckpt, QuantConfig(**CASES["awq-zero-int8kv"][0]), calibration=_calib(), dtype="float32")

@@ -12,9 +12,9 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from service.compiler.build import BuildConfig, build  # noqa: E402
+from service.compiler.engine.engine import Engine  # noqa: E402
 from service.compiler.quantization import CalibrationSettings, QuantConfig, quantize_checkpoint  # noqa: E402
 from service.compiler.quantization.report import CheckpointRunner  # noqa: E402
-from service.compiler.runtime.engine import Engine  # noqa: E402
 
 pytestmark = [
     pytest.mark.gpu,
@@ -134,7 +134,7 @@ def test_bf16_int4_engine_bit_unpacking_kernel(llama, tmp_path):
     build(ckpt, BuildConfig(dtype="bfloat16", **bc), tmp_path / "bf16")
     build(ckpt, BuildConfig(dtype="float32", **bc), tmp_path / "fp32")
     e16, e32 = Engine.load(tmp_path / "bf16"), Engine.load(tmp_path / "fp32")
-    from service.compiler.runtime import kernels
+    from service.compiler.engine import kernels
 
     q = e16.model.layers[0][6]  # gate_up: an int4 QLinear in the bf16 engine
     assert q.kind == kernels.W_INT4 and kernels.int4_fast_supported(torch.bfloat16, q.scale, q.int4_block, q.group,
@@ -171,8 +171,8 @@ def test_bf16_int4_engine_bit_unpacking_kernel(llama, tmp_path):
 def test_prefill_dequantize_kernel_matches_torch(bits, group, zero_point, dtype):
     """The prefill's one-pass Triton dequantization gives ``engine_quant.dequantize(q).to(dtype)``: the
     same bits without a zero point; with one, within one rounding of the multiply-add."""
+    from service.compiler.engine import engine_quant, kernels
     from service.compiler.quantization.weight_only import quantize_groupwise, quantize_per_channel
-    from service.compiler.runtime import engine_quant, kernels
 
     torch.manual_seed(0)
     n, k = 1000, 3072

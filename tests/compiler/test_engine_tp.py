@@ -13,8 +13,8 @@ import torch
 from service.cli import main as kiln
 from service.compiler import Mapping, convert_checkpoint
 from service.compiler.build import BuildConfig, build
-from service.compiler.runtime.engine import Engine
-from service.compiler.runtime.ranks import run_ranks
+from service.compiler.engine.engine import Engine
+from service.compiler.engine.ranks import run_ranks
 
 transformers = pytest.importorskip("transformers")
 PROMPTS = [[5, 17, 3, 88, 41, 9, 2], [60, 1, 33]]
@@ -23,8 +23,8 @@ PROMPTS = [[5, 17, 3, 88, 41, 9, 2], [60, 1, 33]]
 # a CPU one), load this rank's file, generate; rank 0 prints the result
 RANK_MAIN = """
 import argparse, json
-from service.compiler.runtime.engine import SamplingConfig, engine_in_group
-from service.compiler.runtime.ranks import add_rank_arguments, exit_rank
+from service.compiler.engine.engine import SamplingConfig, engine_in_group
+from service.compiler.engine.ranks import add_rank_arguments, exit_rank
 p = argparse.ArgumentParser()
 p.add_argument("engine_dir"); p.add_argument("prompts"); add_rank_arguments(p)
 a = p.parse_args()
@@ -72,7 +72,7 @@ def test_tp2_engine_one_process_per_rank_matches_tp1(tmp_path, num_kv, capsys):
         Engine.load(tmp_path / "tp2")  # not inside a process group
     got = _run_ranks(tmp_path / "tp2")
     # the build's compile step for a tp engine: `engine warmup` once per rank, inside its group
-    outs = run_ranks(["-m", "service.compiler.runtime.engine", "warmup", str(tmp_path / "tp2")], 2,
+    outs = run_ranks(["-m", "service.compiler.engine.engine", "warmup", str(tmp_path / "tp2")], 2,
                      what="warming up the tp=2 engine", timeout_s=300)
     assert [json.loads(o.strip().splitlines()[-1])["weights_seconds"] >= 0 for o in outs] == [True, True]
     single = Engine.load(tmp_path / "tp1")

@@ -8,7 +8,8 @@ import sys
 
 BLOCKED = ["transformers", "fastapi", "celery", "sqlalchemy", "grpc", "redis", "pydantic", "huggingface_hub",
            "onnx", "onnxruntime", "gguf", "accelerate"]
-MODULES = ["service.compiler", "service.compiler.cli", "service.compiler.runtime", "service.compiler.build",
+MODULES = ["service.compiler", "service.compiler.cli", "service.compiler.engine", "service.compiler.reference", "service.compiler.engine.engine",
+           "service.compiler.build",
            "service.compiler.quantization", "service.compiler.checkpoint.pipeline_split", "service.compiler.sources.hub"]
 
 CODE = f"""

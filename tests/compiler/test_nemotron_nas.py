@@ -34,7 +34,7 @@ from service.compiler.errors import (
 )
 from service.compiler.models import spec_for_hf
 from service.compiler.models.nemotron_nas import ffn_mult_to_intermediate_size, import_modelopt_checkpoint
-from service.compiler.runtime.decilm import DeciLMReference
+from service.compiler.reference import ReferenceModel
 from service.compiler.sources.weights import MetaSource
 
 H, NH, V = 128, 8, 97
@@ -206,7 +206,7 @@ def test_every_block_combination_validates_and_matches_block_semantics(tiny, tmp
     convert_checkpoint(src, out, dtype="float32", mapping=Mapping(tp_size=tp, pp_size=pp))
     report = validate_checkpoint(out, strict=True)
     assert report.ok, report.errors
-    got = DeciLMReference.from_checkpoint(out).forward(IDS)
+    got = ReferenceModel.from_checkpoint(out).forward(IDS)[0]  # a 1-D prompt is a batch of one
     assert got.dtype == torch.float32 and got.shape == (len(IDS), V)
     assert rel_err(got, want) <= 1e-4
 
@@ -258,21 +258,21 @@ def test_balanced_pipeline_split_runs_and_is_recorded(tiny, tmp_path):
     assert cfg["mapping"]["layers_per_stage"] == list(mapping.layers_per_stage)
     assert rec["balanced"]["spread"]["worst_max_over_mean"] <= rec["even"]["spread"]["worst_max_over_mean"]
     assert validate_checkpoint(out, strict=True).ok
-    assert rel_err(DeciLMReference.from_checkpoint(out).forward(IDS), want) <= 1e-4
+    assert rel_err(ReferenceModel.from_checkpoint(out).forward(IDS), want) <= 1e-4
 
 
 def test_kv_cache_only_for_attention_layers_and_decoding_matches(tiny, tmp_path):
     src, hf, _, want = tiny
     out = tmp_path / "ckpt"
     convert_checkpoint(src, out, dtype="float32", mapping=Mapping(tp_size=2))
-    model = DeciLMReference.from_checkpoint(out)
+    model = ReferenceModel.from_checkpoint(out)
     cache = model.new_cache()
     steps = [model.forward(IDS[:5][None], cache)[0]]
     for t in range(5, len(IDS)):
         steps.append(model.forward(IDS[t:t + 1][None], cache)[0])
     assert rel_err(torch.cat(steps), want) <= 1e-4
-    assert sorted(cache) == model.cache_layers == [0, 3, 6, 9]
-    assert [cache[i][0].shape[2] for i in (0, 3, 6, 9)] == [8, 4, 1, 2]  # per-layer KV heads
+    assert [i for i, k in enumerate(cache.k) if k is not None] == model.spec.attention_layers == [0, 3, 6, 9]
+    assert [cache.k[i].shape[1] for i in (0, 3, 6, 9)] == [8, 4, 1, 2]  # per-layer KV heads
     cfg = json.loads((out / "config.json").read_text())
     assert kv_cache_bytes_per_token(cfg) == 2 * (8 + 4 + 1 + 2) * D * 4
     assert kv_cache_bytes_per_token(cfg, tp_size=2) == 2 * (4 + 2 + 1 + 1) * D * 4
@@ -289,7 +289,7 @@ def test_decilm_7b_style_per_layer_kv_heads(tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["num_kv_heads_per_layer"] == [4, 2, 1, 8] and cfg["layer_types"] == ["attention"] * 4
     assert validate_checkpoint(out, strict=True).ok
-    got = DeciLMReference.from_checkpoint(out).forward(IDS)
+    got = ReferenceModel.from_checkpoint(out).forward(IDS)
     assert rel_err(got, block_semantics_logits(hf, sd, IDS)) <= 1e-4
 
 
@@ -316,7 +316,7 @@ def test_tied_embeddings_without_lm_head(tiny, tmp_path):
     convert_checkpoint(src, out, dtype="float32", mapping=Mapping(tp_size=2, pp_size=2))
     assert validate_checkpoint(out, strict=True).ok
     want = block_semantics_logits(hf, dict(sd, **{"lm_head.weight": sd["model.embed_tokens.weight"]}), IDS)
-    assert rel_err(DeciLMReference.from_checkpoint(out).forward(IDS), want) <= 1e-4
+    assert rel_err(ReferenceModel.from_checkpoint(out).forward(IDS), want) <= 1e-4
 
 
 def test_llama3_rope_scaling_matches_transformers_frequencies(tmp_path):
@@ -335,7 +335,7 @@ def test_llama3_rope_scaling_matches_transformers_frequencies(tmp_path):
     inv, _ = ROPE_INIT_FUNCTIONS["llama3"](llama)
     want = block_semantics_logits(hf, sd, IDS, inv_freq=inv.double())
     assert rel_err(want, block_semantics_logits(hf, sd, IDS)) > 1e-3  # the scaling matters here
-    assert rel_err(DeciLMReference.from_checkpoint(out).forward(IDS), want) <= 1e-4
+    assert rel_err(ReferenceModel.from_checkpoint(out).forward(IDS), want) <= 1e-4
 
 
 # -- bad configs: typed error naming the problem, nothing written ------------------------------
@@ -435,7 +435,7 @@ def test_modelopt_export_imports_with_trtllm_names(tiny, tmp_path):
         assert all(torch.equal(a[n], b[n]) for n in a)
     imported = json.loads((out / "config.json").read_text())
     assert imported["layer_configs"] == json.loads((ref / "config.json").read_text())["layer_configs"]
-    assert rel_err(DeciLMReference.from_checkpoint(out).forward(IDS), want) <= 1e-4
+    assert rel_err(ReferenceModel.from_checkpoint(out).forward(IDS), want) <= 1e-4
 
     # a tensor the config needs is missing: refused, nothing written
     tensors = load_file(str(export / "rank1.safetensors"))
@@ -572,7 +572,7 @@ def test_51b_cost_model_weight_bytes_equal_the_planned_rank_files(nemotron_51b):
 
 
 def test_shared_reference_runtime_dispatches_decilm_checkpoints(tiny, tmp_path):
-    runtime = pytest.importorskip("service.compiler.runtime")
+    runtime = pytest.importorskip("service.compiler.reference")
     if not hasattr(runtime, "ReferenceModel"):
         pytest.skip("the shared reference runtime is not in this tree")
     src, _, _, want = tiny

@@ -313,7 +313,7 @@ def test_config_errors_and_nemotron_nas_refusals(models, tmp_path):
                                           ("gpt2", "W8A8_SQ_PER_CHANNEL", None), ("opt", "W8A16", "INT8"),
                                           ("llama", "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN", None)])
 def test_reference_runtime_executes_quantized_checkpoints(models, tmp_path, arch, algo, kv):
-    from service.compiler.runtime.reference import ReferenceModel
+    from service.compiler.reference.model import ReferenceModel
 
     out = tmp_path / "q"
     quantize_checkpoint(models[arch], out, QuantConfig(algo, kv_cache_quant_algo=kv, group_size=64, awq_grid=4,

@@ -41,7 +41,7 @@ def test_scaled_mm_fp8_matches_the_simulation():
 def test_reference_runtime_runs_fp8_checkpoint_on_gpu(tmp_path):
     transformers = pytest.importorskip("transformers")
     from service.compiler.quantization import CalibrationSettings, QuantConfig, quantize_checkpoint
-    from service.compiler.runtime.reference import ReferenceModel
+    from service.compiler.reference.model import ReferenceModel
 
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,

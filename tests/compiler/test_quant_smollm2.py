@@ -75,7 +75,7 @@ def reports(smollm2_dir, reference, tmp_path_factory):
 
 def test_w8a16_perplexity_within_1_percent_and_runtime_agrees(reports, reference, smollm2_dir):
     from service.compiler.quantization.report import accuracy_report
-    from service.compiler.runtime.reference import ReferenceModel
+    from service.compiler.reference.model import ReferenceModel
 
     rep, _, out = reports("W8A16")
     assert rep.perplexity_increase_pct < 1.0, rep
@@ -90,7 +90,7 @@ def test_w8a16_perplexity_within_1_percent_and_runtime_agrees(reports, reference
 
 
 def test_fp8_gptq_beats_max_calibration_and_is_close(reports, reference):
-    from service.compiler.runtime.reference import ReferenceModel
+    from service.compiler.reference.model import ReferenceModel
 
     rep, summary, out = reports("FP8")
     plain, plain_summary, _ = reports("FP8_MAX")

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from service.compiler.runtime.ranks import run_ranks
+from service.compiler.engine.ranks import run_ranks
 
 # join a gloo group the way engine ranks do (join_group reads the engine's config for the backend),
 # run the collectives an engine's tp layers run, leave, print, exit through exit_rank
 RANK_MAIN = """
 import json, sys, tempfile, pathlib, torch, torch.distributed as dist
 import torch.distributed._functional_collectives as funcol  # as the engine's tp layers
-from service.compiler.runtime.ranks import add_rank_arguments, exit_rank, join_group, leave_group
+from service.compiler.engine.ranks import add_rank_arguments, exit_rank, join_group, leave_group
 import argparse
 p = argparse.ArgumentParser(); p.add_argument("code", type=int); add_rank_arguments(p)
 a = p.parse_args()

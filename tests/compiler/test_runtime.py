@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from service.compiler import Mapping, convert_checkpoint
 from service.compiler.errors import InvalidArgument, InvalidCheckpoint
-from service.compiler.runtime import ReferenceModel, load_checkpoint_weights
+from service.compiler.reference import ReferenceModel, load_checkpoint_weights
 
 transformers = pytest.importorskip("transformers")
 
@@ -312,9 +312,10 @@ def test_bad_inputs_raise_invalid_argument(ckpts):
         gpt.generate(torch.zeros(2, 3, dtype=torch.long), max_new_tokens=2)
 
 
-def test_decilm_checkpoints_dispatch_to_the_decilm_runtime(tmp_path):
-    from service.compiler.runtime.decilm import DeciLMReference
-
+def test_decilm_checkpoints_run_through_the_one_reference_model(tmp_path):
+    """A DeciLM checkpoint (one attention layer with its own KV heads, one no-op attention) split
+    tp=2 runs through the same ReferenceModel as every family and equals its tp=1 conversion (the
+    block semantics against transformers-free code: tests/compiler/test_nemotron_nas.py)."""
     H, NH = 64, 4
     blocks = [
         {"attention": {"n_heads_in_group": 2, "no_op": False, "replace_with_linear": False},
@@ -349,8 +350,11 @@ def test_decilm_checkpoints_dispatch_to_the_decilm_runtime(tmp_path):
     out = tmp_path / "ckpt"
     convert_checkpoint(src, out, dtype="float32", mapping=Mapping(tp_size=2))
     ids = ids_for(1, batch=1, tokens=10)
+    convert_checkpoint(src, tmp_path / "ckpt1", dtype="float32")
     ref = ReferenceModel.from_checkpoint(out)
-    want = DeciLMReference.from_checkpoint(out).forward(ids)
+    assert [b.attention.kind for b in ref.spec.blocks] == ["full", "none"]
+    assert ref.spec.blocks[0].attention.num_kv_heads == NH // 2
+    want = ReferenceModel.from_checkpoint(tmp_path / "ckpt1").forward(ids)
     assert rel_err(ref.forward(ids), want) <= 1e-6
     got = ref.generate(ids, max_new_tokens=5)
     full = ref.forward(torch.tensor([ids[0].tolist() + got[:-1]]))

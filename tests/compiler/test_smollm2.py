@@ -123,7 +123,7 @@ def ckpt(request, smollm2_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ref_model(ckpt):
-    from service.compiler.runtime import ReferenceModel
+    from service.compiler.reference import ReferenceModel
 
     return ReferenceModel.from_checkpoint(ckpt[0])
 

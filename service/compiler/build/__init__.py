@@ -2,7 +2,7 @@
 
     from service.compiler.build import BuildConfig, build
     stats = build("./ckpt", BuildConfig(max_batch_size=8, max_seq_len=2048, target="h100"), "./engine")
-    from service.compiler.runtime.engine import Engine
+    from service.compiler.engine.engine import Engine
     print(Engine.load("./engine").generate([[1, 2, 3]], max_new_tokens=16).tokens)
 
 Every check (backend known and installed here, limits against the model, target GPU present,

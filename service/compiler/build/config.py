@@ -243,7 +243,7 @@ def validate_build(cfg: BuildConfig, ckpt: dict, *, weight_bytes: int | None = N
         raise InvalidBuildConfig(f"quantized checkpoints ({quant}) are not built by the {cfg.backend} backend",
                                  hint="build them with the torch backend (FP8, weight-only, AWQ) or trtllm")
     if quant and cfg.backend == "torch":
-        from ..runtime.engine_quant import check_engine_quant
+        from ..engine.engine_quant import check_engine_quant
 
         try:
             check_engine_quant(qcfg, arch)

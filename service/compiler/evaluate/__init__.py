@@ -51,8 +51,8 @@ def _token_ids(text: str, tokenizer, vocab: int) -> list[int]:
 
 def evaluate(engine_dir: str | os.PathLike, checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike,
              config: EvalConfig | None = None) -> dict:
-    from ..runtime import ReferenceModel
-    from ..runtime.engine import Engine
+    from ..engine.engine import Engine
+    from ..reference import ReferenceModel
 
     cfg = config or EvalConfig()
     out = Path(out_dir)

@@ -8,6 +8,7 @@ from .base import ArchSpec
 from .gpt import GPT2_SPEC, OPT_SPEC
 from .llama import LLAMA
 from .nemotron_nas import NEMOTRON_NAS
+from .spec import ModelSpec
 
 _BY_HF: dict[str, ArchSpec] = {}
 _BY_TRT: dict[str, ArchSpec] = {}
@@ -54,3 +55,13 @@ def spec_for_checkpoint(config: dict) -> ArchSpec:
             hint=f"known: {', '.join(sorted(_BY_TRT))}",
         )
     return spec
+
+
+def block_specs(cfg: dict) -> ModelSpec:
+    """The ModelSpec of a TensorRT-LLM checkpoint config, from its family module."""
+    return spec_for_checkpoint(cfg).block_specs(cfg).check()
+
+
+def engine_weight_map(cfg: dict) -> list[tuple[str, tuple[str, ...]]]:
+    """(engine tensor, checkpoint tensors concatenated along dim 0) of a checkpoint, from its family."""
+    return spec_for_checkpoint(cfg).engine_weight_map(cfg)

@@ -18,11 +18,13 @@ from typing import TYPE_CHECKING
 
 from ..checkpoint.mapping import Mapping
 from ..checkpoint.safetensors_io import DTYPES, LazyMap, itemsize
-from ..errors import InvalidMapping, WeightsMismatch
+from ..errors import InvalidMapping, UnsupportedArchitecture, WeightsMismatch
 from ..sources.weights import DTYPE_CODES, SourceTensor, WeightSource
 
 if TYPE_CHECKING:
     import torch
+
+    from .spec import ModelSpec
 
 # checkpoint dtype name -> torch dtype; resolved (and torch imported) on first use
 TORCH_DTYPES = LazyMap(lambda: {name: DTYPES[code] for name, code in DTYPE_CODES.items()})
@@ -238,6 +240,15 @@ class ArchSpec:
 
     hf_architectures: tuple[str, ...] = ()
     trt_architectures: tuple[str, ...] = ()
+    engine_layout: str | None = None  # the torch engine's layout id; None: no torch engine
+
+    def block_specs(self, cfg: dict) -> ModelSpec:
+        """The decoder as data (``models/spec.py``), from the checkpoint config."""
+        raise UnsupportedArchitecture(f"{cfg.get('architecture')} has no block spec")
+
+    def engine_weight_map(self, cfg: dict) -> list[tuple[str, tuple[str, ...]]]:
+        """(engine tensor, checkpoint tensors concatenated along dim 0), global layer indices."""
+        raise UnsupportedArchitecture(f"{cfg.get('architecture')} has no engine weight map")
 
     def trt_config(self, hf: dict, dtype: str, mapping: Mapping) -> dict:
         raise NotImplementedError

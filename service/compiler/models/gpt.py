@@ -30,9 +30,65 @@ from .base import (
     vocab_parallel,
 )
 from .hf_config import base_quantization
+from .spec import MLP, Attention, Block, ModelSpec, Norm, activation
 
 if TYPE_CHECKING:
     import torch
+
+GPT_LAYOUT = "kiln-gpt-fused/1"
+GPT_ARCHS = ("GPTForCausalLM", "GPT2LMHeadModel", "OPTForCausalLM")
+# engine layer tensors (kiln-gpt-fused/1) and the checkpoint tensors they are, one to one
+LAYER_FIELDS = ("attn_norm", "attn_norm_bias", "qkv", "qkv_bias", "o", "o_bias", "mlp_norm", "mlp_norm_bias",
+                "fc", "fc_bias", "proj", "proj_bias")
+_CKPT_FIELDS = ("input_layernorm.weight", "input_layernorm.bias", "attention.qkv.weight", "attention.qkv.bias",
+                "attention.dense.weight", "attention.dense.bias", "post_layernorm.weight", "post_layernorm.bias",
+                "mlp.fc.weight", "mlp.fc.bias", "mlp.proj.weight", "mlp.proj.bias")
+
+
+def is_post_ln(cfg: dict) -> bool:
+    """OPT with ``do_layer_norm_before`` false: x = ln1(x + attn(x)); x = ln2(x + mlp(x)); no ln_f."""
+    return cfg.get("architecture") == "OPTForCausalLM" and not cfg.get("do_layer_norm_before", True)
+
+
+def activation_name(cfg: dict) -> str:
+    """The config's HF activation name (GPT-2: gelu_new, OPT: relu by default)."""
+    act = cfg.get("hidden_act") or ("relu" if cfg.get("architecture") == "OPTForCausalLM" else "gelu_new")
+    activation(act, act)  # unknown names raise
+    return act
+
+
+def block_specs(cfg: dict) -> ModelSpec:
+    """Every layer: LayerNorm with bias (pre-LN, or OPT's post-LN), full attention without rope
+    (learned absolute positions), biases on every linear, plain (ungated) MLP; final LayerNorm
+    unless post-LN."""
+    if cfg.get("position_embedding_type", "learned_absolute") != "learned_absolute":
+        raise UnsupportedArchitecture(f"{cfg.get('architecture')} needs learned_absolute positions, "
+                                      f"got {cfg.get('position_embedding_type')!r}")
+    nh = int(cfg["num_attention_heads"])
+    d = int(cfg.get("head_size") or int(cfg["hidden_size"]) // nh)
+    norm = Norm("layernorm", float(cfg.get("norm_epsilon") or 1e-5), bias=True)
+    attn = Attention("full", nh, int(cfg.get("num_key_value_heads") or nh), d, qkv_bias=True, o_bias=True)
+    act = activation_name(cfg)
+    mlp = MLP("plain", activation(act, act), bias=True, intermediate_size=int(cfg["intermediate_size"]))
+    post = is_post_ln(cfg)
+    return ModelSpec(cfg["architecture"], int(cfg["hidden_size"]), int(cfg["vocab_size"]),
+                     (Block(attn, mlp, norm, "post" if post else "pre"),) * int(cfg["num_hidden_layers"]),
+                     final_norm=None if post else norm, learned_positions=int(cfg["max_position_embeddings"]),
+                     tied_head=bool(cfg.get("tie_word_embeddings", True)))
+
+
+def engine_weight_map(cfg: dict) -> list[tuple[str, tuple[str, ...]]]:
+    """(engine tensor, checkpoint tensor), one to one, global layer indices (layout kiln-gpt-fused/1)."""
+    spec = block_specs(cfg)
+    table: list[tuple[str, tuple[str, ...]]] = [("embed", ("transformer.vocab_embedding.weight",)),
+                                                ("pos_embed", ("transformer.position_embedding.weight",))]
+    for i in range(len(spec.blocks)):
+        p, e = f"transformer.layers.{i}.", f"layers.{i}."
+        table += [(e + f, (p + c,)) for f, c in zip(LAYER_FIELDS, _CKPT_FIELDS, strict=True)]
+    if spec.final_norm is not None:
+        table += [("final_norm", ("transformer.ln_f.weight",)), ("final_norm_bias", ("transformer.ln_f.bias",))]
+    return table + [("lm_head", ("lm_head.weight",))]
+
 
 GELU_ACTS = {"gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu", "silu"}
 
@@ -51,6 +107,10 @@ def _common(cfg: dict, mapping: Mapping) -> dict:
 
 
 class GPTLike(TableArch):
+    engine_layout = GPT_LAYOUT
+    block_specs = staticmethod(block_specs)
+    engine_weight_map = staticmethod(engine_weight_map)
+
     def check_mapping(self, cfg: dict, mapping: Mapping) -> None:
         check_attention_split(cfg["num_attention_heads"], cfg["num_key_value_heads"], mapping.tp_size)
         check_divisible("intermediate_size", cfg["intermediate_size"], "tp_size", mapping.tp_size)

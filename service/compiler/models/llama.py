@@ -27,16 +27,61 @@ from .base import (
     vocab_parallel,
 )
 from .hf_config import base_quantization, rope_settings
+from .spec import MLP, Attention, Block, ModelSpec, Norm, activation, rope_of
 
 if TYPE_CHECKING:
     import torch
 
 SUPPORTED_ROPE = {None, "linear", "llama3"}
+ENGINE_LAYOUT = "kiln-llama-fused/1"
+
+
+def block_specs(cfg: dict) -> ModelSpec:
+    """Every layer: RMSNorm pre-norm, full GQA attention with GPT-NeoX rope (qkv bias for Qwen2 and
+    ``attn_bias``), gated silu MLP; final RMSNorm."""
+    nh = int(cfg["num_attention_heads"])
+    d = int(cfg.get("head_size") or int(cfg["hidden_size"]) // nh)
+    if cfg.get("position_embedding_type", "rope_gpt_neox") != "rope_gpt_neox":
+        raise UnsupportedArchitecture(f"config.json: position_embedding_type {cfg.get('position_embedding_type')!r} "
+                                      f"is not supported for {cfg['architecture']} (expected rope_gpt_neox)")
+    for flag in ("qk_layernorm", "residual_mlp", "use_sliding_window"):
+        if cfg.get(flag):
+            raise UnsupportedArchitecture(f"config.json: {flag}=true is not supported for {cfg['architecture']}")
+    bias = bool(cfg.get("attn_bias"))
+    norm = Norm("rms", float(cfg.get("norm_epsilon") or 1e-6))
+    attn = Attention("full", nh, int(cfg.get("num_key_value_heads") or nh), d, qkv_bias=bias,
+                     o_bias=bias and cfg["architecture"] != "Qwen2ForCausalLM", rope=rope_of(cfg, d))
+    mlp = MLP("gated", activation(cfg.get("hidden_act"), "silu"), bool(cfg.get("mlp_bias")),
+              int(cfg["intermediate_size"]))
+    return ModelSpec(cfg["architecture"], int(cfg["hidden_size"]), int(cfg["vocab_size"]),
+                     (Block(attn, mlp, norm),) * int(cfg["num_hidden_layers"]), final_norm=norm,
+                     tied_head=bool(cfg.get("tie_word_embeddings")))
+
+
+def engine_weight_map(cfg: dict) -> list[tuple[str, tuple[str, ...]]]:
+    """(engine tensor, checkpoint tensors concatenated along dim 0), global layer indices: qkv as
+    stored, ``gate_up`` = ``mlp.fc`` (the silu branch) over ``mlp.gate``."""
+    spec = block_specs(cfg)
+    table: list[tuple[str, tuple[str, ...]]] = [("embed", ("transformer.vocab_embedding.weight",))]
+    for i, b in enumerate(spec.blocks):
+        p, e = f"transformer.layers.{i}.", f"layers.{i}."
+        table += [(e + "attn_norm", (p + "input_layernorm.weight",)), (e + "qkv", (p + "attention.qkv.weight",)),
+                  (e + "o", (p + "attention.dense.weight",)), (e + "mlp_norm", (p + "post_layernorm.weight",)),
+                  (e + "gate_up", (p + "mlp.fc.weight", p + "mlp.gate.weight")),
+                  (e + "down", (p + "mlp.proj.weight",))]
+        table += [(e + "qkv_bias", (p + "attention.qkv.bias",))] if b.attention.qkv_bias else []
+        table += [(e + "o_bias", (p + "attention.dense.bias",))] if b.attention.o_bias else []
+        if b.mlp.bias:
+            table += [(e + "gate_up_bias", (p + "mlp.fc.bias", p + "mlp.gate.bias")), (e + "down_bias", (p + "mlp.proj.bias",))]
+    return table + [("final_norm", ("transformer.ln_f.weight",)), ("lm_head", ("lm_head.weight",))]
 
 
 class LlamaFamily(TableArch):
     hf_architectures = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
     trt_architectures = hf_architectures
+    engine_layout = ENGINE_LAYOUT
+    block_specs = staticmethod(block_specs)
+    engine_weight_map = staticmethod(engine_weight_map)
     hf_prefix_aliases = (("model.", ""),)
 
     def trt_config(self, hf: dict, dtype: str, mapping: Mapping) -> dict:

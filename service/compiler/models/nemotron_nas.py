@@ -52,6 +52,7 @@ from .base import (
     vocab_parallel,
 )
 from .hf_config import base_quantization, rope_settings
+from .spec import MLP, Attention, Block, ModelSpec, Norm, activation, rope_of
 
 if TYPE_CHECKING:
     import torch
@@ -229,9 +230,55 @@ def with_kv_heads(rule: Rule, num_kv: int) -> Rule:
     return per_layer
 
 
+DECILM_LAYOUT = "kiln-decilm-fused/1"
+_ATTENTION_KIND = {"attention": "full", "linear": "linear", "no_op": "none"}
+_FFN_KIND = {"mlp": "gated", "linear": "linear", "no_op": "none"}
+
+
+def block_specs(cfg: dict) -> ModelSpec:
+    """Llama-like layers whose attention may be full (its own KV heads), one H x H linear or absent,
+    and whose FFN may be a gated silu MLP (its own width), one linear or absent; the FFN's checkpoint
+    module is ``ffn``."""
+    nh, d = int(cfg["num_attention_heads"]), int(cfg["head_size"])
+    norm = Norm("rms", float(cfg.get("norm_epsilon") or 1e-5))
+    rope, act = rope_of(cfg, d), activation(cfg.get("hidden_act"), "silu")
+    blocks = tuple(
+        Block(Attention(_ATTENTION_KIND[layer.attention], nh if layer.attention == "attention" else 0,
+                        layer.num_kv_heads, d if layer.attention == "attention" else 0,
+                        rope=rope if layer.attention == "attention" else None),
+              MLP(_FFN_KIND[layer.ffn], act, intermediate_size=layer.intermediate_size), norm, mlp_module="ffn")
+        for layer in checkpoint_layers(cfg))
+    return ModelSpec(ARCH, int(cfg["hidden_size"]), int(cfg["vocab_size"]), blocks, final_norm=norm,
+                     tied_head=bool(cfg.get("tie_word_embeddings")))
+
+
+def engine_weight_map(cfg: dict) -> list[tuple[str, tuple[str, ...]]]:
+    """(engine tensor, checkpoint tensors concatenated along dim 0), global layer indices; parts a
+    layer does not have have no tensors (layout kiln-decilm-fused/1)."""
+    table: list[tuple[str, tuple[str, ...]]] = [("embed", ("transformer.vocab_embedding.weight",))]
+    for i, b in enumerate(block_specs(cfg).blocks):
+        p, e = f"transformer.layers.{i}.", f"layers.{i}."
+        if b.attention.kind != "none":
+            table.append((e + "attn_norm", (p + "input_layernorm.weight",)))
+        if b.attention.kind == "full":
+            table += [(e + "qkv", (p + "attention.qkv.weight",)), (e + "o", (p + "attention.dense.weight",))]
+        elif b.attention.kind == "linear":
+            table.append((e + "attn_linear", (p + "attention.weight",)))
+        if b.mlp.kind != "none":
+            table.append((e + "mlp_norm", (p + "post_layernorm.weight",)))
+        if b.mlp.kind == "gated":  # fc = silu branch, first
+            table += [(e + "gate_up", (p + "ffn.fc.weight", p + "ffn.gate.weight")), (e + "down", (p + "ffn.proj.weight",))]
+        elif b.mlp.kind == "linear":
+            table.append((e + "ffn_linear", (p + "ffn.weight",)))
+    return table + [("final_norm", ("transformer.ln_f.weight",)), ("lm_head", ("lm_head.weight",))]
+
+
 class NemotronNAS(TableArch):
     hf_architectures = (ARCH,)
     trt_architectures = (ARCH,)
+    engine_layout = DECILM_LAYOUT
+    block_specs = staticmethod(block_specs)
+    engine_weight_map = staticmethod(engine_weight_map)
     hf_prefix_aliases = (("model.", ""),)
 
     def trt_config(self, hf: dict, dtype: str, mapping: Mapping) -> dict:

@@ -69,7 +69,7 @@ class CheckpointRunner:
             q = config.get("quantization") or {}
             if q.get("quant_algo") or q.get("kv_cache_quant_algo"):
                 raise InvalidCheckpoint(f"{d}: quantized checkpoints are evaluated at world size 1, not {world}")
-            from ..runtime.checkpoint_loader import load_checkpoint_weights
+            from ..reference.checkpoint_loader import load_checkpoint_weights
 
             return cls(config, load_checkpoint_weights(d)[1])
         with SafetensorsFile(d / "rank0.safetensors") as f:

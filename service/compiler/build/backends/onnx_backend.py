@@ -27,11 +27,11 @@ import torch
 import torch.nn.functional as F
 
 from ...checkpoint.validate import load_config
+from ...engine.model import activation, apply_rope, layer_norm, rms_norm, rope_inv_freq
+from ...engine.performance import PERFORMANCE_FILE, not_measured
 from ...errors import InvalidCheckpoint, KilnError
-from ...runtime.engine_gpt import GPT_ARCHS, activation, activation_name, is_post_ln, layer_norm
-from ...runtime.engine_gpt import LAYER_FIELDS as GPT_FIELDS
-from ...runtime.engine_model import apply_rope, rms_norm, rope_inv_freq
-from ...runtime.performance import PERFORMANCE_FILE, not_measured
+from ...models.gpt import GPT_ARCHS, activation_name, is_post_ln
+from ...models.gpt import LAYER_FIELDS as GPT_FIELDS
 from ..config import ResolvedBuild
 from .torch_backend import ENGINE_VERSION, write_engine_weights
 
@@ -183,7 +183,7 @@ def verify_onnx(engine_dir: Path, ckpt_dir: Path, prompt: list[int], new_tokens:
     import numpy as np
     import onnxruntime as ort
 
-    from ...runtime import ReferenceModel
+    from ...reference import ReferenceModel
 
     ref = ReferenceModel.from_checkpoint(ckpt_dir)
     opts = ort.SessionOptions()
@@ -211,7 +211,7 @@ def measure_onnx(engine_dir: Path, vocab: int, max_batch: int, max_input: int, m
     import numpy as np
     import onnxruntime as ort
 
-    from ...runtime.performance import NEW_TOKENS, PERFORMANCE_VERSION, PROMPT_TOKENS
+    from ...engine.performance import NEW_TOKENS, PERFORMANCE_VERSION, PROMPT_TOKENS
 
     t0 = time.perf_counter()
     prefill = ort.InferenceSession(str(engine_dir / "prefill.onnx"), providers=["CPUExecutionProvider"])

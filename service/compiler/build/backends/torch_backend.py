@@ -12,7 +12,7 @@ The engine directory (assembled under a temporary name, renamed into place when 
                            later process on the same GPU type skips compiling
     tokenizer files        copied from the checkpoint folder when present
     performance.json       build / load time, time to first token, decode tokens/s at batch 1 and
-                           max_batch_size, peak GPU memory (runtime/performance.py), measured last
+                           max_batch_size, peak GPU memory (engine/performance.py), measured last
 
 No weight is ever put inside a compiled artifact (an AOTInductor package with embedded weights
 segfaulted on load on our H100): compiled code and weights travel separately.
@@ -29,22 +29,20 @@ from pathlib import Path
 
 import torch
 
+from ...version import __version__
 from ...checkpoint.mapping import Mapping
 from ...checkpoint.safetensors_io import SafetensorsFile, SafetensorsWriter, dtype_name, publish_dir
 from ...checkpoint.validate import load_config
-from ...errors import InvalidCheckpoint
-from ...runtime.engine_decilm import DECILM_LAYOUT, decilm_engine_table, merged_decilm_tensors
-from ...runtime.engine_gpt import GPT_ARCHS, GPT_LAYOUT, gpt_engine_table
-from ...runtime.engine_model import ENGINE_LAYOUT, checkpoint_to_engine_table
-from ...runtime.engine_quant import (
+from ...engine.engine_quant import (
     TensorView,
     quantized_layer_specs,
     quantized_layer_tensors,
     quantized_slots,
 )
-from ...runtime.performance import PERFORMANCE_FILE, measure_in_build, not_measured
-from ...runtime.ranks import run_ranks
-from ...version import __version__
+from ...engine.performance import PERFORMANCE_FILE, measure_in_build, not_measured
+from ...engine.ranks import run_ranks
+from ...errors import InvalidCheckpoint, UnsupportedArchitecture
+from ...models import spec_for_checkpoint
 from ..config import ResolvedBuild
 
 ENGINE_VERSION = f"kiln-engine/1 (kiln {__version__})"
@@ -63,10 +61,8 @@ def _checkpoint_tensors(ckpt_dir: Path, cfg: dict, rank: int | None = None
     if m.world_size == 1 or rank is not None:
         f = SafetensorsFile(ckpt_dir / f"rank{rank or 0}.safetensors")
         return {name: f.tensor(name) for name in f.keys()}, [f]
-    if cfg.get("architecture") == DECILM_ARCH:  # per-layer KV heads / missing parts: its own merge
-        return merged_decilm_tensors(ckpt_dir), []
     try:
-        from ...runtime import load_checkpoint_weights  # type: ignore[attr-defined]
+        from ...reference import load_checkpoint_weights  # type: ignore[attr-defined]
     except ImportError as exc:
         raise InvalidCheckpoint(
             f"{ckpt_dir} is split tp={m.tp_size} pp={m.pp_size}; merging it needs the reference runtime's "
@@ -77,16 +73,15 @@ def _checkpoint_tensors(ckpt_dir: Path, cfg: dict, rank: int | None = None
 
 
 def engine_layout(cfg: dict) -> tuple[str, list[tuple[str, tuple[str, ...]]]]:
-    """(layout name, engine table) for a checkpoint: DeciLM's heterogeneous layers, GPT-2 / OPT, or
-    the Llama family's."""
-    if cfg.get("architecture") == DECILM_ARCH:
-        return DECILM_LAYOUT, decilm_engine_table(cfg)
-    if cfg.get("architecture") in GPT_ARCHS:
-        try:
-            return GPT_LAYOUT, gpt_engine_table(cfg)
-        except ValueError as exc:
-            raise InvalidCheckpoint(str(exc)) from exc
-    return ENGINE_LAYOUT, checkpoint_to_engine_table(cfg)
+    """(layout name, engine weight map) of a checkpoint: its family's (``models/<family>.py``); every
+    layout runs on the one engine model (``engine/model.py``)."""
+    try:
+        family = spec_for_checkpoint(cfg)
+        if family.engine_layout is None:
+            raise UnsupportedArchitecture("the torch engine has no layout for it")
+        return family.engine_layout, family.engine_weight_map(cfg)
+    except (UnsupportedArchitecture, ValueError) as exc:
+        raise InvalidCheckpoint(f"no torch engine for this {cfg.get('architecture')} checkpoint: {exc}") from exc
 
 
 def _quantized_engine_tensors(tensors: dict, cfg: dict, device: torch.device
@@ -176,7 +171,7 @@ def fill_compile_cache(engine_dir: Path, arch_tag: str, tp: int = 1, timeout_s: 
     seconds it took. The ranks of a tp engine compile the same graphs into the one cache."""
     (engine_dir / "compile_cache" / arch_tag).mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    run_ranks(["-m", "service.compiler.runtime.engine", "warmup", str(engine_dir)], tp, what="compiling the engine",
+    run_ranks(["-m", "service.compiler.engine.engine", "warmup", str(engine_dir)], tp, what="compiling the engine",
               timeout_s=timeout_s)
     return time.perf_counter() - start
 

@@ -8,13 +8,13 @@ Short on purpose: a 16-token prompt and 16 new tokens (fewer where the engine's 
 budget say so), the median of a few repetitions (5 on GPU, 2 on the CPU) after untimed runs that
 compile and capture what the timed ones use.
 
-    python -m service.compiler.runtime.performance ENGINE_DIR      # prints the report as JSON
+    python -m service.compiler.engine.performance ENGINE_DIR      # prints the report as JSON
 
 GPU builds run it in a fresh process (what a server pays at start-up: the load reads the
 shipped compile cache); CPU builds call ``measure_performance`` in the build process; a tp engine
 is timed by one fresh process per rank (``--rank/--world-size/--init-method``), rank 0 reporting.
 
-    python -m service.compiler.runtime.performance ENGINE_DIR --rank R --world-size 2 \\
+    python -m service.compiler.engine.performance ENGINE_DIR --rank R --world-size 2 \\
         --init-method tcp://127.0.0.1:29500                       # once per rank
 """
 
@@ -148,13 +148,13 @@ def measure_in_build(engine_dir: Path, *, gpu: bool, tp: int, timeout_s: float =
     if gpu and tp > torch.cuda.device_count():
         return not_measured(f"a tp={tp} engine is timed on {tp} GPUs; this machine has "
                             f"{torch.cuda.device_count()}", tp_size=tp)
-    outs = run_ranks(["-m", "service.compiler.runtime.performance", str(engine_dir)], tp, what="measuring the engine",
+    outs = run_ranks(["-m", "service.compiler.engine.performance", str(engine_dir)], tp, what="measuring the engine",
                      timeout_s=timeout_s)
     return json.loads(outs[0].strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m service.compiler.runtime.performance")
+    parser = argparse.ArgumentParser(prog="python -m service.compiler.engine.performance")
     parser.add_argument("engine_dir")
     parser.add_argument("--repeats", type=int, default=None)
     add_rank_arguments(parser)

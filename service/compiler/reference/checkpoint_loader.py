@@ -35,7 +35,8 @@ from ..errors import InvalidCheckpoint, InvalidMapping, UnsupportedArchitecture
 LLAMA_FAMILY = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 GPT_FAMILY = ("GPTForCausalLM", "GPT2LMHeadModel")
 OPT_FAMILY = ("OPTForCausalLM",)
-SUPPORTED_ARCHITECTURES = LLAMA_FAMILY + GPT_FAMILY + OPT_FAMILY
+DECILM = "DeciLMForCausalLM"  # merged by load_decilm_weights (per-layer KV heads, absent parts)
+SUPPORTED_ARCHITECTURES = LLAMA_FAMILY + GPT_FAMILY + OPT_FAMILY + (DECILM,)
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
@@ -50,7 +51,8 @@ _LAST_STAGE = ("transformer.ln_f.weight", "transformer.ln_f.bias", "lm_head.weig
 
 
 def family(config: dict) -> str:
-    """``llama`` (RMSNorm, rope, gated MLP), ``gpt`` (GPT-2) or ``opt``."""
+    """``llama`` (RMSNorm, rope, gated MLP), ``gpt`` (GPT-2), ``opt`` or ``decilm`` (the uniform
+    tensor rules of ``tensor_names`` / ``check_complete`` cover the first three)."""
     arch = config.get("architecture")
     if arch in LLAMA_FAMILY:
         return "llama"
@@ -58,9 +60,11 @@ def family(config: dict) -> str:
         return "gpt"
     if arch in OPT_FAMILY:
         return "opt"
+    if arch == DECILM:
+        return "decilm"
     raise UnsupportedArchitecture(
         f"checkpoint architecture {arch!r} is not supported by the reference runtime",
-        hint=f"supported: {', '.join(SUPPORTED_ARCHITECTURES)} (DeciLMForCausalLM through ReferenceModel)",
+        hint=f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}",
     )
 
 
@@ -308,6 +312,8 @@ def load_checkpoint_weights(ckpt_dir: str | os.PathLike) -> tuple[dict, dict[str
     """
     ckpt_dir = Path(ckpt_dir)
     cfg = read_config(ckpt_dir)
+    if cfg.get("architecture") == DECILM:
+        return cfg, load_decilm_weights(ckpt_dir, cfg)
     family(cfg)
     q = cfg.get("quantization") or {}
     if isinstance(q, dict) and (q.get("quant_algo") or q.get("kv_cache_quant_algo")):
@@ -368,6 +374,71 @@ def load_checkpoint_weights(ckpt_dir: str | os.PathLike) -> tuple[dict, dict[str
     return cfg, weights
 
 
+def _merge_kv(parts: list[torch.Tensor], num_kv: int, tp: int) -> torch.Tensor:
+    """Undo the KV split: with fewer KV heads than ranks each head sits on tp // num_kv ranks."""
+    if num_kv >= tp:
+        return torch.cat(parts, 0)
+    return torch.cat(parts[:: tp // num_kv], 0)
+
+
+def load_decilm_weights(ckpt_dir: str | os.PathLike, cfg: dict | None = None) -> dict[str, torch.Tensor]:
+    """A Nemotron-NAS / DeciLM checkpoint of any TP x PP split merged into whole tensors under their
+    global checkpoint names (each layer with its own KV heads, parts a layer lacks absent)."""
+    from ..checkpoint.safetensors_io import SafetensorsFile
+    from ..models.nemotron_nas import checkpoint_layers
+
+    ckpt_dir = Path(ckpt_dir)
+    cfg = cfg or read_config(ckpt_dir)
+    layers = checkpoint_layers(cfg)
+    m = Mapping.from_dict(cfg["mapping"])
+    tp, nh, d = m.tp_size, int(cfg["num_attention_heads"]), int(cfg["head_size"])
+    files = {r: SafetensorsFile(ckpt_dir / f"rank{r}.safetensors") for r in m.ranks()}
+
+    def get(rank: int, name: str) -> torch.Tensor:
+        if name not in files[rank]:
+            raise InvalidCheckpoint(f"rank{rank}.safetensors lacks {name}")
+        return files[rank].tensor(name).clone()
+
+    w: dict[str, torch.Tensor] = {}
+    try:
+        last = m.pp_size - 1
+        w["transformer.vocab_embedding.weight"] = get(m.rank(0, 0), "transformer.vocab_embedding.weight")
+        w["transformer.ln_f.weight"] = get(m.rank(0, last), "transformer.ln_f.weight")
+        head = torch.cat([get(m.rank(t, last), "lm_head.weight") for t in range(tp)], 0)
+        w["lm_head.weight"] = head[: cfg["vocab_size"]]  # drop the zero rows padding the vocab to a multiple of tp
+        for s in range(m.pp_size):
+            ranks = [m.rank(t, s) for t in range(tp)]
+            for local, i in enumerate(m.pp_layers(cfg["num_hidden_layers"], s)):
+                layer, p, g = layers[i], f"transformer.layers.{local}.", f"transformer.layers.{i}."
+
+                def cat(name: str, dim: int) -> torch.Tensor:
+                    return torch.cat([get(r, p + name) for r in ranks], dim)  # noqa: B023
+
+                if layer.attention != "no_op":
+                    w[g + "input_layernorm.weight"] = get(ranks[0], p + "input_layernorm.weight")
+                if layer.attention == "attention":
+                    q_r, kv_r = nh // tp * d, max(layer.num_kv_heads // tp, 1) * d
+                    parts = [get(r, p + "attention.qkv.weight") for r in ranks]
+                    w[g + "attention.qkv.weight"] = torch.cat([
+                        torch.cat([t[:q_r] for t in parts], 0),
+                        _merge_kv([t[q_r:q_r + kv_r] for t in parts], layer.num_kv_heads, tp),
+                        _merge_kv([t[q_r + kv_r:] for t in parts], layer.num_kv_heads, tp)], 0)
+                    w[g + "attention.dense.weight"] = cat("attention.dense.weight", 1)
+                elif layer.attention == "linear":
+                    w[g + "attention.weight"] = cat("attention.weight", 0)
+                if layer.ffn != "no_op":
+                    w[g + "post_layernorm.weight"] = get(ranks[0], p + "post_layernorm.weight")
+                if layer.ffn == "mlp":
+                    w[g + "ffn.fc.weight"], w[g + "ffn.gate.weight"] = cat("ffn.fc.weight", 0), cat("ffn.gate.weight", 0)
+                    w[g + "ffn.proj.weight"] = cat("ffn.proj.weight", 1)
+                elif layer.ffn == "linear":
+                    w[g + "ffn.weight"] = cat("ffn.weight", 0)
+    finally:
+        for f in files.values():
+            f.close()
+    return w
+
+
 def check_complete(cfg: dict, weights: dict[str, torch.Tensor]) -> None:
     """Raise ``InvalidCheckpoint`` naming missing, unknown or mis-shaped tensors of merged weights."""
     glob_req, layer_req, layer_opt = tensor_names(cfg)
@@ -404,6 +475,7 @@ __all__ = [
     "checkpoint_mapping",
     "family",
     "load_checkpoint_weights",
+    "load_decilm_weights",
     "read_config",
     "tensor_names",
 ]

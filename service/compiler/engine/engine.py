@@ -10,8 +10,8 @@ shipped in the engine directory (so a fresh process does not compile from scratc
 decode step, greedy selection included, in one CUDA graph per batch-size bucket. Prompts are batched
 up to ``max_batch_size``; prompt and generation limits are those of the build.
 
-    python -m service.compiler.runtime.engine warmup ENGINE_DIR   # compile + capture (used by build)
-    python -m service.compiler.runtime.engine generate ENGINE_DIR --ids 1,2,3 --max-new-tokens 16
+    python -m service.compiler.engine.engine warmup ENGINE_DIR   # compile + capture (used by build)
+    python -m service.compiler.engine.engine generate ENGINE_DIR --ids 1,2,3 --max-new-tokens 16
     kiln build CKPT ENGINE_DIR ...; kiln generate ENGINE_DIR --prompt "..."   # the same through the CLI
 """
 
@@ -30,9 +30,8 @@ from pathlib import Path
 import torch
 
 from ..errors import InvalidArgument, InvalidCheckpoint
-from .engine_decilm import DECILM_LAYOUT, DeciLMEngineModel
-from .engine_gpt import GPT_LAYOUT, GPTEngineModel
-from .engine_model import ENGINE_LAYOUT, EngineModel
+from .cli_args import add_generate_arguments
+from .model import ENGINE_LAYOUTS, EngineModel
 from .ranks import add_rank_arguments, exit_rank, join_group, leave_group
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -91,7 +90,7 @@ def _use_compile_cache(engine_dir: Path) -> str | None:
 
 
 class Engine:
-    def __init__(self, engine_dir: Path, config: dict, model: EngineModel | DeciLMEngineModel | GPTEngineModel, *,
+    def __init__(self, engine_dir: Path, config: dict, model: EngineModel, *,
                  use_graphs: bool, tokenizer=None):
         self.engine_dir, self.config, self.model = engine_dir, config, model
         self.build_config = config["build_config"]
@@ -121,12 +120,18 @@ class Engine:
         except (OSError, ValueError) as exc:
             raise InvalidCheckpoint(f"{engine_dir} is not an engine directory: {exc}") from exc
         layout = config.get("engine", {}).get("layout")
-        model_classes = {ENGINE_LAYOUT: EngineModel, DECILM_LAYOUT: DeciLMEngineModel, GPT_LAYOUT: GPTEngineModel}
-        if config.get("backend") != "torch" or layout not in model_classes:
+        if config.get("backend") != "torch" or layout not in ENGINE_LAYOUTS:
             raise InvalidCheckpoint(
                 f"{engine_dir} holds a {config.get('backend')!r} engine with layout {layout!r}; "
-                f"Engine runs torch engines of layout {', '.join(model_classes)}"
+                f"Engine runs torch engines of layout {', '.join(ENGINE_LAYOUTS)}"
             )
+        from ..models import spec_for_checkpoint
+
+        arch = config.get("pretrained_config", {}).get("architecture")
+        want = spec_for_checkpoint(config.get("pretrained_config", {})).engine_layout
+        if want != layout:
+            raise InvalidCheckpoint(f"{engine_dir} holds a {arch} engine of layout {layout!r}, but {arch} engines "
+                                    f"have layout {want!r}", hint="rebuild the engine from its checkpoint")
         bc = config["build_config"]
         if device is None:
             device = "cuda" if torch.cuda.is_available() and config["engine"]["arch"] != "cpu" else "cpu"
@@ -151,9 +156,8 @@ class Engine:
                 torch.cuda.set_device(device)
         weights = load_file(str(engine_dir / f"rank{rank}.safetensors"), device=str(device))
         weights_s = time.perf_counter() - start
-        model_cls = model_classes[layout]
-        model = model_cls(config["pretrained_config"], weights, max_batch=int(bc["max_batch_size"]),
-                          max_seq=int(bc["max_seq_len"]), tp_group=group, tp_size=tp)
+        model = EngineModel(config["pretrained_config"], weights, max_batch=int(bc["max_batch_size"]),
+                            max_seq=int(bc["max_seq_len"]), tp_group=group, tp_size=tp)
         model_s = time.perf_counter() - start - weights_s
         if compile:
             import torch._inductor.config as inductor_config
@@ -435,14 +439,12 @@ def run_generate(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m service.compiler.runtime.engine")
+    parser = argparse.ArgumentParser(prog="python -m service.compiler.engine.engine")
     sub = parser.add_subparsers(dest="cmd", required=True)
     w = sub.add_parser("warmup", help="load, compile and capture every graph (fills the compile cache); "
                                       "a tp engine: once per rank, as run_ranks starts it")
     w.add_argument("engine_dir")
     add_rank_arguments(w)
-    from ..cli import add_generate_arguments  # the options of `kiln generate`
-
     g = sub.add_parser("generate", help="generate from one prompt (a tp engine: once per rank, as run_ranks "
                                         "starts it; rank 0 prints)")
     add_generate_arguments(g)

@@ -2,17 +2,21 @@
 
 ``ReferenceModel.from_checkpoint(dir)`` merges any TP x PP split back into whole weights
 (``checkpoint_loader.load_checkpoint_weights``) and runs them eagerly, with no transformers modeling
-code and no compilation, matching Hugging Face numerics:
+code and no compilation, matching Hugging Face numerics. It executes the checkpoint's ``ModelSpec``
+(``models/spec.py``, declared per family by ``block_specs``), block by block, over the checkpoint's
+own tensor names; the torch engine executes the same spec:
 
-* Llama family (Llama, Mistral, Qwen2): RMSNorm (float32 inside), GPT-NeoX rotary over the whole
-  head (float32 tables; linear and llama3 scaling), GQA, ``proj(silu(fc(x)) * gate(x))``.
-* GPT-2: pre-LN LayerNorm, learned positions, biases everywhere, ``proj(act(fc(x)))``.
-* OPT: as GPT-2 with ``do_layer_norm_before`` true; post-LN (``x = ln1(x + attn(x))``,
-  ``x = ln2(x + mlp(x))``, no ``ln_f``) when false. Position p uses row p of the table.
-* DeciLM / Nemotron-NAS checkpoints are delegated to ``runtime.decilm`` (float32, CPU).
+* norms: RMSNorm (float32 statistics, cast back, then scaled: HF Llama), RMSNorm with a (1 + w)
+  scale in float32 (Gemma), LayerNorm with bias; placed before each part (pre), after each residual
+  add (OPT post-LN) or before and after each part (sandwich);
+* attention: full or sliding-window causal attention with GQA, GPT-NeoX rotary over the first
+  ``rope.dim`` dims (float32 tables; linear and llama3 scaling) or none (learned positions), optional
+  per-head q/k norm, logit soft-cap and scale; or one linear layer; or nothing;
+* MLP: ``proj(act(fc(x)) * gate(x))`` (gated), ``proj(act(fc(x)))`` (plain), one linear, or nothing;
+* embedding scale, learned absolute positions (row p = position p), final norm, final logit soft-cap.
 
     m = ReferenceModel.from_checkpoint("./ckpt")              # compute_dtype=torch.float32 upcasts
-    logits = m.forward(torch.tensor([[1, 2, 3]]))             # [B, T, vocab_size] float32, causal
+    logits = m.forward(torch.tensor([[1, 2, 3]]))             # [B, T, vocab] float32, causal
     cache = m.new_cache(); m.forward(ids[:, :5], cache); m.forward(ids[:, 5:], cache)  # incremental
     new = m.generate([1, 2, 3], max_new_tokens=8, eos_token_id=2)  # greedy, KV cache, new tokens only
     ppl = m.perplexity(ids, window=512)                        # exp(mean NLL), non-overlapping windows
@@ -27,22 +31,20 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..errors import InvalidArgument, InvalidCheckpoint
+from ..errors import InvalidArgument, InvalidCheckpoint, UnsupportedArchitecture
+from ..models import block_specs
+from ..models.spec import Block, ModelSpec, Norm, Rope
 from ..quantization.qlinear import keeps_stored_dtype, qdq_kv_cache, qlinear
-from .checkpoint_loader import TORCH_DTYPES, check_complete, family, load_checkpoint_weights, read_config
+from .checkpoint_loader import TORCH_DTYPES, check_complete, family, load_checkpoint_weights
 
-DECILM = "DeciLMForCausalLM"
-
-_ACTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
-    "swish": F.silu,
     "gelu": F.gelu,  # exact erf form, as HF's "gelu"
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),  # gelu_new / gelu_pytorch_tanh / gelu_fast
     "relu": F.relu,
 }
-
+# checkpoint norm modules of a block: before attention, before the MLP, after attention, after the MLP
+NORM_NAMES = ("input_layernorm", "post_layernorm", "post_attention_layernorm", "post_feedforward_layernorm")
 
 def rope_inv_freq(cfg: dict) -> torch.Tensor:
     """float32 inverse frequencies of GPT-NeoX rotary over ``head_size``, with HF's scaling rules."""
@@ -112,21 +114,28 @@ def _as_ids(ids: Sequence[int] | torch.Tensor, what: str) -> torch.Tensor:
     return t.long()
 
 
+
 class ReferenceModel:
-    """A checkpoint's merged weights and an eager forward pass; see the module docstring.
+    """A checkpoint's merged weights and an eager forward pass of its ModelSpec; see the module docstring.
 
     ``ReferenceModel(config, weights)`` takes already merged weights (``load_checkpoint_weights``
     names and layout), e.g. dequantized ones; ``from_checkpoint`` reads a checkpoint directory.
     """
 
     def __init__(self, config: dict, weights: dict[str, torch.Tensor], device: str | torch.device = "cpu",
-                 compute_dtype: torch.dtype | None = None):
+                 compute_dtype: torch.dtype | None = None, spec: ModelSpec | None = None):
         self.config = config
-        self.family = family(config)
+        try:
+            self.family = family(config)
+        except UnsupportedArchitecture:
+            if spec is None:
+                raise
+            self.family = "custom"  # a given spec runs as it is (a family the converter does not know yet)
+        self.spec = (spec or block_specs(config)).check("the reference runtime")
         q = config.get("quantization") or {}
         # Quantized checkpoints execute from their low-precision tensors (service/compiler/quantization/qlinear.py).
         self.quant = q if q.get("quant_algo") or q.get("kv_cache_quant_algo") else None
-        if self.quant is None:
+        if self.quant is None and self.family in ("llama", "gpt", "opt"):  # the uniform families' tensor rules
             check_complete(config, weights)
         if compute_dtype is None:
             compute_dtype = TORCH_DTYPES[config["dtype"]]
@@ -139,51 +148,39 @@ class ReferenceModel:
         self.dtype = compute_dtype
         self.w = {k: v.to(device=self.device) if self.quant is not None and keeps_stored_dtype(k, v)
                   else v.to(device=self.device, dtype=compute_dtype) for k, v in weights.items()}
-        c = config
-        self.num_layers = int(c["num_hidden_layers"])
-        self.num_heads = int(c["num_attention_heads"])
-        self.num_kv = int(c.get("num_key_value_heads") or self.num_heads)
-        self.head_size = int(c.get("head_size") or int(c["hidden_size"]) // self.num_heads)
-        self.vocab_size = int(c["vocab_size"])
-        self.eps = float(c.get("norm_epsilon") or 1e-5)
-        act = c.get("hidden_act", "silu" if self.family == "llama" else "gelu_new")
-        if act not in _ACTS:
-            raise InvalidCheckpoint(f"config.json: hidden_act {act!r} is not supported (supported: {', '.join(_ACTS)})")
-        self.act: Callable[[torch.Tensor], torch.Tensor] = _ACTS[act]
-        self.post_ln = self.family == "opt" and not c.get("do_layer_norm_before", True)
-        self.rope = self.family == "llama"
-        if self.rope and c.get("position_embedding_type", "rope_gpt_neox") != "rope_gpt_neox":
-            raise InvalidCheckpoint(
-                f"config.json: position_embedding_type {c.get('position_embedding_type')!r} is not supported "
-                f"for {c['architecture']} (expected rope_gpt_neox)"
-            )
-        if self.family != "llama" and c.get("position_embedding_type", "learned_absolute") != "learned_absolute":
-            raise InvalidCheckpoint(f"config.json: {c['architecture']} needs learned_absolute positions")
-        if self.family == "llama":
-            for flag in ("qk_layernorm", "residual_mlp", "use_sliding_window"):
-                if c.get(flag):
-                    raise InvalidCheckpoint(f"config.json: {flag}=true is not supported by the reference runtime")
-            if self.head_size % 2:
-                raise InvalidCheckpoint(f"config.json: rotary needs an even head_size, got {self.head_size}")
-            self.inv_freq = rope_inv_freq({**c, "head_size": self.head_size}).to(self.device)
-        self.max_pos = int(c.get("max_position_embeddings") or 0) if not self.rope else None
+        self.num_layers = len(self.spec.blocks)
+        self.vocab_size = self.spec.vocab_size
+        self.max_pos = self.spec.learned_positions or None
+        self.inv_freq: dict[Rope, torch.Tensor] = {}
+        self._tables: tuple = (None, None)
+        for b in self.spec.blocks:
+            rope = b.attention.rope
+            if rope is not None and rope not in self.inv_freq:
+                cfg = {"head_size": rope.dim, "rotary_base": rope.base, "rotary_scaling": rope.scaling_dict}
+                self.inv_freq[rope] = rope_inv_freq(cfg).to(self.device)
 
     @classmethod
     def from_checkpoint(cls, ckpt_dir: str | os.PathLike, device: str | torch.device = "cpu",
                         compute_dtype: torch.dtype | None = None) -> ReferenceModel:
-        if read_config(ckpt_dir).get("architecture") == DECILM:
-            return _DeciLMModel(ckpt_dir, device, compute_dtype)
         config, weights = load_checkpoint_weights(ckpt_dir)
-        return cls(config, weights, device=device, compute_dtype=compute_dtype)
+        try:
+            spec = block_specs(config).check("the reference runtime")
+        except UnsupportedArchitecture as exc:
+            raise InvalidCheckpoint(f"config.json: {exc.args[0]}", hint=getattr(exc, "hint", None)) from exc
+        return cls(config, weights, device=device, compute_dtype=compute_dtype, spec=spec)
 
     # -- building blocks -------------------------------------------------------------------------
-    def _norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
+    def _norm(self, x: torch.Tensor, name: str, norm: Norm) -> torch.Tensor:
         w = self.w[name + ".weight"]
-        if self.family == "llama":  # HF LlamaRMSNorm: float32 statistics, cast back, then scale
+        if norm.kind == "rms":  # HF LlamaRMSNorm: float32 statistics, cast back, then scale
             h = x.float()
-            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.eps)
             return w * h.to(x.dtype)
-        return F.layer_norm(x, (x.shape[-1],), w, self.w[name + ".bias"], self.eps)
+        if norm.kind == "rms_1p":  # HF GemmaRMSNorm: all in float32, (1 + w), cast back
+            h = x.float()
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.eps)
+            return (h * (1.0 + w.float())).to(x.dtype)
+        return F.layer_norm(x, (x.shape[-1],), w, self.w.get(name + ".bias"), norm.eps)
 
     def _linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
         if self.quant is not None:
@@ -191,19 +188,38 @@ class ReferenceModel:
         return F.linear(x, self.w[name + ".weight"], self.w.get(name + ".bias"))
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        return x * cos + _rotate_half(x) * sin
+        dim = cos.shape[-1]
+        if dim == x.shape[-1]:
+            return x * cos + _rotate_half(x) * sin
+        x, rest = x[..., :dim], x[..., dim:]  # partial rotary: the first dim dims turn
+        return torch.cat([x * cos + _rotate_half(x) * sin, rest], -1)
 
-    def _attention(self, i: int, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                   cache: KVCache | None) -> torch.Tensor:
+    def _rope_table(self, rope: Rope, pos0: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [t, dim] of positions [pos0, pos0 + t), in the compute dtype (once per forward)."""
+        key = (rope, pos0, t)
+        if self._tables[0] != key:
+            pos = torch.arange(pos0, pos0 + t, device=self.device, dtype=torch.float32)
+            ang = pos[:, None] * self.inv_freq[rope][None, :]
+            emb = torch.cat([ang, ang], -1)
+            self._tables = (key, (emb.cos().to(self.dtype), emb.sin().to(self.dtype)))
+        return self._tables[1]
+
+    def _attention(self, i: int, blk: Block, h: torch.Tensor, pos0: int, cache: KVCache | None) -> torch.Tensor:
+        a = blk.attention
+        p = f"transformer.layers.{i}.attention"
+        if a.kind == "linear":
+            return self._linear(h, p)
         b, t, _ = h.shape
-        nh, nkv, d = self.num_heads, self.num_kv, self.head_size
-        p = f"transformer.layers.{i}.attention."
-        q, k, v = self._linear(h, p + "qkv").split([nh * d, nkv * d, nkv * d], dim=-1)
+        nh, nkv, d = a.num_heads, a.num_kv_heads, a.head_size
+        q, k, v = self._linear(h, p + ".qkv").split([nh * d, nkv * d, nkv * d], dim=-1)
         q = q.view(b, t, nh, d).transpose(1, 2)
         k = k.view(b, t, nkv, d).transpose(1, 2)
         v = v.view(b, t, nkv, d).transpose(1, 2)
-        if rope is not None:
-            q, k = self._rope(q, *rope), self._rope(k, *rope)
+        if a.qk_norm is not None:
+            q, k = self._norm(q, p + ".q_layernorm", a.qk_norm), self._norm(k, p + ".k_layernorm", a.qk_norm)
+        if a.rope is not None:
+            cos, sin = self._rope_table(a.rope, pos0, t)
+            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
         if self.quant is not None and self.quant.get("kv_cache_quant_algo"):  # what the quantized cache returns
             k, v = (t.to(q.dtype) for t in qdq_kv_cache(k, v, self.w, f"transformer.layers.{i}", self.quant))
         if cache is not None:
@@ -214,20 +230,50 @@ class ReferenceModel:
         if nkv != nh:
             k, v = k.repeat_interleave(nh // nkv, 1), v.repeat_interleave(nh // nkv, 1)
         s = k.shape[2]
-        mask, causal = None, False
-        if t == s:
-            causal = t > 1
-        elif t > 1:  # new tokens continuing a cached prefix: row j sees keys up to s - t + j
-            mask = torch.ones(t, s, dtype=torch.bool, device=h.device).tril(s - t)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=1.0 / math.sqrt(d))
-        return self._linear(out.transpose(1, 2).reshape(b, t, nh * d), p + "dense")
+        scale = a.scale if a.scale is not None else 1.0 / math.sqrt(d)
+        if a.kind == "full" and a.softcap is None:
+            mask, causal = None, False
+            if t == s:
+                causal = t > 1
+            elif t > 1:  # new tokens continuing a cached prefix: row j sees keys up to s - t + j
+                mask = torch.ones(t, s, dtype=torch.bool, device=h.device).tril(s - t)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+        else:  # the scores spelled out: soft-cap and / or a sliding window
+            seen = torch.ones(t, s, dtype=torch.bool, device=h.device).tril(s - t)
+            if a.kind == "sliding":  # query at s - t + j sees keys (s - t + j - window, s - t + j]
+                seen &= ~torch.ones(t, s, dtype=torch.bool, device=h.device).tril(s - t - a.window)
+            scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+            if a.softcap is not None:
+                scores = a.softcap * torch.tanh(scores / a.softcap)
+            probs = scores.masked_fill(~seen, float("-inf")).softmax(-1).to(v.dtype)
+            out = probs @ v
+        return self._linear(out.transpose(1, 2).reshape(b, t, nh * d), p + ".dense")
 
-    def _mlp(self, i: int, h: torch.Tensor) -> torch.Tensor:
-        p = f"transformer.layers.{i}.mlp."
-        a = self.act(self._linear(h, p + "fc"))
-        if self.family == "llama":
-            a = a * self._linear(h, p + "gate")
-        return self._linear(a, p + "proj")
+    def _mlp(self, i: int, blk: Block, h: torch.Tensor) -> torch.Tensor:
+        m, p = blk.mlp, f"transformer.layers.{i}.{blk.mlp_module}"
+        if m.kind == "linear":
+            return self._linear(h, p)
+        a = ACTIVATIONS[m.act](self._linear(h, p + ".fc"))
+        if m.kind == "gated":
+            a = a * self._linear(h, p + ".gate")
+        return self._linear(a, p + ".proj")
+
+    def _block(self, i: int, blk: Block, x: torch.Tensor, pos0: int, cache: KVCache | None) -> torch.Tensor:
+        p = f"transformer.layers.{i}."
+        pre_attn, pre_mlp, post_attn, post_mlp = (p + n for n in NORM_NAMES)
+        parts = ((blk.attention.kind != "none", lambda y: self._attention(i, blk, y, pos0, cache), pre_attn, post_attn),
+                 (blk.mlp.kind != "none", lambda y: self._mlp(i, blk, y), pre_mlp, post_mlp))
+        for present, part, pre, post in parts:
+            if not present:
+                continue
+            if blk.placement == "post":  # OPT post-LN: the norm after the residual add
+                x = self._norm(x + part(x), pre, blk.norm)
+                continue
+            y = part(self._norm(x, pre, blk.norm))
+            if blk.placement == "sandwich":
+                y = self._norm(y, post, blk.norm)
+            x = x + y
+        return x
 
     def _run(self, ids: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         """float32 logits [B, T, vocab] of ``ids`` [B, T] (CPU int64), continuing ``cache`` if given."""
@@ -243,29 +289,23 @@ class ReferenceModel:
                 f"{pos0 + t} positions exceed max_position_embeddings={self.max_pos} of this "
                 f"{self.config['architecture']} checkpoint (learned positions)"
             )
+        spec = self.spec
         ids = ids.to(self.device)
         x = F.embedding(ids, self.w["transformer.vocab_embedding.weight"])
-        rope = None
-        if self.rope:
-            pos = torch.arange(pos0, pos0 + t, device=self.device, dtype=torch.float32)
-            ang = pos[:, None] * self.inv_freq[None, :]
-            emb = torch.cat([ang, ang], -1)
-            rope = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
-        else:
+        if spec.embedding_scale is not None:
+            x = x * torch.tensor(spec.embedding_scale, dtype=x.dtype)
+        if spec.learned_positions:
             x = x + self.w["transformer.position_embedding.weight"][pos0:pos0 + t]
-        for i in range(self.num_layers):
-            p = f"transformer.layers.{i}."
-            if self.post_ln:
-                x = self._norm(x + self._attention(i, x, rope, cache), p + "input_layernorm")
-                x = self._norm(x + self._mlp(i, x), p + "post_layernorm")
-            else:
-                x = x + self._attention(i, self._norm(x, p + "input_layernorm"), rope, cache)
-                x = x + self._mlp(i, self._norm(x, p + "post_layernorm"))
+        for i, blk in enumerate(spec.blocks):
+            x = self._block(i, blk, x, pos0, cache)
         if cache is not None:
             cache.length += t
-        if not self.post_ln:
-            x = self._norm(x, "transformer.ln_f")
-        return F.linear(x, self.w["lm_head.weight"]).float()
+        if spec.final_norm is not None:
+            x = self._norm(x, "transformer.ln_f", spec.final_norm)
+        logits = F.linear(x, self.w["lm_head.weight"]).float()
+        if spec.final_softcap is not None:
+            logits = spec.final_softcap * torch.tanh(logits / spec.final_softcap)
+        return logits
 
     # -- public API ------------------------------------------------------------------------------
     def new_cache(self) -> KVCache:
@@ -339,28 +379,4 @@ class ReferenceModel:
         return math.exp(total / count)
 
 
-class _DeciLMModel(ReferenceModel):
-    """DeciLM / Nemotron-NAS checkpoints (heterogeneous layers) through ``runtime.decilm``."""
-
-    def __init__(self, ckpt_dir: str | os.PathLike, device: str | torch.device = "cpu",
-                 compute_dtype: torch.dtype | None = None):
-        from .decilm import DeciLMReference
-
-        if torch.device(device).type != "cpu" or compute_dtype not in (None, torch.float32):
-            raise InvalidArgument("DeciLM checkpoints run on the CPU in float32 only in the reference runtime")
-        self.core = DeciLMReference.from_checkpoint(ckpt_dir)
-        self.config = self.core.cfg
-        self.family, self.device, self.dtype = "decilm", torch.device("cpu"), torch.float32
-        self.vocab_size = int(self.config["vocab_size"])
-        self.w = self.core.w
-
-    def new_cache(self) -> dict:  # type: ignore[override]
-        return self.core.new_cache()
-
-    def _run(self, ids: torch.Tensor, cache: dict | None) -> torch.Tensor:  # type: ignore[override]
-        if ids.shape[1] == 0 or int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size:
-            raise InvalidArgument(f"token ids must be non-empty and inside the vocabulary [0, {self.vocab_size})")
-        return self.core.forward(ids, cache).float()
-
-
-__all__ = ["KVCache", "ReferenceModel", "rope_inv_freq"]
+__all__ = ["ACTIVATIONS", "KVCache", "ReferenceModel", "rope_inv_freq"]
