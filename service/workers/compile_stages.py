@@ -179,7 +179,7 @@ def build_stage(ctx: StageContext, input_dir: Path | None, output_dir: Path, cfg
     engine_cfg = json.loads((output_dir / "config.json").read_text())
     perf_file = output_dir / "performance.json"  # build / load / TTFT / decode tok/s / peak GPU memory
     performance = json.loads(perf_file.read_text()) if perf_file.is_file() else None
-    return _clean({"backend": cfg["backend"], "target": cfg["target"], "arch": engine_cfg["engine"]["arch"],
+    return _clean({"backend": cfg["backend"], "target": cfg["target"], "arch": engine_cfg["engine"].get("arch"),
                    "build_config": engine_cfg["build_config"], "stats": stats, "quant_algo": quant,
                    "weights": note or ("quantized" if quant else "float"),
                    "memory_estimate": engine_cfg["engine"].get("memory_estimate"), "performance": performance})

@@ -102,3 +102,21 @@ def test_evaluate_stage_gate_fails_on_the_reports_failures(outputs, tmp_path):
     assert summary["gate"]["passed"] is False and summary["gate"]["code"] == "accuracy_below_threshold"
     assert "KL" in summary["gate"]["message"]
     assert "FAILED" in (tmp_path / "report" / "report.html").read_text()
+
+
+def test_build_stage_dequantizes_weight_only_checkpoints_for_a_float_only_backend(outputs, tmp_path):
+    """The onnx backend refuses quantized checkpoints: the stage builds it from the compiler's
+    dequantize_checkpoint, and says so."""
+    pytest.importorskip("onnxruntime")
+    from service.workers.compile_stages import backend_builds_quantized
+
+    if backend_builds_quantized("onnx", "W8A16"):
+        pytest.skip("the onnx backend builds W8A16 checkpoints itself now")
+    spec = JobSpec(model=TINY_REPO, quantization={"algo": "W8A16"}, build={**BUILD, "backend": "onnx"})
+    ctx = StageContext(job_id="j", spec=spec, settings=None, artifacts=None, outputs=dict(outputs))
+    summary = build_stage(ctx, outputs["quantize"], tmp_path / "engine", build_config(spec), _quiet)
+    assert summary["backend"] == "onnx" and summary["quant_algo"] == "W8A16"
+    assert summary["weights"].startswith("built from W8A16 weights dequantized")
+    assert json.loads((tmp_path / "engine" / "config.json").read_text())["backend"] == "onnx"
+    assert summary["arch"] is None  # the onnx engine records no torch layout arch
+    assert not list(tmp_path.glob(".tmp-dequant-*"))  # the scratch checkpoint is gone
