@@ -250,13 +250,6 @@ def compiler_top_level_violations(graph: dict[str, list[Import]]) -> list[str]:
     return bad
 
 
-# Imports that close a cycle other branches remove: fixed by branch decoder / evaluation. The
-# integrator deletes this allow-list once both are merged (each is (importer, imported)).
-KNOWN_CYCLE_EDGES = {
-    ("service.compiler.runtime.engine", "service.compiler.cli"),  # fixed by branch decoder
-    ("service.workers.stages", "service.workers.compile_stages"),  # fixed by branch evaluation
-}
-
 
 # ------------------------------------------------------------------ the tests
 
@@ -268,8 +261,6 @@ def _graph():
 def test_no_import_cycles():
     graph = _graph()
     edges = runtime_edges(graph)
-    for importer, imported in KNOWN_CYCLE_EDGES:
-        edges.get(importer, set()).discard(imported)
     found = cycles(edges)
     assert not found, "import cycles in service/:\n" + "\n".join(describe_cycle(c, edges, graph) for c in found)
 
@@ -349,9 +340,6 @@ def test_checker_flags_an_optional_package_at_compiler_module_level(tmp_path):
 if __name__ == "__main__":  # print the whole picture: python tests/test_layers.py
     g = _graph()
     e = runtime_edges(g)
-    if "--known" not in sys.argv:
-        for a, b in KNOWN_CYCLE_EDGES:
-            e.get(a, set()).discard(b)
     for c in cycles(e):
         print("CYCLE", describe_cycle(c, e, g))
     for line in layer_violations(g) + compiler_top_level_violations(g):

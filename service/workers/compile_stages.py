@@ -8,27 +8,23 @@ pipeline runner, see ``pipeline.py``); each summary lands in the job's stage rec
 
 * ``quantize``: ``quantize_checkpoint`` from the fetched HF folder (tp=pp=1), calibration from the
   JobSpec; artifact ``checkpoint`` (the quantized one replaces the float one in the job's artifacts).
-* ``build``: ``service.compiler.build.build`` on the newest checkpoint; artifact ``engine``. Adapter:
-  the torch backend builds FP8, FP8 per-channel/per-token, W8A16, W4A16 and W4A16_AWQ checkpoints
-  (and INT8/FP8 KV caches) natively, from the stored low-precision weights; where a backend refuses
+* ``build``: ``service.compiler.build.build`` on the newest checkpoint; artifact ``engine``. The
+  torch backend builds FP8, FP8 per-channel/per-token, W8A16, W4A16 and W4A16_AWQ checkpoints (and
+  INT8/FP8 KV caches) natively, from the stored low-precision weights; where a backend refuses
   quantized checkpoints (onnx) and the algo is weight-only, the engine is built from the weights
-  dequantized exactly as the engine would dequantize them (``qlinear.dequantize_weight``) and the
-  summary says so.
-* ``evaluate``: a report written here (``service/compiler/evaluate`` does not exist yet): the
-  quantizer's accuracy report (quantized vs unquantized, the user's thresholds) and the engine against
-  the reference runtime on the checkpoint it was built from (logit error, top-1 agreement, KL,
-  perplexity, greedy identity, ROUGE-1/2/L, load/TTFT/decode timings). ``report.json`` +
-  ``report.html``; artifact ``report``, kept on a failed job. A failing verdict fails the job with
-  ``accuracy_below_threshold`` (``summary["gate"]``), nothing else is published.
+  dequantized exactly as the engine would dequantize them
+  (``service.compiler.quantization.dequantize.dequantize_checkpoint``) and the summary says so.
+* ``evaluate``: ``service.compiler.evaluate.evaluate`` on the job's outputs: the engine against the
+  reference runtime on the checkpoint it was built from and, with quantization, that checkpoint
+  against the unquantized one (the user's thresholds); ``report.json`` + ``report.html``; artifact
+  ``report``, kept on a failed job. The summary is the report's headline figures; a failing verdict
+  fails the job with ``accuracy_below_threshold`` (``summary["gate"]``), nothing else is published.
 """
 
 from __future__ import annotations
 
-import html
 import json
-import math
 import tempfile
-import time
 from pathlib import Path
 
 from service.domain.errors import InvalidSpec
@@ -85,13 +81,9 @@ def _quant_config(cfg: dict):
 
 def _clean(value):
     """JSON-safe: NaN / inf -> None (PostgreSQL JSON and strict clients refuse them)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    return value
+    from service.compiler.evaluate.report import json_safe
+
+    return json_safe(value)
 
 
 # -- quantize -----------------------------------------------------------------------------------
@@ -155,42 +147,6 @@ def check_quantized_build(spec: JobSpec) -> None:
                                "without 'build' to get the quantized checkpoint and its accuracy report")
 
 
-def dequantize_checkpoint(src: Path, dst: Path) -> str:
-    """A float world-size-1 checkpoint with the weights a weight-only engine multiplies by."""
-    import torch
-    from safetensors.torch import save_file
-
-    from service.compiler.checkpoint.safetensors_io import SafetensorsFile
-    from service.compiler.quantization.layout import linear_module
-    from service.compiler.quantization.qlinear import FLOAT_DTYPES, QUANT_PARAM_SUFFIXES, dequantize_weight
-
-    config = json.loads((src / "config.json").read_text())
-    quant = config.get("quantization") or {}
-    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[config["dtype"]]
-    with SafetensorsFile(src / "rank0.safetensors") as f:
-        tensors = {n: f.tensor(n).clone() for n in f.keys()}
-    out = {}
-    for name, t in tensors.items():
-        if name.endswith(QUANT_PARAM_SUFFIXES):
-            continue
-        module = name[: -len(".weight")] if name.endswith(".weight") else None
-        if module and t.dtype not in FLOAT_DTYPES and linear_module(name, (1, 1)):
-            out[name] = dequantize_weight(tensors, module, quant).to(dtype).contiguous()
-        else:
-            out[name] = t.contiguous()
-    algo = quant.get("quant_algo")
-    config["quantization"] = {"quant_algo": None, "kv_cache_quant_algo": None, "group_size": 128,
-                              "has_zero_point": False, "pre_quant_scale": False, "exclude_modules": None}
-    config["kiln_dequantized_from"] = algo
-    dst.mkdir(parents=True, exist_ok=True)
-    save_file(out, str(dst / "rank0.safetensors"), metadata={"format": "pt"})
-    (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    for extra in src.iterdir():  # tokenizer files travel with the checkpoint
-        if extra.is_file() and extra.name not in ("config.json", "rank0.safetensors", "manifest.json"):
-            (dst / extra.name).write_bytes(extra.read_bytes())
-    return algo
-
-
 def _build_config(cfg: dict):
     from service.compiler.build import BuildConfig
 
@@ -201,6 +157,7 @@ def _build_config(cfg: dict):
 def build_stage(ctx: StageContext, input_dir: Path | None, output_dir: Path, cfg: dict, progress: Progress) -> dict:
     from service.compiler.build import build
     from service.compiler.checkpoint.validate import load_config
+    from service.compiler.quantization.dequantize import dequantize_checkpoint
 
     assert input_dir is not None
     ckpt = input_dir
@@ -222,7 +179,7 @@ def build_stage(ctx: StageContext, input_dir: Path | None, output_dir: Path, cfg
     engine_cfg = json.loads((output_dir / "config.json").read_text())
     perf_file = output_dir / "performance.json"  # build / load / TTFT / decode tok/s / peak GPU memory
     performance = json.loads(perf_file.read_text()) if perf_file.is_file() else None
-    return _clean({"backend": cfg["backend"], "target": cfg["target"], "arch": engine_cfg["engine"]["arch"],
+    return _clean({"backend": cfg["backend"], "target": cfg["target"], "arch": engine_cfg["engine"].get("arch"),
                    "build_config": engine_cfg["build_config"], "stats": stats, "quant_algo": quant,
                    "weights": note or ("quantized" if quant else "float"),
                    "memory_estimate": engine_cfg["engine"].get("memory_estimate"), "performance": performance})
@@ -230,135 +187,26 @@ def build_stage(ctx: StageContext, input_dir: Path | None, output_dir: Path, cfg
 
 # -- evaluate -----------------------------------------------------------------------------------
 
-def _eval_data(hf_dir: Path, vocab: int, samples: int, seq_len: int):
-    """Held-out token windows: the bundled text's end when the model has a tokenizer, else seeded
-    random ids (recorded as such: tiny test models ship no tokenizer)."""
-    import torch
-
-    from service.compiler.quantization.calibration import evaluation_windows, load_tokenizer
-
-    if load_tokenizer(hf_dir) is not None:
-        return evaluation_windows(hf_dir, samples, seq_len), "bundled text (held out from calibration)"
-    gen = torch.Generator().manual_seed(0)
-    return torch.randint(0, vocab, (samples, seq_len), generator=gen), "random token ids (the model has no tokenizer)"
-
-
-def _rouge_n(cand: list[int], ref: list[int], n: int) -> float:
-    from collections import Counter
-
-    c = Counter(tuple(cand[i:i + n]) for i in range(len(cand) - n + 1))
-    r = Counter(tuple(ref[i:i + n]) for i in range(len(ref) - n + 1))
-    m = sum((c & r).values())
-    total = sum(c.values()) + sum(r.values())
-    return 0.0 if m == 0 or total == 0 else 2 * m / total
-
-
-def _rouge_of(candidate_ckpt: Path, reference_ckpt: Path, prompts: list[list[int]], max_new: int) -> tuple[float, float]:
-    """Mean ROUGE-1 / ROUGE-L of the candidate's greedy continuations against the reference's (the
-    reference runtime executes quantized checkpoints from their stored low-precision tensors)."""
-    from service.compiler.quantization.report import rouge
-    from service.compiler.reference import ReferenceModel
-
-    cand, ref = ReferenceModel.from_checkpoint(candidate_ckpt), ReferenceModel.from_checkpoint(reference_ckpt)
-    scores = [rouge(cand.generate(p, max_new), ref.generate(p, max_new)) for p in prompts]
-    return sum(r[0] for r in scores) / len(scores), sum(r[1] for r in scores) / len(scores)
-
-
-def engine_vs_reference(engine_dir: Path, ckpt_dir: Path, windows, prompts: list[list[int]], max_new: int,
-                        progress: Progress) -> dict:
-    """The engine against the reference runtime (the numerical oracle) on the checkpoint it came from."""
-    import torch
-    import torch.nn.functional as F
-
-    from service.compiler.engine.engine import Engine
-    from service.compiler.quantization.report import perplexity, rouge
-    from service.compiler.reference import ReferenceModel
-
-    t0 = time.perf_counter()
-    engine = Engine.load(engine_dir)
-    load_s = time.perf_counter() - t0
-    ref = ReferenceModel.from_checkpoint(ckpt_dir)
-    progress(0.55, "engine vs reference: logits")
-    w = windows[:, : min(windows.shape[1], engine.max_seq)]
-    le, lr = [], []
-    for b0 in range(0, w.shape[0], engine.max_batch):
-        chunk = w[b0:b0 + engine.max_batch]
-        le.append(engine.forward(chunk).float())
-        lr.append(ref.forward(chunk).float())
-    le, lr = torch.cat(le), torch.cat(lr)
-    diff = (le - lr).abs()
-    lpr, lpe = F.log_softmax(lr, -1), F.log_softmax(le, -1)
-    progress(0.75, "engine vs reference: greedy generations")
-    gen = engine.generate(prompts, max_new_tokens=max_new)
-    ref_gen = [ref.generate(p, max_new) for p in prompts]
-    r1, r2, rl = [], [], []
-    for a, b in zip(gen.tokens, ref_gen, strict=True):
-        x, y = rouge(a, b)
-        r1.append(x)
-        rl.append(y)
-        r2.append(_rouge_n(a, b, 2))
-    n = max(len(prompts), 1)
-    return {
-        "windows": [int(w.shape[0]), int(w.shape[1])],
-        "max_abs_logit_error": float(diff.max()), "mean_abs_logit_error": float(diff.mean()),
-        "top1_agreement": float((le.argmax(-1) == lr.argmax(-1)).float().mean()),
-        "kl_divergence": float((lpr.exp() * (lpr - lpe)).sum(-1).mean()),
-        "perplexity": perplexity(le, w), "perplexity_reference": perplexity(lr, w),
-        "greedy_identical": sum(a == b for a, b in zip(gen.tokens, ref_gen, strict=True)) / n,
-        "rouge1": sum(r1) / n, "rouge2": sum(r2) / n, "rouge_l": sum(rl) / n,
-        "prompts": len(prompts), "max_new_tokens": max_new,
-        "performance": {"load_seconds": round(load_s, 3), **engine.load_stats,
-                        "ttft_seconds": gen.stats.get("ttft_seconds"),
-                        "decode_tokens_per_second": gen.stats.get("decode_tokens_per_second"),
-                        "batch": len(prompts), "build": engine.config.get("build_stats")},
-        "device": str(engine.device),
-    }
-
-
 def evaluate_stage(ctx: StageContext, input_dir: Path | None, output_dir: Path, cfg: dict, progress: Progress) -> dict:
-    from service.compiler.quantization.report import CheckpointRunner, Thresholds, compare
+    """``service.compiler.evaluate.evaluate`` on this job's outputs; the summary and the gate from its report."""
+    from service.compiler.evaluate import EvalConfig, evaluate
 
-    hf_dir, float_ckpt = ctx.outputs["fetch"], ctx.outputs["convert"]
-    q_ckpt, engine_dir = ctx.outputs.get("quantize"), ctx.outputs.get("build")
-    vocab = int(json.loads((float_ckpt / "config.json").read_text())["vocab_size"])
-    windows, source = _eval_data(hf_dir, vocab, cfg["max_samples"], cfg["seq_len"])
-    plen = max(2, min(16, windows.shape[1] // 2))
-    prompts = [windows[i, :plen].tolist() for i in range(min(4, windows.shape[0]))] if "rouge" in cfg["metrics"] else []
-    report: dict = {"model": ctx.spec.model, "data": {"source": source, "samples": int(windows.shape[0]),
-                                                      "seq_len": int(windows.shape[1]), "prompt_tokens": plen},
-                    "spec": {"quantization": ctx.spec.quantization.model_dump(),
-                             "build": ctx.spec.build.model_dump() if ctx.spec.build else None,
-                             "evaluation": ctx.spec.evaluation.model_dump() if ctx.spec.evaluation else None}}
-    failures: list[str] = []
-    if q_ckpt is not None:
-        progress(0.05, "accuracy of the quantized checkpoint vs the unquantized model")
-        th = Thresholds(**cfg["thresholds"])
-        rep = compare(CheckpointRunner.from_dir(q_ckpt), CheckpointRunner.from_dir(float_ckpt), windows,
-                      None, cfg["max_new_tokens"], th)
-        if prompts:  # greedy continuations with a KV cache (the quantizer's runner re-runs the whole prefix)
-            progress(0.25, "greedy continuations of the quantized and the unquantized model")
-            rep.rouge1, rep.rouge_l = _rouge_of(q_ckpt, float_ckpt, prompts, cfg["max_new_tokens"])
-            if rep.rouge_l < th.min_rouge_l:
-                rep.failures.append(f"ROUGE-L {rep.rouge_l:.3f} < {th.min_rouge_l}")
-        report["accuracy"] = rep.to_dict()
-        failures += [f"accuracy: {f}" for f in rep.failures]
-    if engine_dir is not None:
-        progress(0.4, "engine vs reference runtime")
-        built_from = q_ckpt if q_ckpt is not None else float_ckpt
-        eng = engine_vs_reference(engine_dir, built_from, windows, prompts or [windows[0, :plen].tolist()],
-                                  cfg["max_new_tokens"], progress)
-        eng["reference"] = "reference runtime on the " + ("quantized" if q_ckpt is not None else "converted") + " checkpoint"
-        report["engine"] = eng
-        if cfg.get("min_rouge1") is not None and eng["rouge1"] < cfg["min_rouge1"]:
-            failures.append(f"engine: ROUGE-1 {eng['rouge1']:.3f} < {cfg['min_rouge1']}")
-        if cfg.get("min_top1_agreement") is not None and eng["top1_agreement"] < cfg["min_top1_agreement"]:
-            failures.append(f"engine: top-1 agreement {eng['top1_agreement']:.3f} < {cfg['min_top1_agreement']}")
-    report["passed"], report["failures"] = not failures, failures
-    report = _clean(report)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    (output_dir / "report.html").write_text(render_html(report))
-    progress(1.0, "passed" if not failures else f"{len(failures)} threshold(s) failed")
+    float_ckpt, q_ckpt, engine_dir = ctx.outputs["convert"], ctx.outputs.get("quantize"), ctx.outputs.get("build")
+    ev = EvalConfig(samples=cfg["max_samples"], seq_len=cfg["seq_len"], max_new_tokens=cfg["max_new_tokens"],
+                    metrics=tuple(cfg["metrics"]), min_rouge1=cfg.get("min_rouge1"),
+                    min_top1_agreement=cfg.get("min_top1_agreement"), thresholds=cfg["thresholds"])
+    if engine_dir is None:  # the quantized checkpoint vs the unquantized one (evaluation needs one of the two)
+        target, reference, unquantized = q_ckpt, float_ckpt, None
+    elif q_ckpt is None:  # the engine vs the reference runtime on the checkpoint it was built from
+        target, reference, unquantized = engine_dir, float_ckpt, None
+    else:  # both: the engine vs the quantized checkpoint, which is measured against the unquantized one
+        target, reference, unquantized = engine_dir, q_ckpt, float_ckpt
+    meta = {"spec": {"quantization": ctx.spec.quantization.model_dump(),
+                     "build": ctx.spec.build.model_dump() if ctx.spec.build else None,
+                     "evaluation": ctx.spec.evaluation.model_dump() if ctx.spec.evaluation else None}}
+    report = evaluate(target, reference, ev, output_dir, unquantized=unquantized, data_dir=ctx.outputs["fetch"],
+                      model=ctx.spec.model, meta=meta, progress=progress)
+    failures = report["failures"]
     acc, eng = report.get("accuracy") or {}, report.get("engine") or {}
     return {
         "passed": not failures, "failures": failures,
@@ -371,40 +219,6 @@ def evaluate_stage(ctx: StageContext, input_dir: Path | None, output_dir: Path, 
                  "hint": "GET /v1/jobs/{id}/report has the full report; relax quantization.thresholds / the "
                          "evaluation floors, or choose a more accurate algo (W8A16, FP8)"},
     }
-
-
-def render_html(report: dict) -> str:
-    esc = lambda v: html.escape(f"{v:.4g}" if isinstance(v, float) else str(v))  # noqa: E731
-
-    def table(title: str, rows: dict) -> str:
-        body = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in rows.items()
-                       if not isinstance(v, (dict, list)))
-        return f"<h2>{esc(title)}</h2><table>{body}</table>"
-
-    parts = [f"<h1>Kiln report: {esc(report['model'])}</h1>",
-             f"<p class=verdict>{'PASSED' if report['passed'] else 'FAILED: ' + esc('; '.join(report['failures']))}</p>",
-             table("data", report["data"])]
-    bars = []
-    for section in ("accuracy", "engine"):
-        if report.get(section):
-            parts.append(table(section, report[section]))
-            v = report[section].get("top1_agreement")
-            if isinstance(v, float):
-                bars.append((f"{section} top-1 agreement", v))
-            v = report[section].get("rouge_l")
-            if isinstance(v, float):
-                bars.append((f"{section} ROUGE-L", v))
-    if report.get("engine", {}).get("performance"):
-        parts.append(table("engine performance", report["engine"]["performance"]))
-    if bars:
-        svg = "".join(f'<text x="0" y="{20 + 24 * i}">{esc(n)}</text>'
-                      f'<rect x="220" y="{8 + 24 * i}" width="{300 * max(0.0, min(1.0, v)):.1f}" height="16" fill="#3b7"/>'
-                      f'<text x="{228 + 300 * max(0.0, min(1.0, v)):.1f}" y="{20 + 24 * i}">{v:.3f}</text>'
-                      for i, (n, v) in enumerate(bars))
-        parts.append(f'<h2>chart</h2><svg width="600" height="{16 + 24 * len(bars)}" font-size="12">{svg}</svg>')
-    style = "body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse}" \
-            "th,td{border:1px solid #ccc;padding:2px 8px;text-align:left}.verdict{font-weight:bold}"
-    return f"<!doctype html><meta charset=utf-8><title>Kiln report</title><style>{style}</style>{''.join(parts)}\n"
 
 
 # -- submit-time checks (no files written) --------------------------------------------------------
@@ -426,7 +240,7 @@ def validate_compile(settings: Settings, spec: JobSpec, model_dir: Path | None) 
         return
     from service.compiler.convert import from_hugging_face
 
-    from .stages import job_mapping
+    from .job_mapping import job_mapping
 
     model = from_hugging_face(model_dir, dtype=spec.dtype, mapping=job_mapping(
         spec.mapping.tp_size, spec.mapping.pp_size, spec.mapping.pp_split, model_dir))

@@ -14,6 +14,7 @@ from pathlib import Path
 from service.domain.spec import JobSpec
 from service.settings import Settings
 
+from .job_mapping import job_mapping
 from .pipeline import Progress, Stage, StageContext, register_stage, validate_spec
 
 
@@ -51,19 +52,6 @@ def fetch_stage(ctx: StageContext, input_dir: Path | None, output_dir: Path, cfg
         "output_dir": str(model_dir),
         "content_key": hashlib.sha256(json.dumps([commit, files]).encode()).hexdigest(),
     }
-
-
-def job_mapping(tp_size: int, pp_size: int, pp_split: str, model_dir: Path | None):
-    """The compiler Mapping of a job: TensorRT-LLM's even split, or the cost-balanced one (priced
-    from the model's config.json)."""
-    from service.compiler import Mapping
-
-    if pp_split == "balanced" and pp_size > 1 and model_dir is not None:
-        from service.compiler.checkpoint.pipeline_split import balanced_mapping
-        from service.compiler.sources.weights import read_json
-
-        return balanced_mapping(read_json(model_dir / "config.json", "config.json"), tp=tp_size, pp=pp_size)
-    return Mapping(tp_size=tp_size, pp_size=pp_size)
 
 
 def convert_stage(ctx: StageContext, input_dir: Path | None, output_dir: Path, cfg: dict, progress: Progress) -> dict:

@@ -394,11 +394,11 @@ def test_modelopt_fp8_export_imports_with_shared_qkv_scale(models, float_tensors
 
 
 def test_accuracy_report_metrics_and_thresholds(models, float_tensors, tmp_path):
-    from service.compiler.quantization.report import Thresholds, compare, rouge
+    from service.compiler.evaluate.rouge import rouge_l, rouge_n
+    from service.compiler.quantization.report import Thresholds, compare
 
-    assert rouge([1, 2, 3, 4], [1, 2, 3, 4]) == (1.0, 1.0)
-    r1, rl = rouge([1, 2, 3, 4], [4, 3, 2, 1])
-    assert r1 == 1.0 and rl == pytest.approx(0.25)
+    assert rouge_n([1, 2, 3, 4], [1, 2, 3, 4], 1) == rouge_l([1, 2, 3, 4], [1, 2, 3, 4]) == 1.0
+    assert rouge_n([1, 2, 3, 4], [4, 3, 2, 1], 1) == 1.0 and rouge_l([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(0.25)
     out = tmp_path / "w4"
     quantize_checkpoint(models["llama"], out, QuantConfig("W4A16"), dtype="float32")
     config = json.loads((out / "config.json").read_text())

@@ -6,7 +6,8 @@ the evaluation text (from the end of the bundled text; calibration reads from it
 
 * perplexity of both and the relative increase; % recovery = ppl_ref / ppl_quant x 100;
 * top-1 agreement (share of positions whose argmax tokens agree) and mean KL(P_ref || P_quant);
-* ROUGE-1 / ROUGE-L F1 of the quantized model's greedy continuations against the reference's;
+* ROUGE-1 / ROUGE-L F1 of the quantized model's greedy continuations against the reference's
+  (``service.compiler.evaluate.rouge``, as are perplexity and the logit metrics: ``evaluate.metrics``);
 * the calibration settings and searched hyper-parameters recorded in the checkpoint.
 
 Default thresholds (``Thresholds``) are loose "catch garbage" bounds for small models; a JobSpec sets
@@ -19,16 +20,16 @@ its own. A report that fails any threshold has ``passed = False`` and lists why.
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ..checkpoint.safetensors_io import SafetensorsFile
 from ..errors import InvalidCheckpoint
+from ..evaluate.metrics import logit_metrics, perplexity
+from ..evaluate.rouge import mean_rouge
 from .calibration import evaluation_windows, stream_layers
 from .decoder import Decoder, layer_index, local_name
 from .qlinear import layer_kv, layer_linear
@@ -102,31 +103,6 @@ class CheckpointRunner:
         return out[len(ids):]
 
 
-def perplexity(logits: torch.Tensor, ids: torch.Tensor) -> float:
-    return math.exp(float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))))
-
-
-def _lcs(a: list[int], b: list[int]) -> int:
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b):
-            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-        prev = cur
-    return prev[-1]
-
-
-def rouge(candidate: list[int], reference: list[int]) -> tuple[float, float]:
-    """ROUGE-1 and ROUGE-L F1 over token ids."""
-    if not candidate or not reference:
-        return 0.0, 0.0
-    from collections import Counter
-
-    overlap = sum((Counter(candidate) & Counter(reference)).values())
-    f1 = lambda m: 0.0 if m == 0 else 2 * m / (len(candidate) + len(reference))  # noqa: E731
-    return f1(overlap), f1(_lcs(candidate, reference))
-
-
 @dataclass
 class AccuracyReport:
     quant_algo: str | None
@@ -171,22 +147,18 @@ def compare(quantized: CheckpointRunner, reference: CheckpointRunner, windows: t
     lr = reference.logits(windows) if ref_logits is None else ref_logits
     lq = quantized.logits(windows)
     ppl_r, ppl_q = perplexity(lr, windows), perplexity(lq, windows)
-    lpr, lpq = F.log_softmax(lr.float(), -1), F.log_softmax(lq.float(), -1)
-    kl = float((lpr.exp() * (lpr - lpq)).sum(-1).mean())
-    agree = float((lr.argmax(-1) == lq.argmax(-1)).float().mean())
-    r1s, rls = [], []
-    for i, p in enumerate(prompts or []):
-        a = quantized.generate(p, max_new_tokens)
-        b = ref_generations[i] if ref_generations is not None else reference.generate(p, max_new_tokens)
-        r1, rl = rouge(a, b)
-        r1s.append(r1)
-        rls.append(rl)
+    lm = logit_metrics(lq, lr)
+    kl, agree = lm["kl_divergence"], lm["top1_agreement"]
+    prompts = prompts or []
+    gens = [quantized.generate(p, max_new_tokens) for p in prompts]
+    refs = ref_generations if ref_generations is not None else [reference.generate(p, max_new_tokens) for p in prompts]
+    rouge = mean_rouge(gens, refs[:len(prompts)])  # NaN without prompts
     q = quantized.quant
     rep = AccuracyReport(
         quant_algo=q.get("quant_algo"), kv_cache_quant_algo=q.get("kv_cache_quant_algo"),
         perplexity_reference=ppl_r, perplexity=ppl_q, perplexity_increase_pct=100 * (ppl_q / ppl_r - 1),
         recovery_pct=100 * ppl_r / ppl_q, top1_agreement=agree, kl_divergence=kl,
-        rouge1=sum(r1s) / len(r1s) if r1s else float("nan"), rouge_l=sum(rls) / len(rls) if rls else float("nan"),
+        rouge1=rouge["rouge1"], rouge_l=rouge["rouge_l"],
         eval_samples=windows.shape[0], eval_seq_len=windows.shape[1],
         calibration=quantized.config.get("kiln_quantization", {}), thresholds=th)
     if rep.perplexity_increase_pct > th.max_perplexity_increase_pct:
@@ -195,7 +167,7 @@ def compare(quantized: CheckpointRunner, reference: CheckpointRunner, windows: t
         rep.failures.append(f"top-1 agreement {agree:.3f} < {th.min_top1_agreement}")
     if kl > th.max_kl_divergence:
         rep.failures.append(f"KL {kl:.4f} > {th.max_kl_divergence}")
-    if rls and rep.rouge_l < th.min_rouge_l:
+    if prompts and rep.rouge_l < th.min_rouge_l:
         rep.failures.append(f"ROUGE-L {rep.rouge_l:.3f} < {th.min_rouge_l}")
     return rep
 
@@ -218,4 +190,4 @@ def accuracy_report(ckpt_dir: str | os.PathLike, reference: str | os.PathLike, t
 
 
 __all__ = ["AccuracyReport", "CheckpointRunner", "MARKDOWN_HEADER", "Thresholds", "accuracy_report", "compare",
-           "rouge", "stream_layers"]
+           "perplexity", "stream_layers"]

@@ -29,7 +29,6 @@ from pathlib import Path
 
 import torch
 
-from ...version import __version__
 from ...checkpoint.mapping import Mapping
 from ...checkpoint.safetensors_io import SafetensorsFile, SafetensorsWriter, dtype_name, publish_dir
 from ...checkpoint.validate import load_config
@@ -43,6 +42,7 @@ from ...engine.performance import PERFORMANCE_FILE, measure_in_build, not_measur
 from ...engine.ranks import run_ranks
 from ...errors import InvalidCheckpoint, UnsupportedArchitecture
 from ...models import spec_for_checkpoint
+from ...version import __version__
 from ..config import ResolvedBuild
 
 ENGINE_VERSION = f"kiln-engine/1 (kiln {__version__})"
