@@ -245,7 +245,7 @@ def test_poll_route_keys_etag_metrics_and_documented_headers(keyed):
 def test_direct_route_refuses_endpoints_it_cannot_call():
     from fastapi import Request
 
-    from service.api.app import DirectRoute
+    from service.api.routing import DirectRoute
 
     async def needs_query(job_id: str, request: Request, limit: int = 5): ...
 
