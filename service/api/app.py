@@ -1,6 +1,6 @@
 """The REST API: a thin FastAPI adapter over JobService. Run it with ``kiln serve``.
 
-``create_app`` only wires the parts together: the routers (``routes/``: jobs, artifacts, ops), the middleware
+``create_app`` only wires the parts together: the routers (``routes/``: jobs, artifacts, ops, docs), the middleware
 (``middleware.py``), the error translation (``errors.py``: every error leaves as ``{"error": {code, message,
 hint}}``) and the state the dependencies read (``dependencies.py``: key ring, metrics, settings, runtime).
 """
@@ -18,7 +18,7 @@ from service.settings import Settings, get_settings
 from .auth import KeyRing
 from .errors import install_error_handlers
 from .middleware import BodySizeLimit, Metrics, ObserveRequests
-from .routes import artifacts, jobs, ops
+from .routes import artifacts, docs, jobs, ops
 from .routing import DirectRoute, include_flat
 
 __all__ = ["DirectRoute", "create_app"]
@@ -42,7 +42,8 @@ def create_app(settings: Settings | None = None, *, runtime=None) -> FastAPI:
         if own:
             app.state.runtime.close()
 
-    app = FastAPI(title="Kiln", version="1.0", lifespan=lifespan,
+    # /docs and /redoc are routes/docs.py's: FastAPI's own would load Swagger UI and ReDoc from a CDN
+    app = FastAPI(title="Kiln", version="1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Compile Hugging Face models into TensorRT-LLM checkpoints and engines.")
     app.state.settings = settings
     app.state.keys = KeyRing(settings.api_key_hashes())
@@ -51,8 +52,9 @@ def create_app(settings: Settings | None = None, *, runtime=None) -> FastAPI:
     app.add_middleware(ObserveRequests, metrics=app.state.metrics)
     install_error_handlers(app)
 
-    for module in (jobs, artifacts, ops):
+    for module in (jobs, artifacts, ops, docs):
         include_flat(app, module.router)
+    docs.mount_assets(app)
 
     @app.get("/", include_in_schema=False)
     def root() -> RedirectResponse:
