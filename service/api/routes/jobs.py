@@ -40,7 +40,8 @@ def list_jobs(svc: Service, tenant: Tenant, state: str | None = None,
     for item in label or []:
         key, sep, value = item.partition("=")
         if not sep:
-            raise InvalidSpec(f"label filter {item!r} must look like key=value")
+            raise InvalidSpec(f"label filter {item!r} must look like key=value",
+                              hint="repeat ?label=key=value for each label, e.g. ?label=team=search")
         labels[key] = value
     jobs, next_cursor = svc.list(tenant, state=state, labels=labels, limit=limit, cursor=cursor)
     return JobList(jobs=[JobOut.of(j) for j in jobs], next_cursor=next_cursor)
