@@ -11,10 +11,11 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from service.compiler.errors import KilnError
 from service.domain import error_body, status_for
@@ -89,9 +90,23 @@ async def _validation_error(_req, exc: RequestValidationError):
     return error_response(InvalidSpec(f"invalid request: {describe(errors)}", hint=hint))
 
 
-async def _http_error(_req, exc: StarletteHTTPException):  # unknown routes, wrong methods: same envelope
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this URL (Starlette's 405 names only the first route that matched the
+    path: OPTIONS /v1/jobs would say ``Allow: POST`` although GET is served too)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        route_methods = getattr(route, "methods", None)
+        if route_methods and route.matches(dict(request.scope))[0] != Match.NONE:
+            methods |= route_methods
+    return sorted(methods)
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException):  # unknown routes, wrong methods: same envelope
     code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
-    return _envelope(code, str(exc.detail), DEFAULT_HINTS.get(code, ""), exc.status_code, getattr(exc, "headers", None))
+    headers = dict(getattr(exc, "headers", None) or {})
+    if exc.status_code == 405:
+        headers["Allow"] = ", ".join(allowed_methods(request)) or headers.get("Allow", "")
+    return _envelope(code, str(exc.detail), DEFAULT_HINTS.get(code, ""), exc.status_code, headers or None)
 
 
 async def _compiler_error(_req, exc: KilnError):  # e.g. invalid_mapping from the submit-time preflight

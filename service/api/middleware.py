@@ -84,4 +84,6 @@ class ObserveRequests:
             await self.app(scope, receive, tracking_send)
         finally:
             route = scope.get("route")
-            self.metrics.observe(scope["method"], getattr(route, "path", "unmatched"), status[0], time.perf_counter() - start)
+            # the template without convertors: /v1/jobs/{job_id}, not /v1/jobs/{job_id:job_id}
+            self.metrics.observe(scope["method"], getattr(route, "path_format", "unmatched"), status[0],
+                                 time.perf_counter() - start)

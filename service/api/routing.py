@@ -6,8 +6,18 @@ import inspect
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.routing import APIRoute
-from starlette.convertors import StringConvertor
+from starlette.convertors import StringConvertor, register_url_convertor
 from starlette.routing import Route
+
+
+class JobIdConvertor(StringConvertor):
+    """``{job_id:job_id}``: a path segment without ``:``. Job ids are UUIDs; the poll route ``/v1/jobs/{job_id}``
+    must not also match ``/v1/jobs/<id>:cancel``, so that a GET there is a 405 (Allow: POST) as the schema says."""
+
+    regex = "[^/:]+"
+
+
+register_url_convertor("job_id", JobIdConvertor())
 
 
 class DirectRoute(APIRoute):

@@ -20,7 +20,7 @@ from service.settings import Settings
 
 ROUTES = {("POST", "/v1/jobs"), ("GET", "/v1/jobs"), ("GET", "/v1/jobs/{job_id}"), ("POST", "/v1/jobs/{job_id}:cancel"),
           ("GET", "/v1/jobs/{job_id}/events"), ("GET", "/v1/jobs/{job_id}/report"), ("GET", "/v1/jobs/{job_id}/artifacts"),
-          ("GET", "/v1/jobs/{job_id}/artifacts/{name}.tar"), ("GET", "/v1/jobs/{job_id}/artifacts/{name}/files/{path:path}"),
+          ("GET", "/v1/jobs/{job_id}/artifacts/{name}.tar"), ("GET", "/v1/jobs/{job_id}/artifacts/{name}/files/{path}"),
           ("GET", "/v1/workers"), ("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics")}
 
 
@@ -45,12 +45,12 @@ def bare_app(runtime, *routers, keys: dict[str, str] | None = None) -> FastAPI:
 
 def test_create_app_lists_every_route_flat_with_the_poll_as_a_direct_route(runtime):
     app = create_app(runtime.settings, runtime=runtime)
-    listed = {(m, r.path) for r in app.routes if isinstance(r, fastapi.routing.APIRoute) and r.include_in_schema
+    listed = {(m, r.path_format) for r in app.routes if isinstance(r, fastapi.routing.APIRoute) and r.include_in_schema
               for m in r.methods}
     assert listed == ROUTES
-    poll = next(r for r in app.routes if getattr(r, "path", "") == "/v1/jobs/{job_id}")
+    poll = next(r for r in app.routes if getattr(r, "path_format", "") == "/v1/jobs/{job_id}")
     assert type(poll) is DirectRoute
-    assert {(m, r.path) for mod in (jobs, artifacts, ops) for r in mod.router.routes for m in r.methods} == ROUTES
+    assert {(m, r.path_format) for mod in (jobs, artifacts, ops) for r in mod.router.routes for m in r.methods} == ROUTES
 
 
 def test_the_poll_skips_fastapis_dependency_resolution(runtime, monkeypatch):

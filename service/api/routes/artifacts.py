@@ -45,8 +45,11 @@ def artifact_tar(job_id: str, name: str, svc: Service, tenant: Tenant):
 @router.get("/v1/jobs/{job_id}/artifacts/{name}/files/{path:path}", responses={**ERROR_RESPONSES, 416: {"model": ErrorOut}},
             response_class=StreamingResponse)
 def artifact_file(job_id: str, name: str, path: str, svc: Service, tenant: Tenant,
-                  range_header: Annotated[str | None, Header(alias="Range")] = None):
-    """One file of an artifact; honours a single `Range: bytes=` request (resume)."""
+                  range_header: Annotated[str | None, Header(
+                      alias="Range", description="one byte range: bytes=<start>-<end>, bytes=<start>- or "
+                                                 "bytes=-<suffix length>")] = None):
+    """One file of an artifact; honours a single `Range: bytes=` request (resume) with 206. Another unit, several
+    ranges, or a range outside the file is a 416 with `Content-Range: bytes */<size>`."""
     file, entry = svc.artifact_file(tenant, job_id, name, path)
     size = entry["size"]
     headers = {"Accept-Ranges": "bytes", "ETag": f'"{entry["sha256"]}"', "X-Content-SHA256": entry["sha256"],

@@ -7,16 +7,21 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import Response, StreamingResponse
+from pydantic import StringConstraints
 
 from service.domain import JobSpec
-from service.domain.errors import InvalidSpec
+from service.domain.job import JobState
+from service.domain.service import IDEMPOTENCY_KEY_PATTERN
 
 from ..dependencies import Service, Tenant, tenant_of
 from ..errors import ERROR_RESPONSES
-from ..routing import DirectRoute
+from ..routing import DirectRoute  # also registers the job_id path convertor
 from ..schemas import JobCreated, JobList, JobOut, links_for
 
 router = APIRouter(tags=["jobs"])
+
+# a label filter: a non-empty key, "=", then the value (possibly empty)
+LabelFilter = Annotated[str, StringConstraints(pattern=r"^[^=]+=")]
 
 # the headers GET /v1/jobs/{job_id} reads itself (OpenAPI parameters, as Header() would document them)
 POLL_HEADERS = [{"name": name, "in": "header", "required": False, "schema": {"type": "string"}, "description": text}
@@ -26,23 +31,22 @@ POLL_HEADERS = [{"name": name, "in": "header", "required": False, "schema": {"ty
 
 @router.post("/v1/jobs", status_code=202, response_model=JobCreated, responses=ERROR_RESPONSES)
 def submit_job(spec: JobSpec, svc: Service, tenant: Tenant,
-               idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None) -> JobCreated:
+               idempotency_key: Annotated[str | None, Header(
+                   alias="Idempotency-Key", min_length=1, max_length=256, pattern=IDEMPOTENCY_KEY_PATTERN,
+                   description="1-256 printable ASCII characters: the same key and spec return the first job")] = None,
+               ) -> JobCreated:
     """Queue a compilation. The same Idempotency-Key and spec return the first job (`created: false`)."""
     job, created = svc.submit(tenant, spec, idempotency_key)
     return JobCreated(id=job.id, state=job.state, created=created, links=links_for(job.id))
 
 
 @router.get("/v1/jobs", response_model=JobList, responses=ERROR_RESPONSES)
-def list_jobs(svc: Service, tenant: Tenant, state: str | None = None,
-              label: Annotated[list[str] | None, Query(description="key=value, repeatable")] = None,
-              limit: int = 50, cursor: str | None = None) -> JobList:
-    labels = {}
-    for item in label or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise InvalidSpec(f"label filter {item!r} must look like key=value",
-                              hint="repeat ?label=key=value for each label, e.g. ?label=team=search")
-        labels[key] = value
+def list_jobs(svc: Service, tenant: Tenant, state: JobState | None = None,
+              label: Annotated[list[LabelFilter] | None, Query(description="key=value, repeatable")] = None,
+              limit: Annotated[int, Query(ge=1, description="page size; more than the server's largest page "
+                                                           "(KILN_PAGE_SIZE_MAX, 200) is served as that")] = 50,
+              cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None) -> JobList:
+    labels = dict(item.split("=", 1) for item in label or [])
     jobs, next_cursor = svc.list(tenant, state=state, labels=labels, limit=limit, cursor=cursor)
     return JobList(jobs=[JobOut.of(j) for j in jobs], next_cursor=next_cursor)
 
@@ -63,7 +67,7 @@ async def get_job(job_id: str, request: Request) -> Response:
     return Response(JobOut.of(job).model_dump_json(), media_type="application/json", headers={"ETag": etag})
 
 
-router.add_api_route("/v1/jobs/{job_id}", get_job, methods=["GET"], route_class_override=DirectRoute,
+router.add_api_route("/v1/jobs/{job_id:job_id}", get_job, methods=["GET"], route_class_override=DirectRoute,
                      response_model=JobOut, responses={**ERROR_RESPONSES, 304: {"description": "unchanged (If-None-Match)"}},
                      openapi_extra={"parameters": POLL_HEADERS})
 
