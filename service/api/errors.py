@@ -104,8 +104,8 @@ def allowed_methods(request: Request) -> list[str]:
 async def _http_error(request: Request, exc: StarletteHTTPException):  # unknown routes, wrong methods: same envelope
     code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
     headers = dict(getattr(exc, "headers", None) or {})
-    if exc.status_code == 405:
-        headers["Allow"] = ", ".join(allowed_methods(request)) or headers.get("Allow", "")
+    if exc.status_code == 405 and (methods := allowed_methods(request)):
+        headers["Allow"] = ", ".join(methods)
     return _envelope(code, str(exc.detail), DEFAULT_HINTS.get(code, ""), exc.status_code, headers or None)
 
 

@@ -73,3 +73,9 @@ def test_a_405_allows_exactly_the_documented_methods_of_the_path(client, schema)
             assert r.status_code == 405, (method, url, r.status_code)
             assert sorted(m.strip() for m in r.headers["allow"].split(",")) == documented, (method, url, r.headers)
             assert r.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_a_405_from_a_mount_keeps_its_own_allow_header(client):
+    r = client.post("/static/docs/swagger-ui.css")
+    assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD"
+    assert client.get("/v1/jobs/x:cancel").headers["allow"] == "POST"
