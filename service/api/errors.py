@@ -9,11 +9,12 @@ has a non-empty hint.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
@@ -45,7 +46,7 @@ def location(loc: Sequence) -> str:
     return _SOURCES.get(source, "") + path if source != "body" else (path or "body")
 
 
-def problem(error: dict) -> str:
+def problem(error: Mapping[str, Any]) -> str:
     """One pydantic/FastAPI error as ``where: what``, without the framework's wording."""
     ctx = error.get("ctx") or {}
     loc = tuple(error.get("loc", ()))
@@ -61,7 +62,7 @@ def problem(error: dict) -> str:
     return f"{location(loc)}: {message}"
 
 
-def describe(errors: Iterable[dict], limit: int = 10) -> str:
+def describe(errors: Iterable[Mapping[str, Any]], limit: int = 10) -> str:
     return "; ".join(problem(e) for e in list(errors)[:limit])
 
 
@@ -76,11 +77,12 @@ def error_response(exc, headers: dict | None = None) -> JSONResponse:
     return _envelope(body["code"], body["message"], body["hint"], status, headers)
 
 
-async def _domain_error(_req, exc: DomainError):
+async def _domain_error(_req: Request, exc: Exception) -> Response:
     return error_response(exc)
 
 
-async def _validation_error(_req, exc: RequestValidationError):
+async def _validation_error(_req: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
     errors = exc.errors()
     sources = {e.get("loc", ("body",))[0] for e in errors}
     if any(e.get("type") == "json_invalid" for e in errors):
@@ -101,7 +103,8 @@ def allowed_methods(request: Request) -> list[str]:
     return sorted(methods)
 
 
-async def _http_error(request: Request, exc: StarletteHTTPException):  # unknown routes, wrong methods: same envelope
+async def _http_error(request: Request, exc: Exception) -> Response:  # unknown routes, wrong methods: same envelope
+    assert isinstance(exc, StarletteHTTPException)
     code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
     headers = dict(getattr(exc, "headers", None) or {})
     if exc.status_code == 405 and (methods := allowed_methods(request)):
@@ -109,7 +112,7 @@ async def _http_error(request: Request, exc: StarletteHTTPException):  # unknown
     return _envelope(code, str(exc.detail), DEFAULT_HINTS.get(code, ""), exc.status_code, headers or None)
 
 
-async def _compiler_error(_req, exc: KilnError):  # e.g. invalid_mapping from the submit-time preflight
+async def _compiler_error(_req: Request, exc: Exception) -> Response:  # e.g. invalid_mapping from the preflight
     return error_response(exc)
 
 
