@@ -20,6 +20,7 @@ from service.domain.job import Job
 from service.settings import Settings
 
 from .auth import KeyRing
+from .errors import describe
 
 
 def load_stubs():
@@ -46,8 +47,8 @@ def spec_from_proto(msg) -> JobSpec:
     try:
         return JobSpec.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'spec'}: {e['msg']}" for e in exc.errors()[:10])
-        raise InvalidSpec(f"invalid request: {problems}") from exc
+        raise InvalidSpec(f"invalid request: {describe(exc.errors())}", hint="proto/kiln/v1/kiln.proto and /docs "
+                          "describe the JobSpec") from exc
 
 
 def job_to_proto(job: Job):

@@ -84,11 +84,26 @@ ERROR_TABLE: dict[str, tuple[int, str]] = {
     "job_not_found": (404, "NOT_FOUND"),
     "artifact_not_found": (404, "NOT_FOUND"),
     "not_found": (404, "NOT_FOUND"),
+    "method_not_allowed": (405, "UNIMPLEMENTED"),
     "unauthenticated": (401, "UNAUTHENTICATED"),
     "payload_too_large": (413, "RESOURCE_EXHAUSTED"),
     "range_not_satisfiable": (416, "OUT_OF_RANGE"),
     "unavailable": (503, "UNAVAILABLE"),
     "internal": (500, "INTERNAL"),
+}
+
+
+# The hint an error carries when the code that raised it gave none: every error body tells the caller what to do.
+DEFAULT_HINTS: dict[str, str] = {
+    "invalid_argument": "correct the request as the message says; the API schema lists every field and its limits",
+    "job_not_found": "list your jobs (GET /v1/jobs, kiln status); a job is visible only with its own tenant's key",
+    "artifact_not_found": "list the job's artifacts and their files (GET /v1/jobs/{id}/artifacts)",
+    "job_finished": "the job is already in a terminal state; submit a new job instead",
+    "payload_too_large": "send a JobSpec, not model data",
+    "range_not_satisfiable": "ask for one 'bytes=start-end' range inside the file; Content-Range gives its size",
+    "not_found": "see /docs for the API's routes",
+    "method_not_allowed": "use a method from the Allow header; /docs lists each route's methods",
+    "unavailable": "retry shortly",
 }
 
 
@@ -100,5 +115,6 @@ def error_body(exc: BaseException) -> dict[str, str]:
     """The public {code, message, hint} of any error; internals never leak."""
     code = getattr(exc, "code", None)
     if isinstance(code, str) and code in ERROR_TABLE:
-        return {"code": code, "message": getattr(exc, "message", str(exc)), "hint": getattr(exc, "hint", "") or ""}
+        hint = getattr(exc, "hint", "") or DEFAULT_HINTS.get(code, "")
+        return {"code": code, "message": getattr(exc, "message", str(exc)), "hint": hint}
     return {"code": "internal", "message": "internal error", "hint": "see the server log"}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -19,6 +20,10 @@ from .ports import ArtifactReader, JobRepository, UnsafePath
 from .spec import JobSpec
 
 log = logging.getLogger("kiln.jobs")
+
+# 1-256 printable ASCII characters, no space at either end (HTTP strips those); the REST schema states the same
+IDEMPOTENCY_KEY_PATTERN = r"^[!-~](?:[ -~]{0,254}[!-~])?$"
+_IDEMPOTENCY_KEY = re.compile(IDEMPOTENCY_KEY_PATTERN)
 
 Enqueue = Callable[[str, str], None]
 Validate = Callable[[JobSpec], None]
@@ -38,8 +43,9 @@ class JobService:
     def submit(self, tenant: str, spec: JobSpec, idempotency_key: str | None = None) -> tuple[Job, bool]:
         """Create a queued job and publish it. Same tenant + key + spec returns the first job."""
         if idempotency_key is not None:
-            if not (1 <= len(idempotency_key) <= 256) or not idempotency_key.isprintable():
-                raise InvalidSpec("Idempotency-Key must be 1-256 printable characters")
+            if not _IDEMPOTENCY_KEY.fullmatch(idempotency_key):
+                raise InvalidSpec("Idempotency-Key must be 1-256 printable ASCII characters, without a space at "
+                                  "either end", hint="use a fresh UUID per logical request")
             existing = self.store.get_by_idempotency_key(tenant, idempotency_key)
             if existing is not None:
                 return self._same_request(existing, spec), False
@@ -107,8 +113,9 @@ class JobService:
              limit: int = 50, cursor: str | None = None) -> tuple[list[Job], str | None]:
         if state is not None and state not in ("queued", "running", *TERMINAL_STATES):
             raise InvalidSpec(f"unknown state {state!r}")
-        if not 1 <= limit <= self.page_size_max:
-            raise InvalidSpec(f"limit must be between 1 and {self.page_size_max}")
+        if limit < 1:
+            raise InvalidSpec("limit must be at least 1")
+        limit = min(limit, self.page_size_max)  # a larger page is served as the largest one (next_cursor goes on)
         try:
             return self.store.list(tenant=tenant, state=state, labels=labels, limit=limit, cursor=cursor)
         except ValueError as exc:

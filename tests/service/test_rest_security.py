@@ -245,7 +245,7 @@ def test_poll_route_keys_etag_metrics_and_documented_headers(keyed):
 def test_direct_route_refuses_endpoints_it_cannot_call():
     from fastapi import Request
 
-    from service.api.app import DirectRoute
+    from service.api.routing import DirectRoute
 
     async def needs_query(job_id: str, request: Request, limit: int = 5): ...
 
@@ -256,3 +256,17 @@ def test_direct_route_refuses_endpoints_it_cannot_call():
     for endpoint in (needs_query, no_request, typed_path):
         with pytest.raises(TypeError):
             DirectRoute("/v1/jobs/{job_id}", endpoint, methods=["GET"])
+
+
+@pytest.mark.parametrize("header", ["bytes=0-9,20-29", "bytes=0-0, -1", "items=0-9", "bytes 0-9", "octets=0-",
+                                    "bytes=abc-", "bytes=+5-9", "bytes=5", "bytes=-0", "bytes=10-5"])
+def test_ranges_it_cannot_serve_are_416_never_the_whole_file(keyed, header):
+    client, job_id = keyed
+    files = client.get(f"/v1/jobs/{job_id}/artifacts", headers=h(ALICE)).json()["artifacts"][0]["files"]
+    size = next(f for f in files if f["path"] == "rank0.safetensors")["size"]
+    r = client.get(f"/v1/jobs/{job_id}/artifacts/checkpoint/files/rank0.safetensors",
+                   headers={**h(ALICE), "Range": header})
+    assert r.status_code == 416, (header, r.status_code, len(r.content))
+    assert r.headers["content-range"] == f"bytes */{size}"
+    body = r.json()["error"]
+    assert body["code"] == "range_not_satisfiable" and body["hint"], body
