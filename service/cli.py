@@ -97,6 +97,14 @@ class Unavailable:
                 f"install it with: pip install 'kiln[{self.extra}]'")
 
 
+def _formatter() -> type[argparse.HelpFormatter]:
+    try:
+        from service.compiler.cli import HelpFormatter
+    except ImportError:  # the compiler layer is unavailable: its commands are listed as such
+        return argparse.RawDescriptionHelpFormatter
+    return HelpFormatter
+
+
 class _KilnParser(argparse.ArgumentParser):
     unavailable: list[Unavailable]
 
@@ -124,14 +132,14 @@ def build_parser(modules: tuple[tuple[str, tuple[str, ...]], ...] = _COMMAND_MOD
     parser = _KilnParser(
         prog="kiln",
         usage="kiln [-h] [--version] COMMAND [ARGS ...]",
-        description="Kiln: compile Hugging Face models into TensorRT-LLM checkpoints and engines,\n"
+        description="Kiln: compile Hugging Face models into TensorRT-LLM checkpoints and engines, "
         "on this machine or through the Kiln service.",
         epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_formatter(),
     )
     parser.add_argument("--version", action="version", version=f"kiln {package_version()}",
                         help="print kiln's version and exit")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", help=argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", help=argparse.SUPPRESS, prog="kiln")
     sub.required = True
     parser.unavailable = []
     for name, commands in modules:
