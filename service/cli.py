@@ -25,9 +25,9 @@ _COMMAND_MODULES: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 # How `kiln --help` groups the commands (a command no group names is listed under "other commands").
 COMMAND_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("compile commands (Hugging Face folder -> checkpoint -> engine, on this machine)",
+    ("compile commands (on this machine: HF model -> checkpoint -> engine)",
      ("convert", "validate", "build", "generate", "compile")),
-    ("service commands (run the service, or talk to one at --server / KILN_SERVER)",
+    ("service commands (run Kiln's service, or use one at --server)",
      ("serve", "worker", "submit", "status", "watch", "download", "cancel", "workers")),
 )
 

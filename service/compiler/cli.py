@@ -88,7 +88,8 @@ class ProgressBar:
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
 
-    def _line(self, fraction: float, elapsed: float, message: str, final: bool) -> str:
+    def render(self, fraction: float, elapsed: float, message: str, final: bool = False) -> str:
+        """The bar's line at ``fraction`` done after ``elapsed`` seconds (sized to the terminal on a tty)."""
         m = _RANK_PREFIX.match(message)
         rank, name = (f"rank {m.group(1)}/{m.group(2)} ", m.group(3)) if m else ("", message)
         pct = int(fraction * 100)
@@ -101,8 +102,8 @@ class ProgressBar:
         if not self.tty:
             return f"{self.label}: {pct}% {timing}" + (f" {rank}{name}".rstrip() if name or rank else "")
         text = f"{pct:3d}% {timing:<15} {rank}"
-        # the bar gives way to the name on narrow terminals (10..30 cells; names get >= 40 where possible)
-        width = min(30, max(10, self.columns - len(self.label) - len(text) - 4 - 1 - 40))
+        # the bar gives way to the name on narrow terminals (10..30 cells; names get >= 50 where possible)
+        width = min(30, max(10, self.columns - len(self.label) - len(text) - 4 - 1 - 50))
         fill = int(fraction * width)
         head = f"{self.label} [{'#' * fill}{'-' * (width - fill)}] {text}"
         room = max(self.columns - len(head) - 1, 20)
@@ -116,11 +117,11 @@ class ProgressBar:
         if fraction >= 1.0:  # the command's finish() draws 100% with the summary's seconds
             fraction = 0.999
         if self.tty:
-            self.stream.write("\r" + self._line(fraction, self.elapsed(), message, final=False))
+            self.stream.write("\r" + self.render(fraction, self.elapsed(), message, final=False))
             self.stream.flush()
         elif int(fraction * 10) != self.last_decile:
             self.last_decile = int(fraction * 10)
-            self.stream.write(self._line(fraction, self.elapsed(), message, final=False) + "\n")
+            self.stream.write(self.render(fraction, self.elapsed(), message, final=False) + "\n")
             self.stream.flush()
 
     def abort(self) -> None:
@@ -136,7 +137,7 @@ class ProgressBar:
         if not self.finished:
             self.finished = True
             prefix = "\r" if self.tty else ""
-            self.stream.write(prefix + self._line(1.0, seconds, message, final=True).rstrip() + "\n")
+            self.stream.write(prefix + self.render(1.0, seconds, message, final=True).rstrip() + "\n")
             self.stream.flush()
         return seconds
 
