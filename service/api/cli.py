@@ -267,19 +267,46 @@ def _print_result(job: dict, paths: dict[str, Path]) -> int:
 # -- client side ------------------------------------------------------------------------------
 
 class _Bar:
+    """A job's progress on stderr: state, bar, percent, elapsed and ETA (on this client's clock, from the
+    progress seen since watching began), stage, and its message (rank label kept, long names cut at the head)."""
+
     def __init__(self):
+        import shutil
+        import time
+
         self.tty = sys.stderr.isatty()
-        self.last = ""
+        self.columns = shutil.get_terminal_size((120, 24)).columns if self.tty else 160
+        self.last = ""  # what was last shown (state, progress, stage, message)
+        self.clock = time.perf_counter
+        self.start = self.clock()
+        self.first: tuple[float, float] | None = None  # (time, progress) when progress was first seen
 
     def show(self, job, final: bool = False) -> None:
+        from service.compiler.cli import _RANK_PREFIX, _fmt_seconds, tail
+
         j = job if isinstance(job, dict) else job.model_dump(mode="json")
+        now, progress = self.clock(), float(j.get("progress") or 0)
+        if self.first is None and j["state"] == "running":
+            self.first = (now, progress)
+        eta = ""
+        if not final and self.first is not None and progress > self.first[1] and progress < 1.0:
+            t0, p0 = self.first
+            eta = f" ETA {_fmt_seconds((now - t0) * (1 - progress) / (progress - p0))}"
         width = 30
-        filled = int(width * (j.get("progress") or 0))
-        line = f"{j['state']:<9} [{'#' * filled}{'.' * (width - filled)}] {100 * (j.get('progress') or 0):5.1f}% {j.get('stage') or ''} {j.get('message', '')[:60]}"
-        if line != self.last or final:
-            self.last = line
+        filled = int(width * progress)
+        head = (f"{j['state']:<9} [{'#' * filled}{'.' * (width - filled)}] {100 * progress:5.1f}% "
+                f"{_fmt_seconds(now - self.start)}{eta} {j.get('stage') or ''} ")
+        message = j.get("message") or ""
+        m = _RANK_PREFIX.match(message)
+        if m:
+            head += f"rank {m.group(1)}/{m.group(2)} "
+            message = m.group(3)
+        line = head + tail(message, max(self.columns - len(head) - 1, 20))
+        key = f"{j['state']} {100 * progress:.1f} {j.get('stage')} {j.get('message')}"  # not the clock
+        if key != self.last or final:
+            self.last = key
             if self.tty:
-                print("\r" + line.ljust(120), end="\n" if final else "", file=sys.stderr, flush=True)
+                print("\r" + line.ljust(self.columns - 1), end="\n" if final else "", file=sys.stderr, flush=True)
             else:
                 print(line, file=sys.stderr, flush=True)
 
