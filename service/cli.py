@@ -164,7 +164,10 @@ def _missing_extra_message(command: str, exc: ModuleNotFoundError, extra: str) -
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    if argv and not argv[0].startswith("-"):
+    if not argv:  # a newcomer's first try: the commands, not "the following arguments are required"
+        parser.print_help(sys.stderr)
+        return 2
+    if not argv[0].startswith("-"):
         for u in parser.unavailable:
             if argv[0] in u.commands:
                 print(f"kiln {argv[0]}: unavailable: {u.line()}", file=sys.stderr)

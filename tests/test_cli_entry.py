@@ -102,3 +102,10 @@ def test_the_extras_table_covers_the_extras_in_pyproject():
         for req in reqs:
             dist = re.split(r"[<>=!~; ]", req, maxsplit=1)[0]
             assert import_names.get(dist, dist.replace("-", "_")) in OPTIONAL_EXTRAS[extra], (extra, dist)
+
+
+def test_kiln_alone_prints_the_commands():
+    r = kiln()
+    assert r.returncode == 2
+    assert "compile commands" in r.stderr and "service commands" in r.stderr
+    assert "the following arguments are required" not in r.stderr

@@ -233,6 +233,8 @@ def cmd_compile(args) -> int:
         job, _ = svc.submit("default", spec)
     except Exception as exc:
         print(f"kiln compile: {getattr(exc, 'code', 'error')}: {getattr(exc, 'message', exc)}", file=sys.stderr)
+        if getattr(exc, "hint", ""):
+            print(f"hint: {exc.hint}", file=sys.stderr)
         return 2
     bar = _Bar()
     runner = PipelineRunner(settings, store, artifacts, worker_id=f"compile:{os.getpid()}")
