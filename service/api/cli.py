@@ -23,7 +23,7 @@ SUBMIT_EXAMPLES = """\
 examples:
   kiln submit HuggingFaceTB/SmolLM2-135M-Instruct --dtype bfloat16 --label team=search --watch
   kiln submit --spec job.json                      # a whole JobSpec: quantization, build, evaluation
-  kiln submit HuggingFaceTB/SmolLM2-135M-Instruct --server http://kiln:8080 --api-key "$KEY"
+  KILN_API_KEY=... kiln submit HuggingFaceTB/SmolLM2-135M-Instruct --server http://kiln:8080
 """
 
 
@@ -56,7 +56,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         g.add_argument("--server", default=os.environ.get("KILN_SERVER", DEFAULT_SERVER), metavar="URL",
                        help=f"the Kiln server's URL (default KILN_SERVER, else {DEFAULT_SERVER})")
         g.add_argument("--api-key", default=os.environ.get("KILN_API_KEY"), metavar="KEY",
-                       help="API key sent as 'Authorization: Bearer KEY' (default KILN_API_KEY)")
+                       help="API key sent as 'Authorization: Bearer KEY' (default KILN_API_KEY; prefer the "
+                       "variable: command lines are visible to other users)")
         return p
 
     p = client(parser("submit", "submit a job (a repo id or a JSON JobSpec file)", epilog=SUBMIT_EXAMPLES))
