@@ -83,19 +83,21 @@ class ProgressBar:
         self.columns = columns or (shutil.get_terminal_size((100, 24)).columns if self.tty else 100)
         self.last_decile = -1
         self.fraction = 0.0
+        self.message = ""
         self.finished = False
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
 
-    def render(self, fraction: float, elapsed: float, message: str, final: bool = False) -> str:
-        """The bar's line at ``fraction`` done after ``elapsed`` seconds (sized to the terminal on a tty)."""
+    def render(self, fraction: float, elapsed: float, message: str, final: bool = False, eta: bool = True) -> str:
+        """The bar's line at ``fraction`` done after ``elapsed`` seconds (sized to the terminal on a tty);
+        ``eta=False``: a phase whose length the fraction does not measure ("ETA --")."""
         m = _RANK_PREFIX.match(message)
         rank, name = (f"rank {m.group(1)}/{m.group(2)} ", m.group(3)) if m else ("", message)
         pct = int(fraction * 100)
         if final:
             timing = f"{_fmt_seconds(elapsed)}"
-        elif 0.0 < fraction < 1.0:
+        elif eta and 0.0 < fraction < 1.0:
             timing = f"{_fmt_seconds(elapsed)} ETA {_fmt_seconds(elapsed * (1 - fraction) / fraction)}"
         else:
             timing = f"{_fmt_seconds(elapsed)} ETA --"
@@ -113,15 +115,19 @@ class ProgressBar:
         if self.finished:
             return
         fraction = min(max(float(fraction), 0.0), 1.0)
-        self.fraction = fraction
+        # a new message at the same fraction is a phase the fraction does not measure (e.g. a build's
+        # "timing the engine" after its weights): no ETA for it, and a line of its own in logs
+        phase = fraction <= self.fraction and message != self.message and fraction > 0.0
+        self.fraction, self.message = fraction, message
         if fraction >= 1.0:  # the command's finish() draws 100% with the summary's seconds
             fraction = 0.999
+        line = self.render(fraction, self.elapsed(), message, final=False, eta=not phase)
         if self.tty:
-            self.stream.write("\r" + self.render(fraction, self.elapsed(), message, final=False))
+            self.stream.write("\r" + line)
             self.stream.flush()
-        elif int(fraction * 10) != self.last_decile:
+        elif int(fraction * 10) != self.last_decile or phase:
             self.last_decile = int(fraction * 10)
-            self.stream.write(self.render(fraction, self.elapsed(), message, final=False) + "\n")
+            self.stream.write(line + "\n")
             self.stream.flush()
 
     def abort(self) -> None:

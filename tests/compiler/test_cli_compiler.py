@@ -147,3 +147,27 @@ def test_convert_prints_rank_labels_and_the_same_seconds_in_bar_and_summary(hf_t
     assert r.returncode == 0 and "rank 0/1" not in r.stderr  # one rank: no label
     seconds = json.loads(r.stdout)["seconds"]
     assert re.search(rf"^convert: 100% {seconds:.1f}s done$", r.stderr, re.M), r.stderr
+
+
+def test_build_of_a_tp_engine_labels_the_rank_and_advances_once(hf_tiny, tmp_path):
+    ckpt, engine = tmp_path / "ckpt", tmp_path / "engine"
+    assert kiln("convert", str(hf_tiny), str(ckpt), "--dtype", "float32", "--tp-size", "2", "--quiet").returncode == 0
+    r = kiln("build", str(ckpt), str(engine), "--keep-tensor-parallel", "--target", "cpu", "--no-measure",
+             "--max-batch-size", "1", "--max-input-len", "16", "--max-seq-len", "32")
+    assert r.returncode == 0, r.stderr
+    lines = [x for x in r.stderr.splitlines() if x.startswith("build: ")]
+    assert any("rank 0/2 " in x for x in lines) and any("rank 1/2 " in x for x in lines), lines
+    pcts = [int(re.match(r"build: (\d+)%", x).group(1)) for x in lines]
+    assert pcts == sorted(pcts) and pcts[-1] == 100  # one bar over both ranks, not 0..100 twice
+    total = re.search(r"^build: 100% ([\d.]+)s done$", r.stderr, re.M).group(1)
+    assert f"of weights in {total} s (build " in r.stdout  # the bar's clock is the summary's
+
+
+def test_a_phase_after_the_measured_work_gets_its_own_line_and_no_eta():
+    out = io.StringIO()
+    bar = ProgressBar("build", out)
+    bar(0.5, "layers.0.qkv")
+    bar(1.0, "lm_head")
+    bar(1.0, "timing the engine")  # same fraction, new message: a phase the fraction does not measure
+    last = out.getvalue().splitlines()[-1]
+    assert re.fullmatch(r"build: 99% [\d.]+s ETA -- timing the engine", last), last
