@@ -232,6 +232,9 @@ def _build(args: argparse.Namespace) -> int:
 
     from .build import BuildConfig, build
 
+    error = _directory_preflight(args.checkpoint, "checkpoint", "kiln build CKPT ENGINE")
+    if error is not None:
+        return _report_error(error)
     start = time.perf_counter()  # one clock for the bar and the summary line
     bar = None if args.quiet else ProgressBar("build", start=start)
     try:
@@ -291,6 +294,9 @@ def _generate(args: argparse.Namespace) -> int:
     CPU) and rank 0's result is printed."""
     from pathlib import Path
 
+    error = _directory_preflight(args.engine_dir, "engine", "kiln generate ENGINE")
+    if error is not None:
+        return _report_error(error)
     try:
         cfg = json.loads((Path(args.engine_dir) / "config.json").read_text())
     except (OSError, ValueError) as exc:
@@ -326,38 +332,51 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _validate_preflight(path: str) -> KilnError | None:
-    """What makes ``path`` not a checkpoint at all, as an error with its hint (None: validate it)."""
+def _directory_preflight(path: str, want: str, then: str) -> KilnError | None:
+    """What makes ``path`` not the kind of directory a command takes, as an error with its hint, or None.
+
+    ``want``: "checkpoint" (TensorRT-LLM checkpoint: kiln convert's output) or "engine" (kiln build's);
+    ``then``: the command to suggest after the missing step (e.g. "kiln validate OUT")."""
     from pathlib import Path
 
     from .errors import InvalidArgument, InvalidCheckpoint
 
+    what = "TensorRT-LLM checkpoint" if want == "checkpoint" else "engine directory"
+    a_what = f"a {what}" if want == "checkpoint" else f"an {what}"
+    made_by = ("the checkpoint directory that `kiln convert SRC OUT` wrote (OUT)" if want == "checkpoint"
+               else "the engine directory that `kiln build CKPT ENGINE` wrote (ENGINE)")
     d = Path(path)
     if not d.exists():
-        return InvalidArgument(f"no such directory: {path}",
-                               hint="pass the checkpoint directory that `kiln convert SRC OUT` wrote (OUT)")
+        return InvalidArgument(f"no such directory: {path}", hint=f"pass {made_by}")
     if not d.is_dir():
-        return InvalidArgument(f"not a directory: {path}",
-                               hint="pass the checkpoint directory (holding config.json and rank*.safetensors)")
+        return InvalidArgument(f"not a directory: {path}", hint=f"pass {made_by}")
     if not (d / "config.json").is_file():
-        return InvalidCheckpoint(f"{path} has no config.json: not a TensorRT-LLM checkpoint",
-                                 hint="pass the checkpoint directory that `kiln convert SRC OUT` wrote (OUT)")
+        return InvalidCheckpoint(f"{path} has no config.json: not {a_what}", hint=f"pass {made_by}")
     try:
         cfg = json.loads((d / "config.json").read_text())
     except (OSError, ValueError):
-        return None  # validate_checkpoint reports a malformed config.json
-    if isinstance(cfg, dict) and "architecture" not in cfg and "architectures" in cfg:
-        arch = cfg["architectures"][0] if isinstance(cfg["architectures"], list) and cfg["architectures"] else "?"
-        return InvalidCheckpoint(
-            f"{path} is a Hugging Face model folder ({arch}), not a TensorRT-LLM checkpoint",
-            hint=f"convert it first: kiln convert {path} OUT, then kiln validate OUT")
+        return None  # the command itself reports a malformed config.json
+    if not isinstance(cfg, dict):
+        return None
+    if "architecture" not in cfg and "architectures" in cfg:
+        archs = cfg["architectures"]
+        arch = archs[0] if isinstance(archs, list) and archs else "?"
+        steps = f"kiln convert {path} CKPT" + (", kiln build CKPT ENGINE" if want == "engine" else "")
+        return InvalidCheckpoint(f"{path} is a Hugging Face model folder ({arch}), not {a_what}",
+                                 hint=f"convert it first: {steps}, then {then}")
+    if want == "checkpoint" and "engine" in cfg and "pretrained_config" in cfg:
+        return InvalidCheckpoint(f"{path} is an engine directory (kiln build's output), not a TensorRT-LLM checkpoint",
+                                 hint=f"pass {made_by}")
+    if want == "engine" and "engine" not in cfg and "architecture" in cfg:
+        return InvalidCheckpoint(f"{path} is a TensorRT-LLM checkpoint, not an engine directory",
+                                 hint=f"build it first: kiln build {path} ENGINE, then {then}")
     return None
 
 
 def _validate(args: argparse.Namespace) -> int:
     from .checkpoint import validate_checkpoint
 
-    error = _validate_preflight(args.dir)
+    error = _directory_preflight(args.dir, "checkpoint", "kiln validate CKPT")
     if error is not None:
         if args.json:
             print(json.dumps({"checkpoint_dir": args.dir, "ok": False,

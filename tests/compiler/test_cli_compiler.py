@@ -52,7 +52,7 @@ def test_validate_a_hugging_face_folder_points_to_kiln_convert(hf_tiny):
     r = kiln("validate", str(hf_tiny))
     assert r.returncode == 2
     assert f"{hf_tiny} is a Hugging Face model folder (LlamaForCausalLM), not a TensorRT-LLM checkpoint" in r.stderr
-    assert f"kiln convert {hf_tiny} OUT" in r.stderr
+    assert f"hint: convert it first: kiln convert {hf_tiny} CKPT, then kiln validate CKPT" in r.stderr
     assert "lacks required keys" not in r.stderr + r.stdout
     r = kiln("validate", str(hf_tiny), "--json")
     body = json.loads(r.stdout)
@@ -171,3 +171,20 @@ def test_a_phase_after_the_measured_work_gets_its_own_line_and_no_eta():
     bar(1.0, "timing the engine")  # same fraction, new message: a phase the fraction does not measure
     last = out.getvalue().splitlines()[-1]
     assert re.fullmatch(r"build: 99% [\d.]+s ETA -- timing the engine", last), last
+
+
+def test_build_and_generate_say_what_they_were_given_instead(hf_tiny, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    assert kiln("convert", str(hf_tiny), str(ckpt), "--dtype", "float32", "--quiet").returncode == 0
+    r = kiln("build", str(tmp_path / "nope"), str(tmp_path / "engine"))
+    assert r.returncode == 2 and f"no such directory: {tmp_path / 'nope'}" in r.stderr
+    assert "kiln convert SRC OUT" in r.stderr and "HF cache" not in r.stderr
+    r = kiln("build", str(hf_tiny), str(tmp_path / "engine"))
+    assert r.returncode == 2 and "is a Hugging Face model folder (LlamaForCausalLM), not a TensorRT-LLM checkpoint" in r.stderr
+    assert f"kiln convert {hf_tiny} CKPT, then kiln build CKPT ENGINE" in r.stderr
+    assert "lacks required keys" not in r.stderr
+    r = kiln("generate", str(ckpt), "--ids", "1,2")
+    assert r.returncode == 2 and f"{ckpt} is a TensorRT-LLM checkpoint, not an engine directory" in r.stderr
+    assert f"kiln build {ckpt} ENGINE, then kiln generate ENGINE" in r.stderr
+    r = kiln("generate", str(tmp_path / "nope"), "--ids", "1,2")
+    assert r.returncode == 2 and "no such directory" in r.stderr and "kiln build CKPT ENGINE" in r.stderr
