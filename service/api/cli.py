@@ -8,6 +8,7 @@ process, SQLite and a file-backed broker under ./.kiln, listening on loopback.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -16,68 +17,94 @@ import subprocess
 import sys
 from pathlib import Path
 
+DEFAULT_SERVER = "http://127.0.0.1:8080"
+
+SUBMIT_EXAMPLES = """\
+examples:
+  kiln submit HuggingFaceTB/SmolLM2-135M-Instruct --dtype bfloat16 --label team=search --watch
+  kiln submit --spec job.json                      # a whole JobSpec: quantization, build, evaluation
+  KILN_API_KEY=... kiln submit HuggingFaceTB/SmolLM2-135M-Instruct --server http://kiln:8080
+"""
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="run the API (REST + gRPC) and, by default, one worker process")
-    p.add_argument("--host", default=None)
-    p.add_argument("--port", type=int, default=None)
-    p.add_argument("--grpc-port", type=int, default=None, help="-1 disables gRPC")
-    p.add_argument("--no-worker", action="store_true", help="API only (workers run elsewhere)")
+    from service.compiler.cli import HelpFormatter
+
+    def parser(name: str, help: str, **kw) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=kw.pop("description", help[:1].upper() + help[1:] + "."),
+                              formatter_class=HelpFormatter, **kw)
+
+    p = parser("serve", "run the API (REST + gRPC + dashboard) and, by default, one worker process",
+               description="Run the API (REST + gRPC + dashboard) and, by default, one worker process. With no "
+               "configuration: SQLite and a file-backed broker under ./.kiln, listening on loopback; "
+               "KILN_* variables configure the rest (README: Configuration).")
+    p.add_argument("--host", default=None, help="address to listen on (default KILN_HOST, 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="REST port (default KILN_PORT, 8080)")
+    p.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default KILN_GRPC_PORT, 50051); -1 disables gRPC")
+    p.add_argument("--no-worker", action="store_true", help="API only (workers run elsewhere: kiln worker)")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("worker", help="run a Celery worker for this machine's queues")
+    p = parser("worker", "run a Celery worker for this machine's queues")
     p.add_argument("--queues", default=None, help="comma-separated; default KILN_WORKER_QUEUES plus build.<sm> per GPU")
-    p.add_argument("--concurrency", type=int, default=1)
-    p.add_argument("--name", default=None)
-    p.add_argument("--loglevel", default="INFO")
+    p.add_argument("--concurrency", type=int, default=1, metavar="N", help="jobs run at once (default 1)")
+    p.add_argument("--name", default=None, help="worker name (default kiln-<pid>@<host>)")
+    p.add_argument("--loglevel", default="INFO", help="Celery log level (default INFO)")
     p.set_defaults(func=cmd_worker)
 
     def client(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument("--server", default=os.environ.get("KILN_SERVER", "http://127.0.0.1:8080"))
-        p.add_argument("--api-key", default=os.environ.get("KILN_API_KEY"))
+        g = p.add_argument_group("server")
+        g.add_argument("--server", default=os.environ.get("KILN_SERVER", DEFAULT_SERVER), metavar="URL",
+                       help=f"the Kiln server's URL (default KILN_SERVER, else {DEFAULT_SERVER})")
+        g.add_argument("--api-key", default=os.environ.get("KILN_API_KEY"), metavar="KEY",
+                       help="API key sent as 'Authorization: Bearer KEY' (default KILN_API_KEY; prefer the "
+                       "variable: command lines are visible to other users)")
         return p
 
-    p = client(sub.add_parser("submit", help="submit a job (a repo id or a JSON JobSpec file)"))
-    p.add_argument("model", nargs="?", help="Hugging Face repo id")
-    p.add_argument("--spec", type=Path, help="JSON JobSpec file")
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--tp-size", type=int, default=None)
-    p.add_argument("--pp-size", type=int, default=None)
-    p.add_argument("--revision", default=None)
-    p.add_argument("--label", action="append", default=[], help="key=value")
-    p.add_argument("--idempotency-key", default=None)
+    p = client(parser("submit", "submit a job (a repo id or a JSON JobSpec file)", epilog=SUBMIT_EXAMPLES))
+    p.add_argument("model", nargs="?", help="Hugging Face repo id (overrides the spec file's model)")
+    p.add_argument("--spec", type=Path, metavar="FILE", help="JSON JobSpec file (the REST API's POST /v1/jobs body)")
+    p.add_argument("--dtype", default=None, choices=["auto", "float32", "float16", "bfloat16"],
+                   help="dtype of the checkpoint's weights (default: the spec's, else auto)")
+    p.add_argument("--tp-size", type=int, default=None, metavar="N", help="tensor-parallel ranks (default 1)")
+    p.add_argument("--pp-size", type=int, default=None, metavar="N", help="pipeline-parallel stages (default 1)")
+    p.add_argument("--revision", default=None, help="repo revision (default: main)")
+    p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
+                   help="a label to filter jobs by (repeatable)")
+    p.add_argument("--idempotency-key", default=None, metavar="KEY",
+                   help="submitting again with the same key returns the same job")
     p.add_argument("--watch", action="store_true", help="watch until the job finishes")
     p.set_defaults(func=cmd_submit)
 
-    p = client(sub.add_parser("status", help="show a job, or list jobs"))
-    p.add_argument("job_id", nargs="?")
-    p.add_argument("--state", default=None)
-    p.add_argument("--json", action="store_true")
+    p = client(parser("status", "show a job, or list jobs"))
+    p.add_argument("job_id", nargs="?", help="the job to show (default: list jobs)")
+    p.add_argument("--state", default=None, help="list only jobs in this state (queued, running, succeeded, ...)")
+    p.add_argument("--json", action="store_true", help="print the API's JSON")
     p.set_defaults(func=cmd_status)
 
-    p = client(sub.add_parser("watch", help="follow a job with a progress bar until it finishes"))
-    p.add_argument("job_id")
+    p = client(parser("watch", "follow a job with a progress bar until it finishes"))
+    p.add_argument("job_id", help="the job to follow")
     p.set_defaults(func=cmd_watch)
 
-    p = client(sub.add_parser("download", help="download a job's artifacts, resuming and verifying sha256"))
-    p.add_argument("job_id")
-    p.add_argument("out", type=Path)
-    p.add_argument("--artifact", default=None)
+    p = client(parser("download", "download a job's artifacts, resuming and verifying sha256"))
+    p.add_argument("job_id", help="the job whose artifacts to download")
+    p.add_argument("out", type=Path, help="directory to write ARTIFACT/FILE under")
+    p.add_argument("--artifact", default=None, metavar="NAME", help="only this artifact (e.g. checkpoint, engine)")
     p.set_defaults(func=cmd_download)
 
-    p = client(sub.add_parser("cancel", help="cancel a job"))
-    p.add_argument("job_id")
+    p = client(parser("cancel", "cancel a job"))
+    p.add_argument("job_id", help="the job to cancel")
     p.set_defaults(func=cmd_cancel)
 
-    p = client(sub.add_parser("workers", help="list live workers"))
+    p = client(parser("workers", "list live workers (GPUs, backends, queues)"))
     p.set_defaults(func=cmd_workers)
 
-    p = sub.add_parser("compile", help="run the whole pipeline in this process (no server, no broker)")
+    p = parser("compile", "run the whole pipeline in this process (no server, no broker)")
     p.add_argument("model", help="Hugging Face repo id")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--tp-size", type=int, default=1)
-    p.add_argument("--pp-size", type=int, default=1)
-    p.add_argument("--revision", default=None)
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="dtype of the checkpoint's weights; auto (default) keeps the model's")
+    p.add_argument("--tp-size", type=int, default=1, metavar="N", help="tensor-parallel ranks (default 1)")
+    p.add_argument("--pp-size", type=int, default=1, metavar="N", help="pipeline-parallel stages (default 1)")
+    p.add_argument("--revision", default=None, help="repo revision (default: main)")
     p.set_defaults(func=cmd_compile)
 
 
@@ -206,6 +233,8 @@ def cmd_compile(args) -> int:
         job, _ = svc.submit("default", spec)
     except Exception as exc:
         print(f"kiln compile: {getattr(exc, 'code', 'error')}: {getattr(exc, 'message', exc)}", file=sys.stderr)
+        if getattr(exc, "hint", ""):
+            print(f"hint: {exc.hint}", file=sys.stderr)
         return 2
     bar = _Bar()
     runner = PipelineRunner(settings, store, artifacts, worker_id=f"compile:{os.getpid()}")
@@ -240,19 +269,46 @@ def _print_result(job: dict, paths: dict[str, Path]) -> int:
 # -- client side ------------------------------------------------------------------------------
 
 class _Bar:
+    """A job's progress on stderr: state, bar, percent, elapsed and ETA (on this client's clock, from the
+    progress seen since watching began), stage, and its message (rank label kept, long names cut at the head)."""
+
     def __init__(self):
+        import shutil
+        import time
+
         self.tty = sys.stderr.isatty()
-        self.last = ""
+        self.columns = shutil.get_terminal_size((120, 24)).columns if self.tty else 160
+        self.last = ""  # what was last shown (state, progress, stage, message)
+        self.clock = time.perf_counter
+        self.start = self.clock()
+        self.first: tuple[float, float] | None = None  # (time, progress) when progress was first seen
 
     def show(self, job, final: bool = False) -> None:
+        from service.compiler.cli import _RANK_PREFIX, _fmt_seconds, tail
+
         j = job if isinstance(job, dict) else job.model_dump(mode="json")
+        now, progress = self.clock(), float(j.get("progress") or 0)
+        if self.first is None and j["state"] == "running":
+            self.first = (now, progress)
+        eta = ""
+        if not final and self.first is not None and progress > self.first[1] and progress < 1.0:
+            t0, p0 = self.first
+            eta = f" ETA {_fmt_seconds((now - t0) * (1 - progress) / (progress - p0))}"
         width = 30
-        filled = int(width * (j.get("progress") or 0))
-        line = f"{j['state']:<9} [{'#' * filled}{'.' * (width - filled)}] {100 * (j.get('progress') or 0):5.1f}% {j.get('stage') or ''} {j.get('message', '')[:60]}"
-        if line != self.last or final:
-            self.last = line
+        filled = int(width * progress)
+        head = (f"{j['state']:<9} [{'#' * filled}{'.' * (width - filled)}] {100 * progress:5.1f}% "
+                f"{_fmt_seconds(now - self.start)}{eta} {j.get('stage') or ''} ")
+        message = j.get("message") or ""
+        m = _RANK_PREFIX.match(message)
+        if m:
+            head += f"rank {m.group(1)}/{m.group(2)} "
+            message = m.group(3)
+        line = head + tail(message, max(self.columns - len(head) - 1, 20))
+        key = f"{j['state']} {100 * progress:.1f} {j.get('stage')} {j.get('message')}"  # not the clock
+        if key != self.last or final:
+            self.last = key
             if self.tty:
-                print("\r" + line.ljust(120), end="\n" if final else "", file=sys.stderr, flush=True)
+                print("\r" + line.ljust(self.columns - 1), end="\n" if final else "", file=sys.stderr, flush=True)
             else:
                 print(line, file=sys.stderr, flush=True)
 
@@ -262,16 +318,13 @@ class Client:
         import httpx
 
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.http = httpx.Client(base_url=server.rstrip("/"), headers=headers, timeout=httpx.Timeout(30.0, read=None))
+        self.server = server.rstrip("/")
+        self.http = httpx.Client(base_url=self.server, headers=headers, timeout=httpx.Timeout(30.0, read=None))
 
     def call(self, method: str, url: str, **kw):
         resp = self.http.request(method, url, **kw)
         if resp.status_code >= 400:
-            try:
-                err = resp.json()["error"]
-            except Exception:
-                err = {"code": str(resp.status_code), "message": resp.text[:200], "hint": ""}
-            raise ClientError(resp.status_code, err)
+            raise error_from_response(resp)
         return resp
 
 
@@ -281,24 +334,122 @@ class ClientError(Exception):
         self.status, self.error = status, error
 
 
+# Client-side hints for responses that carry none (a proxy's page, an old server).
+_STATUS_HINTS = {
+    401: "pass --api-key or set KILN_API_KEY",
+    403: "this API key may not do that; ask for a key with the right scope",
+    404: "check the job id (`kiln status` lists jobs) and that --server / KILN_SERVER is a Kiln server",
+    413: "the request body is over the server's KILN_MAX_BODY_BYTES",
+    429: "the server is rate-limiting this key; retry later",
+    502: "a proxy in front of the Kiln server could not reach it; is `kiln serve` running?",
+    503: "the server is not ready (starting, or its database/broker is down); retry, or check `kiln serve`'s log",
+}
+
+
+# What to do about an error code, in CLI terms (printed after the server's own hint).
+_CODE_HINTS = {
+    "unauthenticated": "pass --api-key or set KILN_API_KEY",
+    "job_not_found": "`kiln status` lists the jobs this API key can see",
+    "artifact_not_found": "`kiln status JOB` shows whether the job succeeded; download without --artifact "
+                          "fetches every artifact it has",
+    "no_worker": "`kiln workers` lists the queues and backends live workers serve; start one with `kiln worker`",
+    "job_finished": "`kiln status JOB` shows its final state",
+}
+
+
+def error_from_response(resp) -> ClientError:
+    """The server's ``{"error": {code, message, hint}}``, or a description of a non-Kiln answer."""
+    resp.read()
+    try:
+        err = resp.json()["error"]
+        if not isinstance(err, dict):
+            raise TypeError
+    except Exception:  # not Kiln's error body: a proxy, another service on that port
+        ctype = resp.headers.get("content-type", "").split(";")[0].strip()
+        text = " ".join(resp.text.split())[:160] if ctype in ("text/plain", "application/json") else ""
+        err = {"code": f"http_{resp.status_code}",
+               "message": f"{resp.reason_phrase or 'error'}" + (f": {text}" if text else "")
+               + f" (not a Kiln error response{': ' + ctype if ctype else ''})",
+               "hint": _STATUS_HINTS.get(resp.status_code, "is --server / KILN_SERVER a Kiln server?")}
+    else:
+        code = err.get("code") or f"http_{resp.status_code}"
+        err = {"code": code, "message": err.get("message") or "", "hint": err.get("hint") or "",
+               "cli_hint": _CODE_HINTS.get(code, "" if err.get("hint") else _STATUS_HINTS.get(resp.status_code, ""))}
+    return ClientError(resp.status_code, err)
+
+
+def transport_error_message(command: str, server: str, exc: Exception) -> str:
+    """One line for an httpx transport error (nothing answered), with what to do about it."""
+    import httpx
+
+    detail = str(exc) or type(exc).__name__
+    fix = "start it with `kiln serve` or set KILN_SERVER / --server"
+    if isinstance(exc, httpx.ConnectError):
+        what = "cannot reach the Kiln server"
+    elif isinstance(exc, httpx.TimeoutException):
+        what = "the Kiln server did not answer in time"
+        fix = "check that the server is up and reachable (`kiln serve`), or set KILN_SERVER / --server"
+    elif isinstance(exc, httpx.UnsupportedProtocol | httpx.InvalidURL):
+        what = "bad server URL"
+        fix = "pass an http:// or https:// URL with --server or KILN_SERVER"
+    elif isinstance(exc, httpx.ProxyError):
+        what = "the proxy refused the connection to the Kiln server"
+        fix = "check HTTP(S)_PROXY / NO_PROXY, or set KILN_SERVER / --server"
+    else:  # RemoteProtocolError, ReadError, WriteError, ...: something answered, but not as HTTP
+        what = "the connection to the Kiln server failed"
+        fix = "check that --server / KILN_SERVER points at `kiln serve` (http://HOST:PORT)"
+    return f"kiln {command}: {what} at {server}: {detail} — {fix}"
+
+
 def _client_command(fn):
+    @functools.wraps(fn)
     def wrapper(args) -> int:
+        import httpx
+
         try:
             return fn(args, Client(args.server, args.api_key))
         except ClientError as exc:
-            print(f"kiln {args.command}: HTTP {exc.status} {exc}", file=sys.stderr)
-            if exc.error.get("hint"):
-                print(f"hint: {exc.error['hint']}", file=sys.stderr)
+            where = f"HTTP {exc.status} " if exc.status else ""
+            print(f"kiln {args.command}: {where}{exc}", file=sys.stderr)
+            for hint in dict.fromkeys(h for h in (exc.error.get("hint"), exc.error.get("cli_hint")) if h):
+                print(f"hint: {hint}", file=sys.stderr)
             return 2 if exc.status < 500 else 1
-        except OSError as exc:
-            print(f"kiln {args.command}: cannot reach {args.server}: {exc}", file=sys.stderr)
+        except (httpx.TransportError, httpx.InvalidURL) as exc:  # nothing (or no HTTP) answered at --server
+            print(transport_error_message(args.command, args.server, exc), file=sys.stderr)
             return 1
+        except UsageError as exc:
+            print(f"kiln {args.command}: {exc}", file=sys.stderr)
+            return 2
+        except OSError as exc:  # local files: --spec, download's OUT
+            print(f"kiln {args.command}: {exc}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print(f"kiln {args.command}: interrupted", file=sys.stderr)
+            return 130
     return wrapper
+
+
+class UsageError(Exception):
+    """A bad argument found after parsing (a --spec file that is not JSON, a label without '=')."""
 
 
 @_client_command
 def cmd_submit(args, client: Client) -> int:
-    spec: dict = json.loads(args.spec.read_text()) if args.spec else {}
+    spec: dict = {}
+    if args.spec:
+        try:
+            spec = json.loads(args.spec.read_text())
+        except OSError as exc:
+            raise UsageError(f"cannot read --spec {args.spec}: {exc.strerror or exc}") from None
+        except ValueError as exc:
+            raise UsageError(f"--spec {args.spec} is not valid JSON: {exc}") from None
+        if not isinstance(spec, dict):
+            raise UsageError(f"--spec {args.spec} must hold a JSON object (a JobSpec)")
+    elif not args.model:
+        raise UsageError("give a model (Hugging Face repo id) or --spec FILE")
+    bad = [item for item in args.label if "=" not in item]
+    if bad:
+        raise UsageError(f"--label takes KEY=VALUE, got {bad[0]!r}")
     if args.model:
         spec["model"] = args.model
     if args.dtype:
@@ -345,8 +496,7 @@ def _watch(client: Client, job_id: str) -> int:
     bar, job = _Bar(), None
     with client.http.stream("GET", f"/v1/jobs/{job_id}/events") as resp:
         if resp.status_code >= 400:
-            resp.read()
-            raise ClientError(resp.status_code, resp.json().get("error", {}))
+            raise error_from_response(resp)
         event = None
         for line in resp.iter_lines():
             if line.startswith("event: "):
@@ -355,6 +505,7 @@ def _watch(client: Client, job_id: str) -> int:
                 job = json.loads(line[6:])
                 bar.show(job)
     if job is None:
+        print(f"kiln: the server's event stream for job {job_id} ended without a job event", file=sys.stderr)
         return 1
     bar.show(job, final=True)
     if job["state"] != "succeeded":
@@ -402,8 +553,7 @@ def download_artifacts(client: Client, job_id: str, out: Path, only: str | None 
                 with client.http.stream("GET", f"/v1/jobs/{job_id}/artifacts/{art['name']}/files/{f['path']}",
                                         headers=headers) as resp:
                     if resp.status_code >= 400:
-                        resp.read()
-                        raise ClientError(resp.status_code, resp.json().get("error", {}))
+                        raise error_from_response(resp)
                     mode = "ab" if resp.status_code == 206 else "wb"
                     with open(partial, mode) as fh:
                         for chunk in resp.iter_bytes(1 << 20):

@@ -349,7 +349,8 @@ def write_checkpoint(model: HFCheckpointModel, out_dir: Path, *, overwrite: bool
         config = dict(model.config)
         (tmp / "config.json").write_text(_dump_json(config))
         writers = {}
-        jobs: list[tuple[SafetensorsWriter, TensorPlan]] = []
+        jobs: list[tuple[SafetensorsWriter, TensorPlan, int]] = []
+        world = model.mapping.world_size
         for rank in model.mapping.ranks():
             plans = model.plans(rank)
             w = SafetensorsWriter(
@@ -358,11 +359,13 @@ def write_checkpoint(model: HFCheckpointModel, out_dir: Path, *, overwrite: bool
                 metadata={"format": "pt", "producer": f"kiln {__version__}"},
             )
             writers[rank] = w
-            jobs += [(w, p) for p in plans]
+            jobs += [(w, p, rank) for p in plans]
 
-        def run(job: tuple[SafetensorsWriter, TensorPlan]) -> None:
-            writer, plan = job
-            write_plan(plan, model.source, writer, advance, kernel_copy=KERNEL_COPY)
+        def run(job: tuple[SafetensorsWriter, TensorPlan, int]) -> None:
+            writer, plan, rank = job
+            # a split checkpoint's messages say which rank file is being written ("rank 1/4 <tensor>")
+            step = advance if world == 1 else (lambda n, what: advance(n, f"rank {rank}/{world} {what}"))
+            write_plan(plan, model.source, writer, step, kernel_copy=KERNEL_COPY)
 
         try:
             if workers > 1:

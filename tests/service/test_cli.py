@@ -69,3 +69,17 @@ def test_serve_refuses_non_loopback_without_keys(tmp_path):
     env = service_env(tmp_path / "storage")
     r = kiln(None, "serve", "--host", "0.0.0.0", "--port", "0", env=env, timeout=60)
     assert r.returncode == 2 and "without API keys" in r.stderr
+
+
+def test_refusals_print_the_servers_code_message_and_hint(server):
+    url = ["--server", server["http"]]
+    r = kiln(server, "status", "0123456789abcdef", *url)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "kiln status: HTTP 404 job_not_found: job 0123456789abcdef not found" in r.stderr
+    assert "hint: `kiln status` lists the jobs this API key can see" in r.stderr
+    r = kiln(server, "submit", "kiln-test/not-in-the-cache", *url)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "kiln submit: HTTP 422 model_not_found: " in r.stderr and "kiln-test/not-in-the-cache" in r.stderr
+    assert "\nhint: " in r.stderr  # the server's hint, as it sent it
+    r = kiln(server, "download", "0123456789abcdef", "out", *url)
+    assert r.returncode == 2 and "HTTP 404 job_not_found" in r.stderr

@@ -6,15 +6,15 @@ from __future__ import annotations
 
 def add_generate_arguments(parser) -> None:
     """``generate``'s options (also ``kiln generate``'s)."""
-    parser.add_argument("engine_dir")
+    parser.add_argument("engine_dir", help="engine directory (kiln build's output)")
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--ids", help="the prompt as comma-separated token ids")
     what.add_argument("--prompt", help="the prompt as text (the engine must ship a tokenizer)")
-    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=16, metavar="N", help="tokens to generate (default 16)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-k", type=int, default=0, help="0 = off")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1.0 = off (default)")
+    parser.add_argument("--seed", type=int, default=None, help="sampling seed (with --temperature > 0)")
     parser.add_argument("--tokenizer", default=None, metavar="DIR",
                         help="HF folder with the tokenizer, for engines built without one (as trtllm's --tokenizer_dir)")
 

@@ -176,6 +176,13 @@ def fill_compile_cache(engine_dir: Path, arch_tag: str, tp: int = 1, timeout_s: 
     return time.perf_counter() - start
 
 
+def _rank_progress(progress: ProgressFn | None, rank: int | None, tp: int) -> ProgressFn | None:
+    """Rank ``rank``'s share of the whole build's progress, its messages labelled "rank N/M <tensor>"."""
+    if progress is None or rank is None:
+        return progress
+    return lambda frac, what: progress((rank + frac) / tp, f"rank {rank}/{tp} {what}")
+
+
 def build_torch_engine(ckpt_dir: Path, resolved: ResolvedBuild, out_dir: Path, *,
                        progress: ProgressFn | None = None) -> dict:
     """Write the engine directory atomically; returns build stats (also stored in config.json)."""
@@ -194,7 +201,8 @@ def build_torch_engine(ckpt_dir: Path, resolved: ResolvedBuild, out_dir: Path, *
             raise InvalidCheckpoint("DeciLM engines run as one rank: build without keep_tensor_parallel "
                                     "(a tp checkpoint is merged into one engine)")
         ranks = [None] if tp == 1 else list(range(tp))
-        nbytes = sum(write_engine_weights(ckpt_dir, cfg, dtype, tmp / f"rank{r or 0}.safetensors", progress, r)
+        nbytes = sum(write_engine_weights(ckpt_dir, cfg, dtype, tmp / f"rank{r or 0}.safetensors",
+                                          _rank_progress(progress, r, tp), r)
                      for r in ranks)
         weights_s = time.perf_counter() - start
         engine_cfg = {
@@ -216,12 +224,16 @@ def build_torch_engine(ckpt_dir: Path, resolved: ResolvedBuild, out_dir: Path, *
         (tmp / "config.json").write_text(json.dumps(engine_cfg, indent=2) + "\n")
         compile_s = 0.0
         if resolved.target is not None and bc.compile:
+            if progress:
+                progress(1.0, "compiling the engine")
             compile_s = fill_compile_cache(tmp, resolved.arch_tag, tp)
             engine_cfg["engine"]["compile_cache"] = f"compile_cache/{resolved.arch_tag}"
         stats = {"weights_bytes": nbytes, "weights_seconds": round(weights_s, 3),
                  "compile_seconds": round(compile_s, 3), "build_seconds": round(time.perf_counter() - start, 3)}
         engine_cfg["build_stats"] = stats
         (tmp / "config.json").write_text(json.dumps(engine_cfg, indent=2) + "\n")
+        if progress and bc.measure_performance:
+            progress(1.0, "timing the engine")
         perf = (measure_in_build(tmp, gpu=resolved.target is not None, tp=tp) if bc.measure_performance
                 else not_measured("build_config.measure_performance is false", tp_size=tp))
         (tmp / PERFORMANCE_FILE).write_text(json.dumps({**perf, "build_seconds": stats["build_seconds"]}, indent=2)
