@@ -72,6 +72,11 @@ class Settings(BaseSettings):
     worker_queues: str = "cpu"
     worker_heartbeat_s: float = 10.0
     worker_ttl_s: float = 60.0
+    # `kiln serve`'s embedded worker: respawned after a death, the delay doubling from backoff to max;
+    # it starts over once a worker stayed up for worker_stable_s
+    worker_restart_backoff_s: float = 1.0
+    worker_restart_backoff_max_s: float = 60.0
+    worker_stable_s: float = 60.0
     stage_plugins: str = Field(default="", description="comma-separated modules that register extra stages")
 
     # Webhooks

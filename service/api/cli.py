@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -94,11 +93,16 @@ def cmd_serve(args) -> int:
         print(f"kiln serve: {exc}", file=sys.stderr)
         return 2
     settings.storage_root.mkdir(parents=True, exist_ok=True)
-    worker = None
+    supervisor = None
     if not args.no_worker:
+        from .supervisor import WorkerSupervisor
+
         env = dict(os.environ, KILN_STORAGE=str(settings.storage_root))
-        worker = subprocess.Popen([sys.executable, "-m", "service.cli", "worker"], env=env, start_new_session=True,
-                                  preexec_fn=_die_with_parent)
+        supervisor = WorkerSupervisor([sys.executable, "-m", "service.cli", "worker"], env,
+                                      backoff_s=settings.worker_restart_backoff_s,
+                                      backoff_max_s=settings.worker_restart_backoff_max_s,
+                                      stable_s=settings.worker_stable_s)
+        supervisor.start()
 
     def _terminate(signum, _frame):  # uvicorn re-raises SIGTERM after its graceful stop: exit through finally
         raise SystemExit(128 + signum)
@@ -109,30 +113,16 @@ def cmd_serve(args) -> int:
             from uvloop import run
         except ImportError:
             from asyncio import run
-        run(_serve(settings))
+        run(_serve(settings, supervisor))
     except KeyboardInterrupt:
         pass
     finally:
-        if worker is not None and worker.poll() is None:
-            os.killpg(worker.pid, signal.SIGTERM)
-            try:
-                worker.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(worker.pid, signal.SIGKILL)
+        if supervisor is not None:
+            supervisor.stop()
     return 0
 
 
-def _die_with_parent() -> None:
-    """Linux: the embedded worker gets SIGTERM if `kiln serve` dies without cleaning up."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
-async def _serve(settings) -> None:
+async def _serve(settings, supervisor=None) -> None:
     import asyncio
     import gc
 
@@ -142,6 +132,9 @@ async def _serve(settings) -> None:
     from .wiring import build_runtime
 
     runtime = await asyncio.to_thread(build_runtime, settings)
+    if supervisor is not None:
+        runtime.supervisor = supervisor
+        supervisor.on_exit = lambda pid: forget_worker_process(runtime.service.store, pid)
     app = create_app(settings, runtime=runtime)
     # Startup leaves ~250k long-lived objects (the compiler imports torch); a full GC walking them
     # takes ~120 ms on a 2-core VM, a stall every request in flight would wait for. Freeze them.
@@ -172,6 +165,23 @@ async def _serve(settings) -> None:
         runtime.close()
 
 
+def worker_name(pid: int) -> str:
+    """The Celery node name of a ``kiln worker`` process (``%h`` is the host name)."""
+    return f"kiln-{pid}@%h"
+
+
+def forget_worker_process(store, pid: int) -> int:
+    """Remove the registrations of a dead ``kiln worker`` process (its heartbeat would keep it listed
+    for ``KILN_WORKER_TTL_S``). Returns how many rows went."""
+    prefix = worker_name(pid).split("@")[0] + "@"
+    gone = 0
+    for w in store.live_workers(float("inf")):
+        if w["id"].startswith(prefix):
+            store.remove_worker(w["id"])
+            gone += 1
+    return gone
+
+
 def cmd_worker(args) -> int:
     from service.settings import get_settings
     from service.workers.app import app
@@ -179,7 +189,7 @@ def cmd_worker(args) -> int:
 
     settings = get_settings()
     queues = args.queues or ",".join(worker_queues(settings, detect_capabilities()))
-    name = args.name or f"kiln-{os.getpid()}@%h"
+    name = args.name or worker_name(os.getpid())
     argv = ["worker", "-Q", queues, "-c", str(args.concurrency), "-n", name, "--loglevel", args.loglevel,
             "--without-gossip", "--without-mingle", "--without-heartbeat"]
     app.worker_main(argv)
