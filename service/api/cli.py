@@ -31,6 +31,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--loglevel", default="INFO")
     p.set_defaults(func=cmd_worker)
 
+    p = sub.add_parser("gc", help="reclaim orphaned temporary stage outputs (crashed writers') and report what was freed")
+    p.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
+    p.add_argument("--expired-grace", type=float, default=None, metavar="S",
+                   help="a running job's lease expired more than S seconds ago counts as dead (default KILN_LEASE_TTL_S)")
+    p.add_argument("--unowned-older-than", type=float, default=None, metavar="S",
+                   help="temp entries without an owner in their name: only when unchanged for S seconds "
+                        "(default max(2 x KILN_LEASE_TTL_S, 60))")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_gc)
+
     def client(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("--server", default=os.environ.get("KILN_SERVER", "http://127.0.0.1:8080"))
         p.add_argument("--api-key", default=os.environ.get("KILN_API_KEY"))
@@ -194,6 +204,38 @@ def cmd_worker(args) -> int:
             "--without-gossip", "--without-mingle", "--without-heartbeat"]
     app.worker_main(argv)
     return 0
+
+
+def cmd_gc(args) -> int:
+    """Temp outputs under ``stages/`` whose lease is gone: never a live lease's (see ``reclaim_temps``)."""
+    from service.settings import Settings
+    from service.store import ArtifactStore, JobStore, make_engine, migrate
+    from service.workers.runtime import unowned_grace_s
+
+    settings = Settings()
+    engine = make_engine(settings.db_url)
+    migrate(engine)
+    store = JobStore(engine)
+    try:
+        grace = settings.lease_ttl_s if args.expired_grace is None else args.expired_grace
+        unowned = unowned_grace_s(settings) if args.unowned_older_than is None else args.unowned_older_than
+        freed = ArtifactStore(settings.storage_root).reclaim_temps(
+            lambda: store.live_leases(expired_grace_s=grace), unowned_older_than_s=unowned, dry_run=args.dry_run)
+    finally:
+        store.close()
+        engine.dispose()
+    if args.json:
+        print(json.dumps({"removed": freed.removed, "count": len(freed.removed), "bytes": freed.bytes,
+                          "kept": freed.kept, "failed": freed.failed, "dry_run": args.dry_run}, indent=1))
+    else:
+        for path in freed.removed:
+            print(("would remove " if args.dry_run else "removed ") + path)
+        verb = "would free" if args.dry_run else "freed"
+        print(f"kiln gc: {verb} {len(freed.removed)} orphaned temp dirs, {freed.bytes} bytes "
+              f"({freed.bytes / 2**20:.1f} MiB); kept {freed.kept} (live leases or too recent)")
+        for path in freed.failed:
+            print(f"kiln gc: could not remove {path}", file=sys.stderr)
+    return 1 if freed.failed else 0
 
 
 def cmd_compile(args) -> int:

@@ -207,7 +207,8 @@ def build_stage(ctx: StageContext, input_dir: Path | None, output_dir: Path, cfg
     qcfg = load_config(ckpt).get("quantization") or {}
     quant = qcfg.get("quant_algo")
     note = None
-    with tempfile.TemporaryDirectory(dir=output_dir.parent, prefix=".tmp-dequant-") as scratch:
+    # named after output_dir (which carries the lease's job and token), so a crash's leftover is reclaimable
+    with tempfile.TemporaryDirectory(dir=output_dir.parent, prefix=f".{output_dir.name}.dequant-") as scratch:
         if quant and not backend_builds_quantized(cfg["backend"], quant, qcfg.get("kv_cache_quant_algo")):
             if quant not in WEIGHT_ONLY:  # refused at submit; a direct runner call lands here
                 from service.compiler.build import InvalidBuildConfig
