@@ -102,6 +102,8 @@ def cmd_serve(args) -> int:
     except UnsafeConfiguration as exc:
         print(f"kiln serve: {exc}", file=sys.stderr)
         return 2
+    if not check_reliability_settings(settings, "kiln serve"):
+        return 2
     settings.storage_root.mkdir(parents=True, exist_ok=True)
     supervisor = None
     if not args.no_worker:
@@ -192,8 +194,25 @@ def forget_worker_process(store, pid: int) -> int:
     return gone
 
 
+def check_reliability_settings(settings, who: str) -> bool:
+    """Print the worker-settings warnings; False (after printing why) when they cannot work."""
+    from service.settings import InvalidConfiguration
+
+    try:
+        warnings = settings.check_reliability()
+    except InvalidConfiguration as exc:
+        print(f"{who}: invalid settings: {exc}", file=sys.stderr)
+        return False
+    for w in warnings:
+        print(f"{who}: warning: {w}", file=sys.stderr)
+    return True
+
+
 def cmd_worker(args) -> int:
     from service.settings import get_settings
+
+    if not check_reliability_settings(get_settings(), "kiln worker"):
+        return 2
     from service.workers.app import app
     from service.workers.runtime import detect_capabilities, worker_queues
 
