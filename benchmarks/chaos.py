@@ -1,4 +1,5 @@
-"""Chaos runs against a real `kiln serve` (embedded default: SQLite + file broker, its supervised worker).
+"""Chaos runs against a real `kiln serve` and its supervised worker: on the embedded default (SQLite + file
+broker) and, with ``--mode scaled``, on PostgreSQL + Redis.
 
 Scenario 1 (``kill``): SIGKILL the worker at random points of every stage (fetch, convert, quantize,
 build, evaluate, publish), alternating the whole worker (Celery main process + pool child, which
@@ -18,6 +19,7 @@ recovery time (kill -> the job claimed again by a live worker). Run:
     PYTHONPATH=. .venv/bin/python benchmarks/chaos.py                      # both scenarios, 6 kill runs
     PYTHONPATH=. .venv/bin/python benchmarks/chaos.py --scenario kill --runs 20 --seed 7
     PYTHONPATH=. .venv/bin/python benchmarks/chaos.py --model smollm2      # the real SmolLM2-135M (slower)
+    PYTHONPATH=. .venv/bin/python benchmarks/chaos.py --mode both          # also PostgreSQL + Redis
 
 The tiny model is a random 2-layer Llama made here (never downloaded); SmolLM2 comes from the local
 cache (``service.compiler.smollm2``). ``run_kill`` / ``run_poison`` are what ``tests/service/test_chaos.py``
@@ -27,6 +29,7 @@ calls for its short variant.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -39,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -105,7 +109,29 @@ class Server:
         })
         self.env.update({k: str(v) for k, v in env_extra.items()})
         self.proc: subprocess.Popen | None = None
-        self.http = httpx.Client(base_url=self.url, timeout=10)
+        self._http = httpx.Client(base_url=self.url, timeout=10)
+        self.http = self  # get/post below: retried, each failure recorded
+        self.api_errors: list[str] = []
+
+    def request(self, method: str, url: str, **kw) -> httpx.Response:
+        """One API call; a transport error or a 5xx is recorded (reported as API errors) and retried."""
+        for attempt in range(5):
+            try:
+                r = self._http.request(method, url, **kw)
+            except httpx.HTTPError as exc:
+                self.api_errors.append(f"{time.strftime('%H:%M:%S')} {method} {url}: {type(exc).__name__} {exc}")
+            else:
+                if r.status_code < 500:
+                    return r
+                self.api_errors.append(f"{time.strftime('%H:%M:%S')} {method} {url}: HTTP {r.status_code} {r.text[:200]}")
+            time.sleep(0.5 * (attempt + 1))
+        raise RuntimeError(f"{method} {url} failed 5 times: {self.api_errors[-1]}")
+
+    def get(self, url: str, **kw) -> httpx.Response:
+        return self.request("GET", url, **kw)
+
+    def post(self, url: str, **kw) -> httpx.Response:
+        return self.request("POST", url, **kw)
 
     def __enter__(self) -> Server:
         self.proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(self.port),
@@ -114,7 +140,7 @@ class Server:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             try:
-                if self.http.get("/v1/workers").json()["workers"]:
+                if self._http.get("/v1/workers").json()["workers"]:
                     return self
             except (httpx.HTTPError, ValueError, KeyError):
                 pass
@@ -132,13 +158,13 @@ class Server:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
-        self.http.close()
+        self._http.close()
 
     def job(self, job_id: str) -> dict:
         return self.http.get(f"/v1/jobs/{job_id}").json()
 
     def submit(self, spec: dict) -> str:
-        r = self.http.post("/v1/jobs", json=spec)
+        r = self.http.post("/v1/jobs", json=spec, headers={"Idempotency-Key": uuid.uuid4().hex})  # safe to retry
         r.raise_for_status()
         return r.json()["id"]
 
@@ -164,6 +190,33 @@ class Server:
                 return job
             time.sleep(0.2)
         return None
+
+
+PG_ADMIN_URL = os.environ.get("KILN_CHAOS_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("KILN_CHAOS_REDIS_URL", "redis://127.0.0.1:6379/13")
+
+
+@contextlib.contextmanager
+def backing(mode: str):
+    """Environment for the mode: embedded (SQLite + file broker under the storage root), or scaled (a
+    throwaway PostgreSQL database + a flushed Redis database, dropped afterwards)."""
+    if mode == "embedded":
+        yield {}
+        return
+    import psycopg
+    import redis
+
+    name = f"kiln_chaos_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    r = redis.Redis.from_url(REDIS_URL)
+    r.flushdb()
+    try:
+        yield {"KILN_DATABASE_URL": PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name, "KILN_BROKER_URL": REDIS_URL}
+    finally:
+        r.flushdb()
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def pool_children(pid: int) -> list[int]:
@@ -209,6 +262,7 @@ class Result:
     scenario: str
     mode: str = "embedded"
     submitted: int = 0
+    api_errors: int = 0
     finished_once: int = 0
     succeeded: int = 0
     artifacts_ok: int = 0
@@ -228,6 +282,7 @@ class Result:
                 "finished exactly once": self.finished_once, "succeeded": self.succeeded,
                 "artifacts sha256 ok": f"{self.artifacts_ok}/{self.artifacts}", "duplicates": self.duplicates,
                 "partial dirs visible": self.partial_visible, "temp dirs left": self.temp_left, "stuck": self.stuck,
+                "API errors (retried)": self.api_errors,
                 "recovery s (median/max)": f"{statistics.median(rec):.1f}/{max(rec):.1f}" if rec else "-",
                 "kills by stage": ", ".join(f"{k} {v}" for k, v in sorted(self.kills.items())) or "-",
                 "wall s": f"{self.seconds:.0f}"}
@@ -249,6 +304,11 @@ def _settle_and_audit(srv: Server, res: Result, job: dict, settle_s: float) -> N
         res.artifacts_ok += sha_ok(srv.storage, art)
 
 
+def _api_errors(res: Result, srv: Server) -> None:
+    res.api_errors = len(srv.api_errors)
+    res.notes += [f"API error: {e}" for e in srv.api_errors[:10]]
+
+
 def _count(res: Result, audit: dict[str, list[str]]) -> None:
     res.duplicates += len(audit["duplicates"])
     res.partial_visible += len(audit["partial_visible"])
@@ -263,16 +323,16 @@ def _wipe_stage_outputs(storage: Path) -> None:
 
 
 def run_kill(runs: int = 6, *, model: str = "tiny", seed: int = 0, timeout: float = 300.0, work: Path | None = None,
-             log=print) -> Result:
+             mode: str = "embedded", log=print) -> Result:
     rng = random.Random(seed)
-    res = Result("1: SIGKILL worker at random points of every stage")
+    res = Result("1: SIGKILL worker at random points of every stage", mode=mode)
     own = work is None
     work = Path(tempfile.mkdtemp(prefix="kiln-chaos-")) if own else work
     storage = work / "storage"
     repo = install_model(model, storage, work)
     t0 = time.monotonic()
     try:
-        with Server(storage, work / "serve.log") as srv:
+        with backing(mode) as env, Server(storage, work / "serve.log", **env) as srv:
             for run in range(runs):
                 target = STAGES[run % len(STAGES)]
                 whole = run % 2 == 0  # alternate: the whole worker, the pool child only
@@ -323,6 +383,7 @@ def run_kill(runs: int = 6, *, model: str = "tiny", seed: int = 0, timeout: floa
                     f"{final['state']} after {final['attempts']} attempts; recovery {rec or 0:.1f}s; {audit}")
             e = srv.embedded()
             res.notes.append(f"embedded worker restarts: {e['restarts']}")
+            _api_errors(res, srv)
     finally:
         res.seconds = time.monotonic() - t0
         if own:
@@ -331,15 +392,15 @@ def run_kill(runs: int = 6, *, model: str = "tiny", seed: int = 0, timeout: floa
 
 
 def run_poison(others: int = 3, *, model: str = "tiny", attempt_cap: int = 3, timeout: float = 300.0,
-               work: Path | None = None, log=print) -> Result:
-    res = Result(f"6: poison job (KILN_ATTEMPT_CAP={attempt_cap}) + {others} good jobs")
+               work: Path | None = None, mode: str = "embedded", log=print) -> Result:
+    res = Result(f"6: poison job (KILN_ATTEMPT_CAP={attempt_cap}) + {others} good jobs", mode=mode)
     own = work is None
     work = Path(tempfile.mkdtemp(prefix="kiln-chaos-")) if own else work
     storage = work / "storage"
     repo = install_model(model, storage, work)
     t0 = time.monotonic()
     try:
-        with Server(storage, work / "serve.log", KILN_ATTEMPT_CAP=attempt_cap) as srv:
+        with backing(mode) as env, Server(storage, work / "serve.log", KILN_ATTEMPT_CAP=attempt_cap, **env) as srv:
             srv.wait_worker()
             poison = srv.submit({"model": repo, "dtype": "float32", "labels": {"poison": "worker"}})
             dtypes = (["float16", "bfloat16", "float32"] * (others // 3 + 1))[:others]
@@ -368,6 +429,7 @@ def run_poison(others: int = 3, *, model: str = "tiny", attempt_cap: int = 3, ti
             audit = audit_storage(storage, expected)
             _count(res, audit)
             res.notes.append(f"embedded worker restarts: {srv.embedded()['restarts']}")
+            _api_errors(res, srv)
             log(f"poison: {p and p['state']}; good jobs succeeded: {sum(finals[g]['state'] == 'succeeded' for g in good if g in finals)}/{len(good)}")
     finally:
         res.seconds = time.monotonic() - t0
@@ -394,15 +456,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=6, help="kill runs (one job each; stages cycle)")
     ap.add_argument("--others", type=int, default=3, help="good jobs submitted with the poison job")
     ap.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
+    ap.add_argument("--mode", choices=["embedded", "scaled", "both"], default="embedded",
+                    help="scaled: a throwaway PostgreSQL database (KILN_CHAOS_PG_URL) and Redis (KILN_CHAOS_REDIS_URL)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=300.0, help="per job")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args(argv)
     results = []
-    if args.scenario in ("kill", "all"):
-        results.append(run_kill(args.runs, model=args.model, seed=args.seed, timeout=args.timeout))
-    if args.scenario in ("poison", "all"):
-        results.append(run_poison(args.others, model=args.model, timeout=args.timeout))
+    for mode in (["embedded", "scaled"] if args.mode == "both" else [args.mode]):
+        if args.scenario in ("kill", "all"):
+            results.append(run_kill(args.runs, model=args.model, seed=args.seed, timeout=args.timeout, mode=mode))
+        if args.scenario in ("poison", "all"):
+            results.append(run_poison(args.others, model=args.model, timeout=args.timeout, mode=mode))
     print(f"\nkiln chaos, {time.strftime('%Y-%m-%d %H:%M %Z')}, {os.cpu_count()} CPUs, model {args.model}")
     print_table(results)
     if args.json:
