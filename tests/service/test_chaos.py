@@ -1,12 +1,18 @@
 """Short variants of `benchmarks/chaos.py` (the full runs and their README table come from the script):
 one SIGKILL of the embedded worker mid-job, and a poison job that stops at the attempt cap while another
-job succeeds. Each starts its own `kiln serve` and runs well under a minute on a 2-core machine."""
+job succeeds. Each starts its own `kiln serve`; on the shared 2-core VM each took 60-85 s, over the
+budget for `make test`, so they run only with KILN_CHAOS_TESTS=1."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 
 from benchmarks.chaos import run_kill, run_poison
+
+pytestmark = pytest.mark.skipif(os.environ.get("KILN_CHAOS_TESTS") != "1",
+                                reason="chaos short variants take 60-85 s each: set KILN_CHAOS_TESTS=1")
 
 
 def _clean(r):
