@@ -26,6 +26,15 @@ class UnsafeConfiguration(RuntimeError):
     """The configuration would expose the service without authentication."""
 
 
+class InvalidConfiguration(ValueError):
+    """Worker reliability settings that cannot work together (``Settings.check_reliability``)."""
+
+
+MIN_TASK_TIME_LIMIT_S = 30  # below this no real stage finishes and the soft limit leaves no time to clean up
+SOFT_LIMIT_MARGIN_S = 60.0  # the soft limit comes at most this long before the hard one ...
+SOFT_LIMIT_MARGIN_SHARE = 0.1  # ... and at most this share of the hard limit before it
+
+
 def hash_api_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
@@ -68,10 +77,17 @@ class Settings(BaseSettings):
     reconcile_interval_s: float = 30.0
     requeue_after_s: float = 300.0
     task_time_limit_s: int = 6 * 3600
+    task_soft_time_limit_s: float | None = Field(
+        default=None, description="default: task_time_limit_s - min(60, 10% of it) (soft_time_limit_s)")
     visibility_timeout_s: int = 7 * 3600
     worker_queues: str = "cpu"
     worker_heartbeat_s: float = 10.0
     worker_ttl_s: float = 60.0
+    # `kiln serve`'s embedded worker: respawned after a death, the delay doubling from backoff to max;
+    # it starts over once a worker stayed up for worker_stable_s
+    worker_restart_backoff_s: float = 1.0
+    worker_restart_backoff_max_s: float = 60.0
+    worker_stable_s: float = 60.0
     stage_plugins: str = Field(default="", description="comma-separated modules that register extra stages")
 
     # Webhooks
@@ -79,6 +95,49 @@ class Settings(BaseSettings):
     webhook_allow_private: bool = False
     webhook_attempts: int = 5
     webhook_backoff_s: float = 1.0
+
+    @property
+    def soft_time_limit_s(self) -> float:
+        """When a job's task gets SoftTimeLimitExceeded (a clean failure) before the hard kill: explicit,
+        or the hard limit less min(60 s, 10% of it) -- 6 h gives 21,540 s, 61 s gives 54.9 s, 30 s gives 27 s."""
+        if self.task_soft_time_limit_s is not None:
+            return float(self.task_soft_time_limit_s)
+        hard = float(self.task_time_limit_s)
+        return round(hard - min(SOFT_LIMIT_MARGIN_S, SOFT_LIMIT_MARGIN_SHARE * hard), 3)
+
+    def check_reliability(self) -> list[str]:
+        """Refuse worker settings that cannot work (``InvalidConfiguration``, all problems in one message);
+        return warnings for ones that work badly. Run by ``kiln serve``, ``kiln worker`` and the Celery app."""
+        errors, warnings = [], []
+        hard, soft = self.task_time_limit_s, self.soft_time_limit_s
+        if hard < MIN_TASK_TIME_LIMIT_S:
+            errors.append(f"KILN_TASK_TIME_LIMIT_S={hard} is below the minimum of {MIN_TASK_TIME_LIMIT_S} s: "
+                          "every job would be stopped by its time limit")
+        if hard >= self.visibility_timeout_s:
+            errors.append(f"KILN_TASK_TIME_LIMIT_S={hard} must stay below KILN_VISIBILITY_TIMEOUT_S="
+                          f"{self.visibility_timeout_s}: the broker would redeliver a running job to a second worker")
+        if self.task_soft_time_limit_s is not None and not 1 <= soft < hard:
+            errors.append(f"KILN_TASK_SOFT_TIME_LIMIT_S={self.task_soft_time_limit_s:g} must be at least 1 and below "
+                          f"KILN_TASK_TIME_LIMIT_S={hard}")
+        if self.lease_ttl_s <= self.heartbeat_s:
+            errors.append(f"KILN_LEASE_TTL_S={self.lease_ttl_s:g} must be longer than KILN_HEARTBEAT_S="
+                          f"{self.heartbeat_s:g}: every lease would expire between two heartbeats")
+        elif self.heartbeat_s > self.lease_ttl_s / 2:
+            warnings.append(f"KILN_HEARTBEAT_S={self.heartbeat_s:g} is more than half of KILN_LEASE_TTL_S="
+                            f"{self.lease_ttl_s:g}: one late heartbeat loses the lease (a third or less is safe)")
+        if self.attempt_cap < 1:
+            errors.append(f"KILN_ATTEMPT_CAP={self.attempt_cap} must be at least 1")
+        if self.heartbeat_s <= 0 or self.lease_ttl_s <= 0 or self.reconcile_interval_s <= 0:
+            errors.append("KILN_HEARTBEAT_S, KILN_LEASE_TTL_S and KILN_RECONCILE_INTERVAL_S must be positive")
+        if errors:
+            raise InvalidConfiguration("; ".join(errors))
+        if hard - soft < 10:
+            warnings.append(f"KILN_TASK_TIME_LIMIT_S={hard} leaves {hard - soft:.1f} s between the soft limit "
+                            f"({soft:g} s) and the hard kill for a job to fail cleanly")
+        if self.reconcile_interval_s > self.lease_ttl_s:
+            warnings.append(f"KILN_RECONCILE_INTERVAL_S={self.reconcile_interval_s:g} is longer than KILN_LEASE_TTL_S="
+                            f"{self.lease_ttl_s:g}: a crashed worker's job waits up to that long to be taken over")
+        return warnings
 
     @property
     def storage_root(self) -> Path:

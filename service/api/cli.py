@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -50,6 +49,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", default=None, help="worker name (default kiln-<pid>@<host>)")
     p.add_argument("--loglevel", default="INFO", help="Celery log level (default INFO)")
     p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("gc", help="reclaim orphaned temporary stage outputs (crashed writers') and report what was freed")
+    p.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
+    p.add_argument("--expired-grace", type=float, default=None, metavar="S",
+                   help="a running job's lease expired more than S seconds ago counts as dead (default KILN_LEASE_TTL_S)")
+    p.add_argument("--unowned-older-than", type=float, default=None, metavar="S",
+                   help="temp entries without an owner in their name: only when unchanged for S seconds "
+                        "(default max(2 x KILN_LEASE_TTL_S, 60))")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_gc)
 
     def client(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         g = p.add_argument_group("server")
@@ -120,12 +129,19 @@ def cmd_serve(args) -> int:
     except UnsafeConfiguration as exc:
         print(f"kiln serve: {exc}", file=sys.stderr)
         return 2
+    if not check_reliability_settings(settings, "kiln serve"):
+        return 2
     settings.storage_root.mkdir(parents=True, exist_ok=True)
-    worker = None
+    supervisor = None
     if not args.no_worker:
+        from .supervisor import WorkerSupervisor
+
         env = dict(os.environ, KILN_STORAGE=str(settings.storage_root))
-        worker = subprocess.Popen([sys.executable, "-m", "service.cli", "worker"], env=env, start_new_session=True,
-                                  preexec_fn=_die_with_parent)
+        supervisor = WorkerSupervisor([sys.executable, "-m", "service.cli", "worker"], env,
+                                      backoff_s=settings.worker_restart_backoff_s,
+                                      backoff_max_s=settings.worker_restart_backoff_max_s,
+                                      stable_s=settings.worker_stable_s)
+        supervisor.start()
 
     def _terminate(signum, _frame):  # uvicorn re-raises SIGTERM after its graceful stop: exit through finally
         raise SystemExit(128 + signum)
@@ -136,30 +152,16 @@ def cmd_serve(args) -> int:
             from uvloop import run
         except ImportError:
             from asyncio import run
-        run(_serve(settings))
+        run(_serve(settings, supervisor))
     except KeyboardInterrupt:
         pass
     finally:
-        if worker is not None and worker.poll() is None:
-            os.killpg(worker.pid, signal.SIGTERM)
-            try:
-                worker.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(worker.pid, signal.SIGKILL)
+        if supervisor is not None:
+            supervisor.stop()
     return 0
 
 
-def _die_with_parent() -> None:
-    """Linux: the embedded worker gets SIGTERM if `kiln serve` dies without cleaning up."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
-async def _serve(settings) -> None:
+async def _serve(settings, supervisor=None) -> None:
     import asyncio
     import gc
 
@@ -169,6 +171,9 @@ async def _serve(settings) -> None:
     from .wiring import build_runtime
 
     runtime = await asyncio.to_thread(build_runtime, settings)
+    if supervisor is not None:
+        runtime.supervisor = supervisor
+        supervisor.on_exit = lambda pid: forget_worker_process(runtime.service.store, pid)
     app = create_app(settings, runtime=runtime)
     # Startup leaves ~250k long-lived objects (the compiler imports torch); a full GC walking them
     # takes ~120 ms on a 2-core VM, a stall every request in flight would wait for. Freeze them.
@@ -199,18 +204,84 @@ async def _serve(settings) -> None:
         runtime.close()
 
 
+def worker_name(pid: int) -> str:
+    """The Celery node name of a ``kiln worker`` process (``%h`` is the host name)."""
+    return f"kiln-{pid}@%h"
+
+
+def forget_worker_process(store, pid: int) -> int:
+    """Remove the registrations of a dead ``kiln worker`` process (its heartbeat would keep it listed
+    for ``KILN_WORKER_TTL_S``). Returns how many rows went."""
+    prefix = worker_name(pid).split("@")[0] + "@"
+    gone = 0
+    for w in store.live_workers(float("inf")):
+        if w["id"].startswith(prefix):
+            store.remove_worker(w["id"])
+            gone += 1
+    return gone
+
+
+def check_reliability_settings(settings, who: str) -> bool:
+    """Print the worker-settings warnings; False (after printing why) when they cannot work."""
+    from service.settings import InvalidConfiguration
+
+    try:
+        warnings = settings.check_reliability()
+    except InvalidConfiguration as exc:
+        print(f"{who}: invalid settings: {exc}", file=sys.stderr)
+        return False
+    for w in warnings:
+        print(f"{who}: warning: {w}", file=sys.stderr)
+    return True
+
+
 def cmd_worker(args) -> int:
     from service.settings import get_settings
+
+    if not check_reliability_settings(get_settings(), "kiln worker"):
+        return 2
     from service.workers.app import app
     from service.workers.runtime import detect_capabilities, worker_queues
 
     settings = get_settings()
     queues = args.queues or ",".join(worker_queues(settings, detect_capabilities()))
-    name = args.name or f"kiln-{os.getpid()}@%h"
+    name = args.name or worker_name(os.getpid())
     argv = ["worker", "-Q", queues, "-c", str(args.concurrency), "-n", name, "--loglevel", args.loglevel,
             "--without-gossip", "--without-mingle", "--without-heartbeat"]
     app.worker_main(argv)
     return 0
+
+
+def cmd_gc(args) -> int:
+    """Temp outputs under ``stages/`` whose lease is gone: never a live lease's (see ``reclaim_temps``)."""
+    from service.settings import Settings
+    from service.store import ArtifactStore, JobStore, make_engine, migrate
+    from service.workers.runtime import unowned_grace_s
+
+    settings = Settings()
+    engine = make_engine(settings.db_url)
+    migrate(engine)
+    store = JobStore(engine)
+    try:
+        grace = settings.lease_ttl_s if args.expired_grace is None else args.expired_grace
+        unowned = unowned_grace_s(settings) if args.unowned_older_than is None else args.unowned_older_than
+        freed = ArtifactStore(settings.storage_root).reclaim_temps(
+            lambda: store.live_leases(expired_grace_s=grace), unowned_older_than_s=unowned, dry_run=args.dry_run)
+    finally:
+        store.close()
+        engine.dispose()
+    if args.json:
+        print(json.dumps({"removed": freed.removed, "count": len(freed.removed), "bytes": freed.bytes,
+                          "kept": freed.kept, "failed": freed.failed, "dry_run": args.dry_run}, indent=1))
+    else:
+        for path in freed.removed:
+            print(("would remove " if args.dry_run else "removed ") + path)
+        verb = "would free" if args.dry_run else "freed"
+        print(f"kiln gc: {verb} {len(freed.removed)} orphaned temp dirs, {freed.bytes} bytes "
+              f"({freed.bytes / 2**20:.1f} MiB); kept {freed.kept} (live leases or too recent)")
+        for path in freed.failed:
+            print(f"kiln gc: could not remove {path}", file=sys.stderr)
+    return 1 if freed.failed else 0
 
 
 def cmd_compile(args) -> int:

@@ -93,8 +93,23 @@ class WorkerOut(BaseModel):
     heartbeat_at: float
 
 
+class EmbeddedWorkerOut(BaseModel):
+    """``kiln serve``'s own worker process, as its supervisor sees it."""
+
+    state: str = Field(description="starting, running, restarting (dead, respawn pending) or stopped")
+    pid: int | None = None
+    restarts: int = Field(description="respawns since the server started")
+    started_at: float | None = None
+    last_exit_code: int | None = Field(None, description="the last dead worker's exit code (negative: signal)")
+    last_exit: str | None = None
+    last_exit_at: float | None = None
+    next_restart_at: float | None = None
+
+
 class WorkerList(BaseModel):
     workers: list[WorkerOut]
+    embedded_worker: EmbeddedWorkerOut | None = Field(
+        None, description="the worker `kiln serve` supervises (absent with --no-worker or a separate API)")
 
 
 class ErrorOut(BaseModel):

@@ -16,6 +16,7 @@ class Runtime:
     settings: Settings
     engine: Engine
     service: JobService
+    supervisor: object | None = None  # the embedded worker's WorkerSupervisor (``kiln serve``), if any
 
     def close(self) -> None:
         self.service.store.close()

@@ -126,8 +126,12 @@ class QuantizationSpec(_Strict):
 class BuildSpec(_Strict):
     backend: Literal["torch", "onnx", "tensorrt", "trtllm"] = "torch"
     max_batch_size: int = Field(8, ge=1, le=1024)
-    max_input_len: int = Field(1024, ge=1, le=131072)
-    max_seq_len: int = Field(2048, ge=1, le=131072)
+    max_input_len: int | None = Field(
+        None, ge=1, le=131072, description="longest prompt; unset: min(1024, max_seq_len) (as kiln build / "
+        "trtllm-build derive it). An explicit value beyond the model's max_position_embeddings is a 422")
+    max_seq_len: int | None = Field(
+        None, ge=1, le=131072, description="prompt + generated tokens; unset: min(max_position_embeddings, "
+        "max_input_len + 1024), from the model. An explicit value beyond max_position_embeddings is a 422")
     target: str = Field("cpu", description="'cpu' or a GPU architecture such as 'sm90'")
 
     @field_validator("target")
@@ -139,7 +143,7 @@ class BuildSpec(_Strict):
 
     @model_validator(mode="after")
     def _lengths(self) -> BuildSpec:
-        if self.max_input_len > self.max_seq_len:
+        if self.max_input_len is not None and self.max_seq_len is not None and self.max_input_len > self.max_seq_len:
             raise ValueError(f"max_input_len={self.max_input_len} exceeds max_seq_len={self.max_seq_len}")
         return self
 

@@ -1,6 +1,7 @@
 """ArtifactStore: content-addressed stage outputs under ``$KILN_STORAGE/stages/<stage>/<key>/``.
 
-A stage writes into ``stages/<stage>/.tmp-<uuid>/``; ``commit`` hashes every file into
+A stage writes into ``stages/<stage>/.tmp-<job>-<token>-<random>/`` (named by the lease it runs under, so
+an orphan is recognised by its dead lease: ``reclaim_temps``); ``commit`` hashes every file into
 ``manifest.json`` (sha256 + size), fsyncs files and manifest, renames the directory into place and
 fsyncs the parent. A directory under its final key is therefore always complete; the manifest is
 the commit marker and the only map from a public path to a file on disk (no traversal possible).
@@ -11,10 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from service.domain.ports import UnsafePath
@@ -78,11 +81,18 @@ class ArtifactStore:
     def has(self, stage: str, key: str) -> bool:
         return (self.path(stage, key) / MANIFEST).is_file()
 
-    def new_tmp(self, stage: str) -> Path:
-        """A fresh, not yet existing temp path on the same filesystem as the final location."""
+    def new_tmp(self, stage: str, owner: tuple[str, int] | None = None) -> Path:
+        """A fresh, not yet existing temp path on the same filesystem as the final location.
+
+        ``owner`` = (job id, fencing token) of the lease the writer holds, written into the name
+        (``.tmp-<job hex>-<token>-<random>``) so that ``reclaim_temps`` can tell a live writer's
+        directory from a dead one's; the compiler's own temp siblings (``..tmp-<…>.tmp-<x>``) carry it too."""
         root = self.stage_root(stage)
         root.mkdir(parents=True, exist_ok=True)
-        return root / f".tmp-{uuid.uuid4().hex}"
+        if owner is None:
+            return root / f".tmp-{uuid.uuid4().hex}"
+        job_id, token = owner
+        return root / f".tmp-{job_hex(job_id)}-{int(token)}-{uuid.uuid4().hex[:12]}"
 
     def commit(self, stage: str, key: str, tmp: Path, extra: dict | None = None) -> dict:
         """Manifest + fsync + rename ``tmp`` to its key. If another writer won the race, keep theirs."""
@@ -140,18 +150,115 @@ class ArtifactStore:
                     remaining -= len(chunk)
                 yield chunk
 
-    def sweep(self, older_than_s: float) -> int:
-        """Remove abandoned temp directories (a crashed writer's) older than ``older_than_s``."""
-        removed = 0
+    def temp_entries(self) -> list[Path]:
+        """Every temporary entry under ``stages/<stage>/``: ours (``.tmp-*``), the compiler's temp siblings
+        (``..tmp-*.tmp-*``) and any other dot entry a stage left there. Finished keys never start with a dot."""
         stages = self.root / "stages"
         if not stages.is_dir():
+            return []
+        return sorted(p for p in stages.glob("*/.*") if p.name not in (".", ".."))
+
+    def reclaim_temps(self, live_leases: Callable[[], Collection[tuple[str, int]]], *,
+                      unowned_older_than_s: float | None = None, job_id: str | None = None,
+                      dry_run: bool = False) -> Reclaimed:
+        """Remove orphaned temporary outputs; never one that belongs to a live lease.
+
+        A temp entry named by its owner (``new_tmp(owner=…)``) is removed when its (job, fencing token)
+        is not in ``live_leases()``: the job finished, failed, or its lease expired or passed to a newer
+        token (a fenced writer can publish nothing anyway). ``live_leases`` is called after the
+        directories are listed, so a lease granted meanwhile cannot lose a directory it just created
+        (that directory is not in the listing). Entries without an owner in their name (older releases,
+        other tools) go only once nothing in them changed for ``unowned_older_than_s`` (None: kept).
+        ``job_id``: only that job's entries. Returns what was (or, dry run, would be) freed."""
+        entries = self.temp_entries()
+        live = {(job_hex(j), int(t)) for j, t in live_leases()}
+        want = job_hex(job_id) if job_id is not None else None
+        now = time.time()
+        out = Reclaimed()
+        for entry in entries:
+            m = _OWNER_RE.search(entry.name)
+            if m is not None:
+                owner = (m.group(1), int(m.group(2)))
+                if (want is not None and owner[0] != want) or owner in live:
+                    out.kept += 1
+                    continue
+            elif want is not None or unowned_older_than_s is None or \
+                    now - _newest_mtime(entry) < unowned_older_than_s:
+                out.kept += 1
+                continue
+            size = _tree_bytes(entry)
+            if not dry_run:
+                try:
+                    if entry.is_dir() and not entry.is_symlink():
+                        shutil.rmtree(entry)
+                    else:
+                        entry.unlink()
+                except FileNotFoundError:
+                    continue  # its writer removed it meanwhile
+                except OSError:
+                    out.failed.append(str(entry))
+                    continue
+            out.removed.append(str(entry))
+            out.bytes += size
+        return out
+
+    def sweep(self, older_than_s: float) -> int:
+        """Remove unowned temp entries unchanged for ``older_than_s`` (owned ones need the leases:
+        ``reclaim_temps``). For callers without a job store."""
+        now = time.time()
+        removed = 0
+        for entry in self.temp_entries():
+            if _OWNER_RE.search(entry.name) is None and now - _newest_mtime(entry) >= older_than_s:
+                shutil.rmtree(entry, ignore_errors=True)
+                removed += 1
+        return removed
+
+
+_OWNER_RE = re.compile(r"\.tmp-([0-9a-f]{32})-(\d+)-[0-9a-f]+")
+
+
+def job_hex(job_id: str) -> str:
+    return job_id.replace("-", "").lower()
+
+
+@dataclass
+class Reclaimed:
+    removed: list[str] = field(default_factory=list)
+    bytes: int = 0
+    kept: int = 0  # temp entries of live leases (or too young to judge)
+    failed: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        return f"{len(self.removed)} orphaned temp dirs, {self.bytes} bytes freed; {self.kept} kept (live leases)"
+
+
+def _tree_bytes(path: Path) -> int:
+    if path.is_symlink() or not path.is_dir():
+        try:
+            return path.lstat().st_size
+        except FileNotFoundError:
             return 0
-        cutoff = time.time() - older_than_s
-        for tmp in stages.glob("*/.*"):  # ours (.tmp-*) and the compiler's temp siblings
+    total = 0
+    for base, _dirs, files in os.walk(path):
+        for name in files:
             try:
-                if tmp.stat().st_mtime < cutoff:
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    removed += 1
+                total += os.lstat(os.path.join(base, name)).st_size
             except FileNotFoundError:
                 pass
-        return removed
+    return total
+
+
+def _newest_mtime(path: Path) -> float:
+    """The latest change anywhere in the tree (a directory's own mtime misses writes into its files)."""
+    try:
+        newest = path.lstat().st_mtime
+    except FileNotFoundError:
+        return time.time()
+    if path.is_dir() and not path.is_symlink():
+        for base, dirs, files in os.walk(path):
+            for name in dirs + files:
+                try:
+                    newest = max(newest, os.lstat(os.path.join(base, name)).st_mtime)
+                except FileNotFoundError:
+                    pass
+    return newest

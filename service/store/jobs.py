@@ -322,6 +322,17 @@ class JobStore:
         with self.reader.connect() as conn:
             return [(r.id, r.queue) for r in conn.execute(q)]
 
+    def live_leases(self, expired_grace_s: float | None = None) -> set[tuple[str, int]]:
+        """(job id, fencing token) of the running jobs' current leases: the writers whose temporary outputs
+        must be left alone (``ArtifactStore.reclaim_temps``). By default a lease counts until someone takes
+        the job over (the reconciler requeues it, or a new claim bumps the token): a late heartbeat may
+        still renew an expired one. ``expired_grace_s``: leases expired longer ago than that count as dead."""
+        q = select(jobs.c.id, jobs.c.fencing_token).where(jobs.c.state == "running")
+        if expired_grace_s is not None:
+            q = q.where(jobs.c.lease_expires_at >= time.time() - expired_grace_s)
+        with self.reader.connect() as conn:
+            return {(r.id, r.fencing_token) for r in conn.execute(q)}
+
     def mark_requeued(self, job_id: str, *, expected_state: str) -> bool:
         """Claim the right to re-publish a stale job (one reconciler wins)."""
         now = time.time()

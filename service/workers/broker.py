@@ -2,7 +2,8 @@
 
 Reliability settings follow the reference: late ack + reject on worker lost (a SIGKILLed child's
 message is redelivered), prefetch 1, JSON only, no result backend (the job row is the truth),
-hard time limit below the broker's visibility timeout. The same code runs on the embedded
+hard time limit below the broker's visibility timeout, the soft one min(60 s, 10%) before it
+(``Settings.soft_time_limit_s``; ``Settings.check_reliability`` refuses limits that cannot work). The same code runs on the embedded
 file-backed transport and on Redis; only ``KILN_BROKER_URL`` differs.
 """
 
@@ -25,8 +26,7 @@ def make_celery(settings: Settings) -> Celery:
         transport.update(data_folder_in=str(folder / "queue"), data_folder_out=str(folder / "queue"),
                          control_folder=str(folder / "control"), processed_folder=str(folder / "processed"),
                          store_processed=False, polling_interval=0.2)
-    if settings.task_time_limit_s >= settings.visibility_timeout_s:
-        raise ValueError("KILN_TASK_TIME_LIMIT_S must stay below KILN_VISIBILITY_TIMEOUT_S")
+    settings.check_reliability()  # InvalidConfiguration (a ValueError) for limits that cannot work
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,
@@ -37,7 +37,7 @@ def make_celery(settings: Settings) -> Celery:
         task_ignore_result=True,
         result_backend=None,
         task_time_limit=settings.task_time_limit_s,
-        task_soft_time_limit=max(1, settings.task_time_limit_s - 60),
+        task_soft_time_limit=settings.soft_time_limit_s,
         broker_transport_options=transport,
         visibility_timeout=settings.visibility_timeout_s,
         task_default_queue="cpu",

@@ -147,11 +147,40 @@ def check_quantized_build(spec: JobSpec) -> None:
                                "without 'build' to get the quantized checkpoint and its accuracy report")
 
 
+DEFAULT_MAX_INPUT_LEN = 1024  # the compiler's BuildConfig default, as trtllm-build's
+
+
 def _build_config(cfg: dict):
+    """The compiler's BuildConfig for a stage config. Unset limits follow the model the way ``kiln build``
+    derives them (``validate_build``): max_seq_len = min(max_position_embeddings, max_input_len + 1024),
+    an unset max_input_len = min(1024, max_seq_len)."""
     from service.compiler.build import BuildConfig
 
-    return BuildConfig(max_batch_size=cfg["max_batch_size"], max_input_len=cfg["max_input_len"],
-                       max_seq_len=cfg["max_seq_len"], target=cfg["target"], backend=cfg["backend"])
+    seq, inp = cfg.get("max_seq_len"), cfg.get("max_input_len")
+    if inp is None:
+        inp = DEFAULT_MAX_INPUT_LEN if seq is None else min(DEFAULT_MAX_INPUT_LEN, seq)
+    return BuildConfig(max_batch_size=cfg["max_batch_size"], max_input_len=inp, max_seq_len=seq,
+                       target=cfg["target"], backend=cfg["backend"])
+
+
+def check_explicit_limits(cfg: dict, ckpt_config: dict) -> None:
+    """An explicit limit beyond the model stays an error (the compiler would shorten a derived max_input_len
+    to the model's length silently, which is right only when the user did not ask for one)."""
+    from service.compiler.build import InvalidBuildConfig
+
+    model_max = int(ckpt_config.get("max_position_embeddings") or 2048)
+    inp = cfg.get("max_input_len")
+    if inp is not None and inp > model_max:
+        raise InvalidBuildConfig(f"max_input_len={inp} is beyond the model's max_position_embeddings={model_max}",
+                                 hint=f"use max_input_len <= {model_max}, or leave it unset to derive it from the model")
+
+
+def build_limits(cfg: dict, resolved: dict, ckpt_config: dict) -> dict:
+    """The limits the engine was built with, and which of them were derived from the model."""
+    return {"max_batch_size": resolved.get("max_batch_size"), "max_input_len": resolved.get("max_input_len"),
+            "max_seq_len": resolved.get("max_seq_len"), "max_num_tokens": resolved.get("max_num_tokens"),
+            "derived": [k for k in ("max_input_len", "max_seq_len") if cfg.get(k) is None],
+            "model_max_position_embeddings": ckpt_config.get("max_position_embeddings")}
 
 
 def build_stage(ctx: StageContext, input_dir: Path | None, output_dir: Path, cfg: dict, progress: Progress) -> dict:
@@ -161,10 +190,13 @@ def build_stage(ctx: StageContext, input_dir: Path | None, output_dir: Path, cfg
 
     assert input_dir is not None
     ckpt = input_dir
-    qcfg = load_config(ckpt).get("quantization") or {}
+    ckpt_config = load_config(ckpt)
+    check_explicit_limits(cfg, ckpt_config)
+    qcfg = ckpt_config.get("quantization") or {}
     quant = qcfg.get("quant_algo")
     note = None
-    with tempfile.TemporaryDirectory(dir=output_dir.parent, prefix=".tmp-dequant-") as scratch:
+    # named after output_dir (which carries the lease's job and token), so a crash's leftover is reclaimable
+    with tempfile.TemporaryDirectory(dir=output_dir.parent, prefix=f".{output_dir.name}.dequant-") as scratch:
         if quant and not backend_builds_quantized(cfg["backend"], quant, qcfg.get("kv_cache_quant_algo")):
             if quant not in WEIGHT_ONLY:  # refused at submit; a direct runner call lands here
                 from service.compiler.build import InvalidBuildConfig
@@ -181,6 +213,7 @@ def build_stage(ctx: StageContext, input_dir: Path | None, output_dir: Path, cfg
     performance = json.loads(perf_file.read_text()) if perf_file.is_file() else None
     return _clean({"backend": cfg["backend"], "target": cfg["target"], "arch": engine_cfg["engine"].get("arch"),
                    "build_config": engine_cfg["build_config"], "stats": stats, "quant_algo": quant,
+                   "limits": build_limits(cfg, engine_cfg["build_config"], ckpt_config),
                    "weights": note or ("quantized" if quant else "float"),
                    "memory_estimate": engine_cfg["engine"].get("memory_estimate"), "performance": performance})
 
@@ -259,7 +292,10 @@ def validate_compile(settings: Settings, spec: JobSpec, model_dir: Path | None) 
                 ckpt["quantization"] = {}  # the adapter builds it dequantized
             elif q.requested:
                 ckpt["quantization"] = {"quant_algo": None if q.algo == "none" else q.algo}
-            validate_build(_build_config(build_config(spec)), ckpt, machine_gpus=gpus)
+            bcfg = build_config(spec)
+            assert bcfg is not None
+            check_explicit_limits(bcfg, ckpt)
+            validate_build(_build_config(bcfg), ckpt, machine_gpus=gpus)
     finally:
         model.close()
 

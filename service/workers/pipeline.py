@@ -225,12 +225,24 @@ class PipelineRunner:
             self._finish(lease, "failed", error=JobError(
                 code=last.code, message=f"gave up after {lease.attempts - 1} attempts: {last.message}", hint=last.hint))
             return "failed"
+        self._reclaim_dead_attempts(lease)
         hb = _Heartbeat(self.store, lease, self.settings)
         hb.start()
         try:
             return self._run_stages(lease, job.spec, hb)
         finally:
             hb.stop()
+
+    def _reclaim_dead_attempts(self, lease: Lease) -> None:
+        """Earlier attempts of this job hold no lease any more (this claim fenced them out): their
+        half-written temp outputs (a SIGKILLed worker's) go now, not hours later."""
+        try:
+            freed = self.artifacts.reclaim_temps(lambda: {(lease.job_id, lease.token)}, job_id=lease.job_id)
+        except OSError:
+            log.warning("job %s: could not reclaim earlier attempts' temp outputs", lease.job_id, exc_info=True)
+            return
+        if freed.removed:
+            log.info("job %s attempt %d: reclaimed %s", lease.job_id, lease.attempts, freed.line())
 
     def _run_stages(self, lease: Lease, spec: JobSpec, hb: _Heartbeat) -> str:
         plan = planned_stages(spec)
@@ -270,7 +282,7 @@ class PipelineRunner:
                     manifest = self.artifacts.manifest(stage.name, key)
                     record.cache_hit = True
                 else:
-                    tmp = self.artifacts.new_tmp(stage.name)
+                    tmp = self.artifacts.new_tmp(stage.name, owner=(lease.job_id, lease.token))
                     try:
                         summary = stage.run(ctx, input_dir, tmp, cfg, progress) or {}
                         hb.check()

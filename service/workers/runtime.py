@@ -60,6 +60,11 @@ def worker_queues(settings, caps: dict) -> list[str]:
     return queues
 
 
+def unowned_grace_s(settings) -> float:
+    """How long a temp entry without an owner in its name must stay unchanged before it is reclaimed."""
+    return max(settings.lease_ttl_s * 2, 60.0)
+
+
 class WorkerRuntime:
     def __init__(self, app: Celery):
         from .pipeline import PipelineRunner, load_stage_plugins
@@ -103,6 +108,7 @@ class MainProcessDuties:
 
     def start(self) -> None:
         self.store.upsert_worker(self.worker_id, socket.gethostname(), self.queues, self.caps)
+        self.reclaim_temps("worker start")
         threading.Thread(target=self._loop, name="kiln-worker-duties", daemon=True).start()
 
     def _loop(self) -> None:
@@ -128,8 +134,20 @@ class MainProcessDuties:
                 log.info("reconciler: re-publishing job %s (%s)", job_id, job.state)
                 self._publish(job_id, queue)
                 republished += 1
-        self.artifacts.sweep(older_than_s=max(self.settings.lease_ttl_s * 2, 60.0))
+        self.reclaim_temps("reconciler")
         return republished
+
+    def reclaim_temps(self, why: str):
+        """Orphaned temporary outputs: those of leases that expired or ended (a crashed worker's), never a
+        live lease's; unowned ones once unchanged for max(2 x lease TTL, 60 s)."""
+        try:
+            freed = self.artifacts.reclaim_temps(self.store.live_leases, unowned_older_than_s=unowned_grace_s(self.settings))
+        except Exception:
+            log.warning("%s: reclaiming temp outputs failed", why, exc_info=True)
+            return None
+        if freed.removed:
+            log.info("%s: reclaimed %s", why, freed.line())
+        return freed
 
     def stop(self) -> None:
         self._stop.set()

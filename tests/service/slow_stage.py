@@ -1,9 +1,12 @@
 """A test-only stage plugin (loaded through KILN_STAGE_PLUGINS): writes a file in two halves with a
-pause in between, so a test can SIGKILL a worker in the middle of a stage."""
+pause in between, so a test can SIGKILL a worker in the middle of a stage. The label ``slowconvert``
+(seconds per progress report) slows the real convert stage the same way (the compiler still writes
+its own temp directory), so a test can kill a worker mid-convert."""
 
 import time
 
-from service.workers.pipeline import Stage, register_stage
+from service.workers import stages
+from service.workers.pipeline import STAGES, Stage, register_stage
 
 
 def slow_stage(ctx, input_dir, output_dir, cfg, progress):
@@ -21,3 +24,18 @@ def slow_stage(ctx, input_dir, output_dir, cfg, progress):
 
 register_stage(Stage("slow", slow_stage, config=lambda s: {"seconds": float(s.labels["slow"])} if "slow" in s.labels else None),
                after="convert")
+
+
+def _slow_convert(ctx, input_dir, output_dir, cfg, progress):
+    pause = float(ctx.spec.labels.get("slowconvert", 0))
+
+    def slowed(frac, message):
+        progress(frac, message)
+        time.sleep(pause)
+
+    return stages.convert_stage(ctx, input_dir, output_dir, cfg, slowed if pause else progress)
+
+
+_convert = next(s for s in STAGES if s.name == "convert")
+register_stage(Stage("convert", _slow_convert, config=_convert.config, artifact=_convert.artifact,
+                     weight=_convert.weight))  # replaces it in place: same name, same key config

@@ -83,3 +83,43 @@ def test_refusals_print_the_servers_code_message_and_hint(server):
     assert "\nhint: " in r.stderr  # the server's hint, as it sent it
     r = kiln(server, "download", "0123456789abcdef", "out", *url)
     assert r.returncode == 2 and "HTTP 404 job_not_found" in r.stderr
+
+
+def test_gc_reclaims_orphaned_temp_dirs_and_reports_what_it_freed(tmp_path):
+    """`kiln gc`: a dead attempt's temp outputs go, a live lease's stay, the report says count and bytes."""
+    from service.settings import Settings
+    from service.store import ArtifactStore, JobStore, make_engine, migrate
+
+    env = service_env(tmp_path / "storage")
+    settings = Settings(storage=tmp_path / "storage")
+    engine = make_engine(settings.db_url)
+    migrate(engine)
+    store = JobStore(engine)
+    from service.domain import JobSpec
+
+    live_job, _ = store.create(tenant="t", spec=JobSpec(model=TINY_REPO), idempotency_key=None, queue="cpu")
+    dead_job, _ = store.create(tenant="t", spec=JobSpec(model=TINY_REPO), idempotency_key=None, queue="cpu")
+    live = store.claim(live_job.id, "w1", ttl=600)
+    dead = store.claim(dead_job.id, "w2", ttl=600)
+    store.update(dead_job.id, state="failed", lease_owner=None, lease_expires_at=None)  # that attempt is over
+    artifacts = ArtifactStore(settings.storage_root)
+    kept = artifacts.new_tmp("convert", owner=(live.job_id, live.token))
+    gone = artifacts.new_tmp("convert", owner=(dead.job_id, dead.token))
+    nested = gone.parent / f".{gone.name}.tmp-abcdef012345"
+    for d, n in ((kept, 10), (gone, 3000), (nested, 4000)):
+        d.mkdir()
+        (d / "rank0.safetensors").write_bytes(b"z" * n)
+    store.close()
+    engine.dispose()
+
+    r = subprocess.run([sys.executable, "-m", "service.cli", "gc", "--dry-run"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "would free 2 orphaned temp dirs, 7000 bytes" in r.stdout and gone.exists()
+    r = subprocess.run([sys.executable, "-m", "service.cli", "gc", "--json"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert (report["count"], report["bytes"], report["kept"]) == (2, 7000, 1)
+    assert sorted(report["removed"]) == sorted([str(gone), str(nested)])
+    assert kept.exists() and not gone.exists() and not nested.exists()

@@ -145,3 +145,60 @@ def test_sweep_removes_only_stale_temp_dirs(tmp_path):
     os.utime(old, (time.time() - 1000, time.time() - 1000))
     assert store.sweep(older_than_s=100) == 1
     assert new.exists() and not old.exists()
+
+
+def _write_tmp(store: ArtifactStore, owner, nbytes: int = 1000):
+    """A stage temp dir of ``owner``'s lease, and the compiler's temp sibling of it (``..tmp-…tmp-…``)."""
+    tmp = store.new_tmp("convert", owner=owner)
+    tmp.mkdir()
+    (tmp / "config.json").write_bytes(b"x" * nbytes)
+    sibling = tmp.parent / f".{tmp.name}.tmp-0123456789ab"
+    sibling.mkdir()
+    (sibling / "rank0.safetensors").write_bytes(b"y" * nbytes)
+    return tmp, sibling
+
+
+def test_reclaim_never_touches_a_live_lease_and_frees_dead_ones(job_store, tmp_path):
+    store = ArtifactStore(tmp_path / "storage")
+    live_job, _ = job_store.create(tenant="t", spec=_spec(), idempotency_key=None, queue="cpu")
+    dead_job, _ = job_store.create(tenant="t", spec=_spec(), idempotency_key=None, queue="cpu")
+    live = job_store.claim(live_job.id, "w-live", ttl=600)
+    first = job_store.claim(dead_job.id, "w-dead", ttl=600)
+    live_dirs = _write_tmp(store, (live.job_id, live.token))
+    dead_dirs = _write_tmp(store, (first.job_id, first.token))
+    unowned = store.new_tmp("build")
+    unowned.mkdir()
+
+    # both leases are current: nothing of theirs goes; an unowned entry only once old enough (None: never)
+    freed = store.reclaim_temps(job_store.live_leases)
+    assert freed.removed == [] and freed.kept == 5
+    # the dead job's lease expires and a new attempt takes it over (new fencing token)
+    job_store.update(dead_job.id, lease_expires_at=time.time() - 1)
+    second = job_store.claim(dead_job.id, "w-new", ttl=600)
+    assert second is not None and second.token == first.token + 1
+    freed = store.reclaim_temps(job_store.live_leases)
+    assert sorted(freed.removed) == sorted(str(p) for p in dead_dirs)
+    assert freed.bytes == 2000
+    assert all(p.exists() for p in live_dirs) and not any(p.exists() for p in dead_dirs)
+    assert unowned.exists()
+    # a lease that expired but nobody took over still counts as live by default (a late heartbeat may
+    # renew it); with a grace, one expired longer ago than the grace is dead
+    job_store.update(live_job.id, lease_expires_at=time.time() - 100)
+    assert store.reclaim_temps(job_store.live_leases).removed == []
+    assert store.reclaim_temps(lambda: job_store.live_leases(expired_grace_s=1000)).removed == []
+    freed = store.reclaim_temps(lambda: job_store.live_leases(expired_grace_s=10))
+    assert len(freed.removed) == 2 and not any(p.exists() for p in live_dirs)
+
+
+def test_reclaim_for_one_job_and_dry_run(tmp_path):
+    store = ArtifactStore(tmp_path)
+    a = "11111111-1111-4111-8111-111111111111"
+    b = "22222222-2222-4222-8222-222222222222"
+    a_old, b_old = _write_tmp(store, (a, 1)), _write_tmp(store, (b, 1))
+    a_now = _write_tmp(store, (a, 2))
+    dry = store.reclaim_temps(lambda: {(a, 2)}, job_id=a, dry_run=True)
+    assert sorted(dry.removed) == sorted(str(p) for p in a_old) and all(p.exists() for p in a_old)
+    freed = store.reclaim_temps(lambda: {(a, 2)}, job_id=a)  # what a new claim of job a does
+    assert not any(p.exists() for p in a_old)
+    assert all(p.exists() for p in a_now + b_old)  # another job's entries are not this call's to judge
+    assert freed.bytes == 2000

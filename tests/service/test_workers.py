@@ -121,6 +121,27 @@ def test_worker_sigkilled_mid_stage_job_completes_once(cluster):
     assert (slow_root / stages["slow"].key / "payload.bin").read_bytes() == b"a" * 4096 + b"b" * 4096
 
 
+def _temp_entries(root):
+    return sorted(p.relative_to(root).as_posix() for p in root.glob("stages/*/.*"))
+
+
+def test_worker_sigkilled_mid_convert_leaves_no_temp_dirs(cluster):
+    """The compiler's half-written output (``stages/convert/..tmp-<…>.tmp-<…>``) of a SIGKILLed attempt is
+    reclaimed when the next attempt takes the job over: none is left once the retry succeeded."""
+    root = cluster.settings.storage_root
+    worker = cluster.worker("w1")
+    job, _ = cluster.service.submit("t", JobSpec(model=TINY_REPO, dtype="float32", labels={"slowconvert": "0.3"}))
+    wait_for(lambda: (j := cluster.store.get(job.id)).stage == "convert" and j.progress > 0.3, 60, 0.05, "mid-convert")
+    kill_group(worker)
+    leaked = _temp_entries(root)
+    assert any(name.startswith("stages/convert/..tmp-") for name in leaked), leaked  # the compiler's temp dir
+    cluster.worker("w2")
+    done = wait_for(lambda: _finished(cluster.store, job.id), 120, what="job to finish after the kill")
+    assert done.state == "succeeded", (done.error, cluster.log("w2"))
+    assert done.attempts == 2
+    assert _temp_entries(root) == []
+
+
 def test_running_job_is_cancelled_by_request(cluster):
     cluster.worker()
     job, _ = cluster.service.submit("t", JobSpec(model=TINY_REPO, labels={"slow": "20"}))

@@ -18,11 +18,14 @@ router = APIRouter()
 
 
 @router.get("/v1/workers", response_model=WorkerList, responses=ERROR_RESPONSES, tags=["workers"])
-def list_workers(svc: Service, tenant: Tenant) -> WorkerList:
+def list_workers(request: Request, svc: Service, tenant: Tenant) -> WorkerList:
+    """Live workers (registered, heartbeat within KILN_WORKER_TTL_S) and, under `kiln serve`, the
+    state of its supervised worker process (restarts, last exit, pending respawn)."""
     return WorkerList(workers=[WorkerOut(id=w["id"], hostname=w["hostname"], queues=w["queues"],
                                          gpus=w["capabilities"].get("gpus", []),
                                          backends=w["capabilities"].get("backends", []),
-                                         heartbeat_at=w["heartbeat_at"]) for w in svc.workers()])
+                                         heartbeat_at=w["heartbeat_at"]) for w in svc.workers()],
+                      embedded_worker=_embedded_worker(request))
 
 
 @router.get("/healthz", tags=["ops"])
@@ -31,13 +34,24 @@ def healthz() -> dict:
 
 
 @router.get("/readyz", tags=["ops"])
-def readyz(svc: Service) -> Response:
+def readyz(request: Request, svc: Service) -> Response:
+    """200 while the database and storage answer. ``embedded_worker`` (under `kiln serve`) says whether
+    its worker runs or is being respawned; jobs submitted meanwhile wait queued."""
     try:
         svc.store.version("readyz-probe")
         svc.artifacts.root.mkdir(parents=True, exist_ok=True)
     except Exception as exc:  # database or storage down
         return JSONResponse({"status": "unavailable", "reason": type(exc).__name__}, status_code=503)
-    return JSONResponse({"status": "ready", "workers": len(svc.workers())})
+    body: dict = {"status": "ready", "workers": len(svc.workers())}
+    embedded = _embedded_worker(request)
+    if embedded is not None:
+        body["embedded_worker"] = embedded
+    return JSONResponse(body)
+
+
+def _embedded_worker(request: Request) -> dict | None:
+    supervisor = getattr(request.app.state.runtime, "supervisor", None)
+    return supervisor.status() if supervisor is not None else None
 
 
 @router.get("/metrics", response_class=PlainTextResponse, tags=["ops"],
