@@ -180,7 +180,7 @@ def test_api_validation_errors_appear_next_to_their_fields(page, server):
     page.click("#f-submit")
     expect(_field_error(page, "b-backend")).to_contain_text("does not build W8A8_SQ_PER_CHANNEL", timeout=10000)
     expect(page.locator("#form-error .hint")).to_contain_text("weight-only algo")
-    assert page.locator("#submit-result").inner_text().startswith("invalid_argument")
+    expect(page.locator("#submit-result")).to_have_text("invalid_argument: 1 problem, marked next to the field")
 
 
 def _run(script: str, server) -> str:
@@ -222,6 +222,12 @@ def test_copied_curl_and_kiln_submit_commands_submit_the_form_spec(page, server,
     assert "--spec" in kiln and "--server " + server["http"] in kiln
     page.click("#copy-curl")
     assert page.evaluate("navigator.clipboard.readText()") == curl
+    # the compiler's submit-time preflight: AWQ's group size must divide the tiny model's 64 features
+    page.click("#f-submit")
+    expect(_field_error(page, "q-group")).to_contain_text("does not divide the 64 input features", timeout=15000)
+    page.fill("#q-group", "32")
+    curl, kiln = page.locator("#cmd-curl").inner_text(), page.locator("#cmd-kiln").inner_text()
+    assert '"group_size":32' in curl
     # what the form submits, what curl submits and what kiln submits are one spec
     form_id = _submit(page)
     curl_id = json.loads(_run(curl, server))["id"]
@@ -327,8 +333,8 @@ def test_every_kind_of_job_from_the_form_runs_to_its_end_with_its_report(page, s
     table = page.locator("#cmp-table")
     expect(table.locator("thead")).to_contain_text(quant_id[:8])
     expect(table.locator("thead")).to_contain_text(build_id[:8])
-    expect(table.locator("tr[data-key='quantization'] td").nth(0)).to_contain_text("W8A16")
-    expect(table.locator("tr[data-key='quantization'] td").nth(1)).to_contain_text("build torch/cpu")
+    expect(table.locator("tr[data-key='pipeline'] td").nth(0)).to_contain_text("W8A16")
+    expect(table.locator("tr[data-key='pipeline'] td").nth(1)).to_contain_text("build torch/cpu")
     expect(table.locator("tr[data-key='decode_b1'] td").nth(0)).to_have_text("—")
     expect(table.locator("tr[data-key='decode_b1'] td").nth(1)).to_contain_text(".")
     expect(page.locator("#cmp-chart svg[data-chart='compare'] g[data-metric='total_seconds'] rect")).to_have_count(2)

@@ -56,7 +56,7 @@ function svg(tag, attrs, text) {
 function hbarChart(name, title, rows, legend) {
   rows = rows.filter((r) => r.bars.some((b) => num(b.value)));
   if (!rows.length) return null;
-  const labelW = 190, plotW = 300, valueW = 150, per = rows[0].bars.length, barH = per > 1 ? 11 : 16;
+  const labelW = 220, plotW = 300, valueW = 150, per = rows[0].bars.length, barH = per > 1 ? 11 : 16;
   const rowH = per * barH + 10, top = title ? 22 : 4, legendH = legend ? 18 : 0;
   const width = labelW + plotW + valueW, height = top + rows.length * rowH + legendH + 4;
   const root = svg("svg", { width, height, viewBox: `0 0 ${width} ${height}`, role: "img", "aria-label": title || name,
@@ -353,10 +353,12 @@ function showErrors(err) {
       target.appendChild(box);
     }
   }
+  const located = document.querySelectorAll("#submit-form .field-error").length;
   const fe = $("form-error");
   fe.replaceChildren(el("strong", err.code || "error"), ...general.map((g) => { g.className = ""; return g; }));
   if (err.hint) fe.appendChild(el("div", "hint: " + err.hint, "hint"));
   fe.hidden = false;
+  return general.length ? 0 : located;
 }
 
 $("submit-form").addEventListener("input", (ev) => {  // editing a field clears its error
@@ -376,8 +378,8 @@ $("submit-form").addEventListener("submit", async (ev) => {
       body: JSON.stringify(specFromForm()) });
     out.textContent = "submitted " + job.id; selected = job.id; rendered = { id: null, updated: null }; refresh();
   } catch (e) {
-    out.textContent = (e.error?.code || "error") + ": " + e.message;
-    if (e.error) showErrors(e.error);
+    const located = e.error ? showErrors(e.error) : 0;
+    out.textContent = (e.error?.code || "error") + ": " + (located ? `${located} problem${located > 1 ? "s" : ""}, marked next to the field${located > 1 ? "s" : ""}` : e.message);
   }
 });
 
@@ -633,7 +635,7 @@ const COMPARE_ROWS = [
   ["model", "model", (j) => j.spec.model],
   ["state", "state", (j) => j.state],
   ["dtype", "dtype", (j) => j.spec.dtype],
-  ["quantization", "quantization", (j) => jobKind(j.spec)],
+  ["pipeline", "pipeline", (j) => jobKind(j.spec)],
   ["total time (s)", "total_seconds", (j) => (j.finished_at && j.started_at ? j.finished_at - j.started_at : null), (v) => v.toFixed(2) + " s"],
   ["quantize time (s)", "quantize_seconds", (j) => stageOf(j, "quantize")?.summary?.seconds, (v) => v.toFixed(2) + " s"],
   ["build time (s)", "build_seconds", (j) => buildPerformance(j)?.build_seconds, (v) => v.toFixed(2) + " s"],
@@ -662,7 +664,7 @@ async function compare() {
     if (values.every((v) => v === undefined || v === null)) return [];
     const tr = el("tr"); tr.dataset.key = key;
     tr.append(el("th", label), ...values.map((v) => el("td", v === undefined || v === null ? "—" : f && num(v) ? f(v) : String(v))));
-    if (values.some(num)) chartRows.push({ label, key, bars: values.map((v, i) => ({ value: num(v) ? v : null, text: num(v) ? (f ? f(v) : fmt(v)) : "—", cls: "b" + i })) });
+    if (values.every(num)) chartRows.push({ label, key, bars: values.map((v, i) => ({ value: num(v) ? v : null, text: num(v) ? (f ? f(v) : fmt(v)) : "—", cls: "b" + i })) });
     return [tr];
   }));
   place($("cmp-chart"), hbarChart("compare", "A vs B (each row scaled to its larger value)", chartRows, ["A " + ids[0].slice(0, 8), "B " + ids[1].slice(0, 8)]));
