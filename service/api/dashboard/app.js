@@ -274,17 +274,19 @@ function errorLocations(err) {
   const list = err.fields || err.details || err.errors;
   if (Array.isArray(list) && list.length) {
     return list.map((f) => ({
-      path: Array.isArray(f.loc) ? f.loc.filter((p) => p !== "body").join(".") : String(f.loc ?? f.field ?? f.path ?? ""),
+      path: Array.isArray(f.loc) ? f.loc.filter((p) => p !== "body" && typeof p === "string").join(".")
+        : String(f.loc ?? f.field ?? f.path ?? "").replace(/\[\d+\]/g, ""),
       message: stripPrefix(f.message ?? f.msg ?? ""),
     }));
   }
   const message = String(err.message || "");
   const m = message.match(/^invalid request:\s*/);
   if (m) {
-    return message.slice(m[0].length).split(/;\s+(?=[A-Za-z_][\w.]*: )/).map((part) => {
-      const i = part.indexOf(": "), loc = i > 0 ? part.slice(0, i) : "";
+    return message.slice(m[0].length).split(/;\s+(?=[A-Za-z_][\w.[\]]*: )/).map((part) => {
+      const i = part.indexOf(": "), loc = i > 0 ? part.slice(0, i).replace(/\[\d+\]/g, "") : "";
       return /^[A-Za-z_][\w.]*$/.test(loc) && loc !== "body"
-        ? { path: loc, message: stripPrefix(part.slice(i + 2)) } : { path: guessPath(err.code, part), message: stripPrefix(part.slice(i + 2) || part) };
+        ? { path: loc, message: stripPrefix(part.slice(i + 2)) }
+        : { path: guessPath(err.code, part), message: stripPrefix(i > 0 ? part.slice(i + 2) : part) };
     });
   }
   return [{ path: guessPath(err.code, message), message: stripPrefix(message) }];
@@ -614,11 +616,9 @@ function updateCompareChoices(jobs) {
   for (const select of [$("cmp-a"), $("cmp-b")]) {
     const keep = select.value;
     const ids = jobs.map((j) => j.id);
-    if ([...select.options].map((o) => o.value).join(",") !== ids.join(",")) {
-      select.replaceChildren(...jobs.map((j) => {
-        const o = el("option", `${j.id.slice(0, 8)} · ${j.spec.model} · ${jobKind(j.spec)} · ${j.state}`);
-        o.value = j.id; return o;
-      }));
+    const texts = jobs.map((j) => `${j.id.slice(0, 8)} · ${j.spec.model} · ${jobKind(j.spec)} · ${j.state}`);
+    if ([...select.options].map((o) => o.textContent).join("\n") !== texts.join("\n")) {
+      select.replaceChildren(...jobs.map((j, i) => { const o = el("option", texts[i]); o.value = j.id; return o; }));
     }
     if (ids.includes(keep)) select.value = keep;
   }
