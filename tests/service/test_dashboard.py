@@ -68,8 +68,12 @@ def _submit(page) -> str:
     return page.locator("#submit-result").inner_text().split()[-1]
 
 
-def _reset(page, server):
-    _open(page, server)  # a fresh form
+def _reset(page):
+    from playwright.sync_api import expect
+
+    page.click("#f-reset")
+    expect(page.locator("#q-algo")).to_be_disabled()  # the section is off again
+    expect(page.locator("#f-model")).to_have_value("")
 
 
 def _fill_quantized(page, algo="W8A16", **thresholds):
@@ -253,21 +257,21 @@ def test_every_kind_of_job_from_the_form_runs_to_its_end_with_its_report(page, s
     _fill_quantized(page)
     _fill_evaluation(page)
     quant_id = _submit(page)
-    _reset(page, server)
+    _reset(page)
     page.fill("#f-model", TINY_REPO)
     page.select_option("#f-dtype", "float32")
     page.fill("#f-labels", "kind=build")
     _fill_build(page)
     _fill_evaluation(page)
     build_id = _submit(page)
-    _reset(page, server)
+    _reset(page)
     page.fill("#f-model", TINY_REPO)
     page.select_option("#f-dtype", "float32")
     page.fill("#f-labels", "kind=gate")
     _fill_quantized(page, kl=0)  # no quantization has zero KL divergence: the accuracy gate fails the job
     _fill_evaluation(page)
     gate_id = _submit(page)
-    _reset(page, server)
+    _reset(page)
     page.fill("#f-model", TINY_REPO)
     page.fill("#f-labels", "fail=refused by the test stage")
     failed_id = _submit(page)

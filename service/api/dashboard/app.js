@@ -254,6 +254,11 @@ async function copyText(button, text) {
 }
 $("copy-curl").addEventListener("click", () => copyText($("copy-curl"), $("cmd-curl").textContent));
 $("copy-kiln").addEventListener("click", () => copyText($("copy-kiln"), $("cmd-kiln").textContent));
+$("submit-form").addEventListener("reset", () => setTimeout(() => {  // after the browser restored the defaults
+  for (const [box, fs] of [["q-on", "fs-quant"], ["b-on", "fs-build"], ["e-on", "fs-eval"]]) $(fs).disabled = !$(box).checked;
+  clearErrors();
+  updateEquivalents();
+}));
 $("submit-form").addEventListener("input", updateEquivalents);
 $("submit-form").addEventListener("change", updateEquivalents);
 
