@@ -39,3 +39,22 @@ def _slow_convert(ctx, input_dir, output_dir, cfg, progress):
 _convert = next(s for s in STAGES if s.name == "convert")
 register_stage(Stage("convert", _slow_convert, config=_convert.config, artifact=_convert.artifact,
                      weight=_convert.weight))  # replaces it in place: same name, same key config
+
+
+class StageRefused(Exception):
+    """A permanent stage failure (its code is in the pipeline's PERMANENT_CODES): the job fails at once."""
+
+    code = "invalid_checkpoint"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message, self.hint = message, "the test asked this stage to fail (label fail=<message>)"
+
+
+def failing_stage(ctx, input_dir, output_dir, cfg, progress):
+    raise StageRefused(cfg["message"])
+
+
+# a job labelled fail=<message> fails after convert: a failed job with no report artifact
+register_stage(Stage("fail", failing_stage, config=lambda s: {"message": s.labels["fail"]} if "fail" in s.labels else None),
+               after="convert")
