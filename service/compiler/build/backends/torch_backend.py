@@ -26,6 +26,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -202,7 +203,7 @@ def build_torch_engine(ckpt_dir: Path, resolved: ResolvedBuild, out_dir: Path, *
         nbytes = sum(write_engine_weights(ckpt_dir, cfg, dtype, tmp / f"rank{r or 0}.safetensors", progress, r)
                      for r in ranks)
         weights_s = time.perf_counter() - start
-        engine_cfg = {
+        engine_cfg: dict[str, Any] = {
             "version": ENGINE_VERSION,
             "backend": "torch",
             "pretrained_config": {**cfg, "mapping": {"world_size": tp, "tp_size": tp, "pp_size": 1}},
