@@ -49,8 +49,10 @@ bench-convert:
 bench-api:
 	$(BIN)/python benchmarks/api_bench.py
 
+# ruff, then mypy over service/ (its settings: [tool.mypy] in pyproject.toml); CI runs this after `make test`
 lint:
 	$(BIN)/ruff check service tests benchmarks
+	$(BIN)/mypy
 
 clean:
 	rm -rf .pytest_cache build dist *.egg-info

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+from typing import TYPE_CHECKING, NoReturn
 
 import grpc
 from google.protobuf import json_format
@@ -37,7 +38,11 @@ def load_stubs():
     return pb2, pb2_grpc
 
 
-pb2, pb2_grpc = load_stubs()
+if TYPE_CHECKING:  # the generated modules themselves (Any where they have not been generated)
+    import service.api.grpc_gen.kiln.v1.kiln_pb2 as pb2
+    import service.api.grpc_gen.kiln.v1.kiln_pb2_grpc as pb2_grpc
+else:
+    pb2, pb2_grpc = load_stubs()
 SERVICE_NAME = pb2.DESCRIPTOR.services_by_name["Kiln"].full_name
 CHUNK = 1 << 20
 
@@ -77,11 +82,12 @@ class KilnServicer(pb2_grpc.KilnServicer):
         except Exception as exc:
             await self._abort(context, exc)
 
-    async def _abort(self, context, exc: Exception):
+    async def _abort(self, context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:
         body = error_body(exc)
         _http, code = status_for(body["code"])
         context.set_trailing_metadata((("kiln-error-code", body["code"]), ("kiln-error-hint", body["hint"])))
         await context.abort(getattr(grpc.StatusCode, code), body["message"])
+        raise AssertionError("ServicerContext.abort returned")  # it raises (grpc ships no type hints to say so)
 
     async def _tenant(self, context) -> str:
         md = {k.lower(): v for k, v in (context.invocation_metadata() or ())}

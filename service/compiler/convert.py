@@ -193,15 +193,17 @@ def _piece_chunks(plan: TensorPlan, piece: Piece, source: WeightSource, step: in
     """The rows of one piece, ``step`` rows at a time, cast to the output dtype."""
     import torch
 
+    dtype = plan.dtype
+    assert not isinstance(dtype, str)  # _chunks_of sends plans over raw sources to _raw_piece_chunks
     width = plan.shape[1] if len(plan.shape) == 2 else 1
     if piece.source is None:  # zero rows (vocab padding)
         for r in range(0, piece.nrows, step):
             n = min(step, piece.nrows - r)
-            yield torch.zeros((n, width) if len(plan.shape) == 2 else (n,), dtype=plan.dtype)
+            yield torch.zeros((n, width) if len(plan.shape) == 2 else (n,), dtype=dtype)
         return
     view = source.view(piece.source)
     if view.dim() == 1:
-        yield view[piece.rows[0]:piece.rows[1]].to(plan.dtype)
+        yield view[piece.rows[0]:piece.rows[1]].to(dtype)
         source.release(piece.source)
         return
     mat = view.t() if piece.transpose else view
@@ -209,7 +211,7 @@ def _piece_chunks(plan: TensorPlan, piece: Piece, source: WeightSource, step: in
     r0, r1 = piece.rows
     for r in range(r0, r1, step):
         r2 = min(r + step, r1)
-        yield mat[r:r2, c0:c1].to(plan.dtype)
+        yield mat[r:r2, c0:c1].to(dtype)
         if not piece.transpose:
             source.release(piece.source, r, r2)
     if piece.transpose:

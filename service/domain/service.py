@@ -8,6 +8,7 @@ and checking a spec against the compiler are injected (``store``, ``artifacts``,
 from __future__ import annotations
 
 import asyncio
+import builtins
 import logging
 import re
 import time
@@ -138,7 +139,7 @@ class JobService:
                 seen = job.version
                 yield job
 
-    def workers(self) -> list[dict]:
+    def workers(self) -> builtins.list[dict]:
         return self.store.live_workers(self.worker_ttl_s)
 
     def artifact(self, tenant: str, job_id: str, name: str) -> tuple[str, str, dict]:
@@ -167,12 +168,12 @@ class JobService:
                               "files": m["files"]})
         total = (job.finished_at - job.started_at) if job.finished_at and job.started_at else None
         evaluation = None
-        ref = next((a for a in job.artifacts if a.name == "report"), None)
-        if ref is not None:  # the evaluate stage's report.json (kept on a job that failed its thresholds)
+        report_ref = next((a for a in job.artifacts if a.name == "report"), None)
+        if report_ref is not None:  # the evaluate stage's report.json (kept on a job that failed its thresholds)
             try:
                 import json
 
-                path, _ = self.artifacts.open_path(ref.stage, ref.key, "report.json")
+                path, _ = self.artifacts.open_path(report_ref.stage, report_ref.key, "report.json")
                 evaluation = json.loads(path.read_text())
             except (FileNotFoundError, UnsafePath, ValueError):
                 evaluation = None

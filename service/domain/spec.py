@@ -152,11 +152,14 @@ class BuildSpec(_Strict):
         return None if self.target == "cpu" else int(self.target[2:])
 
 
+EvaluationMetric = Literal["perplexity", "agreement", "kl", "rouge"]
+EVALUATION_METRICS: tuple[EvaluationMetric, ...] = ("perplexity", "agreement", "kl", "rouge")
+
+
 class EvaluationSpec(_Strict):
     """Engine (or quantized checkpoint) against the reference runtime on held-out windows."""
 
-    metrics: list[Literal["perplexity", "agreement", "kl", "rouge"]] = Field(
-        default_factory=lambda: ["perplexity", "agreement", "kl", "rouge"])
+    metrics: list[EvaluationMetric] = Field(default_factory=lambda: list(EVALUATION_METRICS))
     max_samples: int = Field(8, ge=1, le=10000, description="evaluation windows")
     seq_len: int = Field(128, ge=8, le=8192, description="tokens per evaluation window")
     max_new_tokens: int = Field(16, ge=1, le=1024, description="greedy tokens generated per prompt (ROUGE)")

@@ -29,7 +29,7 @@ V = TypeVar("V")
 class _LoopState:
     __slots__ = ("pending", "running", "tasks")
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.pending: dict = {}  # key -> [futures], in arrival order
         self.running = 0
         self.tasks: set[asyncio.Task] = set()  # strong references to the drain tasks
@@ -49,7 +49,6 @@ class Coalescer(Generic[K, V]):
         if max_batch < 1 or concurrency < 1:
             raise ValueError("max_batch and concurrency must be >= 1")
         self._fetch = fetch
-        self._async = inspect.iscoroutinefunction(fetch)
         self.max_batch = max_batch
         self.concurrency = concurrency
         self._name = name
@@ -86,10 +85,10 @@ class Coalescer(Generic[K, V]):
                 if not batch:
                     continue
                 try:
-                    if self._async:
-                        rows = await self._fetch(list(batch))
+                    if inspect.iscoroutinefunction(fetch := self._fetch):
+                        rows = await fetch(list(batch))
                     else:
-                        rows = await loop.run_in_executor(self._pool(), self._fetch, list(batch))
+                        rows = await loop.run_in_executor(self._pool(), fetch, list(batch))
                 except Exception as exc:
                     for waiters in batch.values():
                         for f in waiters:

@@ -7,12 +7,14 @@ so a stale duplicate of a task touches no row and stops.
 from __future__ import annotations
 
 import base64
+import builtins
 import json
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import String, and_, any_, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.dialects.postgresql import ARRAY
@@ -47,7 +49,8 @@ def _dump(value) -> str | None:
     return json.dumps(value, separators=(",", ":"))
 
 
-def row_to_job(row: RowMapping) -> Job:
+def row_to_job(row: RowMapping | Mapping[str, Any]) -> Job:
+    """A Job from a jobs row (a SQLAlchemy row mapping, or a column-name dict from pg_reads)."""
     return Job(
         id=row["id"],
         tenant=row["tenant"],
@@ -312,7 +315,7 @@ class JobStore:
     def release(self, lease: Lease, **values) -> bool:
         return self.update(lease.job_id, token=lease.token, lease_owner=None, lease_expires_at=None, **values)
 
-    def stale_jobs(self, requeue_after: float) -> list[tuple[str, str]]:
+    def stale_jobs(self, requeue_after: float) -> builtins.list[tuple[str, str]]:
         """(id, queue) of running jobs whose lease expired and queued jobs not enqueued for a while."""
         now = time.time()
         q = select(jobs.c.id, jobs.c.queue).where(or_(
@@ -346,7 +349,7 @@ class JobStore:
             return conn.execute(q.values(enqueued_at=now, updated_at=now, version=jobs.c.version + 1)).rowcount == 1
 
     # -- workers ----------------------------------------------------------------------------
-    def upsert_worker(self, worker_id: str, hostname: str, queues: list[str], capabilities: dict) -> None:
+    def upsert_worker(self, worker_id: str, hostname: str, queues: builtins.list[str], capabilities: dict) -> None:
         now = time.time()
         with self.engine.begin() as conn:
             res = conn.execute(update(workers).where(workers.c.id == worker_id).values(
@@ -359,7 +362,7 @@ class JobStore:
         with self.engine.begin() as conn:
             conn.execute(delete(workers).where(workers.c.id == worker_id))
 
-    def live_workers(self, ttl: float) -> list[dict]:
+    def live_workers(self, ttl: float) -> builtins.list[dict]:
         cutoff = time.time() - ttl
         with self.reader.connect() as conn:
             rows = conn.execute(select(workers).where(workers.c.heartbeat_at >= cutoff).order_by(workers.c.id)).mappings().all()

@@ -55,6 +55,7 @@ class AsyncPgReader:
             try:
                 cur = await conn.execute(self._sql, {"ids": list(keys)}, prepare=True)
                 rows = await cur.fetchall()
+                assert cur.description is not None  # a SELECT (fetchall raises on anything else)
                 names = [c.name for c in cur.description]
             except psycopg.OperationalError:
                 dropped = conn.closed  # the server went away (restart, idle kill), not a query error

@@ -9,6 +9,8 @@ file-backed transport and on Redis; only ``KILN_BROKER_URL`` differs.
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import Celery
 
 from service.settings import Settings
@@ -18,7 +20,7 @@ TASK_NAME = "kiln.run_job"
 
 def make_celery(settings: Settings) -> Celery:
     app = Celery("kiln", broker=settings.broker, set_as_current=False)
-    transport = {"visibility_timeout": settings.visibility_timeout_s}
+    transport: dict[str, Any] = {"visibility_timeout": settings.visibility_timeout_s}
     if settings.uses_filesystem_broker:
         folder = settings.broker_folder
         for sub in ("queue", "control", "processed"):

@@ -32,7 +32,7 @@ def _resolve(host: str) -> list[str]:
         infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise InvalidSpec(f"webhook host {host!r} does not resolve") from exc
-    return list(dict.fromkeys(info[4][0] for info in infos))
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))  # AF_INET(6) addresses are str already
 
 
 def check_webhook_url(url: str, *, allow_private: bool) -> list[str]:

@@ -245,6 +245,7 @@ def validate_build(cfg: BuildConfig, ckpt: dict, *, weight_bytes: int | None = N
     if quant and cfg.backend == "torch":
         from ..engine.engine_quant import check_engine_quant
 
+        assert arch is not None  # the torch backend's architectures were checked above
         try:
             check_engine_quant(qcfg, arch)
         except KilnError as exc:

@@ -106,8 +106,10 @@ def itemsize(dtype: torch.dtype | str) -> int:
 
 def dtype_name(dtype: torch.dtype | str) -> str:
     """The safetensors code of a torch dtype (a code is returned as is)."""
-    if isinstance(dtype, str) and dtype in ITEMSIZE:
-        return dtype
+    if isinstance(dtype, str):
+        if dtype in ITEMSIZE:
+            return dtype
+        raise KeyError(dtype)
     return DTYPE_NAMES[dtype]
 
 
@@ -366,7 +368,7 @@ class SafetensorsWriter:
             data = chunk.contiguous().view(-1).view(torch.uint8).numpy()
         if start + byte_offset + data.nbytes > end:
             raise ValueError(f"chunk overruns tensor {name!r}")
-        view = memoryview(data)
+        view = data.data  # the array's own buffer (numpy's stubs declare __buffer__ for Python >= 3.12 only)
         pos = self.base + start + byte_offset
         while view.nbytes:
             n = os.pwrite(self._fd, view, pos)

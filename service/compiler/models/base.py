@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, overload
 
 from ..checkpoint.mapping import Mapping
 from ..checkpoint.safetensors_io import DTYPES, LazyMap, itemsize
@@ -28,6 +28,10 @@ if TYPE_CHECKING:
 
 # checkpoint dtype name -> torch dtype; resolved (and torch imported) on first use
 TORCH_DTYPES = LazyMap(lambda: {name: DTYPES[code] for name, code in DTYPE_CODES.items()})
+# (name, shape, dtype) of one tensor a rank must hold; plans over a raw source name the dtype by its
+# safetensors code ("BF16") instead of a torch dtype
+TensorSpec = tuple[str, tuple[int, ...], "torch.dtype"]
+RawTensorSpec = tuple[str, tuple[int, ...], "torch.dtype | str"]
 
 
 @dataclass(frozen=True)
@@ -92,10 +96,10 @@ def block(info: SourceTensor, r0: int, r1: int, c0: int | None = None, c1: int |
     cols = None
     width = shape[1]
     if c0 is not None:
-        if not (0 <= c0 <= c1 <= shape[1]):  # type: ignore[operator]
+        if c1 is None or not (0 <= c0 <= c1 <= shape[1]):
             raise WeightsMismatch(f"tensor {info.name!r} of shape {list(info.shape)} has no columns {c0}:{c1}")
         cols = (c0, c1)
-        width = c1 - c0  # type: ignore[operator]
+        width = c1 - c0
     return Piece(info.name, (r0, r1), cols, transpose, width)
 
 
@@ -256,8 +260,12 @@ class ArchSpec:
     def check_mapping(self, cfg: dict, mapping: Mapping) -> None:
         raise NotImplementedError
 
+    @overload
+    def expected(self, cfg: dict, rank: int, dtype: None = None) -> list[TensorSpec]: ...
+    @overload
+    def expected(self, cfg: dict, rank: int, dtype: torch.dtype | str) -> list[RawTensorSpec]: ...
     def expected(self, cfg: dict, rank: int, dtype: torch.dtype | str | None = None
-                 ) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+                 ) -> list[TensorSpec] | list[RawTensorSpec]:
         """(name, shape, dtype) of every tensor of ``rank``; ``dtype`` replaces the torch dtype of
         ``cfg["dtype"]`` (so a shape check need not import torch)."""
         raise NotImplementedError

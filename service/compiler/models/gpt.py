@@ -9,14 +9,16 @@ rows); the checkpoint drops those rows so position p uses row p. ``ln_f`` exists
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, overload
 
 from ..checkpoint.mapping import Mapping
 from ..errors import UnsupportedArchitecture
 from ..sources.weights import WeightSource
 from .base import (
     TORCH_DTYPES,
+    RawTensorSpec,
     TableArch,
+    TensorSpec,
     W,
     check_attention_split,
     check_divisible,
@@ -119,15 +121,19 @@ class GPTLike(TableArch):
     def has_ln_f(self, cfg: dict) -> bool:
         return True
 
+    @overload
+    def expected(self, cfg: dict, rank: int, dtype: None = None) -> list[TensorSpec]: ...
+    @overload
+    def expected(self, cfg: dict, rank: int, dtype: torch.dtype | str) -> list[RawTensorSpec]: ...
     def expected(self, cfg: dict, rank: int, dtype: torch.dtype | str | None = None
-                 ) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+                 ) -> list[TensorSpec] | list[RawTensorSpec]:
         m = Mapping.from_dict(cfg["mapping"])
         dt = TORCH_DTYPES[cfg["dtype"]] if dtype is None else dtype
         tp = m.tp_size
         H, inter = cfg["hidden_size"], cfg["intermediate_size"]
         nh, d = cfg["num_attention_heads"], cfg["head_size"]
         qkv = 3 * nh * d // tp
-        out: list[tuple[str, tuple[int, ...], torch.dtype]] = []
+        out: list[RawTensorSpec] = []
         if m.is_first_pp_rank(rank):
             out.append(("transformer.vocab_embedding.weight", (cfg["vocab_size"], H), dt))
             out.append(("transformer.position_embedding.weight", (cfg["max_position_embeddings"], H), dt))

@@ -8,14 +8,16 @@ Names and split rules follow TensorRT-LLM's llama converter: fused qkv per rank 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, overload
 
 from ..checkpoint.mapping import Mapping
 from ..errors import InvalidArgument, UnsupportedArchitecture
 from ..sources.weights import WeightSource
 from .base import (
     TORCH_DTYPES,
+    RawTensorSpec,
     TableArch,
+    TensorSpec,
     W,
     check_attention_split,
     check_divisible,
@@ -139,8 +141,12 @@ class LlamaFamily(TableArch):
         mapping.stage_sizes(cfg["num_hidden_layers"])
 
     # -- the spec: names, shapes and dtypes per rank, from config.json alone --------------------
+    @overload
+    def expected(self, cfg: dict, rank: int, dtype: None = None) -> list[TensorSpec]: ...
+    @overload
+    def expected(self, cfg: dict, rank: int, dtype: torch.dtype | str) -> list[RawTensorSpec]: ...
     def expected(self, cfg: dict, rank: int, dtype: torch.dtype | str | None = None
-                 ) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+                 ) -> list[TensorSpec] | list[RawTensorSpec]:
         m = Mapping.from_dict(cfg["mapping"])
         dt = TORCH_DTYPES[cfg["dtype"]] if dtype is None else dtype
         tp = m.tp_size
@@ -148,7 +154,7 @@ class LlamaFamily(TableArch):
         nkv = cfg.get("num_key_value_heads") or nh
         kv_r = max(nkv // tp, 1)
         qkv_rows = (nh // tp + 2 * kv_r) * d
-        out: list[tuple[str, tuple[int, ...], torch.dtype]] = []
+        out: list[RawTensorSpec] = []
         if m.is_first_pp_rank(rank):
             out.append(("transformer.vocab_embedding.weight", (cfg["vocab_size"], H), dt))
         for local, _ in enumerate(m.pp_layers(cfg["num_hidden_layers"], m.pp_rank(rank))):

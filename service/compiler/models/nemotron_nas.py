@@ -30,7 +30,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, overload
 
 from ..checkpoint.mapping import Mapping
 from ..errors import InvalidArgument, InvalidCheckpoint, InvalidMapping, OutputExists, UnsupportedArchitecture
@@ -38,9 +38,11 @@ from ..sources.weights import SourceTensor, WeightSource, read_json
 from .base import (
     TORCH_DTYPES,
     Piece,
+    RawTensorSpec,
     Rule,
     SplitContext,
     TableArch,
+    TensorSpec,
     W,
     check_attention_split,
     check_divisible,
@@ -343,14 +345,18 @@ class NemotronNAS(TableArch):
         mapping.stage_sizes(cfg["num_hidden_layers"])
 
     # -- the spec: names, shapes and dtypes per rank, from config.json alone --------------------
+    @overload
+    def expected(self, cfg: dict, rank: int, dtype: None = None) -> list[TensorSpec]: ...
+    @overload
+    def expected(self, cfg: dict, rank: int, dtype: torch.dtype | str) -> list[RawTensorSpec]: ...
     def expected(self, cfg: dict, rank: int, dtype: torch.dtype | str | None = None
-                 ) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+                 ) -> list[TensorSpec] | list[RawTensorSpec]:
         m = Mapping.from_dict(cfg["mapping"])
         dt = TORCH_DTYPES[cfg["dtype"]] if dtype is None else dtype
         tp = m.tp_size
         H, nh, d = cfg["hidden_size"], cfg["num_attention_heads"], cfg["head_size"]
         layers = checkpoint_layers(cfg)
-        out: list[tuple[str, tuple[int, ...], torch.dtype]] = []
+        out: list[RawTensorSpec] = []
         if m.is_first_pp_rank(rank):
             out.append(("transformer.vocab_embedding.weight", (cfg["vocab_size"], H), dt))
         for local, i in enumerate(m.pp_layers(cfg["num_hidden_layers"], m.pp_rank(rank))):

@@ -133,7 +133,9 @@ def _build(gguf: Path, dest: Path) -> None:
     pkg_dir = str(gguf.parent)
     src = AutoModelForCausalLM.from_pretrained(pkg_dir, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(pkg_dir, gguf_file=gguf.name)
-    tied = src.get_output_embeddings().weight.data_ptr() == src.get_input_embeddings().weight.data_ptr()
+    embed = src.get_input_embeddings().weight  # typed Tensor | Module (nn.Module attribute lookup)
+    assert isinstance(embed, torch.Tensor)
+    tied = src.get_output_embeddings().weight.data_ptr() == embed.data_ptr()
 
     cfg = src.config.to_dict()
     for key in ("quantization_config", "_name_or_path", "_model_name_or_path", "transformers_version",
@@ -149,7 +151,8 @@ def _build(gguf: Path, dest: Path) -> None:
     config.tie_word_embeddings = bool(tied)
 
     with torch.no_grad():
-        model = LlamaForCausalLM(config).to(torch.float32)
+        # transformers wraps PreTrainedModel.to in functools.wraps(nn.Module.to), whose stub loses ``self``
+        model = LlamaForCausalLM(config).to(torch.float32)  # type: ignore[arg-type]
         state = src.state_dict()
         if tied:
             state = {k: v for k, v in state.items() if k != "lm_head.weight"}

@@ -99,6 +99,10 @@ class WeightSource:
         """A (possibly memory-mapped) tensor; slicing it reads only what is sliced."""
         raise NotImplementedError
 
+    def raw(self, name: str) -> np.ndarray:
+        """The tensor's elements as same-width unsigned integers, without torch (safetensors sources)."""
+        raise NotImplementedError
+
     def release(self, name: str, row_start: int | None = None, row_end: int | None = None) -> None:
         """Tell the source that rows [row_start, row_end) (or the whole tensor) are consumed."""
 

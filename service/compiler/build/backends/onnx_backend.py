@@ -36,10 +36,11 @@ from ..config import ResolvedBuild
 from .torch_backend import ENGINE_VERSION, write_engine_weights
 
 OPSET = 17
-# the float Llama engine tensors of one layer, in the order the graph unpacks them (quantized
-# checkpoints, whose engines carry more, are refused for this backend by validate_build)
-LLAMA_FIELDS = ("attn_norm", "qkv", "qkv_bias", "o", "o_bias", "mlp_norm", "gate_up", "gate_up_bias", "down",
-                "down_bias")
+# the float Llama engine tensors of one layer, in the order the graph unpacks them: the weights, then
+# the optional biases (quantized checkpoints, whose engines carry more, are refused for this backend
+# by validate_build)
+LLAMA_WEIGHTS = ("attn_norm", "qkv", "o", "mlp_norm", "gate_up", "down")
+LLAMA_BIASES = ("qkv_bias", "o_bias", "gate_up_bias", "down_bias")
 
 
 class OnnxVerificationFailed(KilnError):
@@ -48,6 +49,9 @@ class OnnxVerificationFailed(KilnError):
 
 class _OnnxLlama(torch.nn.Module):
     """The engine model as one traceable module (plain attention ops; KV cache in and out)."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
 
     def __init__(self, cfg: dict, w: dict[str, torch.Tensor], max_seq: int):
         super().__init__()
@@ -63,19 +67,28 @@ class _OnnxLlama(torch.nn.Module):
         self.register_buffer("sin", freqs.sin(), persistent=False)
 
     def _p(self, name: str) -> torch.Tensor | None:
+        """An optional tensor (a bias)."""
         key = name.replace(".", "_")
         return self.params[key] if key in self.params else None
+
+    def _w(self, name: str) -> torch.Tensor:
+        """A tensor the graph cannot do without."""
+        w = self._p(name)
+        if w is None:
+            raise InvalidCheckpoint(f"the engine weights have no {name!r}")
+        return w
 
     def forward(self, input_ids: torch.Tensor, past_keys: torch.Tensor | None = None,
                 past_values: torch.Tensor | None = None):
         B, T = input_ids.shape
         P = 0 if past_keys is None else past_keys.shape[3]
-        h = F.embedding(input_ids, self._p("embed"))
+        h = F.embedding(input_ids, self._w("embed"))
         cos, sin = self.cos[P:P + T][None, :, None], self.sin[P:P + T][None, :, None]
         causal = torch.ones(T, P + T, dtype=torch.bool).tril(P)
         keys, values = [], []
         for i in range(self.L):
-            ln1, wqkv, bqkv, wo, bo, ln2, w13, b13, w2, b2 = (self._p(f"layers.{i}.{f}") for f in LLAMA_FIELDS)
+            ln1, wqkv, wo, ln2, w13, w2 = (self._w(f"layers.{i}.{f}") for f in LLAMA_WEIGHTS)
+            bqkv, bo, b13, b2 = (self._p(f"layers.{i}.{f}") for f in LLAMA_BIASES)
             qkv = F.linear(rms_norm(h, ln1, self.eps), wqkv, bqkv)
             q, k, v = qkv.split([self.nh * self.d, self.nkv * self.d, self.nkv * self.d], -1)
             q = apply_rope(q.view(B, T, self.nh, self.d), cos, sin).transpose(1, 2)
@@ -94,7 +107,7 @@ class _OnnxLlama(torch.nn.Module):
             h = h + F.linear(attn, wo, bo)
             a, u = F.linear(rms_norm(h, ln2, self.eps), w13, b13).chunk(2, -1)
             h = h + F.linear(F.silu(a) * u, w2, b2)
-        logits = F.linear(rms_norm(h, self._p("final_norm"), self.eps), self._p("lm_head")).float()
+        logits = F.linear(rms_norm(h, self._w("final_norm"), self.eps), self._w("lm_head")).float()
         return logits, torch.stack(keys), torch.stack(values)
 
 
@@ -120,12 +133,12 @@ class _OnnxGPT(_OnnxLlama):
         B, T = input_ids.shape
         P = 0 if past_keys is None else past_keys.shape[3]
         nh, nkv, d, eps = self.nh, self.nkv, self.d, self.eps
-        h = F.embedding(input_ids, self._p("embed")) + self._p("pos_embed")[P:P + T][None]
+        h = F.embedding(input_ids, self._w("embed")) + self._w("pos_embed")[P:P + T][None]
         causal = torch.ones(T, P + T, dtype=torch.bool).tril(P)
         keys, values = [], []
         for i in range(self.L):
             ln1, ln1_b, wqkv, bqkv, wo, bo, ln2, ln2_b, wfc, bfc, wproj, bproj = (
-                self._p(f"layers.{i}.{f}") for f in GPT_FIELDS)
+                self._w(f"layers.{i}.{f}") for f in GPT_FIELDS)
             x = h if self.post_ln else layer_norm(h, ln1, ln1_b, eps)
             q, k, v = F.linear(x, wqkv, bqkv).split([nh * d, nkv * d, nkv * d], -1)
             q = q.view(B, T, nh, d).transpose(1, 2)
@@ -149,12 +162,12 @@ class _OnnxGPT(_OnnxLlama):
                 h = h + F.linear(activation(F.linear(layer_norm(h, ln2, ln2_b, eps), wfc, bfc), self.act), wproj,
                                  bproj)
         if not self.post_ln:
-            h = layer_norm(h, self._p("final_norm"), self._p("final_norm_bias"), eps)
-        logits = F.linear(h, self._p("lm_head")).float()
+            h = layer_norm(h, self._w("final_norm"), self._w("final_norm_bias"), eps)
+        logits = F.linear(h, self._w("lm_head")).float()
         return logits, torch.stack(keys), torch.stack(values)
 
 
-def onnx_module(cfg: dict, w: dict[str, torch.Tensor], max_seq: int) -> torch.nn.Module:
+def onnx_module(cfg: dict, w: dict[str, torch.Tensor], max_seq: int) -> _OnnxLlama:
     """The traceable module for a checkpoint's engine-layout weights (Llama family or GPT-2 / OPT)."""
     if cfg.get("architecture") in GPT_ARCHS:
         return _OnnxGPT(cfg, w, max_seq)
@@ -191,7 +204,7 @@ def verify_onnx(engine_dir: Path, ckpt_dir: Path, prompt: list[int], new_tokens:
     decode = ort.InferenceSession(str(engine_dir / "decode.onnx"), opts, providers=["CPUExecutionProvider"])
     ids = np.array([prompt], dtype=np.int64)
     logits, keys, values = prefill.run(None, {"input_ids": ids})
-    ref_logits = ref.forward([prompt]).numpy()
+    ref_logits = ref.forward(prompt).numpy()  # a list is a batch of one: [1, T, vocab]
     max_err = float(np.abs(logits - ref_logits).max())
     tokens = [int(logits[0, -1].argmax())]
     for _ in range(new_tokens - 1):
@@ -250,6 +263,8 @@ def build_onnx_engine(ckpt_dir: Path, resolved: ResolvedBuild, out_dir: Path, *,
     start = time.perf_counter()
     cfg = load_config(ckpt_dir)
     bc = resolved.config
+    assert bc.max_seq_len is not None  # resolved by validate_build
+    max_seq = int(bc.max_seq_len)
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[bc.dtype]
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:12]}"
     tmp.mkdir(parents=True)
@@ -258,7 +273,7 @@ def build_onnx_engine(ckpt_dir: Path, resolved: ResolvedBuild, out_dir: Path, *,
 
         scratch = tmp / "weights.scratch.safetensors"
         write_engine_weights(ckpt_dir, cfg, dtype, scratch)
-        module = onnx_module(cfg, load_file(str(scratch)), int(bc.max_seq_len)).eval()
+        module = onnx_module(cfg, load_file(str(scratch)), max_seq).eval()
         scratch.unlink()
         L, nkv, d = module.L, module.nkv, module.d
         ids = torch.zeros(1, 4, dtype=torch.long)
@@ -294,7 +309,7 @@ def build_onnx_engine(ckpt_dir: Path, resolved: ResolvedBuild, out_dir: Path, *,
         engine_cfg["build_stats"] = stats
         (tmp / "config.json").write_text(json.dumps(engine_cfg, indent=2) + "\n")
         perf = (measure_onnx(tmp, int(cfg["vocab_size"]), int(bc.max_batch_size), int(bc.max_input_len),
-                             int(bc.max_seq_len)) if bc.measure_performance
+                             max_seq) if bc.measure_performance
                 else not_measured("build_config.measure_performance is false"))
         (tmp / PERFORMANCE_FILE).write_text(json.dumps({**perf, "build_seconds": stats["build_seconds"]}, indent=2)
                                             + "\n")

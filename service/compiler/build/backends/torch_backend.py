@@ -26,6 +26,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -205,7 +206,7 @@ def build_torch_engine(ckpt_dir: Path, resolved: ResolvedBuild, out_dir: Path, *
                                           _rank_progress(progress, r, tp), r)
                      for r in ranks)
         weights_s = time.perf_counter() - start
-        engine_cfg = {
+        engine_cfg: dict[str, Any] = {
             "version": ENGINE_VERSION,
             "backend": "torch",
             "pretrained_config": {**cfg, "mapping": {"world_size": tp, "tp_size": tp, "pp_size": 1}},
