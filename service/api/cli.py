@@ -148,11 +148,18 @@ def cmd_serve(args) -> int:
 
     signal.signal(signal.SIGTERM, _terminate)
     try:
+        import asyncio
+
         try:  # uvloop (the api extra): uvicorn only picks it itself when it creates the loop, here _serve does
-            from uvloop import run
+            import uvloop
+
+            use_uvloop = True
         except ImportError:
-            from asyncio import run
-        run(_serve(settings, supervisor))
+            use_uvloop = False
+        if use_uvloop:
+            uvloop.run(_serve(settings, supervisor))
+        else:
+            asyncio.run(_serve(settings, supervisor))
     except KeyboardInterrupt:
         pass
     finally:
@@ -304,8 +311,9 @@ def cmd_compile(args) -> int:
         job, _ = svc.submit("default", spec)
     except Exception as exc:
         print(f"kiln compile: {getattr(exc, 'code', 'error')}: {getattr(exc, 'message', exc)}", file=sys.stderr)
-        if getattr(exc, "hint", ""):
-            print(f"hint: {exc.hint}", file=sys.stderr)
+        hint = getattr(exc, "hint", "")
+        if hint:
+            print(f"hint: {hint}", file=sys.stderr)
         return 2
     bar = _Bar()
     runner = PipelineRunner(settings, store, artifacts, worker_id=f"compile:{os.getpid()}")
@@ -321,6 +329,7 @@ def cmd_compile(args) -> int:
     runner.run(job.id)
     done.set()
     final = store.get(job.id)
+    assert final is not None, "the job row this command created"
     bar.show(final, final=True)
     return _print_result(final.model_dump(mode="json"), {a.name: artifacts.path(a.stage, a.key) for a in final.artifacts})
 

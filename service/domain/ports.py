@@ -5,6 +5,7 @@ other way round."""
 from __future__ import annotations
 
 import builtins
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -35,8 +36,18 @@ class JobRepository(Protocol):
 
     def live_workers(self, ttl: float) -> builtins.list[dict]: ...
 
+    def count_by_state(self) -> dict[str, int]: ...
+
+    def close(self) -> None: ...
+
 
 class ArtifactReader(Protocol):
+    root: Path
+
+    def path(self, stage: str, key: str) -> Path: ...
+
+    def iter_file(self, path: Path, start: int = 0, end: int | None = None) -> Iterator[bytes]: ...
+
     def manifest(self, stage: str, key: str) -> dict: ...
 
     def open_path(self, stage: str, key: str, relpath: str) -> tuple[Path, dict]:

@@ -229,6 +229,7 @@ def evaluate_stage(ctx: StageContext, input_dir: Path | None, output_dir: Path, 
                     metrics=tuple(cfg["metrics"]), min_rouge1=cfg.get("min_rouge1"),
                     min_top1_agreement=cfg.get("min_top1_agreement"), thresholds=cfg["thresholds"])
     if engine_dir is None:  # the quantized checkpoint vs the unquantized one (evaluation needs one of the two)
+        assert q_ckpt is not None, "the evaluate stage runs after quantize or build"
         target, reference, unquantized = q_ckpt, float_ckpt, None
     elif q_ckpt is None:  # the engine vs the reference runtime on the checkpoint it was built from
         target, reference, unquantized = engine_dir, float_ckpt, None
@@ -280,6 +281,8 @@ def validate_compile(settings: Settings, spec: JobSpec, model_dir: Path | None) 
     try:
         if q.requested:
             from service.compiler.quantization.quantize import preflight_quantization
+
+            assert cfg is not None
 
             qcfg.check_combination(qc, model.config["architecture"], cfg["target_sm"])
             preflight_quantization(model, qc, cfg["target_sm"])

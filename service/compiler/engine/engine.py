@@ -26,6 +26,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -104,7 +105,7 @@ class Engine:
         self.ids_buf = torch.zeros(self.max_batch, dtype=torch.long, device=self.device)
         self.pos_buf = torch.zeros(self.max_batch, dtype=torch.long, device=self.device)
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._pool = None
+        self._pool: Any = None  # a torch.cuda.graph_pool_handle(), shared by the captured graphs
         self.load_stats: dict = {}
 
     # -- loading ---------------------------------------------------------------------------------

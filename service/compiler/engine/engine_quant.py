@@ -71,7 +71,7 @@ def check_engine_quant(quant: dict | None, arch: str) -> None:
             f"the torch engine does not execute {algo} checkpoints",
             hint=f"it runs {', '.join(ENGINE_QUANT_ALGOS)}; build {algo} with the trtllm backend")
     if arch not in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"):
-        raise InvalidCheckpoint(f"quantized {arch} checkpoints ({algo or kv + ' KV cache'}) are not built by the "
+        raise InvalidCheckpoint(f"quantized {arch} checkpoints ({algo or f'{kv} KV cache'}) are not built by the "
                                 "torch engine",
                                 hint="quantized engines cover the Llama family")
 
@@ -274,7 +274,11 @@ def dequantize(q: QLinear) -> torch.Tensor:
 
 
 def _fp8_act(x: torch.Tensor, q: QLinear) -> tuple[torch.Tensor, torch.Tensor]:
-    s = scale_from_amax(x.float().abs().amax(-1, keepdim=True)) if q.dynamic else q.act_scale.float()
+    if q.dynamic:
+        s = scale_from_amax(x.float().abs().amax(-1, keepdim=True))
+    else:
+        assert q.act_scale is not None, "a static FP8 linear carries its activation scale"
+        s = q.act_scale.float()
     return to_fp8(x, s), s
 
 

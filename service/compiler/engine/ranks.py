@@ -69,7 +69,7 @@ def add_rank_arguments(parser) -> None:
     parser.add_argument("--init-method", default=None, help="torch.distributed init method, e.g. tcp://host:port")
 
 
-def join_group(engine_dir: str | Path, rank: int, world_size: int, init_method: str | None) -> None:
+def join_group(engine_dir: str | os.PathLike, rank: int, world_size: int, init_method: str | None) -> None:
     """Join the tp group before loading a tp engine: NCCL with this rank's GPU when the engine was
     built for a GPU and one is here, gloo otherwise. A no-op for world_size 1."""
     if world_size == 1:

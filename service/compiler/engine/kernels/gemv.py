@@ -221,7 +221,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, kind: int = W_BF16, w_scale: torch
         x2, w, y, w_scale if w_scale is not None else dummy, act_scale if act_scale is not None else dummy,
         pre_quant_scale if pre_quant_scale is not None else dummy, zero if zero is not None else dummy,
         bias if bias is not None else dummy, part, cnt,
-        M, N, K, K // split, x2.stride(0), w.stride(0), y.stride(0), w_scale.stride(0) if (per_row and group) else 0,
+        M, N, K, K // split, x2.stride(0), w.stride(0), y.stride(0), w_scale.stride(0) if (w_scale is not None and per_row and group) else 0,
         KIND=kind, PER_ROW_SCALE=per_row, GROUP=group, HAS_PQS=pre_quant_scale is not None,
         HAS_ZERO=zero is not None, HAS_BIAS=bias is not None, DYN_TOKEN=dynamic_token, FP8_UPCAST=fp8_upcast,
         INT4_HALVES=bool(int4_block),
