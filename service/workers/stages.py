@@ -22,6 +22,22 @@ def _hf_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
+def model_not_found_hint(settings: Settings, spec: JobSpec, *, downloading: bool) -> str:
+    """What an operator does about a repo id the service cannot resolve: the service takes repo ids only,
+    through its own cache, so the hint names that cache and, online, the token reference."""
+    rev = f" --revision {spec.revision}" if spec.revision else ""
+    seed = (f"put it into the service's Hugging Face cache ({settings.hf_cache}) from a machine that reaches the hub: "
+            f"`huggingface-cli download {spec.model}{rev} --cache-dir {settings.hf_cache}` (then copy that folder "
+            "here)")
+    if not downloading:
+        return seed + ("; or let workers download it: unset HF_HUB_OFFLINE" if _hf_offline() else "")
+    token = ("the workers read the token from the environment variable KILN_HF_TOKEN_ENV names"
+             if not (settings.hf_token_env or settings.hf_token_file) else "check the token the workers' "
+             + ("KILN_HF_TOKEN_ENV" if settings.hf_token_env else "KILN_HF_TOKEN_FILE") + " reference points to")
+    return (f"check the repo id and revision; a private or gated repo needs a Hugging Face token with access "
+            f"({token}); or {seed}")
+
+
 def resolve_in_cache(settings: Settings, spec: JobSpec, *, allow_download: bool, token: str | None = None) -> Path:
     """The repo's snapshot folder inside ``$KILN_STORAGE/hf-cache`` (never a server path)."""
     from service.compiler.errors import ModelNotFound
@@ -29,8 +45,11 @@ def resolve_in_cache(settings: Settings, spec: JobSpec, *, allow_download: bool,
 
     cache = settings.hf_cache
     cache.mkdir(parents=True, exist_ok=True)
-    folder = resolve_model_dir(spec.model, revision=spec.revision, cache_dir=cache, token=token,
-                               allow_download=allow_download, repo_only=True)
+    try:
+        folder = resolve_model_dir(spec.model, revision=spec.revision, cache_dir=cache, token=token,
+                                   allow_download=allow_download, repo_only=True)
+    except ModelNotFound as exc:  # the compiler's hint speaks of local folders, which the service refuses
+        raise ModelNotFound(exc.message, hint=model_not_found_hint(settings, spec, downloading=allow_download)) from exc
     if os.path.commonpath([cache.resolve(), Path(folder).absolute()]) != str(cache.resolve()):
         # belt and braces: a repo id must never name a folder on the server
         raise ModelNotFound(f"{spec.model!r} is not a Hugging Face repo in the cache")

@@ -74,3 +74,28 @@ def test_positions_are_labelled_by_where_they_are(client):
 ])
 def test_every_error_has_a_hint(client, method, url, kwargs, status, code):
     assert error(client.request(method, url, **kwargs), status)["code"] == code
+
+
+def test_a_model_missing_from_the_cache_gets_the_services_own_hint(client, monkeypatch):
+    """The compiler's hint ("pass a local Hugging Face folder") is one the service itself refuses: the
+    service's says how to get the repo into its cache (offline) or what token reference it needs (online)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    body = error(client.post("/v1/jobs", json={"model": "kiln-test/not-in-the-cache", "revision": "v2"}), 422)
+    assert body["code"] == "model_not_found" and "kiln-test/not-in-the-cache" in body["message"]
+    assert "local Hugging Face folder" not in body["hint"]
+    cache = str(client.app.state.runtime.settings.hf_cache)
+    assert f"huggingface-cli download kiln-test/not-in-the-cache --revision v2 --cache-dir {cache}" in body["hint"]
+    assert "unset HF_HUB_OFFLINE" in body["hint"]
+
+
+def test_the_online_model_not_found_hint_names_the_token_reference(tmp_path):
+    from service.compiler.errors import ModelNotFound
+    from service.domain import JobSpec
+    from service.workers.stages import model_not_found_hint
+
+    spec = JobSpec(model="org/gated")
+    hint = model_not_found_hint(Settings(storage=tmp_path), spec, downloading=True)
+    assert "private or gated repo needs a Hugging Face token" in hint and "KILN_HF_TOKEN_ENV" in hint
+    hint = model_not_found_hint(Settings(storage=tmp_path, hf_token_file=tmp_path / "tok"), spec, downloading=True)
+    assert "KILN_HF_TOKEN_FILE reference" in hint
+    assert ModelNotFound("x").hint.startswith("pass a local")  # the compiler's own hint stays for the CLI
