@@ -20,7 +20,8 @@ from pathlib import Path
 # (module, the commands it registers): the table `kiln --help` uses when a module cannot be imported
 _COMMAND_MODULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("service.compiler.cli", ("convert", "validate", "build", "generate")),
-    ("service.api.cli", ("serve", "worker", "submit", "status", "watch", "download", "cancel", "workers", "compile")),
+    ("service.api.cli", ("serve", "worker", "submit", "status", "watch", "download", "cancel", "workers", "compile",
+                         "gc")),
 )
 
 # How `kiln --help` groups the commands (a command no group names is listed under "other commands").
@@ -28,7 +29,7 @@ COMMAND_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("compile commands (on this machine: HF model -> checkpoint -> engine)",
      ("convert", "validate", "build", "generate", "compile")),
     ("service commands (run Kiln's service, or use one at --server)",
-     ("serve", "worker", "submit", "status", "watch", "download", "cancel", "workers")),
+     ("serve", "worker", "submit", "status", "watch", "download", "cancel", "workers", "gc")),
 )
 
 # Top-level import names of the packages of each optional extra (pyproject.toml

@@ -25,7 +25,7 @@ def test_help_groups_the_commands_with_one_line_each_and_examples():
     groups = {"compile": out[compile_at:service_at], "service": out[service_at:out.index("options:")]}
     for group, names in (("compile", ["convert", "validate", "build", "generate", "compile"]),
                          ("service", ["serve", "worker", "submit", "status", "watch", "download", "cancel",
-                                      "workers"])):
+                                      "workers", "gc"])):
         rows = [line.split() for line in groups[group].splitlines()[1:] if line.strip()]
         assert [row[0] for row in rows] == names, (group, rows)
         assert all(len(row) > 2 for row in rows)  # each with its description

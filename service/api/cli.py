@@ -57,7 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--unowned-older-than", type=float, default=None, metavar="S",
                    help="temp entries without an owner in their name: only when unchanged for S seconds "
                         "(default max(2 x KILN_LEASE_TTL_S, 60))")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the report (count, bytes, removed, kept) as JSON")
     p.set_defaults(func=cmd_gc)
 
     def client(p: argparse.ArgumentParser) -> argparse.ArgumentParser:

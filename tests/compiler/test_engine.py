@@ -250,7 +250,7 @@ def test_kiln_build_and_generate_commands(tiny_ckpt, tmp_path, capsys):
     assert kiln(["generate", str(out), "--ids", "1,x"]) == 2
     assert "comma-separated integers" in capsys.readouterr().err
     assert kiln(["generate", str(tmp_path / "missing"), "--ids", "1"]) == 2
-    assert "error [invalid_checkpoint]" in capsys.readouterr().err
+    assert "error [invalid_argument]: no such directory" in capsys.readouterr().err
 
     bad = tmp_path / "bad"
     assert kiln(["build", str(tiny_ckpt), str(bad), "--target", "cpu", "--max-seq-len", "4096", "--quiet"]) == 2
