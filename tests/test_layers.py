@@ -121,6 +121,8 @@ def imports_of(module: str, source: str, is_package: bool, known: Iterable[str])
         return None
 
     def add(name: str, node: ast.stmt, top: bool, tc: bool):
+        if ".grpc_gen" in name:  # the generated gRPC stubs are not ours to check (and may not exist yet)
+            return
         target = ours(name) if name.split(".")[0] == PACKAGE else name.split(".")[0]
         if target and target != module:
             found.append(Import(target, node.lineno, top, tc))

@@ -39,8 +39,8 @@ def load_stubs():
 
 
 if TYPE_CHECKING:  # the generated modules themselves (Any where they have not been generated)
-    import service.api.grpc_gen.kiln.v1.kiln_pb2 as pb2
-    import service.api.grpc_gen.kiln.v1.kiln_pb2_grpc as pb2_grpc
+    from .grpc_gen.kiln.v1 import kiln_pb2 as pb2
+    from .grpc_gen.kiln.v1 import kiln_pb2_grpc as pb2_grpc
 else:
     pb2, pb2_grpc = load_stubs()
 SERVICE_NAME = pb2.DESCRIPTOR.services_by_name["Kiln"].full_name

@@ -88,5 +88,5 @@ def test_ops_router_serves_on_an_app_of_its_own(runtime):
     with TestClient(bare_app(runtime, ops.router)) as client:
         assert client.get("/healthz").json() == {"status": "ok"}
         assert client.get("/readyz").json()["status"] == "ready"
-        assert client.get("/v1/workers").json() == {"workers": []}
+        assert client.get("/v1/workers").json() == {"workers": [], "embedded_worker": None}  # not under kiln serve
         assert "kiln_workers 0" in client.get("/metrics").text
