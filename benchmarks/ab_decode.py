@@ -26,7 +26,9 @@ from pathlib import Path
 def _run(tree: Path, args: list[str], timeout: float) -> dict:
     env = dict(os.environ, PYTHONPATH=str(tree.resolve()), PYTHONUNBUFFERED="1")
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout)
+    # cwd = the tree: the build's rank processes run `python -m service...` from the working directory
+    p = subprocess.run([sys.executable, *args], env=env, cwd=tree.resolve(), capture_output=True, text=True,
+                       timeout=timeout)
     if p.returncode != 0:
         return {"error": (p.stderr or p.stdout)[-2000:], "wall_s": time.perf_counter() - t0}
     out = json.loads(p.stdout.strip().splitlines()[-1])
