@@ -27,6 +27,7 @@ import mmap
 import re
 import struct
 import threading
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -403,7 +404,11 @@ class GGUFSource(WeightSource):
                 return self._cache[name]
         arr = self.gguf_array(name)
         t = self._names[name]
-        out = torch.from_numpy(arr).view(torch.bfloat16) if t.type_name == "BF16" else torch.from_numpy(arr)
+        with warnings.catch_warnings():  # pass-through tensors are read-only views of the map; nothing writes them
+            warnings.simplefilter("ignore", UserWarning)
+            out = torch.from_numpy(arr)
+        if t.type_name == "BF16":
+            out = out.view(torch.bfloat16)
         if self.arch.permute_qk and name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
             heads = self.hf["num_attention_heads"] if ".q_proj." in name else \
                 self.hf.get("num_key_value_heads") or self.hf["num_attention_heads"]
@@ -418,6 +423,8 @@ class GGUFSource(WeightSource):
 
     def write_tokenizer(self, out_dir: Path) -> list[str]:
         """The file's tokenizer as HF tokenizer files in ``out_dir`` (transformers' GGUF tokenizer converter)."""
+        if "tokenizer.ggml.model" not in self.header.metadata or "tokenizer.ggml.tokens" not in self.header.metadata:
+            return []  # a file without a tokenizer: engines take --tokenizer DIR
         return write_hf_tokenizer(self.path, out_dir)
 
     def close(self) -> None:
@@ -436,7 +443,6 @@ def write_hf_tokenizer(path: Path, out_dir: Path) -> list[str]:
     """Write the GGUF's tokenizer as HF files into ``out_dir``; [] when it has none or transformers is absent."""
     import shutil
     import tempfile
-    import warnings
 
     try:
         from transformers import AutoTokenizer

@@ -1,0 +1,336 @@
+"""GGUF files (llama.cpp) through the converters, checked against transformers' own GGUF loader.
+
+Tiny random HF models are written here as GGUF with ``gguf.GGUFWriter`` the way llama.cpp's
+converter writes them (its tensor names, Llama's q/k rows in interleaved rotary order, Gemma's norms
+stored as 1 + w), with Q8_0, Q4_0, Q5_1 and K-quant (Q4_K, Q6_K: blocks of random codes, as the
+``gguf`` package cannot quantize K-quants) tensors. The oracle is
+``AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)``: its state dict and config must equal
+Kiln's mapping (every family), and, for the families Kiln converts today (Llama, Qwen2), the
+converted checkpoint's greedy tokens must equal its own. Hostile files are typed errors that write
+nothing. The real SmolLM2-135M Q4_1 GGUF runs end to end (slow).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from service.compiler import Mapping, convert_checkpoint
+from service.compiler.errors import KilnError, MalformedWeights, UnsupportedArchitecture
+from service.compiler.reference import ReferenceModel
+from service.compiler.sources.gguf import GGML_TYPES, GGUFSource, read_header
+from service.compiler.sources.layout import detect_layout
+
+transformers = pytest.importorskip("transformers")
+gguf = pytest.importorskip("gguf")
+Q = gguf.GGMLQuantizationType
+PROMPTS = [[5, 17, 3, 88, 41, 9, 2], [60, 1, 33], [90]]
+V, H, D, INTER = 96, 64, 16, 256
+COMMON = dict(hidden_size=H, intermediate_size=INTER, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, vocab_size=V, max_position_embeddings=128, rms_norm_eps=1e-5)
+# GGUF arch -> (transformers class, config)
+FAMILIES = {
+    "llama": lambda T: T.LlamaForCausalLM(T.LlamaConfig(**COMMON, tie_word_embeddings=False)),
+    "qwen2": lambda T: T.Qwen2ForCausalLM(T.Qwen2Config(**COMMON, tie_word_embeddings=True, use_sliding_window=False)),
+    # transformers' GGUF loader ignores qwen3.attention.key_length (Qwen3Config's head_dim 128 stands)
+    "qwen3": lambda T: T.Qwen3ForCausalLM(T.Qwen3Config(**{**COMMON, "num_attention_heads": 2, "num_key_value_heads": 1},
+                                                        head_dim=128, tie_word_embeddings=True)),
+    "gemma2": lambda T: T.Gemma2ForCausalLM(T.Gemma2Config(**COMMON, head_dim=D, sliding_window=32)),
+    "gemma3": lambda T: T.Gemma3ForCausalLM(T.Gemma3TextConfig(**COMMON, head_dim=D, sliding_window=32)),
+    "phi3": lambda T: T.Phi3ForCausalLM(T.Phi3Config(**COMMON, pad_token_id=0, tie_word_embeddings=False)),
+}
+# llama.cpp's tensor names (gguf-py tensor_mapping), written out independently of Kiln's table
+LAYER = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+         "self_attn.o_proj": "attn_output", "self_attn.qkv_proj": "attn_qkv", "self_attn.q_norm": "attn_q_norm",
+         "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+         "mlp.down_proj": "ffn_down", "mlp.gate_up_proj": "ffn_up", "input_layernorm": "attn_norm",
+         "post_attention_layernorm": "ffn_norm"}
+GEMMA_LAYER = {"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+               "post_feedforward_layernorm": "post_ffw_norm"}
+
+
+def gguf_name(arch: str, hf: str) -> str:
+    top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+           "lm_head.weight": "output.weight"}
+    if hf in top:
+        return top[hf]
+    _, _, layer, rest = hf.split(".", 3)
+    module, kind = rest.rsplit(".", 1)
+    table = {**LAYER, **(GEMMA_LAYER if arch.startswith("gemma") else {})}
+    return f"blk.{layer}.{table[module]}.{kind}"
+
+
+def half_to_interleaved(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's permute of Llama q/k rows (HF half-split -> interleaved rotary pairs)."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def random_kquant(shape: tuple[int, int], qtype, rng) -> np.ndarray:
+    """K-quant blocks of random codes with sane fp16 scales (the writer cannot quantize K-quants)."""
+    block, size = GGML_TYPES[int(qtype)][1:]
+    blocks = rng.integers(0, 256, (shape[0], shape[1] // block, size), dtype=np.uint8)
+    if qtype == Q.Q4_K:  # d, dmin first
+        blocks[..., 0:2] = np.frombuffer(np.float16(0.004).tobytes(), np.uint8)
+        blocks[..., 2:4] = np.frombuffer(np.float16(0.002).tobytes(), np.uint8)
+    elif qtype == Q.Q6_K:  # d last
+        blocks[..., size - 2:] = np.frombuffer(np.float16(0.0005).tobytes(), np.uint8)
+    return blocks.reshape(shape[0], -1)
+
+
+def pick_type(hf: str, layer_parity: int):
+    if hf.endswith("bias") or "norm" in hf:
+        return Q.F32
+    if "down_proj" in hf:
+        return Q.Q4_K if layer_parity == 0 else Q.Q6_K
+    if "embed_tokens" in hf:
+        return Q.F16
+    if "lm_head" in hf or "o_proj" in hf:
+        return Q.Q5_1
+    if "mlp" in hf:
+        return Q.Q4_0
+    return Q.Q8_0
+
+
+def write_gguf(model, arch: str, path, rng) -> None:
+    cfg = model.config
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_uint32(f"{arch}.context_length", cfg.max_position_embeddings)
+    w.add_uint32(f"{arch}.embedding_length", cfg.hidden_size)
+    w.add_uint32(f"{arch}.block_count", cfg.num_hidden_layers)
+    w.add_uint32(f"{arch}.feed_forward_length", cfg.intermediate_size)
+    w.add_uint32(f"{arch}.attention.head_count", cfg.num_attention_heads)
+    w.add_uint32(f"{arch}.attention.head_count_kv", cfg.num_key_value_heads)
+    w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", cfg.rms_norm_eps)
+    w.add_float32(f"{arch}.rope.freq_base", 10000.0)
+    w.add_uint32(f"{arch}.vocab_size", cfg.vocab_size)
+    for key, value in (("bos_token_id", 1), ("eos_token_id", 2), ("padding_token_id", 0)):
+        w.add_uint32(f"tokenizer.ggml.{key}", value)
+    if arch in ("qwen3", "gemma2", "gemma3"):
+        w.add_uint32(f"{arch}.attention.key_length", cfg.head_dim)
+        w.add_uint32(f"{arch}.attention.value_length", cfg.head_dim)
+    if arch.startswith("gemma"):
+        w.add_uint32(f"{arch}.attention.sliding_window", cfg.sliding_window)
+    for hf, t in model.state_dict().items():
+        if hf == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        a = t.detach().float().numpy().copy()
+        if arch == "llama" and hf.endswith(("q_proj.weight", "k_proj.weight")):
+            a = half_to_interleaved(a, cfg.num_attention_heads if "q_proj" in hf else cfg.num_key_value_heads)
+        if arch.startswith("gemma") and hf.endswith("norm.weight"):
+            a = a + 1.0
+        qtype = pick_type(hf, int(hf.split(".")[2]) % 2 if ".layers." in hf else 0)
+        name = gguf_name(arch, hf)
+        if qtype in (Q.Q4_K, Q.Q6_K):
+            w.add_tensor(name, random_kquant(a.shape, qtype, rng), raw_dtype=qtype)
+        elif qtype == Q.F32:
+            w.add_tensor(name, a.astype(np.float32))
+        elif qtype == Q.F16:
+            w.add_tensor(name, a.astype(np.float16))
+        else:
+            w.add_tensor(name, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.fixture(scope="module")
+def gguf_models(tmp_path_factory):
+    """arch -> (gguf path, transformers' model loaded from that GGUF, float32)."""
+    cache: dict = {}
+
+    def get(arch: str):
+        if arch not in cache:
+            torch.manual_seed(3)
+            model = FAMILIES[arch](transformers).eval()
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.dim() == 1:
+                        p.add_(0.1 * torch.randn_like(p))
+                    else:
+                        p.mul_(4.0)
+            folder = tmp_path_factory.mktemp(arch)
+            write_gguf(model, arch, folder / "model.gguf", np.random.default_rng(0))
+            loaded = transformers.AutoModelForCausalLM.from_pretrained(str(folder), gguf_file="model.gguf",
+                                                                       dtype=torch.float32).eval()
+            cache[arch] = (folder / "model.gguf", loaded)
+        return cache[arch]
+
+    return get
+
+
+def test_block_sizes_match_the_gguf_package():
+    for code, (name, block, size) in GGML_TYPES.items():
+        assert gguf.GGML_QUANT_SIZES[Q(code)] == (block, size), name
+
+
+@pytest.mark.parametrize("arch", list(FAMILIES))
+def test_mapping_equals_transformers_gguf_loader(gguf_models, arch):
+    """HF names, dequantized values and config keys equal what transformers' GGUF loader produces."""
+    path, hf_model = gguf_models(arch)
+    src = GGUFSource.open(path)
+    try:
+        theirs = hf_model.state_dict()
+        ours = set(src.names())
+        expected = {k for k in theirs if not (k == "lm_head.weight" and hf_model.config.tie_word_embeddings)}
+        assert ours == expected
+        for name in ours:
+            assert torch.equal(src.view(name).float(), theirs[name]), name
+        cfg = hf_model.config
+        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                    "intermediate_size", "vocab_size", "max_position_embeddings", "tie_word_embeddings",
+                    "head_dim", "sliding_window"):
+            if key in src.hf:
+                assert src.hf[key] == getattr(cfg, key), key
+        assert src.hf["rms_norm_eps"] == pytest.approx(cfg.rms_norm_eps, rel=1e-6)
+        assert src.hf["architectures"] == [type(hf_model).__name__]
+    finally:
+        src.close()
+
+
+@pytest.mark.parametrize("arch,tp", [("llama", 1), ("llama", 2), ("qwen2", 1), ("qwen2", 2)])
+def test_gguf_converts_and_generates_like_transformers(gguf_models, tmp_path, arch, tp):
+    path, hf_model = gguf_models(arch)
+    assert detect_layout(path) == "gguf"
+    summary = convert_checkpoint(path, tmp_path / "ckpt", dtype="float32", mapping=Mapping(tp_size=tp))
+    assert summary.architecture == type(hf_model).__name__
+    ref = ReferenceModel.from_checkpoint(tmp_path / "ckpt")
+    for prompt in PROMPTS:
+        with torch.no_grad():
+            want = hf_model.generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                                     pad_token_id=0, eos_token_id=None)[0, len(prompt):].tolist()
+        assert ref.generate(prompt, max_new_tokens=8) == want
+    ids = torch.tensor([PROMPTS[0]])
+    with torch.no_grad():
+        torch.testing.assert_close(ref.forward(ids), hf_model(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_auto_dtype_of_a_quantized_gguf_is_float16(gguf_models, tmp_path):
+    path, _ = gguf_models("llama")
+    convert_checkpoint(path, tmp_path / "ckpt")
+    assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["dtype"] == "float16"
+
+
+# -- hostile files -----------------------------------------------------------------------------
+def _header_end(path) -> int:
+    return read_header(path).data_start
+
+
+def test_every_truncation_is_a_typed_error_and_writes_nothing(gguf_models, tmp_path):
+    path, _ = gguf_models("qwen2")
+    data = path.read_bytes()
+    end = _header_end(path)
+    cuts = sorted({0, 3, 4, 8, 16, 23, 24, 30, 60, 200, end - 1, end, end + 100, len(data) - 1}
+                  | set(range(24, end, max(1, end // 40))))
+    for cut in cuts:
+        bad = tmp_path / f"cut{cut}.gguf"
+        bad.write_bytes(data[:cut])
+        with pytest.raises(KilnError) as info:
+            convert_checkpoint(bad, tmp_path / "out")
+        assert info.value.code in ("malformed_weights", "model_not_found"), (cut, info.value)
+        assert not (tmp_path / "out").exists()
+
+
+def test_corrupted_headers_are_typed_errors(gguf_models, tmp_path):
+    """Random byte flips in the header: a typed error or a valid file, never another exception."""
+    path, _ = gguf_models("qwen2")
+    data = bytearray(path.read_bytes())
+    end = _header_end(path)
+    rng = np.random.default_rng(1)
+    for i in range(150):
+        bad = bytearray(data)
+        for pos in rng.integers(4, end, 3):
+            bad[pos] = int(rng.integers(0, 256))
+        f = tmp_path / f"flip{i}.gguf"
+        f.write_bytes(bytes(bad))
+        try:
+            src = GGUFSource.open(f)
+        except KilnError:
+            continue
+        src.close()
+        f.unlink()
+
+
+def _patch_first_tensor(path, tmp_path, *, ggml_type=None, offset=None) -> object:
+    """A copy of the file with the first tensor-info record's type or offset replaced."""
+    data = bytearray(path.read_bytes())
+    header = read_header(path)
+    first = next(iter(header.tensors.values()))
+    name = first.name.encode()
+    pos = data.index(struct.pack("<Q", len(name)) + name) + 8 + len(name)
+    n_dims = struct.unpack_from("<I", data, pos)[0]
+    pos += 4 + 8 * n_dims
+    if ggml_type is not None:
+        struct.pack_into("<I", data, pos, ggml_type)
+    if offset is not None:
+        struct.pack_into("<Q", data, pos + 4, offset)
+    out = tmp_path / "patched.gguf"
+    out.write_bytes(bytes(data))
+    return out
+
+
+def test_out_of_file_offsets_overlaps_and_unknown_types_are_refused(gguf_models, tmp_path):
+    path, _ = gguf_models("qwen2")
+    with pytest.raises(MalformedWeights, match="file has"):
+        read_header(_patch_first_tensor(path, tmp_path, offset=1 << 40))
+    with pytest.raises(MalformedWeights, match="overlap|not aligned"):
+        read_header(_patch_first_tensor(path, tmp_path, offset=32))
+    with pytest.raises(UnsupportedArchitecture, match="ggml type 19"):  # IQ1_S
+        read_header(_patch_first_tensor(path, tmp_path, ggml_type=19))
+    bad = tmp_path / "magic.gguf"
+    bad.write_bytes(b"GGUX" + path.read_bytes()[4:])
+    with pytest.raises(KilnError):
+        convert_checkpoint(bad, tmp_path / "out")
+    huge = bytearray(path.read_bytes())
+    struct.pack_into("<Q", huge, 16, 1 << 62)  # metadata entry count
+    (tmp_path / "huge.gguf").write_bytes(bytes(huge))
+    with pytest.raises(MalformedWeights, match="limit"):
+        read_header(tmp_path / "huge.gguf")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unsupported_gguf_architecture_is_refused(tmp_path):
+    w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "mamba")
+    w.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(UnsupportedArchitecture, match="'mamba'"):
+        convert_checkpoint(tmp_path / "m.gguf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+# -- the real model ------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_smollm2_gguf_builds_and_generates_like_transformers(tmp_path):
+    from service.compiler.build import BuildConfig, build
+    from service.compiler.engine.engine import Engine
+    from service.compiler.errors import ModelNotFound
+    from service.compiler.sources.smollm2 import gguf_path
+
+    try:
+        path = gguf_path()
+    except ModelNotFound as exc:
+        pytest.skip(str(exc))
+    summary = convert_checkpoint(path, tmp_path / "ckpt", dtype="float32")
+    assert summary.architecture == "LlamaForCausalLM"
+    assert (tmp_path / "ckpt" / "tokenizer.json").is_file()
+    build(tmp_path / "ckpt", BuildConfig(max_batch_size=2, max_input_len=64, max_seq_len=96, target="cpu",
+                                         measure_performance=False), tmp_path / "engine")
+    engine = Engine.load(tmp_path / "engine")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                           dtype=torch.float32).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    prompt = "The capital of France is"
+    ids = tok(prompt)["input_ids"]
+    with torch.no_grad():
+        want = hf.generate(torch.tensor([ids]), max_new_tokens=16, min_new_tokens=16, do_sample=False,
+                           eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+    out = engine.generate([prompt], max_new_tokens=16)  # the engine's own tokenizer, from the GGUF
+    assert out.tokens[0] == want
+    assert engine.generate([ids], max_new_tokens=16).tokens[0] == want
