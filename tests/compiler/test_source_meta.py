@@ -21,6 +21,7 @@ from service.compiler.errors import UnsafeWeights, WeightsMismatch
 from service.compiler.reference import ReferenceModel
 from service.compiler.sources.layout import detect_layout
 from service.compiler.sources.meta import intermediate_size
+from tests.meta_files import write_meta_checkpoint
 
 transformers = pytest.importorskip("transformers")
 
@@ -31,42 +32,6 @@ LLAMA2 = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size":
 # Llama 3.1 style: vocabulary-split embedding, ffn_dim_multiplier, rope_theta, llama3 rope scaling
 LLAMA31 = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 100, "multiple_of": 32,
            "ffn_dim_multiplier": 1.3, "norm_eps": 1e-5, "rope_theta": 500000.0, "use_scaled_rope": True}
-
-
-def half_to_interleaved(w: torch.Tensor, heads: int) -> torch.Tensor:
-    """HF's rotary row order -> Meta's (the inverse of convert_llama_weights_to_hf's permute)."""
-    rows, cols = w.shape
-    return w.reshape(heads, 2, rows // heads // 2, cols).transpose(1, 2).reshape(rows, cols)
-
-
-def write_meta_checkpoint(model, params: dict, folder, shards: int, embed_dim: int) -> None:
-    """Save an HF Llama as Meta's consolidated.NN.pth shards + params.json."""
-    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    nh, nkv = params["n_heads"], params["n_kv_heads"]
-    meta: dict[str, tuple[torch.Tensor, int | None]] = {
-        "tok_embeddings.weight": (sd["model.embed_tokens.weight"], embed_dim),
-        "norm.weight": (sd["model.norm.weight"], None),
-        "output.weight": (sd["lm_head.weight"], 0),
-        "rope.freqs": (torch.ones(8), None),  # Llama 2 ships it; the converter ignores it
-    }
-    for i in range(params["n_layers"]):
-        p = f"model.layers.{i}."
-        meta.update({
-            f"layers.{i}.attention.wq.weight": (half_to_interleaved(sd[p + "self_attn.q_proj.weight"], nh), 0),
-            f"layers.{i}.attention.wk.weight": (half_to_interleaved(sd[p + "self_attn.k_proj.weight"], nkv), 0),
-            f"layers.{i}.attention.wv.weight": (sd[p + "self_attn.v_proj.weight"], 0),
-            f"layers.{i}.attention.wo.weight": (sd[p + "self_attn.o_proj.weight"], 1),
-            f"layers.{i}.feed_forward.w1.weight": (sd[p + "mlp.gate_proj.weight"], 0),
-            f"layers.{i}.feed_forward.w2.weight": (sd[p + "mlp.down_proj.weight"], 1),
-            f"layers.{i}.feed_forward.w3.weight": (sd[p + "mlp.up_proj.weight"], 0),
-            f"layers.{i}.attention_norm.weight": (sd[p + "input_layernorm.weight"], None),
-            f"layers.{i}.ffn_norm.weight": (sd[p + "post_attention_layernorm.weight"], None),
-        })
-    folder.mkdir(parents=True, exist_ok=True)
-    for s in range(shards):
-        part = {k: (t if d is None else t.chunk(shards, dim=d)[s]).clone().contiguous() for k, (t, d) in meta.items()}
-        torch.save(part, folder / f"consolidated.{s:02d}.pth")
-    (folder / "params.json").write_text(json.dumps({k: v for k, v in params.items() if v is not None}))
 
 
 def hf_llama(params: dict, vocab: int):
