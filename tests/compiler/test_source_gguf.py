@@ -226,3 +226,25 @@ def test_smollm2_gguf_builds_and_generates_like_transformers(tmp_path):
     out = engine.generate([prompt], max_new_tokens=16)  # the engine's own tokenizer, from the GGUF
     assert out.tokens[0] == want
     assert engine.generate([ids], max_new_tokens=16).tokens[0] == want
+
+
+def test_a_gguf_without_tokenizer_has_no_calibration_tokenizer(gguf_models):
+    from service.compiler.quantization.calibration import load_tokenizer
+
+    assert load_tokenizer(gguf_models("llama")[0]) is None
+
+
+@pytest.mark.slow
+def test_calibration_tokenizer_comes_from_the_gguf():
+    """Quantizing a GGUF source calibrates with the file's own tokenizer (transformers rebuilds it: ~1 min)."""
+    from service.compiler.errors import ModelNotFound
+    from service.compiler.quantization.calibration import load_tokenizer
+    from service.compiler.sources.smollm2 import gguf_path
+
+    try:
+        path = gguf_path()
+    except ModelNotFound as exc:
+        pytest.skip(str(exc))
+    tok = load_tokenizer(path)
+    want = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    assert tok("The capital of France is")["input_ids"] == want("The capital of France is")["input_ids"]

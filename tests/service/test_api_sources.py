@@ -137,3 +137,11 @@ def test_spec_canonical_forms():
                 {"model": "x/y", "source": {"kind": "hf", "repo": "x/z"}}, {}):
         with pytest.raises(ValueError):
             JobSpec.model_validate(bad)
+
+
+def test_quantized_job_of_a_meta_source_is_refused_at_submit(api, sources):
+    with pytest.raises(ApiError) as err:
+        api.submit({"source": {"kind": "meta", "path": "tiny-meta"}, "quantization": {"algo": "W8A16"},
+                    "labels": {"via": "meta-quant"}})
+    assert err.value.code == "invalid_argument"
+    assert api.list(via="meta-quant") == []

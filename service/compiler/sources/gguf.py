@@ -423,7 +423,7 @@ class GGUFSource(WeightSource):
 
     def write_tokenizer(self, out_dir: Path) -> list[str]:
         """The file's tokenizer as HF tokenizer files in ``out_dir`` (transformers' GGUF tokenizer converter)."""
-        if "tokenizer.ggml.model" not in self.header.metadata or "tokenizer.ggml.tokens" not in self.header.metadata:
+        if not _has_tokenizer_fields(self.header.metadata):
             return []  # a file without a tokenizer: engines take --tokenizer DIR
         return write_hf_tokenizer(self.path, out_dir)
 
@@ -434,6 +434,15 @@ class GGUFSource(WeightSource):
         except BufferError:  # numpy views still alive: the map closes when they go
             pass
         self._file.close()
+
+
+def _has_tokenizer_fields(meta: dict) -> bool:
+    return "tokenizer.ggml.model" in meta and "tokenizer.ggml.tokens" in meta
+
+
+def has_tokenizer(path: Path) -> bool:
+    """The GGUF file (header validated) carries a tokenizer transformers can rebuild."""
+    return _has_tokenizer_fields(read_header(path).metadata)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
@@ -474,5 +483,5 @@ def is_gguf_file(path: Path) -> bool:
         return False
 
 
-__all__ = ["ARCHS", "GGUFSource", "hf_config_from_gguf", "hf_tensor_name", "is_gguf_file", "read_header",
+__all__ = ["ARCHS", "GGUFSource", "has_tokenizer", "hf_config_from_gguf", "hf_tensor_name", "is_gguf_file", "read_header",
            "write_hf_tokenizer"]
