@@ -81,7 +81,12 @@ def pick_type(hf: str, layer_parity: int):
     return Q.Q8_0
 
 
-def write_gguf(model, arch: str, path, rng) -> None:
+def rope_theta(cfg) -> float:
+    return float((getattr(cfg, "rope_parameters", None) or {}).get("rope_theta") or getattr(cfg, "rope_theta", 10000.0))
+
+
+def write_gguf(model, arch: str, path, rng, extra: dict[str, np.ndarray] | None = None) -> None:
+    """``extra``: more tensors written as they are (e.g. Llama 3.1's ``rope_freqs.weight``)."""
     cfg = model.config
     w = gguf.GGUFWriter(str(path), arch)
     w.add_uint32(f"{arch}.context_length", cfg.max_position_embeddings)
@@ -91,7 +96,7 @@ def write_gguf(model, arch: str, path, rng) -> None:
     w.add_uint32(f"{arch}.attention.head_count", cfg.num_attention_heads)
     w.add_uint32(f"{arch}.attention.head_count_kv", cfg.num_key_value_heads)
     w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", cfg.rms_norm_eps)
-    w.add_float32(f"{arch}.rope.freq_base", 10000.0)
+    w.add_float32(f"{arch}.rope.freq_base", rope_theta(cfg))
     w.add_uint32(f"{arch}.vocab_size", cfg.vocab_size)
     for key, value in (("bos_token_id", 1), ("eos_token_id", 2), ("padding_token_id", 0)):
         w.add_uint32(f"tokenizer.ggml.{key}", value)
@@ -118,6 +123,8 @@ def write_gguf(model, arch: str, path, rng) -> None:
             w.add_tensor(name, a.astype(np.float16))
         else:
             w.add_tensor(name, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
+    for name, arr in (extra or {}).items():
+        w.add_tensor(name, arr)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -13,6 +13,7 @@ nothing. The real SmolLM2-135M Q4_1 GGUF runs end to end (slow).
 from __future__ import annotations
 
 import json
+import math
 import struct
 
 import numpy as np
@@ -105,6 +106,59 @@ def test_auto_dtype_of_a_quantized_gguf_is_float16(gguf_models, tmp_path):
     path, _ = gguf_models("llama")
     convert_checkpoint(path, tmp_path / "ckpt")
     assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["dtype"] == "float16"
+
+
+def _llama_cpp_rope_freqs(theta: float, head_dim: int, factor: float) -> np.ndarray:
+    """llama.cpp's ``convert_hf_to_gguf.py`` Llama 3 ``rope_freqs`` (low 1, high 4, original context 8192)."""
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    out = []
+    for freq in freqs.tolist():
+        wavelen = 2 * math.pi / freq
+        if wavelen < 8192 / 4.0:
+            out.append(1.0)
+        elif wavelen > 8192 / 1.0:
+            out.append(factor)
+        else:
+            smooth = (8192 / wavelen - 1.0) / (4.0 - 1.0)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
+@pytest.mark.parametrize("factor", [8.0, 32.0])
+def test_llama3_rope_freqs_become_llama3_rope_scaling(tmp_path, factor):
+    """Llama 3.1 / 3.2 GGUFs carry rope scaling as a rope_freqs tensor (which transformers ignores): Kiln
+    reads it back as llama3 rope_scaling, and generates the tokens of an HF llama3 model with those weights."""
+    T = transformers
+    cfg = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=96, max_position_embeddings=256, tie_word_embeddings=False)
+    torch.manual_seed(5)
+    model = T.LlamaForCausalLM(T.LlamaConfig(**cfg, rope_theta=500000.0)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4.0) if p.dim() > 1 else p.add_(0.1 * torch.randn_like(p))
+    freqs = _llama_cpp_rope_freqs(500000.0, 16, factor)
+    assert (freqs != 1.0).any() and (freqs == 1.0).any()  # the scaling touches some dims, not all
+    write_gguf(model, "llama", tmp_path / "m.gguf", np.random.default_rng(0), extra={"rope_freqs.weight": freqs})
+    loaded = T.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf", dtype=torch.float32)
+    rope = {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192}
+    want_model = T.LlamaForCausalLM(T.LlamaConfig(**cfg, rope_theta=500000.0, rope_scaling=rope)).eval()
+    want_model.load_state_dict(loaded.state_dict())
+    convert_checkpoint(tmp_path / "m.gguf", tmp_path / "ckpt", dtype="float32")
+    ckpt_cfg = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert ckpt_cfg["rotary_scaling"]["rope_type"] == "llama3" and ckpt_cfg["rotary_scaling"]["factor"] == factor
+    ref = ReferenceModel.from_checkpoint(tmp_path / "ckpt")
+    ids = torch.tensor([list(range(3, 90, 2))])  # 44 positions: long wavelengths matter
+    with torch.no_grad():
+        torch.testing.assert_close(ref.forward(ids), want_model(ids).logits, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(loaded(ids).logits, want_model(ids).logits, atol=1e-3)  # scaling changes logits
+
+    bad = freqs.copy()
+    bad[-1] *= 1.5
+    write_gguf(model, "llama", tmp_path / "bad.gguf", np.random.default_rng(0), extra={"rope_freqs.weight": bad})
+    with pytest.raises(UnsupportedArchitecture, match="rope_freqs"):
+        convert_checkpoint(tmp_path / "bad.gguf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 # -- hostile files -----------------------------------------------------------------------------

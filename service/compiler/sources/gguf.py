@@ -240,7 +240,7 @@ LAYER_NAMES = {
 SANDWICH_NAMES = {"ffn_norm": "pre_feedforward_layernorm", "post_attention_norm": "post_attention_layernorm",
                   "post_ffw_norm": "post_feedforward_layernorm"}
 FUSED_NAMES = {"ffn_up": "mlp.gate_up_proj"}  # Phi-3's ffn_up holds [gate; up]
-IGNORED_TENSORS = {"rope_freqs.weight"}
+IGNORED_TENSORS = {"rope_freqs.weight"}  # read into the config (llama3 rope scaling)
 LAYER_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 
 
@@ -306,17 +306,64 @@ def hf_config_from_gguf(header: GGUFHeader, path: Path) -> tuple[dict, GGUFArch]
                         ("padding_token_id", "pad_token_id")):
         if isinstance(meta.get(f"tokenizer.ggml.{key}"), int):
             hf[hf_key] = meta[f"tokenizer.ggml.{key}"]
-    if meta.get(f"{name}.rope.scaling.type") not in (None, "none"):
-        raise UnsupportedArchitecture(f"{path.name}: rope scaling {meta[f'{name}.rope.scaling.type']!r} in GGUF is "
-                                      "not supported", hint="convert the Hugging Face folder instead")
-    if any(t in header.tensors for t in ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")):
-        raise UnsupportedArchitecture(f"{path.name}: per-dimension rope frequency factors (Llama 3.1 / Phi-3 long "
-                                      "context rope scaling) in GGUF are not supported",
+    kind = meta.get(f"{name}.rope.scaling.type")
+    if kind == "linear" and isinstance(meta.get(f"{name}.rope.scaling.factor"), (int, float)):
+        hf["rope_scaling"] = {"rope_type": "linear", "factor": _float32_repr(float(meta[f"{name}.rope.scaling.factor"]))}
+    elif kind not in (None, "none"):
+        raise UnsupportedArchitecture(f"{path.name}: rope scaling {kind!r} in GGUF is not supported",
                                       hint="convert the Hugging Face folder instead")
+    if "rope_freqs.weight" in header.tensors and name == "llama":
+        hf["rope_scaling"] = _llama3_rope(path, header.tensors["rope_freqs.weight"], hf)
+    elif any(t in header.tensors for t in ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")):
+        raise UnsupportedArchitecture(f"{path.name}: per-dimension rope frequency factors (Phi-3 long context rope "
+                                      "scaling) in GGUF are not supported", hint="convert the Hugging Face folder instead")
     if name == "qwen2":
         hf.setdefault("use_sliding_window", False)
     hf["torch_dtype"] = _auto_dtype(header)
     return hf, arch
+
+
+# llama.cpp writes Llama 3.x's rope scaling as per-dimension factors; these are the parameter sets
+# Meta released (3.1 / 3.3: factor 8, 3.2: factor 32), tried in turn against the stored factors.
+LLAMA3_CANDIDATES = [{"factor": f, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 8192} for f in (8.0, 32.0, 16.0, 4.0, 2.0)]
+
+
+def llama3_rope_factors(theta: float, head_dim: int, p: dict) -> list[float]:
+    """Per-frequency divisors of Llama 3's rope scaling (Meta's ``apply_scaling``; llama.cpp's ``rope_freqs``)."""
+    import math
+
+    old, low, high, factor = (p["original_max_position_embeddings"], p["low_freq_factor"], p["high_freq_factor"],
+                              p["factor"])
+    out = []
+    for i in range(0, head_dim, 2):
+        wavelen = 2 * math.pi * theta ** (i / head_dim)
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return out
+
+
+def _llama3_rope(path: Path, info: GGUFTensorInfo, hf: dict) -> dict:
+    """The llama3 rope_scaling whose factors are the file's ``rope_freqs`` tensor, or a typed refusal."""
+    head_dim = int(hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"])
+    if info.type_name != "F32" or info.shape != (head_dim // 2,):
+        raise MalformedWeights(f"{path.name}: rope_freqs.weight is {info.type_name} {list(info.shape)}, expected F32 "
+                               f"[{head_dim // 2}]")
+    with open(path, "rb") as f:
+        f.seek(info.offset)
+        stored = struct.unpack(f"<{head_dim // 2}f", f.read(info.nbytes))
+    theta = float(hf.get("rope_theta", 10000.0))
+    for cand in LLAMA3_CANDIDATES:
+        want = llama3_rope_factors(theta, head_dim, cand)
+        if all(abs(a - b) <= 1e-5 * max(1.0, abs(b)) for a, b in zip(stored, want, strict=True)):
+            return {"rope_type": "llama3", **cand}
+    raise UnsupportedArchitecture(f"{path.name}: rope_freqs.weight matches none of Llama 3's rope scaling settings",
+                                  hint="convert the Hugging Face folder instead")
 
 
 def _gguf_key(hf_key: str) -> str:
