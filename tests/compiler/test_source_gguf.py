@@ -302,3 +302,24 @@ def test_calibration_tokenizer_comes_from_the_gguf():
     tok = load_tokenizer(path)
     want = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     assert tok("The capital of France is")["input_ids"] == want("The capital of France is")["input_ids"]
+
+
+def test_kiln_convert_cli_reads_a_gguf_file_and_refuses_a_broken_one(gguf_models, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    path, _ = gguf_models("qwen2")
+
+    def kiln(*args):
+        return subprocess.run([sys.executable, "-m", "service.cli", *args], cwd=root, capture_output=True, text=True,
+                              timeout=300)
+
+    ok = kiln("convert", str(path), str(tmp_path / "ckpt"), "--dtype", "float32", "--tp-size", "2", "--quiet")
+    assert ok.returncode == 0, ok.stderr
+    assert "converted Qwen2ForCausalLM" in ok.stdout
+    assert kiln("validate", str(tmp_path / "ckpt")).returncode == 0
+    (tmp_path / "cut.gguf").write_bytes(path.read_bytes()[:1000])
+    bad = kiln("convert", str(tmp_path / "cut.gguf"), str(tmp_path / "out"), "--quiet")
+    assert bad.returncode != 0 and "malformed_weights" in bad.stderr and not (tmp_path / "out").exists()
