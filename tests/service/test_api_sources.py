@@ -145,3 +145,20 @@ def test_quantized_job_of_a_meta_source_is_refused_at_submit(api, sources):
                     "labels": {"via": "meta-quant"}})
     assert err.value.code == "invalid_argument"
     assert api.list(via="meta-quant") == []
+
+
+def test_kiln_submit_gguf_flag(server, sources):
+    """`kiln submit --gguf PATH` sends the source object; the job converts the file."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import httpx
+
+    root = Path(__file__).resolve().parents[2]
+    r = subprocess.run([sys.executable, "-m", "service.cli", "submit", "--gguf", "tiny/qwen2.gguf", "--dtype", "float32",
+                        "--label", "via=cli-gguf", "--server", server["http"]], cwd=root, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    job = httpx.get(f"{server['http']}/v1/jobs/{r.stdout.strip()}", timeout=30).json()
+    assert job["spec"]["source"] == {"kind": "gguf", "path": "tiny/qwen2.gguf", "repo": None, "revision": None}
