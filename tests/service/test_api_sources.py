@@ -162,3 +162,14 @@ def test_kiln_submit_gguf_flag(server, sources):
     assert r.returncode == 0, r.stderr
     job = httpx.get(f"{server['http']}/v1/jobs/{r.stdout.strip()}", timeout=30).json()
     assert job["spec"]["source"] == {"kind": "gguf", "path": "tiny/qwen2.gguf", "repo": None, "revision": None}
+
+
+def test_openapi_schema_documents_the_source(server):
+    import httpx
+
+    schema = httpx.get(f"{server['http']}/openapi.json", timeout=30).json()
+    src = schema["components"]["schemas"]["SourceSpec"]
+    assert src["properties"]["kind"]["enum"] == ["hf", "meta", "gguf"]
+    assert {"repo", "revision", "path"} <= set(src["properties"])
+    job = schema["components"]["schemas"]["JobSpec"]
+    assert "source" in job["properties"] and "model" not in job.get("required", [])
