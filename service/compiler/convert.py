@@ -38,7 +38,7 @@ from .checkpoint.safetensors_io import DTYPES, RAW_NP, SafetensorsWriter, dtype_
 from .errors import InvalidArgument, KilnError, ModelNotFound, OutputExists
 from .models import spec_for_hf
 from .models.base import ArchSpec, Piece, TensorPlan
-from .models.hf_config import resolve_dtype
+from .models.hf_config import check_hf_config, resolve_dtype
 from .sources.weights import RawSafetensorsSource, WeightSource, open_weights, read_json
 from .version import __version__
 
@@ -102,7 +102,7 @@ def peak_rss_bytes() -> int:
 def _read_hf_config(model_dir: Path) -> dict:
     if not model_dir.is_dir():
         raise ModelNotFound(f"model folder not found: {model_dir}")
-    return read_json(model_dir / "config.json", "config.json")
+    return check_hf_config(read_json(model_dir / "config.json", "config.json"))
 
 
 class HFCheckpointModel:
@@ -171,7 +171,15 @@ def from_hugging_face(model_dir: str | os.PathLike, dtype: str = "auto", mapping
     hf = _read_hf_config(model_dir)
     spec = spec_for_hf(hf)
     mapping = mapping or Mapping()
-    cfg = spec.trt_config(hf, resolve_dtype(dtype, hf), mapping)
+    try:
+        cfg = spec.trt_config(hf, resolve_dtype(dtype, hf), mapping)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:  # a required field missing or null
+        nulls = ", ".join(f"{k}=null" for k, v in hf.items() if v is None)
+        what = (f"field {exc.args[0]!r} is missing" if isinstance(exc, KeyError)
+                else f"a field is null or invalid ({nulls or exc})")
+        raise InvalidArgument(f"config.json of {hf['architectures'][0]}: {what}"[:300],
+                              hint="config.json is not a complete model configuration: use the model's published "
+                              "config") from exc
     if "layer_configs" in cfg:  # per-layer configs (Nemotron-NAS): the checkpoint records its split's cost
         from .checkpoint.pipeline_split import split_record
 
