@@ -5,7 +5,7 @@ Shared by tests/compiler/test_hostile_inputs.py (the compiler library) and tests
 edits the plain folder (``edit``) and/or the cache entry after it is laid out (``relink``: symlinks out of the
 snapshot). ``code`` is the typed error expected (None: the model converts, the hostile part being ignored, as
 for an ``auto_map`` next to a supported architecture). Every code-running payload writes the canary file
-``CANARY_NAME`` in the directory given by ``$KILN_TEST_CANARY_DIR`` (set by the tests), so a test can prove none
+``CANARY_NAME`` in the directory ``$KILN_TEST_CANARY_DIR`` named when the repo was built, so a test can prove none
 ran: pickles (``__reduce__``), ``modeling_*.py`` / ``configuration_*.py`` / ``tokenization_*.py`` on import.
 """
 
@@ -20,12 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CANARY_NAME = "CANARY"
-CANARY_CODE = ("import os, pathlib\n"
-               "pathlib.Path(os.environ.get('KILN_TEST_CANARY_DIR', '/tmp'), 'CANARY').write_text('ran')\n")
 
 
 def canary_dir() -> Path:
     return Path(os.environ["KILN_TEST_CANARY_DIR"])
+
+
+def canary_code() -> str:
+    """Python that writes the canary when imported (the path fixed when the repo is built, so it works in a
+    server process too)."""
+    return f"open({str(canary_dir() / CANARY_NAME)!r}, 'w').write('ran')\n"
 
 
 class Evil:
@@ -108,7 +112,7 @@ def remote_code(arch: str | None) -> Callable[[Path], None]:
             cfg["architectures"] = [arch]
         (d / "config.json").write_text(json.dumps(cfg))
         for module in ("modeling_evil.py", "configuration_evil.py"):
-            (d / module).write_text(CANARY_CODE + "class EvilForCausalLM: pass\nclass EvilConfig: pass\n")
+            (d / module).write_text(canary_code() + "class EvilForCausalLM: pass\nclass EvilConfig: pass\n")
     return edit
 
 
@@ -116,7 +120,7 @@ def tokenizer_remote_code(d: Path) -> None:
     word_level_tokenizer(d, 64)
     (d / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "EvilTokenizer", "auto_map": {"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]}}))
-    (d / "tokenization_evil.py").write_text(CANARY_CODE + "class EvilTokenizer: pass\n")
+    (d / "tokenization_evil.py").write_text(canary_code() + "class EvilTokenizer: pass\n")
 
 
 def tokenizer_entries(n: int) -> Callable[[Path], None]:
