@@ -59,6 +59,10 @@ class RangeNotSatisfiable(DomainError):
     code = "range_not_satisfiable"
 
 
+class RequestTimeout(DomainError):
+    code = "request_timeout"
+
+
 # code -> (HTTP status, gRPC code name). Unknown codes are internal errors (500 / INTERNAL).
 ERROR_TABLE: dict[str, tuple[int, str]] = {
     "invalid_argument": (400, "INVALID_ARGUMENT"),
@@ -89,6 +93,7 @@ ERROR_TABLE: dict[str, tuple[int, str]] = {
     "unauthenticated": (401, "UNAUTHENTICATED"),
     "payload_too_large": (413, "RESOURCE_EXHAUSTED"),
     "range_not_satisfiable": (416, "OUT_OF_RANGE"),
+    "request_timeout": (408, "DEADLINE_EXCEEDED"),
     "unavailable": (503, "UNAVAILABLE"),
     "internal": (500, "INTERNAL"),
 }
