@@ -167,16 +167,13 @@ async def fuzz(target: str, messages: int, seed: int, keys: list[str | None], kn
 
 def finished_job_runtime(root: Path, keys: str | None = None, model_dir: Path | None = None):
     """A service over ``root`` with one finished job of tenant ``alice`` (``model_dir``, default a tiny random
-    Llama made here, converted by the real pipeline) and one queued job."""
-    import os
-
+    Llama made here, converted by the real pipeline) and one queued job. The caller sets HF_HUB_OFFLINE=1."""
     from service.api.wiring import build_runtime
     from service.domain import JobSpec
     from service.settings import Settings
     from service.workers.pipeline import PipelineRunner
     from tests.hostile import make_tiny_llama
 
-    os.environ["HF_HUB_OFFLINE"] = "1"
     settings = Settings(storage=root, api_keys=keys or "alice:alice-key,bob:bob-key")
     from service.compiler.sources.smollm2 import install_into_hf_cache
 
@@ -212,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target", help="host:port of a running kiln gRPC server (default: an in-process one)")
     ap.add_argument("--key", action="append", default=[], help="API key(s) for --target (repeatable)")
     args = ap.parse_args(argv)
+    import os
+
+    os.environ["HF_HUB_OFFLINE"] = "1"  # the in-process service resolves its tiny model from its own cache
     start = time.perf_counter()
     if args.target:
         stats = asyncio.run(fuzz(args.target, args.messages, args.seed, [*args.key, None], {}))

@@ -11,9 +11,10 @@ import time
 from benchmarks.grpc_fuzz import finished_job_runtime, fuzz
 
 
-def test_grpc_fuzz_has_no_unknown_or_internal_status(tmp_path, tiny_model_dir):
+def test_grpc_fuzz_has_no_unknown_or_internal_status(tmp_path, tiny_model_dir, monkeypatch):
     from service.api.grpc_server import create_server, pb2
 
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     settings, runtime, known = finished_job_runtime(tmp_path, model_dir=tiny_model_dir)
 
     async def run():
