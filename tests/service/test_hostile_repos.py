@@ -5,8 +5,8 @@ In process (real SQLite store, real pipeline, every case): the submit-time check
 error (no job row), or the job runs and fails with it; either way the error has a code and a hint, no canary
 file is written (no pickle unpickled, no repository module imported), the job shows no artifact and no
 temporary output stays in the storage. Tokenizer cases ask for W8A16 quantization, whose calibration reads
-the tokenizer. Then against a real ``kiln serve`` (the shared ``server`` fixture: API + Celery worker
-subprocesses): a few cases over HTTP, and the server keeps serving.
+the tokenizer. Then (marked slow) against a real ``kiln serve`` (the shared ``server`` fixture: API + Celery
+worker subprocesses): a sample of the cases over HTTP, and the server keeps serving.
 """
 
 from __future__ import annotations
@@ -87,6 +87,7 @@ def test_hostile_repo_job_fails_typed_or_runs_as_data(hostile_service, case):
     assert case.code is None or where in ("submit", "job")
 
 
+@pytest.mark.slow  # ~30 s of Celery jobs on the shared 2-core VM; every case runs as a real job in process above
 def test_real_server_refuses_hostile_repos_and_keeps_serving(server, tiny_model_dir, tmp_path, monkeypatch):
     """Through `kiln serve` (API process + Celery worker process): typed 4xx with a hint at submit, or a job that
     fails with the typed error; the data-only case (auto_map beside Llama) compiles; no canary; still healthy."""
