@@ -267,6 +267,7 @@ def test_every_rest_route_hides_another_tenants_jobs(tenants):
                         break  # the path routes ignore queries: one probe with them is enough
         # alice's own view still works (the probes are meaningful)
         assert client.get(f"/v1/jobs/{alice_job}", headers={"Authorization": f"Bearer {ALICE}"}).status_code == 200
+    print(f"REST tenant probes: {probed}")
     assert probed >= 12
 
 
@@ -328,3 +329,38 @@ def test_artifact_bytes_served_match_the_manifest(tenants, live):
     entry = next(f for f in tenants["files"] if f["path"] == "config.json")
     status, body = get(live, f"/v1/jobs/{tenants['job']}/artifacts/checkpoint/files/config.json".encode())
     assert status == 200 and hashlib.sha256(body).hexdigest() == entry["sha256"]
+
+
+def test_grpc_download_path_abuse_returns_no_bytes(tenants):
+    """DownloadArtifact with the same path tricks (decoded: gRPC strings are not URL-encoded) and names."""
+    import grpc
+
+    from service.api.grpc_server import create_server, pb2, pb2_grpc
+
+    tricks = ["../../kiln.db", "/etc/passwd", "..\\..\\kiln.db", "config.json\x00", "manifest.json", "./config.json",
+              "rank0.safetensors/../config.json", "a" * 5000, "%2e%2e/kiln.db", "..", "/"]
+
+    async def scenario():
+        server, port = await create_server(tenants["runtime"].service, tenants["settings"], port=0, host="127.0.0.1")
+        await server.start()
+        codes = []
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = pb2_grpc.KilnStub(channel)
+                md = (("authorization", f"Bearer {ALICE}"),)
+                for name, path in [("checkpoint", t) for t in tricks] + [(t, "config.json") for t in tricks]:
+                    data = b""
+                    try:
+                        async for chunk in stub.DownloadArtifact(pb2.DownloadArtifactRequest(
+                                job_id=tenants["job"], name=name, path=path), metadata=md, timeout=5):
+                            data += chunk.data
+                        codes.append(grpc.StatusCode.OK)
+                    except grpc.aio.AioRpcError as err:
+                        codes.append(err.code())
+                    assert data == b"", (name, path)
+        finally:
+            await server.stop(None)
+        return codes
+
+    codes = asyncio.run(scenario())
+    assert set(codes) <= {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT}, codes
