@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     port: int = 8080
     grpc_port: int = 50051
     max_body_bytes: int = 1 << 20
+    # slow clients (slowloris): a request's headers, and then its body, must arrive within these many seconds
+    request_header_timeout_s: float = Field(10.0, gt=0)
+    request_body_timeout_s: float = Field(30.0, gt=0)
     grpc_max_message_bytes: int = 4 << 20
     page_size_max: int = 200
 

@@ -176,6 +176,20 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def uvicorn_config(app, settings, **overrides):
+    """The uvicorn configuration of ``kiln serve``: its HTTP protocol closes a connection whose request headers
+    do not arrive within ``KILN_REQUEST_HEADER_TIMEOUT_S`` (slowloris; the body has its own deadline in ``BodySizeLimit``)."""
+    import uvicorn
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    from .middleware import header_timeout_protocol
+
+    options = dict(host=settings.host, port=settings.port, log_level="warning", access_log=False,
+                   timeout_graceful_shutdown=5,
+                   http=header_timeout_protocol(AutoHTTPProtocol, settings.request_header_timeout_s))
+    return uvicorn.Config(app, **(options | overrides))
+
+
 async def _serve(settings, supervisor=None) -> None:
     import asyncio
     import gc
@@ -197,8 +211,7 @@ async def _serve(settings, supervisor=None) -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(10_000, 20, 10)
-    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
-                                           access_log=False, timeout_graceful_shutdown=5))
+    server = uvicorn.Server(uvicorn_config(app, settings))
     grpc_server = None
     if settings.grpc_port >= 0:
         try:

@@ -175,7 +175,15 @@ def from_hugging_face(model_dir: str | os.PathLike, dtype: str = "auto", mapping
         hf = opened.hf_config
         spec = spec_for_hf(hf)
         mapping = mapping or Mapping()
-        cfg = spec.trt_config(hf, resolve_dtype(dtype, hf), mapping)
+        try:
+            cfg = spec.trt_config(hf, resolve_dtype(dtype, hf), mapping)
+        except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:  # a required field missing or null
+            nulls = ", ".join(f"{k}=null" for k, v in hf.items() if v is None)
+            what = (f"field {exc.args[0]!r} is missing" if isinstance(exc, KeyError)
+                    else f"a field is null or invalid ({nulls or exc})")
+            raise InvalidArgument(f"config.json of {hf['architectures'][0]}: {what}"[:300],
+                                  hint="config.json is not a complete model configuration: use the model's published "
+                                  "config") from exc
         if "layer_configs" in cfg:  # per-layer configs (Nemotron-NAS): the checkpoint records its split's cost
             from .checkpoint.pipeline_split import split_record
 

@@ -338,12 +338,27 @@ class JobSpec(_Strict):
         return "cpu"
 
 
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
 def is_private_host(host: str) -> bool:
-    """True for loopback, RFC1918, link-local, ULA and similar addresses (webhook SSRF guard)."""
+    """True for anything but a globally routable address (webhook SSRF guard): loopback, RFC 1918, link-local,
+    ULA, CGNAT (100.64/10: cloud metadata lives there too), benchmarking, reserved, multicast, unspecified, and
+    IPv6 forms that carry such an IPv4 address (IPv4-mapped, IPv4-compatible, 6to4, Teredo, NAT64); names
+    ``localhost`` / ``*.localhost`` / ``*.internal`` (any case, trailing dot or not)."""
+    host = host.strip().rstrip(".").lower()
     try:
-        ip = ipaddress.ip_address(host)
+        ip = ipaddress.ip_address(host.split("%", 1)[0])  # an IPv6 zone (fe80::1%eth0) is link-local anyway
     except ValueError:
-        return host == "localhost" or host.endswith(".localhost") or host.endswith(".internal")
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
-    return ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved or ip.is_multicast or ip.is_unspecified
+        return host == "localhost" or host.endswith((".localhost", ".internal", ".local"))
+    embedded: list[ipaddress.IPv4Address] = []
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped:
+            embedded.append(ip.ipv4_mapped)
+        if ip.sixtofour:
+            embedded.append(ip.sixtofour)
+        if ip.teredo:
+            embedded.extend(ip.teredo)
+        if ip in NAT64 or int(ip) >> 32 == 0:  # NAT64 well-known prefix, IPv4-compatible ::a.b.c.d
+            embedded.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    return any(not a.is_global or a.is_multicast for a in (ip, *embedded))

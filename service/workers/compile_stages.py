@@ -260,7 +260,8 @@ def evaluate_stage(ctx: StageContext, input_dir: Path | None, output_dir: Path, 
 def validate_compile(settings: Settings, spec: JobSpec, model_dir: Path | None) -> None:
     """Quantization and build checks at submit. With the model cached, the compiler's own preflights
     run too (quantizer: algo/arch, group_size vs features, SM; build: limits vs the model, memory
-    estimate vs the target's nominal memory); the target's presence is the worker's concern."""
+    estimate vs the target's nominal memory; the tokenizer's files, for the stages that read it: in the folder,
+    bounded, no remote code); the target's presence is the worker's concern."""
     q, b = spec.quantization, spec.build
     if q.requested:
         from service.compiler.quantization import config as qcfg
@@ -278,6 +279,10 @@ def validate_compile(settings: Settings, spec: JobSpec, model_dir: Path | None) 
                               "'quantization'")
     if model_dir is None:
         return
+    if q.requested or spec.evaluation is not None:  # their stages read the tokenizer: its files are checked now
+        from service.compiler.sources.tokenizer import check_tokenizer_files
+
+        check_tokenizer_files(model_dir)
     from service.compiler.convert import from_hugging_face
 
     from .job_mapping import job_mapping

@@ -147,6 +147,7 @@ class LeaseLost(Exception):
 PERMANENT_CODES = {
     "invalid_argument", "unsupported_architecture", "invalid_mapping", "model_not_found", "unsafe_weights",
     "malformed_weights", "weights_mismatch", "invalid_checkpoint", "output_exists",
+    "invalid_tokenizer",
     # build (service/compiler/build/config.py)
     "invalid_build_config", "unknown_backend", "backend_unavailable", "target_unavailable", "engine_does_not_fit",
     # quality gates

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ModelNotFound
+from ..models.hf_config import check_hf_config
 from .gguf import GGUFSource, is_gguf_file
 from .meta import MetaConsolidatedSource, is_meta_folder
 from .weights import WeightSource, open_weights, read_json
@@ -50,15 +51,20 @@ def open_model(path: str | Path, *, allow_pickle: bool = False, raw: bool = Fals
     layout = detect_layout(path)
     if layout == "gguf":
         gguf = GGUFSource.open(path)
-        return OpenedModel("gguf", dict(gguf.hf), gguf, gguf.write_tokenizer)
+        try:
+            return OpenedModel("gguf", check_hf_config(dict(gguf.hf)), gguf, gguf.write_tokenizer)
+        except BaseException:
+            gguf.close()
+            raise
     if layout == "meta":
         meta = MetaConsolidatedSource.open(path)
         try:
-            return OpenedModel("meta", meta.hf_config(), meta)
+            return OpenedModel("meta", check_hf_config(meta.hf_config()), meta)
         except BaseException:
             meta.close()
             raise
-    hf = read_json(path / "config.json", "config.json")
+    # sizes bounded and typed before anything is sized from them (a 10^12-parameter config costs nothing)
+    hf = check_hf_config(read_json(path / "config.json", "config.json"))
     return OpenedModel("hf", hf, open_weights(path, allow_pickle=allow_pickle, raw=raw))
 
 
@@ -66,7 +72,7 @@ def model_config(path: str | Path) -> dict:
     """The HF config dict of any layout (for planning, e.g. the balanced pipeline split)."""
     path = Path(path)
     if detect_layout(path) == "hf":
-        return read_json(path / "config.json", "config.json")
+        return check_hf_config(read_json(path / "config.json", "config.json"))
     opened = open_model(path)
     try:
         return opened.hf_config
