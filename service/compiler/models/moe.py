@@ -158,7 +158,8 @@ class MoEFamily(LlamaFamily):
         if hf.get("use_sliding_window") or (mixtral and hf.get("sliding_window")):
             raise UnsupportedArchitecture(f"{arch} with sliding-window attention is not supported")
         # Mixtral: num_local_experts; Qwen: num_experts (transformers 5 writes num_local_experts for Qwen3-MoE)
-        experts = int(hf.get("num_local_experts") if mixtral else hf.get("num_experts") or hf.get("num_local_experts") or 0)
+        experts = int((hf.get("num_local_experts") if mixtral else hf.get("num_experts") or hf.get("num_local_experts"))
+                      or 0)
         top_k = int(hf.get("num_experts_per_tok") or 0)
         if experts < 2 or not 0 < top_k <= experts:
             raise UnsupportedArchitecture(f"{arch} with {experts} experts and num_experts_per_tok={top_k} is not "
