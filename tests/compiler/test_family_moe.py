@@ -263,3 +263,26 @@ def test_bf16_engine_on_gpu_matches_reference_runtime(family, tmp_path):
     ref = ReferenceModel.from_checkpoint(tmp_path / "ckpt", device="cuda")
     got = engine.generate(PROMPTS, max_new_tokens=8).tokens
     assert got == [ref.generate(p, max_new_tokens=8) for p in PROMPTS]
+
+
+def test_service_job_spec_takes_moe_models_and_their_expert_split(tmp_path):
+    """The service resolves MoE architectures through the compiler's registry (no list of its own):
+    a JobSpec with moe_ep_size passes the submit-time preflight and the convert stage writes its split."""
+    from service.compiler import preflight
+    from service.domain.spec import JobSpec
+    from service.workers.job_mapping import job_mapping
+    from service.workers.stages import convert_stage
+
+    tiny("qwen3_moe").save_pretrained(tmp_path / "hf")
+    spec = JobSpec.model_validate({"model": "Qwen/Qwen3-30B-A3B", "dtype": "float32",
+                                   "mapping": {"tp_size": 2, "moe_ep_size": 2}})
+    m = spec.mapping
+    cfg = preflight(tmp_path / "hf", dtype=spec.dtype,
+                    mapping=job_mapping(m.tp_size, m.pp_size, m.pp_split, tmp_path / "hf", m.moe_ep_size))
+    assert cfg["architecture"] == "Qwen3MoeForCausalLM" and cfg["mapping"]["moe_ep_size"] == 2
+    with pytest.raises(InvalidMapping, match="tp_size=2 is not divisible by moe_ep_size=4"):
+        preflight(tmp_path / "hf", mapping=job_mapping(2, 1, "even", tmp_path / "hf", 4))
+    convert_stage(None, tmp_path / "hf", tmp_path / "ckpt",  # type: ignore[arg-type]
+                  {"dtype": "float32", "tp_size": 2, "pp_size": 1, "moe_ep_size": 2}, lambda *a: None)
+    assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["mapping"]["moe_ep_size"] == 2
+    assert validate_checkpoint(tmp_path / "ckpt").ok

@@ -41,6 +41,9 @@ class Mapping:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise InvalidMapping(f"{name} must be a positive integer, got {v!r}")
+        if self.moe_tp_size is None and self.moe_ep_size is not None and self.tp_size % self.moe_ep_size:
+            raise InvalidMapping(f"tp_size={self.tp_size} is not divisible by moe_ep_size={self.moe_ep_size}",
+                                 hint="expert parallelism splits the experts inside the tp ranks")
         if self.moe_tp * self.moe_ep != self.tp_size:
             raise InvalidMapping(
                 f"tp_size={self.tp_size} must equal moe_tp_size={self.moe_tp} x moe_ep_size={self.moe_ep}",
