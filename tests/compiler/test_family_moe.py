@@ -224,9 +224,13 @@ def test_tp_x_ep_splits_validate_and_merge_back(tmp_path):
         assert merged.keys() == whole.keys()
         for name, t in whole.items():
             assert torch.equal(merged[name], t), (tp, ep, pp, name)
-    # a broken rank file is named by `kiln validate`, from config.json alone
+    # the CLI: `kiln convert --moe-ep-size`, then `kiln validate`; a broken rank file is named by validate
     from service.cli import main as kiln
 
+    assert kiln(["convert", str(tmp_path / "hf"), str(tmp_path / "cli"), "--dtype", "float32", "--tp-size", "4",
+                 "--moe-ep-size", "4"]) == 0
+    assert json.loads((tmp_path / "cli" / "config.json").read_text())["mapping"]["moe_ep_size"] == 4
+    assert kiln(["validate", str(tmp_path / "cli")]) == 0
     (tmp_path / "tp4ep2pp1" / "rank3.safetensors").write_bytes((tmp_path / "tp4ep2pp1" / "rank0.safetensors")
                                                                .read_bytes()[:100])
     assert kiln(["validate", str(tmp_path / "tp4ep2pp1")]) != 0
@@ -255,14 +259,22 @@ def test_bf16_engine_on_gpu_matches_reference_runtime(family, tmp_path):
     """Compiled bf16 engine (CUDA graphs) on the GPU: greedy tokens equal the reference runtime's
     (bf16 on the GPU too) for each prompt."""
     model = tiny(family)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)  # peaked logits: bf16 rounding does not flip greedy choices
     model.save_pretrained(tmp_path / "hf")
     convert_checkpoint(tmp_path / "hf", tmp_path / "ckpt", dtype="bfloat16")
-    build(tmp_path / "ckpt", BuildConfig(**{**BUILD, "target": "auto"}), tmp_path / "engine")
+    build(tmp_path / "ckpt", BuildConfig(**{**BUILD, "target": "auto", "measure_performance": True}),
+          tmp_path / "engine")
     engine = Engine.load(tmp_path / "engine")
-    assert engine.device.type == "cuda"
+    assert engine.device.type == "cuda" and engine.use_graphs
     ref = ReferenceModel.from_checkpoint(tmp_path / "ckpt", device="cuda")
-    got = engine.generate(PROMPTS, max_new_tokens=8).tokens
-    assert got == [ref.generate(p, max_new_tokens=8) for p in PROMPTS]
+    want = [ref.generate(p, max_new_tokens=8) for p in PROMPTS]
+    assert engine.generate(PROMPTS, max_new_tokens=8).tokens == want  # 2 rows x top-2 < 8: gathered experts
+    assert engine.generate(PROMPTS[:1], max_new_tokens=8).tokens == want[:1]
+    torch.testing.assert_close(engine.forward([PROMPTS[0]]).cpu(), ref.forward([PROMPTS[0]]).cpu(),
+                               rtol=0.05, atol=0.5)
+    perf = json.loads((tmp_path / "engine" / "performance.json").read_text())
+    assert perf["decode_tokens_per_second_batch_1"] > 0, perf
 
 
 def test_service_job_spec_takes_moe_models_and_their_expert_split(tmp_path):
