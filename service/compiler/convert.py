@@ -35,10 +35,11 @@ import numpy as np
 
 from .checkpoint.mapping import Mapping
 from .checkpoint.safetensors_io import DTYPES, RAW_NP, SafetensorsWriter, dtype_name, itemsize, publish_dir
-from .errors import InvalidArgument, KilnError, ModelNotFound, OutputExists
+from .errors import InvalidArgument, InvalidMapping, KilnError, ModelNotFound, OutputExists
 from .models import spec_for_hf
 from .models.base import ArchSpec, Piece, TensorPlan
 from .models.hf_config import resolve_dtype
+from .models.moe import MOE
 from .sources.weights import RawSafetensorsSource, WeightSource, open_weights, read_json
 from .version import __version__
 
@@ -171,6 +172,9 @@ def from_hugging_face(model_dir: str | os.PathLike, dtype: str = "auto", mapping
     hf = _read_hf_config(model_dir)
     spec = spec_for_hf(hf)
     mapping = mapping or Mapping()
+    if mapping.moe_ep > 1 and spec is not MOE:
+        raise InvalidMapping(f"moe_ep_size={mapping.moe_ep} splits experts, but {hf['architectures'][0]} has none",
+                             hint="expert parallelism applies to Mixture-of-Experts models only")
     cfg = spec.trt_config(hf, resolve_dtype(dtype, hf), mapping)
     if "layer_configs" in cfg:  # per-layer configs (Nemotron-NAS): the checkpoint records its split's cost
         from .checkpoint.pipeline_split import split_record

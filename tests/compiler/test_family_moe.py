@@ -241,6 +241,11 @@ def test_impossible_splits_and_quantization_are_refused_before_anything_is_writt
     model.save_pretrained(tmp_path / "hf")
     with pytest.raises(InvalidMapping, match="num_experts=6 is not divisible by moe_ep_size=4"):
         convert_checkpoint(tmp_path / "hf", tmp_path / "a", mapping=Mapping(tp_size=4, moe_ep_size=4))
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                                                                   num_attention_heads=4, vocab_size=97))
+    llama.save_pretrained(tmp_path / "llama")
+    with pytest.raises(InvalidMapping, match="moe_ep_size=2 splits experts, but LlamaForCausalLM has none"):
+        convert_checkpoint(tmp_path / "llama", tmp_path / "a", mapping=Mapping(tp_size=2, moe_ep_size=2))
     with pytest.raises(InvalidMapping, match="tp_size=4 must equal moe_tp_size=3 x moe_ep_size=1"):
         Mapping(tp_size=4, moe_tp_size=3, moe_ep_size=1)
     from service.compiler.quantization import QuantConfig, quantize_checkpoint
@@ -249,7 +254,7 @@ def test_impossible_splits_and_quantization_are_refused_before_anything_is_writt
         with pytest.raises(InvalidArgument, match="not supported for Mixture-of-Experts models"):
             quantize_checkpoint(tmp_path / "hf", tmp_path / "q", QuantConfig(algo, kv_cache_quant_algo=kv))
     assert not (tmp_path / "a").exists() and not (tmp_path / "q").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no temporary left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "llama"]  # no temporary left behind
 
 
 @pytest.mark.gpu
