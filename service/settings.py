@@ -53,6 +53,8 @@ class Settings(BaseSettings):
 
     storage: Path = Field(default=Path(".kiln"), description="shared filesystem root for artifacts and caches")
     database_url: str | None = Field(default=None, description="SQLAlchemy URL; default sqlite under storage")
+    sources_dir: Path | None = Field(default=None, description="root of the Meta / GGUF model files jobs may name "
+                                     "(JobSpec source.path is relative to it); default <storage>/sources")
     broker_url: str | None = Field(default=None, description="Celery broker; default file-backed transport")
     api_keys: str = Field(default="", description="tenant:key or tenant:sha256:<hex>, comma separated")
     api_keys_file: Path | None = None
@@ -146,6 +148,11 @@ class Settings(BaseSettings):
     @property
     def hf_cache(self) -> Path:
         return self.storage_root / "hf-cache"
+
+    @property
+    def sources_root(self) -> Path:
+        """Where ``source: {"kind": "meta" | "gguf", "path": ...}`` files live (shared by API and workers)."""
+        return self.sources_dir.expanduser().resolve() if self.sources_dir else self.storage_root / "sources"
 
     @property
     def db_url(self) -> str:

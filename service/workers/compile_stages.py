@@ -270,6 +270,12 @@ def validate_compile(settings: Settings, spec: JobSpec, model_dir: Path | None) 
         qc = _quant_config(cfg)
         qcfg.check_combination(qc, "", cfg["target_sm"])
     check_quantized_build(spec)
+    if q.requested and spec.source is not None and spec.source.kind == "meta":
+        from service.compiler.errors import InvalidArgument
+
+        raise InvalidArgument("quantization calibrates on text, and a Meta consolidated source has no HF tokenizer",
+                              hint="submit the model's Hugging Face folder or a GGUF file with a tokenizer, or drop "
+                              "'quantization'")
     if model_dir is None:
         return
     from service.compiler.convert import from_hugging_face

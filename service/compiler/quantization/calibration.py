@@ -73,6 +73,16 @@ def read_text(source: str) -> str:
 
 
 def load_tokenizer(model_dir: str | os.PathLike | None):
+    """The HF tokenizer of a model folder, or of a GGUF file that carries one; None when there is none."""
+    if model_dir is not None and Path(model_dir).is_file():
+        from ..sources.gguf import has_tokenizer, is_gguf_file
+
+        path = Path(model_dir)
+        if not (is_gguf_file(path) and has_tokenizer(path)):
+            return None
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     if model_dir is None or not any((Path(model_dir) / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
         return None
     from transformers import AutoTokenizer

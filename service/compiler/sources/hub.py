@@ -36,12 +36,13 @@ def is_repo_id(source: str) -> bool:
 def resolve_model_dir(source: str | os.PathLike, *, revision: str | None = None, cache_dir: str | os.PathLike | None = None,
                       token: str | None = None, allow_download: bool = True,
                       allow_patterns: list[str] | None = None, repo_only: bool = False) -> Path:
-    """A local folder as is; otherwise the snapshot folder of HF repo ``source`` in ``cache_dir``.
+    """A local folder (or a local ``.gguf`` file) as is; otherwise the snapshot folder of HF repo
+    ``source`` in ``cache_dir``.
 
     ``repo_only=True`` (the service) never interprets ``source`` as a path on this machine.
     """
     path = Path(source).expanduser()
-    if not repo_only and path.is_dir():
+    if not repo_only and (path.is_dir() or (path.is_file() and path.suffix.lower() == ".gguf")):
         return path.resolve()
     text = str(source)
     if not is_repo_id(text):
