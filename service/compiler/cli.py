@@ -165,7 +165,7 @@ def _convert(args: argparse.Namespace) -> int:
             token=os.environ.get(args.token_env) if args.token_env else None,
             allow_download=not args.offline,
         )
-        mapping = Mapping(tp_size=args.tp_size, pp_size=args.pp_size)
+        mapping = Mapping(tp_size=args.tp_size, pp_size=args.pp_size, moe_ep_size=args.moe_ep_size)
         if args.pp_split == "balanced" and args.pp_size > 1:
             from .checkpoint.pipeline_split import balanced_mapping
             from .sources.layout import model_config
@@ -425,6 +425,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pp-size", type=int, default=1, metavar="N",
                    help="pipeline-parallel stages: the layers split into N consecutive groups (default 1); "
                    "tp-size x pp-size rank files are written")
+    p.add_argument("--moe-ep-size", type=int, default=None, metavar="N",
+                   help="Mixture-of-Experts models: expert parallelism inside the tp ranks (TensorRT-LLM's "
+                   "moe_ep_size; each rank holds num_experts/N experts, each cut tp-size/N ways; default: "
+                   "experts are not distributed, every rank holds a 1/tp-size slice of every expert)")
     p.add_argument("--pp-split", default="even", choices=["even", "balanced"],
                    help="pipeline stages: TensorRT-LLM's even split (default) or Kiln's cost-balanced split "
                    "(weight bytes, FLOPs and KV-cache bytes per layer; runs on Kiln's engine only)")

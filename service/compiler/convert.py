@@ -35,10 +35,11 @@ import numpy as np
 
 from .checkpoint.mapping import Mapping
 from .checkpoint.safetensors_io import DTYPES, RAW_NP, SafetensorsWriter, dtype_name, itemsize, publish_dir
-from .errors import InvalidArgument, KilnError, ModelNotFound, OutputExists
+from .errors import InvalidArgument, InvalidMapping, KilnError, ModelNotFound, OutputExists
 from .models import spec_for_hf
 from .models.base import ArchSpec, Piece, TensorPlan
 from .models.hf_config import resolve_dtype
+from .models.moe import MOE
 from .sources.layout import open_model
 from .sources.weights import RawSafetensorsSource, WeightSource
 from .version import __version__
@@ -175,6 +176,9 @@ def from_hugging_face(model_dir: str | os.PathLike, dtype: str = "auto", mapping
         hf = opened.hf_config
         spec = spec_for_hf(hf)
         mapping = mapping or Mapping()
+        if mapping.moe_ep > 1 and spec is not MOE:
+            raise InvalidMapping(f"moe_ep_size={mapping.moe_ep} splits experts, but {hf['architectures'][0]} has none",
+                                 hint="expert parallelism applies to Mixture-of-Experts models only")
         try:
             cfg = spec.trt_config(hf, resolve_dtype(dtype, hf), mapping)
         except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:  # a required field missing or null
@@ -205,11 +209,11 @@ def _piece_chunks(plan: TensorPlan, piece: Piece, source: WeightSource, step: in
 
     dtype = plan.dtype
     assert not isinstance(dtype, str)  # _chunks_of sends plans over raw sources to _raw_piece_chunks
-    width = plan.shape[1] if len(plan.shape) == 2 else 1
+    width = plan.shape[-1] if len(plan.shape) >= 2 else 1  # 3-D: stacked experts
     if piece.source is None:  # zero rows (vocab padding)
         for r in range(0, piece.nrows, step):
             n = min(step, piece.nrows - r)
-            yield torch.zeros((n, width) if len(plan.shape) == 2 else (n,), dtype=dtype)
+            yield torch.zeros((n, width) if len(plan.shape) >= 2 else (n,), dtype=dtype)
         return
     view = source.view(piece.source)
     if view.dim() == 1:
@@ -231,12 +235,12 @@ def _piece_chunks(plan: TensorPlan, piece: Piece, source: WeightSource, step: in
 def _raw_piece_chunks(plan: TensorPlan, piece: Piece, source: WeightSource, step: int) -> Iterator[np.ndarray]:
     """``_piece_chunks`` for a plan over a raw source: the same rows as numpy views of same-width
     unsigned integers (the source already holds the output dtype, so nothing is cast)."""
-    width = plan.shape[1] if len(plan.shape) == 2 else 1
+    width = plan.shape[-1] if len(plan.shape) >= 2 else 1  # 3-D: stacked experts
     raw_dt = RAW_NP[itemsize(plan.dtype)]
     if piece.source is None:  # zero rows (vocab padding)
         for r in range(0, piece.nrows, step):
             n = min(step, piece.nrows - r)
-            yield np.zeros((n, width) if len(plan.shape) == 2 else (n,), dtype=raw_dt)
+            yield np.zeros((n, width) if len(plan.shape) >= 2 else (n,), dtype=raw_dt)
         return
     src_dtype = source.info(piece.source).dtype
     if src_dtype != plan.dtype:  # from_hugging_face never builds such a raw plan
@@ -264,7 +268,7 @@ def _chunks_of(plan: TensorPlan) -> Callable[[TensorPlan, Piece, WeightSource, i
 
 def _step(plan: TensorPlan, chunk_bytes: int) -> int:
     elt = itemsize(plan.dtype)
-    width = plan.shape[1] if len(plan.shape) == 2 else 1
+    width = plan.shape[-1] if len(plan.shape) >= 2 else 1  # 3-D: stacked experts
     return max(1, chunk_bytes // max(width * elt, 1))
 
 

@@ -36,6 +36,10 @@ class MappingSpec(_Strict):
     pp_split: Literal["even", "balanced"] = Field(
         "even", description="pipeline stages: TensorRT-LLM's even split, or Kiln's cost-balanced split "
         "(weight bytes, FLOPs and KV-cache bytes per layer; Kiln's engine only)")
+    moe_ep_size: int | None = Field(
+        None, ge=1, le=64, description="Mixture-of-Experts models: expert parallelism inside the tp ranks "
+        "(TensorRT-LLM's moe_ep_size, dividing tp_size and the expert count); unset: every rank holds a slice "
+        "of every expert")
 
 
 class CalibrationSpec(_Strict):

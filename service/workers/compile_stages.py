@@ -288,7 +288,7 @@ def validate_compile(settings: Settings, spec: JobSpec, model_dir: Path | None) 
     from .job_mapping import job_mapping
 
     model = from_hugging_face(model_dir, dtype=spec.dtype, mapping=job_mapping(
-        spec.mapping.tp_size, spec.mapping.pp_size, spec.mapping.pp_split, model_dir))
+        spec.mapping.tp_size, spec.mapping.pp_size, spec.mapping.pp_split, model_dir, spec.mapping.moe_ep_size))
     try:
         if q.requested:
             from service.compiler.quantization.quantize import preflight_quantization

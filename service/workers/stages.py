@@ -142,7 +142,8 @@ def convert_stage(ctx: StageContext, input_dir: Path | None, output_dir: Path, c
     from service.compiler import convert_checkpoint
 
     assert input_dir is not None
-    mapping = job_mapping(cfg["tp_size"], cfg["pp_size"], cfg.get("pp_split", "even"), input_dir)
+    mapping = job_mapping(cfg["tp_size"], cfg["pp_size"], cfg.get("pp_split", "even"), input_dir,
+                          cfg.get("moe_ep_size"))
     summary = convert_checkpoint(input_dir, output_dir, dtype=cfg["dtype"], mapping=mapping, progress=progress)
     result = summary.to_dict()
     result.pop("out_dir", None)
@@ -159,7 +160,8 @@ def fetch_config(spec: JobSpec) -> dict:
 register_stage(Stage("fetch", fetch_stage, config=fetch_config, keyed_by_output=True, weight=0.1))
 register_stage(Stage("convert", convert_stage, artifact="checkpoint", weight=1.0,
                      config=lambda s: {"dtype": s.dtype, "tp_size": s.mapping.tp_size, "pp_size": s.mapping.pp_size,
-                                       **({"pp_split": "balanced"} if s.mapping.pp_split == "balanced" else {})}))
+                                       **({"pp_split": "balanced"} if s.mapping.pp_split == "balanced" else {}),
+                                       **({"moe_ep_size": s.mapping.moe_ep_size} if s.mapping.moe_ep_size else {})}))
 
 
 def make_submit_validator(settings: Settings):
@@ -185,7 +187,8 @@ def make_submit_validator(settings: Settings):
                 model_dir = None  # online: the fetch stage downloads it
         if model_dir is not None:
             preflight(model_dir, dtype=spec.dtype,
-                      mapping=job_mapping(spec.mapping.tp_size, spec.mapping.pp_size, spec.mapping.pp_split, model_dir))
+                      mapping=job_mapping(spec.mapping.tp_size, spec.mapping.pp_size, spec.mapping.pp_split, model_dir,
+                                          spec.mapping.moe_ep_size))
         if spec.quantization.requested or spec.build is not None:
             from .compile_stages import validate_compile
 

@@ -7,6 +7,7 @@ from ..errors import UnsupportedArchitecture
 from .base import ArchSpec
 from .gpt import GPT2_SPEC, OPT_SPEC
 from .llama import LLAMA
+from .moe import MOE
 from .nemotron_nas import NEMOTRON_NAS
 from .spec import ModelSpec
 
@@ -22,7 +23,7 @@ def register(spec: ArchSpec) -> ArchSpec:
     return spec
 
 
-for _spec in (LLAMA, GPT2_SPEC, OPT_SPEC, NEMOTRON_NAS):
+for _spec in (LLAMA, GPT2_SPEC, OPT_SPEC, NEMOTRON_NAS, MOE):
     register(_spec)
 
 

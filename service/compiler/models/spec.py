@@ -12,7 +12,10 @@ Checkpoint module names per block (what the reference reads, TensorRT-LLM's name
 ``post_attention_layernorm`` / ``post_feedforward_layernorm``), ``attention.qkv`` / ``attention.dense``
 (``attention`` itself for a linear replacement), ``attention.q_layernorm`` / ``k_layernorm`` (qk-norm),
 ``{mlp_module}.fc`` (the activated branch) / ``.gate`` (the multiplied one) / ``.proj`` (``{mlp_module}``
-itself for a linear replacement).
+itself for a linear replacement); a Mixture-of-Experts MLP (``models/moe.py``): ``.router`` (float32
+[experts, H]), ``.fc`` (stacked [experts, 2 x I, H], each expert's rows [up; gate]: the activated
+branch second, TensorRT-LLM's ``w3w1``), ``.proj`` ([experts, H, I]), and for a shared expert
+``.shared_expert.fc`` ([up; gate]) / ``.shared_expert.proj`` and ``.shared_expert_gate`` ([1, H]).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 ACTIVATION_NAMES = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
                     "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "relu": "relu"}
 ROPE_SCALINGS = (None, "linear", "llama3")
-NOT_YET = {"moe": "Mixture-of-Experts MLPs are not supported yet"}
+NOT_YET: dict[str, str] = {}  # kinds the vocabulary names that no runtime executes yet
 
 
 @dataclass(frozen=True)
@@ -74,7 +77,14 @@ class MLP:
     kind: str = "gated"
     act: str = "silu"
     bias: bool = False
-    intermediate_size: int = 0
+    intermediate_size: int = 0  # moe: each expert's
+    # moe only: experts, experts per token (softmax over all experts, top-k, then renormalize the k
+    # weights to sum 1 when ``renormalize``), and a shared expert of ``shared_size`` (0: none) scaled by
+    # sigmoid(shared_expert_gate(x)) (Qwen2-MoE)
+    num_experts: int = 0
+    top_k: int = 0
+    renormalize: bool = True
+    shared_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -110,6 +120,11 @@ class ModelSpec:
                                                   hint=f"known: {', '.join(allowed)}")
             if m.kind in NOT_YET:
                 raise UnsupportedArchitecture(f"{self.architecture} layer {i}: {NOT_YET[m.kind]} by {what}")
+            if m.kind == "moe" and not (m.num_experts > 1 and 0 < m.top_k <= m.num_experts and m.act == "silu"
+                                        and m.intermediate_size > 0 and not m.bias):
+                raise UnsupportedArchitecture(
+                    f"layer {i}: a Mixture-of-Experts MLP needs num_experts > 1, 0 < top_k <= num_experts, "
+                    f"silu experts without bias (got {m.num_experts} experts, top_k {m.top_k}, {m.act!r})")
             if m.kind in ("gated", "plain") and m.act not in ACTIVATIONS:
                 raise UnsupportedArchitecture(f"layer {i}: activation {m.act!r} is not supported",
                                               hint=f"supported: {', '.join(ACTIVATIONS)}")

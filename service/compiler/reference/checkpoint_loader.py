@@ -36,7 +36,8 @@ LLAMA_FAMILY = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 GPT_FAMILY = ("GPTForCausalLM", "GPT2LMHeadModel")
 OPT_FAMILY = ("OPTForCausalLM",)
 DECILM = "DeciLMForCausalLM"  # merged by load_decilm_weights (per-layer KV heads, absent parts)
-SUPPORTED_ARCHITECTURES = LLAMA_FAMILY + GPT_FAMILY + OPT_FAMILY + (DECILM,)
+MOE_FAMILY = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")  # merged by moe_loader
+SUPPORTED_ARCHITECTURES = LLAMA_FAMILY + GPT_FAMILY + OPT_FAMILY + (DECILM,) + MOE_FAMILY
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
@@ -62,6 +63,8 @@ def family(config: dict) -> str:
         return "opt"
     if arch == DECILM:
         return "decilm"
+    if arch in MOE_FAMILY:
+        return "moe"
     raise UnsupportedArchitecture(
         f"checkpoint architecture {arch!r} is not supported by the reference runtime",
         hint=f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}",
@@ -314,6 +317,10 @@ def load_checkpoint_weights(ckpt_dir: str | os.PathLike) -> tuple[dict, dict[str
     cfg = read_config(ckpt_dir)
     if cfg.get("architecture") == DECILM:
         return cfg, load_decilm_weights(ckpt_dir, cfg)
+    if cfg.get("architecture") in MOE_FAMILY and not (cfg.get("quantization") or {}).get("quant_algo"):
+        from .moe_loader import load_moe_weights
+
+        return cfg, load_moe_weights(ckpt_dir, cfg)
     family(cfg)
     q = cfg.get("quantization") or {}
     if isinstance(q, dict) and (q.get("quant_algo") or q.get("kv_cache_quant_algo")):

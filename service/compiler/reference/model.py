@@ -13,6 +13,9 @@ own tensor names; the torch engine executes the same spec:
   ``rope.dim`` dims (float32 tables; linear and llama3 scaling) or none (learned positions), optional
   per-head q/k norm, logit soft-cap and scale; or one linear layer; or nothing;
 * MLP: ``proj(act(fc(x)) * gate(x))`` (gated), ``proj(act(fc(x)))`` (plain), one linear, or nothing;
+  or a Mixture of Experts as transformers routes it: softmax of the router logits in float32, top-k,
+  optionally renormalized, each hit expert run on its tokens and added with its weight, plus a shared
+  expert scaled by sigmoid(shared_expert_gate(x)) (Qwen2-MoE);
 * embedding scale, learned absolute positions (row p = position p), final norm, final logit soft-cap.
 
     m = ReferenceModel.from_checkpoint("./ckpt")              # compute_dtype=torch.float32 upcasts
@@ -249,8 +252,36 @@ class ReferenceModel:
             out = probs @ v
         return self._linear(out.transpose(1, 2).reshape(b, t, nh * d), p + ".dense")
 
+    def route(self, i: int, blk: Block, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights [N, k] in x's dtype, expert ids [N, k]) of tokens x [N, H] at layer i."""
+        m = blk.mlp
+        logits = F.linear(x, self.w[f"transformer.layers.{i}.{blk.mlp_module}.router.weight"])
+        top, idx = torch.topk(torch.softmax(logits.float(), -1), m.top_k, dim=-1)
+        if m.renormalize:
+            top = top / top.sum(-1, keepdim=True)
+        return top.to(x.dtype), idx
+
+    def _moe(self, i: int, blk: Block, h: torch.Tensor) -> torch.Tensor:
+        p = f"transformer.layers.{i}.{blk.mlp_module}"
+        x = h.reshape(-1, h.shape[-1])
+        weights, idx = self.route(i, blk, x)
+        fc, proj = self.w[p + ".fc.weight"], self.w[p + ".proj.weight"]
+        out = torch.zeros_like(x)
+        for e in idx.unique().tolist():  # each hit expert on its tokens
+            tok, slot = torch.where(idx == e)
+            up, gate = F.linear(x[tok], fc[e]).chunk(2, -1)  # each expert's rows: [up; gate]
+            y = F.linear(F.silu(gate) * up, proj[e])
+            out.index_add_(0, tok, y * weights[tok, slot, None])
+        if blk.mlp.shared_size:
+            up, gate = F.linear(x, self.w[p + ".shared_expert.fc.weight"]).chunk(2, -1)
+            shared = F.linear(F.silu(gate) * up, self.w[p + ".shared_expert.proj.weight"])
+            out = out + torch.sigmoid(F.linear(x, self.w[p + ".shared_expert_gate.weight"])) * shared
+        return out.view(h.shape)
+
     def _mlp(self, i: int, blk: Block, h: torch.Tensor) -> torch.Tensor:
         m, p = blk.mlp, f"transformer.layers.{i}.{blk.mlp_module}"
+        if m.kind == "moe":
+            return self._moe(i, blk, h)
         if m.kind == "linear":
             return self._linear(h, p)
         a = ACTIVATIONS[m.act](self._linear(h, p + ".fc"))
