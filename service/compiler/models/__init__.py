@@ -8,6 +8,7 @@ from .base import ArchSpec
 from .gpt import GPT2_SPEC, OPT_SPEC
 from .llama import LLAMA
 from .nemotron_nas import NEMOTRON_NAS
+from .phi3 import PHI3
 from .spec import ModelSpec
 
 _BY_HF: dict[str, ArchSpec] = {}
@@ -22,7 +23,7 @@ def register(spec: ArchSpec) -> ArchSpec:
     return spec
 
 
-for _spec in (LLAMA, GPT2_SPEC, OPT_SPEC, NEMOTRON_NAS):
+for _spec in (LLAMA, GPT2_SPEC, OPT_SPEC, NEMOTRON_NAS, PHI3):
     register(_spec)
 
 
