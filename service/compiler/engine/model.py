@@ -36,7 +36,6 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ..errors import UnsupportedArchitecture
 from ..models import block_specs
 from ..models.gpt import GPT_LAYOUT
 from ..models.llama import ENGINE_LAYOUT

@@ -66,7 +66,7 @@ def swiglu_halves(ctx: SplitContext, src: Sequence[SourceTensor], t: bool) -> li
 
 def _rope_params(hf: dict) -> tuple[float, dict | None, float]:
     """(rope_theta, the longrope dict or None, partial_rotary_factor) of a transformers 4.x or 5.x config."""
-    params = hf.get("rope_parameters") if isinstance(hf.get("rope_parameters"), dict) else {}
+    params: dict = hf["rope_parameters"] if isinstance(hf.get("rope_parameters"), dict) else {}
     scaling = hf.get("rope_scaling")
     if scaling is None and params.get("rope_type", "default") != "default":
         scaling = params
@@ -183,13 +183,14 @@ def block_specs(cfg: dict) -> ModelSpec:
 
 
 def engine_weight_map(cfg: dict) -> list[tuple[str, tuple[str, ...]]]:
-    """(engine tensor, checkpoint tensors), global layer indices: ``qkv`` and ``fc`` ([up; gate]) as stored."""
+    """(engine tensor, checkpoint tensors), global layer indices: ``qkv`` as stored, the ``gate_up`` slot
+    holds the fused ``mlp.fc`` ([up; gate], swiglu), so a quantized fc fills it as the Llama family's does."""
     table: list[tuple[str, tuple[str, ...]]] = [("embed", ("transformer.vocab_embedding.weight",))]
     for i in range(int(cfg["num_hidden_layers"])):
         p, e = f"transformer.layers.{i}.", f"layers.{i}."
         table += [(e + "attn_norm", (p + "input_layernorm.weight",)), (e + "qkv", (p + "attention.qkv.weight",)),
                   (e + "o", (p + "attention.dense.weight",)), (e + "mlp_norm", (p + "post_layernorm.weight",)),
-                  (e + "fc", (p + "mlp.fc.weight",)), (e + "proj", (p + "mlp.proj.weight",))]
+                  (e + "gate_up", (p + "mlp.fc.weight",)), (e + "down", (p + "mlp.proj.weight",))]
     return table + [("final_norm", ("transformer.ln_f.weight",)), ("lm_head", ("lm_head.weight",))]
 
 
@@ -211,7 +212,7 @@ class Phi3Family(TableArch):
             raise UnsupportedArchitecture(f"partial_rotary_factor {partial} of head_dim {head_size} is not an even "
                                           "number of rotary dims")
         max_pos = int(hf.get("max_position_embeddings", 4096))
-        cfg = {
+        cfg: dict = {
             "architecture": PHI3_ARCH,
             "dtype": dtype,
             "logits_dtype": "float32",
