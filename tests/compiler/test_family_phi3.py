@@ -219,7 +219,7 @@ def test_phi3_refusals_before_anything_is_written(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
 def test_phi3_bf16_engine_on_gpu_matches_the_reference_runtime(tmp_path):
-    """CUDA bf16: compiled steps and CUDA graphs (head_size 96 as Phi-3.5-mini: the SDPA decode path),
+    """CUDA bf16: compiled steps and CUDA graphs (head_size 96 as Phi-3.5-mini: the Triton decode attention padded to 128),
     greedy tokens equal to the reference runtime's in bf16 on the same GPU, across the original length."""
     torch.manual_seed(0)
     cfg = transformers.Phi3Config(
