@@ -157,18 +157,19 @@ def test_longrope_tables_follow_transformers_short_then_long():
     assert attention_factor(131072, 4096) == pytest.approx(1.190238, abs=1e-6)  # Phi-3.5-mini's
 
 
-def test_w8a16_phi3_quantizes_validates_and_the_engine_equals_the_reference(tmp_path):
+@pytest.mark.parametrize("algo", ["W8A16", "W4A16"])
+def test_weight_only_phi3_quantizes_validates_and_the_engine_equals_the_reference(tmp_path, algo):
     from service.compiler.quantization.config import QuantConfig
     from service.compiler.quantization.quantize import quantize_checkpoint
 
     model = _hf_model(tmp_path)
-    quantize_checkpoint(str(tmp_path / "hf"), tmp_path / "q8", QuantConfig(quant_algo="W8A16"), dtype="float32")
+    quantize_checkpoint(str(tmp_path / "hf"), tmp_path / "q8", QuantConfig(quant_algo=algo), dtype="float32")
     assert validate_checkpoint(tmp_path / "q8").ok
     with safe_open(str(tmp_path / "q8" / "rank0.safetensors"), "pt") as f:
         assert f.get_tensor("transformer.layers.0.mlp.fc.weight").dtype == torch.int8
     ref = ReferenceModel.from_checkpoint(tmp_path / "q8")
     err = (ref.forward(LONG_PROMPT) - _hf_logits(model, LONG_PROMPT)).abs().max()
-    assert 0 < err < 0.05  # int8 weights: close to the float model, not equal to it
+    assert 0 < err < (0.05 if algo == "W8A16" else 0.5)  # close to the float model, not equal to it
     build(tmp_path / "q8", BuildConfig(max_batch_size=2, max_input_len=24, max_seq_len=48, target="cpu",
                                        measure_performance=False), tmp_path / "engine")
     engine = Engine.load(tmp_path / "engine")
@@ -210,7 +211,13 @@ def test_phi3_refusals_before_anything_is_written(tmp_path):
         PHI3.trt_config({**base, "rope_scaling": {**base["rope_scaling"], "attention_factor": 1.0}}, "float16",
                         Mapping())
     assert spec_for_hf(base) is PHI3
+    from service.compiler.quantization.config import QuantConfig
+    from service.compiler.quantization.quantize import quantize_checkpoint
+
     _hf_model(tmp_path)
+    with pytest.raises(KilnError, match="layer runner does not support 'Phi3ForCausalLM'"):
+        quantize_checkpoint(str(tmp_path / "hf"), tmp_path / "fp8", QuantConfig(quant_algo="FP8"), dtype="float32")
+    assert not (tmp_path / "fp8").exists()
     with pytest.raises(KilnError, match="num_attention_heads=4 is not divisible by tp_size=8"):
         convert_checkpoint(tmp_path / "hf", tmp_path / "out", dtype="float32", mapping=Mapping(tp_size=8))
     assert not (tmp_path / "out").exists()

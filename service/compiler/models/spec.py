@@ -1,6 +1,6 @@
 """A decoder described by data: the per-layer block spec both runtimes execute.
 
-Each family module (``llama.py``, ``gpt.py``, ``nemotron_nas.py``) declares
+Each family module (``llama.py``, ``gpt.py``, ``nemotron_nas.py``, ``phi3.py``) declares
 ``block_specs(cfg) -> ModelSpec`` from its TensorRT-LLM checkpoint config, and its engine weight map
 (``engine_weight_map(cfg)``: engine tensor <- checkpoint tensors concatenated along dim 0). The torch
 engine (``engine/model.py``) resolves a ``ModelSpec`` into its step functions once, at load; the
