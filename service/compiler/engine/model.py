@@ -21,7 +21,9 @@ A linear slot holds either a float tensor or a ``QLinear`` (``engine_quant.py``:
 weights of a quantized checkpoint); on CUDA linears of at most 16 rows run the Triton skinny GEMM.
 
 Engine layouts (the weight maps, per family): ``kiln-llama-fused/1``, ``kiln-gpt-fused/1``,
-``kiln-decilm-fused/1``; per layer ``attn_norm`` (``_bias``), ``qkv`` (``_bias``) or ``attn_linear``,
+``kiln-decilm-fused/1``, ``kiln-phi3-fused/1`` (its ``gate_up`` slot holds the fused [up; gate] fc of a
+plain swiglu MLP; longrope: a decode table switching to the long factors at the original length and an
+all-long table for longer prefills, both built at load); per layer ``attn_norm`` (``_bias``), ``qkv`` (``_bias``) or ``attn_linear``,
 ``o`` (``_bias``), ``mlp_norm`` (``_bias``), ``gate_up`` / ``down`` (gated) or ``fc`` / ``proj``
 (plain) or ``ffn_linear`` (with ``_bias``), ``q_norm`` / ``k_norm``, ``post_attn_norm`` /
 ``post_mlp_norm``, ``kv_scale``; ``embed``, ``pos_embed``, ``final_norm`` (``_bias``), ``lm_head``.
@@ -482,7 +484,8 @@ class EngineModel:
         for r in ropes:
             sc = r.scaling_dict or {}
             if sc.get("rope_type") == "longrope":
-                self.rope_tables.append(tuple(x.to(self.device) for x in longrope_tables(r, max_seq)))  # type: ignore[arg-type]
+                cos, sin = longrope_tables(r, max_seq)
+                self.rope_tables.append((cos.to(self.device), sin.to(self.device)))
                 lc, ls = longrope_tables(r, max_seq, long=True)
                 self._long_prefill.append((int(sc["original_max_position_embeddings"]), lc.to(self.device),
                                            ls.to(self.device)))
@@ -491,6 +494,7 @@ class EngineModel:
                                                    "rotary_scaling": r.scaling_dict}))
             self.rope_tables.append((freqs.cos().to(self.device), freqs.sin().to(self.device)))
             self._long_prefill.append(None)
+        self._has_longrope = any(x is not None for x in self._long_prefill)
         self.slots = torch.arange(max_seq, device=self.device)
         # CUDA: Triton decode attention (+ skinny GEMMs) for plain full-attention layers; SDPA elsewhere
         self.kernels = _cuda_kernels() if self.device.type == "cuda" else None
@@ -600,7 +604,9 @@ class EngineModel:
         (or of every token [B, T, vocab]); K/V go to cache rows [row0, row0 + B)."""
         B, T = ids.shape
         h = self._embed(ids, None, T)
-        ropes = [(cos[:T], sin[:T]) if long is None or T <= long[0] else (long[1][:T], long[2][:T])
+        # longrope: the longest row's true length (T is padded), one host sync per prefill, only for longrope
+        n = int(lengths.max()) if self._has_longrope else T
+        ropes = [(cos[:T], sin[:T]) if long is None or n <= long[0] else (long[1][:T], long[2][:T])
                  for (cos, sin), long in zip(self.rope_tables, self._long_prefill, strict=True)] + [(None, None)]
         for step in self._prefill_steps:
             h = step(h, ropes, row0, B)
