@@ -134,6 +134,10 @@ def test_tp2_ranks_hold_their_own_heads_and_swiglu_halves(tmp_path):
     ref = ReferenceModel.from_checkpoint(tmp_path / "ckpt")  # merged back: [up; gate], one KV head
     assert torch.equal(ref.w["transformer.layers.1.mlp.fc.weight"], torch.cat([up, gate]))
     assert ref.generate(PROMPTS[0], 12) == _hf_greedy(model, PROMPTS[0], 12)
+    convert_checkpoint(tmp_path / "hf", tmp_path / "tp2pp2", dtype="float32", mapping=Mapping(tp_size=2, pp_size=2))
+    assert validate_checkpoint(tmp_path / "tp2pp2").ok
+    assert ReferenceModel.from_checkpoint(tmp_path / "tp2pp2").generate(PROMPTS[0], 12) == _hf_greedy(
+        model, PROMPTS[0], 12)
 
 
 def test_longrope_tables_follow_transformers_short_then_long():

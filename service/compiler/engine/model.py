@@ -495,6 +495,10 @@ class EngineModel:
             self.rope_tables.append((freqs.cos().to(self.device), freqs.sin().to(self.device)))
             self._long_prefill.append(None)
         self._has_longrope = any(x is not None for x in self._long_prefill)
+        # transformers' Phi-3 generate() recomputes the whole cache once, when the sequence first grows past
+        # original_max_position_embeddings (so every key then carries the long factors): the position at
+        # which Engine.generate re-prefills a row, or None
+        self.recompute_at: int | None = next((x[0] for x in self._long_prefill if x is not None), None)
         self.slots = torch.arange(max_seq, device=self.device)
         # CUDA: Triton decode attention (+ skinny GEMMs) for plain full-attention layers; SDPA elsewhere
         self.kernels = _cuda_kernels() if self.device.type == "cuda" else None

@@ -12,7 +12,9 @@ heads repeated below tp, as the Llama family) and [up_r; gate_r].
 ``longrope_scaling_short_factors`` / ``_long_factors`` and ``original_max_position_embeddings``;
 ``rotary_pct`` carries ``partial_rotary_factor``. The runtimes follow transformers: the short factors
 while the sequence is at most ``original_max_position_embeddings`` long, the long ones beyond, cos/sin
-scaled by sqrt(1 + ln(max_pos / original) / ln(original)) throughout (``longrope_tables``).
+scaled by sqrt(1 + ln(max_pos / original) / ln(original)) throughout (``longrope_tables``), and greedy
+generation recomputes the cache once when the sequence first passes the original length, as
+transformers' Phi-3 ``generate()`` does.
 """
 
 from __future__ import annotations

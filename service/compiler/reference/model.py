@@ -158,6 +158,10 @@ class ReferenceModel:
         self.vocab_size = self.spec.vocab_size
         self.max_pos = self.spec.learned_positions or None
         self.inv_freq: dict[Rope, torch.Tensor] = {}
+        # longrope: generate() recomputes the cache when the sequence first passes the original length
+        self._recompute_at = next((int((b.attention.rope.scaling_dict or {})["original_max_position_embeddings"])
+                                   for b in self.spec.blocks if b.attention.rope is not None
+                                   and _is_longrope(b.attention.rope)), None)
         self._tables: tuple = (None, None)
         for b in self.spec.blocks:
             rope = b.attention.rope
@@ -361,6 +365,10 @@ class ReferenceModel:
             out.append(nxt)
             if nxt in eos or len(out) >= max_new_tokens:
                 return out
+            if cache.length == self._recompute_at:  # transformers' Phi-3 generate: the whole sequence again
+                cache = self.new_cache()
+                logits = self._run(torch.cat([ids, torch.tensor([out], dtype=torch.long)], 1), cache)
+                continue
             logits = self._run(torch.tensor([[nxt]], dtype=torch.long), cache)
 
     @torch.inference_mode()
