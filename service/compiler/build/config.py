@@ -19,6 +19,7 @@ KV_CACHE_TYPES = ("continuous", "paged", "disabled")  # trtllm-build's --kv_cach
 ENGINE_DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2}
 LLAMA_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 DECILM_ARCH = "DeciLMForCausalLM"  # Nemotron-NAS: heterogeneous layers, torch backend only
+TORCH_ONLY_ARCHS = ("Phi3ForCausalLM",)  # families of the composable decoder (models/spec.py)
 GPT_ARCHS = ("GPTForCausalLM", "GPT2LMHeadModel", "OPTForCausalLM")  # torch and onnx backends
 MOE_ARCHS = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")  # torch backend only
 GIB = 1 << 30
@@ -235,7 +236,7 @@ def validate_build(cfg: BuildConfig, ckpt: dict, *, weight_bytes: int | None = N
             f"got {cfg.kv_cache_type!r}", hint="paged KV caches are built by the trtllm backend",
         )
     arch = ckpt.get("architecture")
-    also = {"torch": GPT_ARCHS + (DECILM_ARCH,) + MOE_ARCHS, "onnx": GPT_ARCHS, "tensorrt": ()}.get(cfg.backend)
+    also = {"torch": GPT_ARCHS + (DECILM_ARCH,) + MOE_ARCHS + TORCH_ONLY_ARCHS, "onnx": GPT_ARCHS, "tensorrt": ()}.get(cfg.backend)
     if also is not None and arch not in LLAMA_ARCHS + also:
         raise InvalidBuildConfig(f"the {cfg.backend} backend builds the Llama family ({', '.join(LLAMA_ARCHS)})"
                                  + (f" and {', '.join(also)}" if also else "") + f", not {arch!r}")

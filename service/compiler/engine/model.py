@@ -21,7 +21,9 @@ A linear slot holds either a float tensor or a ``QLinear`` (``engine_quant.py``:
 weights of a quantized checkpoint); on CUDA linears of at most 16 rows run the Triton skinny GEMM.
 
 Engine layouts (the weight maps, per family): ``kiln-llama-fused/1``, ``kiln-gpt-fused/1``,
-``kiln-decilm-fused/1``; per layer ``attn_norm`` (``_bias``), ``qkv`` (``_bias``) or ``attn_linear``,
+``kiln-decilm-fused/1``, ``kiln-phi3-fused/1`` (its ``gate_up`` slot holds the fused [up; gate] fc of a
+plain swiglu MLP; longrope: a decode table switching to the long factors at the original length and an
+all-long table for longer prefills, both built at load); per layer ``attn_norm`` (``_bias``), ``qkv`` (``_bias``) or ``attn_linear``,
 ``o`` (``_bias``), ``mlp_norm`` (``_bias``), ``gate_up`` / ``down`` (gated) or ``fc`` / ``proj``
 (plain) or ``ffn_linear`` (with ``_bias``), ``q_norm`` / ``k_norm``, ``post_attn_norm`` /
 ``post_mlp_norm``, ``kv_scale``; ``embed``, ``pos_embed``, ``final_norm`` (``_bias``), ``lm_head``;
@@ -44,16 +46,16 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ..errors import UnsupportedArchitecture
 from ..models import block_specs
 from ..models.gpt import GPT_LAYOUT
 from ..models.llama import ENGINE_LAYOUT
 from ..models.moe import MOE_LAYOUT
 from ..models.nemotron_nas import DECILM_LAYOUT
+from ..models.phi3 import PHI3_LAYOUT, longrope_tables
 from ..models.spec import ACTIVATION_NAMES, Block, ModelSpec, Rope
 from .engine_quant import QLinear, load_qlinear, qdq_kv, qlinear_forward
 
-ENGINE_LAYOUTS = (ENGINE_LAYOUT, GPT_LAYOUT, DECILM_LAYOUT, MOE_LAYOUT)
+ENGINE_LAYOUTS = (ENGINE_LAYOUT, GPT_LAYOUT, DECILM_LAYOUT, MOE_LAYOUT, PHI3_LAYOUT)
 LayerWeights = tuple  # LAYER_FIELDS, in order (None where a layer has no such tensor)
 LAYER_FIELDS = ("attn_norm", "qkv", "qkv_bias", "o", "o_bias", "mlp_norm", "gate_up", "gate_up_bias", "down",
                 "down_bias", "kv_scale", "attn_norm_bias", "mlp_norm_bias", "q_norm", "k_norm", "post_attn_norm",
@@ -185,13 +187,18 @@ def activation(x: torch.Tensor, act: str) -> torch.Tensor:
         return F.relu(x)
     if act == "gelu":
         return F.gelu(x)  # exact erf form, HF's "gelu"
+    if act == "swiglu":  # a plain MLP's fused [up; gate] fc (Phi-3)
+        up, gate = x.chunk(2, -1)
+        return F.silu(gate) * up
     return F.gelu(x, approximate="tanh")  # gelu_tanh
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half].float(), x[..., half:].float()
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype)
+    """GPT-NeoX rotary over the first 2 x cos.shape[-1] dims of each head (partial rotary: the rest pass)."""
+    half = cos.shape[-1]
+    x1, x2 = x[..., :half].float(), x[..., half:2 * half].float()
+    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype)
+    return out if 2 * half == x.shape[-1] else torch.cat([out, x[..., 2 * half:]], -1)
 
 
 def _row_parallel(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, group, dense: bool = False) -> torch.Tensor:
@@ -459,11 +466,6 @@ def compile_kwargs(mode: str | None, options: dict | None) -> dict:
 def check_engine_spec(spec: ModelSpec, tp_size: int = 1) -> ModelSpec:
     """Refuse, before any weight is placed, what the spec asks and the engine does not run."""
     spec.check("the torch engine")
-    for i, b in enumerate(spec.blocks):
-        rope = b.attention.rope
-        if rope is not None and rope.dim != b.attention.head_size:
-            raise UnsupportedArchitecture(f"layer {i}: partial rotary ({rope.dim} of {b.attention.head_size} dims) "
-                                          "is not supported by the torch engine yet")
     heterogeneous = len(set(spec.blocks)) > 1
     if tp_size > 1 and heterogeneous:
         raise ValueError(f"{spec.architecture} engines with heterogeneous layers run as one rank "
@@ -540,11 +542,28 @@ class EngineModel:
         self.eps = fn.eps if fn is not None else (spec.blocks[0].norm.eps if spec.blocks else 1e-5)
         self.head = weights["lm_head"][: self.vocab] if tp_size == 1 else weights["lm_head"]
         self.rope_tables: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # longrope: decode rows switch to the long factors at the original length; a prefill longer than
+        # it takes the long table for every row (transformers' per-forward choice), resolved here
+        self._long_prefill: list[tuple[int, torch.Tensor, torch.Tensor] | None] = []
         t = torch.arange(max_seq, dtype=torch.float32)
         for r in ropes:
+            sc = r.scaling_dict or {}
+            if sc.get("rope_type") == "longrope":
+                cos, sin = longrope_tables(r, max_seq)
+                self.rope_tables.append((cos.to(self.device), sin.to(self.device)))
+                lc, ls = longrope_tables(r, max_seq, long=True)
+                self._long_prefill.append((int(sc["original_max_position_embeddings"]), lc.to(self.device),
+                                           ls.to(self.device)))
+                continue
             freqs = torch.outer(t, rope_inv_freq({"head_size": r.dim, "rotary_base": r.base,
                                                    "rotary_scaling": r.scaling_dict}))
             self.rope_tables.append((freqs.cos().to(self.device), freqs.sin().to(self.device)))
+            self._long_prefill.append(None)
+        self._has_longrope = any(x is not None for x in self._long_prefill)
+        # transformers' Phi-3 generate() recomputes the whole cache once, when the sequence first grows past
+        # original_max_position_embeddings (so every key then carries the long factors): the position at
+        # which Engine.generate re-prefills a row, or None
+        self.recompute_at: int | None = next((x[0] for x in self._long_prefill if x is not None), None)
         self.slots = torch.arange(max_seq, device=self.device)
         # CUDA: Triton decode attention (+ skinny GEMMs) for plain full-attention layers; SDPA elsewhere
         self.kernels = _cuda_kernels() if self.device.type == "cuda" else None
@@ -665,7 +684,10 @@ class EngineModel:
         (or of every token [B, T, vocab]); K/V go to cache rows [row0, row0 + B)."""
         B, T = ids.shape
         h = self._embed(ids, None, T)
-        ropes = [(cos[:T], sin[:T]) for cos, sin in self.rope_tables] + [(None, None)]
+        # longrope: the longest row's true length (T is padded), one host sync per prefill, only for longrope
+        n = int(lengths.max()) if self._has_longrope else T
+        ropes = [(cos[:T], sin[:T]) if long is None or n <= long[0] else (long[1][:T], long[2][:T])
+                 for (cos, sin), long in zip(self.rope_tables, self._long_prefill, strict=True)] + [(None, None)]
         for step in self._prefill_steps:
             h = step(h, ropes, row0, B)
         if not all_logits:

@@ -9,6 +9,7 @@ from .gpt import GPT2_SPEC, OPT_SPEC
 from .llama import LLAMA
 from .moe import MOE
 from .nemotron_nas import NEMOTRON_NAS
+from .phi3 import PHI3
 from .spec import ModelSpec
 
 _BY_HF: dict[str, ArchSpec] = {}
@@ -23,7 +24,7 @@ def register(spec: ArchSpec) -> ArchSpec:
     return spec
 
 
-for _spec in (LLAMA, GPT2_SPEC, OPT_SPEC, NEMOTRON_NAS, MOE):
+for _spec in (LLAMA, GPT2_SPEC, OPT_SPEC, NEMOTRON_NAS, MOE, PHI3):
     register(_spec)
 
 

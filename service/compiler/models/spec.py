@@ -1,6 +1,6 @@
 """A decoder described by data: the per-layer block spec both runtimes execute.
 
-Each family module (``llama.py``, ``gpt.py``, ``nemotron_nas.py``) declares
+Each family module (``llama.py``, ``gpt.py``, ``nemotron_nas.py``, ``phi3.py``) declares
 ``block_specs(cfg) -> ModelSpec`` from its TensorRT-LLM checkpoint config, and its engine weight map
 (``engine_weight_map(cfg)``: engine tensor <- checkpoint tensors concatenated along dim 0). The torch
 engine (``engine/model.py``) resolves a ``ModelSpec`` into its step functions once, at load; the
@@ -28,11 +28,11 @@ NORM_KINDS = ("rms", "rms_1p", "layernorm")  # rms_1p: Gemma's (1 + w) scale
 PLACEMENTS = ("pre", "post", "sandwich")  # post: OPT post-LN; sandwich: pre + post norms (Gemma 2/3)
 ATTENTION_KINDS = ("full", "sliding", "linear", "none")
 MLP_KINDS = ("gated", "plain", "linear", "none", "moe")
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "swiglu")  # swiglu: plain MLPs only (silu(x[I:]) * x[:I])
 # HF / TensorRT-LLM activation names -> ours (gelu_new, gelu_pytorch_tanh, gelu_fast: the tanh form)
 ACTIVATION_NAMES = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
                     "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "relu": "relu"}
-ROPE_SCALINGS = (None, "linear", "llama3")
+ROPE_SCALINGS = (None, "linear", "llama3", "longrope")
 NOT_YET: dict[str, str] = {}  # kinds the vocabulary names that no runtime executes yet
 
 
@@ -128,6 +128,8 @@ class ModelSpec:
             if m.kind in ("gated", "plain") and m.act not in ACTIVATIONS:
                 raise UnsupportedArchitecture(f"layer {i}: activation {m.act!r} is not supported",
                                               hint=f"supported: {', '.join(ACTIVATIONS)}")
+            if m.act == "swiglu" and m.kind != "plain":
+                raise UnsupportedArchitecture(f"layer {i}: swiglu acts on a plain MLP's fused [up; gate] fc")
             if a.kind in ("full", "sliding"):
                 if a.num_heads < 1 or a.num_kv_heads < 1 or a.num_heads % a.num_kv_heads:
                     raise UnsupportedArchitecture(f"layer {i}: {a.num_heads} heads over {a.num_kv_heads} KV heads")
@@ -137,7 +139,7 @@ class ModelSpec:
                     kind = (a.rope.scaling_dict or {}).get("rope_type", (a.rope.scaling_dict or {}).get("type"))
                     if kind not in (*ROPE_SCALINGS, "default"):
                         raise UnsupportedArchitecture(f"rope scaling {kind!r} is not supported",
-                                                      hint="supported: linear, llama3")
+                                                      hint="supported: linear, llama3, longrope")
                     if a.rope.dim % 2 or a.rope.dim > a.head_size:
                         raise UnsupportedArchitecture(f"layer {i}: rotary dim {a.rope.dim} for head_size {a.head_size}")
         return self

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from ..errors import InvalidArgument, InvalidCheckpoint, UnsupportedArchitecture
 from ..models import block_specs
+from ..models.phi3 import longrope_tables
 from ..models.spec import Block, ModelSpec, Norm, Rope
 from ..quantization.qlinear import keeps_stored_dtype, qdq_kv_cache, qlinear
 from .checkpoint_loader import TORCH_DTYPES, check_complete, family, load_checkpoint_weights
@@ -45,6 +46,7 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": F.gelu,  # exact erf form, as HF's "gelu"
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),  # gelu_new / gelu_pytorch_tanh / gelu_fast
     "relu": F.relu,
+    "swiglu": lambda x: F.silu(x.chunk(2, -1)[1]) * x.chunk(2, -1)[0],  # TensorRT-LLM's fused [up; gate] fc
 }
 # checkpoint norm modules of a block: before attention, before the MLP, after attention, after the MLP
 NORM_NAMES = ("input_layernorm", "post_layernorm", "post_attention_layernorm", "post_feedforward_layernorm")
@@ -83,6 +85,10 @@ def rope_inv_freq(cfg: dict) -> torch.Tensor:
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
     return torch.where(medium, smoothed, scaled)
+
+
+def _is_longrope(rope: Rope) -> bool:
+    return (rope.scaling_dict or {}).get("rope_type") == "longrope"
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -138,7 +144,7 @@ class ReferenceModel:
         q = config.get("quantization") or {}
         # Quantized checkpoints execute from their low-precision tensors (service/compiler/quantization/qlinear.py).
         self.quant = q if q.get("quant_algo") or q.get("kv_cache_quant_algo") else None
-        if self.quant is None and self.family in ("llama", "gpt", "opt"):  # the uniform families' tensor rules
+        if self.quant is None and self.family in ("llama", "gpt", "opt", "phi3"):  # the uniform families' tensor rules
             check_complete(config, weights)
         if compute_dtype is None:
             compute_dtype = TORCH_DTYPES[config["dtype"]]
@@ -155,10 +161,14 @@ class ReferenceModel:
         self.vocab_size = self.spec.vocab_size
         self.max_pos = self.spec.learned_positions or None
         self.inv_freq: dict[Rope, torch.Tensor] = {}
+        # longrope: generate() recomputes the cache when the sequence first passes the original length
+        self._recompute_at = next((int((b.attention.rope.scaling_dict or {})["original_max_position_embeddings"])
+                                   for b in self.spec.blocks if b.attention.rope is not None
+                                   and _is_longrope(b.attention.rope)), None)
         self._tables: tuple = (None, None)
         for b in self.spec.blocks:
             rope = b.attention.rope
-            if rope is not None and rope not in self.inv_freq:
+            if rope is not None and rope not in self.inv_freq and not _is_longrope(rope):
                 cfg = {"head_size": rope.dim, "rotary_base": rope.base, "rotary_scaling": rope.scaling_dict}
                 self.inv_freq[rope] = rope_inv_freq(cfg).to(self.device)
 
@@ -200,6 +210,12 @@ class ReferenceModel:
     def _rope_table(self, rope: Rope, pos0: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [t, dim] of positions [pos0, pos0 + t), in the compute dtype (once per forward)."""
         key = (rope, pos0, t)
+        if self._tables[0] != key and _is_longrope(rope):
+            # transformers: one factor set per forward, the long one once it reaches past the original length
+            long = pos0 + t > int((rope.scaling_dict or {})["original_max_position_embeddings"])
+            cos, sin = longrope_tables(rope, pos0 + t, long=long)
+            emb_cos, emb_sin = (torch.cat([x, x], -1)[pos0:].to(self.device, self.dtype) for x in (cos, sin))
+            self._tables = (key, (emb_cos, emb_sin))
         if self._tables[0] != key:
             pos = torch.arange(pos0, pos0 + t, device=self.device, dtype=torch.float32)
             ang = pos[:, None] * self.inv_freq[rope][None, :]
@@ -380,6 +396,10 @@ class ReferenceModel:
             out.append(nxt)
             if nxt in eos or len(out) >= max_new_tokens:
                 return out
+            if cache.length == self._recompute_at:  # transformers' Phi-3 generate: the whole sequence again
+                cache = self.new_cache()
+                logits = self._run(torch.cat([ids, torch.tensor([out], dtype=torch.long)], 1), cache)
+                continue
             logits = self._run(torch.tensor([[nxt]], dtype=torch.long), cache)
 
     @torch.inference_mode()
