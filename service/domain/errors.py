@@ -89,6 +89,8 @@ ERROR_TABLE: dict[str, tuple[int, str]] = {
     "payload_too_large": (413, "RESOURCE_EXHAUSTED"),
     "range_not_satisfiable": (416, "OUT_OF_RANGE"),
     "unavailable": (503, "UNAVAILABLE"),
+    # a job's terminal error when its storage root filled up (ENOSPC / EDQUOT while a stage wrote)
+    "storage_full": (507, "RESOURCE_EXHAUSTED"),
     "internal": (500, "INTERNAL"),
 }
 
@@ -104,6 +106,8 @@ DEFAULT_HINTS: dict[str, str] = {
     "not_found": "see /docs for the API's routes",
     "method_not_allowed": "use a method from the Allow header; /docs lists each route's methods",
     "unavailable": "retry shortly",
+    "storage_full": "free space under KILN_STORAGE (`kiln gc` reclaims orphaned temporary outputs) or grow the "
+                    "volume, then resubmit",
 }
 
 
