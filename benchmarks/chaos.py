@@ -527,7 +527,7 @@ def _wait_stage(srv: Server, job_id: str, stages: tuple[str, ...], timeout: floa
     return job
 
 
-def _download(srv: Server, job_id: str, kill_after: int | None = None) -> tuple[dict, bytes]:
+def _download(srv: Server, job_id: str, kill_after: int | None = None) -> tuple[dict, bytes, int]:
     """The largest file of the job's artifacts, streamed; with ``kill_after`` the API is SIGKILLed once that
     many bytes arrived (and restarted), then the download resumes with ``Range: bytes=<got>-``."""
     arts = srv.get(f"/v1/jobs/{job_id}/artifacts").json()["artifacts"]
@@ -535,6 +535,7 @@ def _download(srv: Server, job_id: str, kill_after: int | None = None) -> tuple[
     url = f"/v1/jobs/{job_id}/artifacts/{art['name']}/files/{entry['path']}"
     got = bytearray()
     killed = False
+    resumed_from = -1
     with httpx.Client(base_url=srv.url, timeout=30) as http:
         try:
             with http.stream("GET", url) as r:
@@ -547,12 +548,13 @@ def _download(srv: Server, job_id: str, kill_after: int | None = None) -> tuple[
         except httpx.HTTPError:
             pass  # the connection died with the API
         if killed:
+            resumed_from = len(got)
             srv.start()
             r = srv.get(url, headers={"Range": f"bytes={len(got)}-"})
             if r.status_code != 206 or r.headers.get("Content-Range") != f"bytes {len(got)}-{entry['size'] - 1}/{entry['size']}":
                 raise RuntimeError(f"resume answered {r.status_code} {r.headers.get('Content-Range')}")
             got += r.content
-    return entry, bytes(got)
+    return entry, bytes(got), resumed_from
 
 
 def run_api_kill(runs: int = 3, *, timeout: float = 300.0, work: Path | None = None, mode: str = "embedded",
@@ -585,12 +587,14 @@ def run_api_kill(runs: int = 3, *, timeout: float = 300.0, work: Path | None = N
                 final = finals.get(job_id)
                 if final is None or final["state"] != "succeeded":
                     continue
-                entry, data = _download(srv, job_id, kill_after=entry_size_quarter(srv, job_id))
-                ok = len(data) == entry["size"] and hashlib.sha256(data).hexdigest() == entry["sha256"]
+                entry, data, resumed_from = _download(srv, job_id, kill_after=entry_size_quarter(srv, job_id))
+                ok = 0 < resumed_from < entry["size"] and len(data) == entry["size"] and \
+                    hashlib.sha256(data).hexdigest() == entry["sha256"]
                 resumed_ok += ok
                 res.kills["API mid-download"] = res.kills.get("API mid-download", 0) + 1
                 log(f"run {run}: API killed during {seen}; job {final['state']} after {final['attempts']} attempts; "
-                    f"download of {entry['path']} ({entry['size']} B) resumed: sha256 {'ok' if ok else 'MISMATCH'}")
+                    f"download of {entry['path']} ({entry['size']} B) cut at byte {resumed_from}, resumed with Range: "
+                    f"sha256 {'ok' if ok else 'MISMATCH'}")
             res.notes.append(f"Range resumes after an API kill whose sha256 matched: {resumed_ok}/{res.kills.get('API mid-download', 0)}")
             if resumed_ok != res.kills.get("API mid-download", 0):
                 res.artifacts_ok -= 1  # counted as a corrupt artifact: the run fails
