@@ -347,17 +347,28 @@ def _wipe_stage_outputs(storage: Path) -> None:
     shutil.rmtree(storage / "stages", ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _serving(srv: Server | None, storage: Path, log: Path, mode: str, **env_extra):
+    """``srv`` when given (one `kiln serve` shared by the short tests), else a fresh one on ``storage``."""
+    if srv is not None:
+        yield srv
+        return
+    with backing(mode) as env, Server(storage, log, **env_extra, **env) as fresh:
+        yield fresh
+
+
 def run_kill(runs: int = 6, *, model: str = "tiny", seed: int = 0, timeout: float = 300.0, work: Path | None = None,
-             mode: str = "embedded", log=print) -> Result:
+             mode: str = "embedded", srv: Server | None = None, log=print) -> Result:
     rng = random.Random(seed)
     res = Result("1: SIGKILL worker at random points of every stage", mode=mode)
     own = work is None
     work = Path(tempfile.mkdtemp(prefix="kiln-chaos-")) if own else work
-    storage = work / "storage"
+    storage = srv.storage if srv is not None else work / "storage"
     repo = install_model(model, storage, work)
     t0 = time.monotonic()
+    restarts0 = srv.embedded()["restarts"] if srv is not None else 0
     try:
-        with backing(mode) as env, Server(storage, work / "serve.log", **env) as srv:
+        with _serving(srv, storage, work / "serve.log", mode) as srv:
             for run in range(runs):
                 target = STAGES[run % len(STAGES)]
                 whole = run % 2 == 0  # alternate: the whole worker, the pool child only
@@ -407,7 +418,7 @@ def run_kill(runs: int = 6, *, model: str = "tiny", seed: int = 0, timeout: floa
                 log(f"run {run}: killed the {'worker' if whole else 'pool child'} during {seen}; "
                     f"{final['state']} after {final['attempts']} attempts; recovery {rec or 0:.1f}s; {audit}")
             e = srv.embedded()
-            res.notes.append(f"embedded worker restarts: {e['restarts']}")
+            res.notes.append(f"embedded worker restarts: {e['restarts'] - restarts0}")
             _api_errors(res, srv)
     finally:
         res.seconds = time.monotonic() - t0
@@ -417,17 +428,22 @@ def run_kill(runs: int = 6, *, model: str = "tiny", seed: int = 0, timeout: floa
 
 
 def run_poison(others: int = 3, *, model: str = "tiny", attempt_cap: int = 3, timeout: float = 300.0,
-               work: Path | None = None, mode: str = "embedded", log=print) -> Result:
-    res = Result(f"6: poison job (KILN_ATTEMPT_CAP={attempt_cap}) + {others} good jobs", mode=mode)
+               work: Path | None = None, mode: str = "embedded", srv: Server | None = None, victim: str = "worker",
+               log=print) -> Result:
+    """``victim``: "worker" (the poison stage SIGKILLs the whole worker: `kiln serve` respawns it) or "child"
+    (only the pool process: Celery forks a new one at once). With ``srv``, its KILN_ATTEMPT_CAP applies."""
+    res = Result(f"6: poison job (KILN_ATTEMPT_CAP={attempt_cap}, kills the {victim}) + {others} good jobs", mode=mode)
     own = work is None
     work = Path(tempfile.mkdtemp(prefix="kiln-chaos-")) if own else work
-    storage = work / "storage"
+    storage = srv.storage if srv is not None else work / "storage"
     repo = install_model(model, storage, work)
     t0 = time.monotonic()
+    restarts0 = srv.embedded()["restarts"] if srv is not None else 0
     try:
-        with backing(mode) as env, Server(storage, work / "serve.log", KILN_ATTEMPT_CAP=attempt_cap, **env) as srv:
+        with _serving(srv, storage, work / "serve.log", mode, KILN_ATTEMPT_CAP=attempt_cap) as srv:
+            _wipe_stage_outputs(storage)
             srv.wait_worker()
-            poison = srv.submit({"model": repo, "dtype": "float32", "labels": {"poison": "worker"}})
+            poison = srv.submit({"model": repo, "dtype": "float32", "labels": {"poison": victim}})
             dtypes = (["float16", "bfloat16", "float32"] * (others // 3 + 1))[:others]
             good = [srv.submit({"model": repo, "dtype": d, "labels": {"chaos-good": str(i)}}) for i, d in enumerate(dtypes)]
             res.submitted = 1 + len(good)
@@ -448,12 +464,12 @@ def run_poison(others: int = 3, *, model: str = "tiny", attempt_cap: int = 3, ti
                     f"gave up after {attempt_cap} attempts" in (err.get("message") or "")
                 res.notes.append(f"poison job: {p['state']} after {p['attempts'] - 1} attempts: "
                                  f"{err.get('code')}: {err.get('message')}" + ("" if ok else " (UNEXPECTED)"))
-                res.kills["poison stage (worker)"] = p["attempts"] - 1
+                res.kills[f"poison stage ({victim})"] = p["attempts"] - 1
             expected = {(s["name"], s["key"]) for f in finals.values() for s in f["stages"] if s.get("key")}
             time.sleep(2.0)  # one reconcile pass after the last death
             audit = audit_storage(storage, expected)
             _count(res, audit)
-            res.notes.append(f"embedded worker restarts: {srv.embedded()['restarts']}")
+            res.notes.append(f"embedded worker restarts: {srv.embedded()['restarts'] - restarts0}")
             _api_errors(res, srv)
             log(f"poison: {p and p['state']}; good jobs succeeded: {sum(finals[g]['state'] == 'succeeded' for g in good if g in finals)}/{len(good)}")
     finally:
@@ -558,22 +574,27 @@ def _download(srv: Server, job_id: str, kill_after: int | None = None) -> tuple[
 
 
 def run_api_kill(runs: int = 3, *, timeout: float = 300.0, work: Path | None = None, mode: str = "embedded",
-                 log=print) -> Result:
+                 srv: Server | None = None, light: bool = False, log=print) -> Result:
     """Scenario 2: SIGKILL `kiln serve` (the API process) mid-job, restart it as a process manager would; then
-    SIGKILL it mid-download of a 16 MB checkpoint file and resume with a Range request: sha256 must match."""
+    SIGKILL it mid-download of a 16 MB checkpoint file and resume with a Range request: sha256 must match.
+    ``light``: the job stops after quantize (the short test variant), else it also builds and evaluates."""
     res = Result("2: SIGKILL the API mid-job and mid-download (Range resume)", mode=mode)
     t0 = time.monotonic()
-    with _workdir(work) as work, private_backing(mode, work) as (env, _pg, _redis):
-        storage = work / "storage"
+    with _workdir(work) as work, (contextlib.nullcontext(({}, None, None)) if srv is not None
+                                  else private_backing(mode, work)) as (env, _pg, _redis):
+        storage = srv.storage if srv is not None else work / "storage"
         repo = install_model("wide", storage, work)
-        with Server(storage, work / "serve.log", **env) as srv:
+        with (contextlib.nullcontext(srv) if srv is not None else Server(storage, work / "serve.log", **env)) as srv:
             resumed_ok = 0
             for run in range(runs):
                 _wipe_stage_outputs(storage)
-                job_id = srv.submit(job_spec(repo, run))
+                spec = job_spec(repo, run)
+                if light:
+                    spec = {k: v for k, v in spec.items() if k not in ("build", "evaluation")}
+                job_id = srv.submit(spec)
                 res.submitted += 1
-                target = ("quantize", "build", "evaluate")[run % 3]
-                seen = _wait_stage(srv, job_id, (target,), timeout)["stage"] or "finished"
+                target = ("fetch", "convert", "quantize") if light else (("quantize", "build", "evaluate")[run % 3],)
+                seen = _wait_stage(srv, job_id, target, timeout)["stage"] or "finished"
                 old_group = srv.proc.pid if srv.proc else None
                 kill_at = time.monotonic()
                 srv.kill_api()
@@ -623,10 +644,12 @@ def run_redis_restart(jobs: int = 100, *, timeout: float = 600.0, work: Path | N
         repo = install_model("tiny", storage, work)
         with Server(storage, work / "serve.log", KILN_REQUEUE_AFTER_S=30, **env) as srv:
             srv.wait_worker()
+            # the first job runs every stage (~10-30 s here), so the others stay queued behind it (one worker slot)
             spec = {"model": repo, "dtype": "float32"}
-            ids = [srv.submit({**spec, "labels": {"chaos-redis": str(i)}}) for i in range(jobs)]
+            ids = [srv.submit(job_spec(repo, 0))]
+            ids += [srv.submit({**spec, "labels": {"chaos-redis": str(i)}}) for i in range(1, jobs)]
             res.submitted = len(ids)
-            _wait_stage(srv, ids[0], ("convert",), timeout)
+            _wait_stage(srv, ids[0], ("build", "evaluate"), timeout)
             states = srv.get("/v1/jobs", params={"limit": 200}).json()
             before = {s: sum(j["state"] == s for j in states["jobs"]) for s in ("queued", "running", "succeeded")}
             in_redis = _queued_message_count(rds.client())
@@ -642,7 +665,8 @@ def run_redis_restart(jobs: int = 100, *, timeout: float = 600.0, work: Path | N
             res.notes.append(f"jobs with more than one attempt (a running task cancelled when the broker "
                              f"connection dropped, then re-run): {retried}")
             c = rds.client()
-            res.notes.append(f"after: {c.llen('cpu')} messages queued, {c.hlen('unacked')} unacked")
+            res.notes.append(f"after: {c.llen('cpu')} messages queued, {c.hlen('unacked')} unacked (a message left in "
+                             "`unacked` comes back after the visibility timeout and finds its job finished: skipped)")
             _api_errors(res, srv)
     res.seconds = time.monotonic() - t0
     return res
@@ -848,7 +872,7 @@ def _delivery(client, job_id: str) -> tuple[bytes, float] | None:
     return None
 
 
-def run_redelivery(runs: int = 3, *, visibility_s: int = 40, timeout: float = 300.0, work: Path | None = None,
+def run_redelivery(runs: int = 3, *, visibility_s: int = 45, timeout: float = 300.0, work: Path | None = None,
                    log=print) -> Result:
     """Redis redelivery (scaled only): SIGKILL the whole worker while its job runs, then time when kombu puts
     the dead worker's unacknowledged message back on the queue. With ``unacked_restore_throttle=1`` and
