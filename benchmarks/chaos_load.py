@@ -82,7 +82,7 @@ def run_load(mode: str = "embedded", *, seconds: float = 60.0, submitters: int =
         sub, pol = out["lat"]["submit"], out["lat"]["poll"]
         fivexx = sum(n for kind in out["status"].values() for k, n in kind.items() if k.isdigit() and int(k) >= 500)
         transport = sum(n for kind in out["status"].values() for k, n in kind.items() if not k.isdigit())
-        res.submitted = out["status"]["submit"].get("201", 0)
+        res.submitted = out["status"]["submit"].get("201", 0) + out["status"]["submit"].get("202", 0)
         res.finished_once = res.submitted  # no worker: nothing runs; the row count is checked below
         res.api_errors = fivexx
         res.stuck = 0
