@@ -116,6 +116,7 @@ class Server:
         })
         self.env.update({k: str(v) for k, v in env_extra.items()})
         self.proc: subprocess.Popen | None = None
+        self.started_s = 0.0  # how long the last start took
         self._http = httpx.Client(base_url=self.url, timeout=10)
         self.http = self  # get/post below: retried, each failure recorded
         self.api_errors: list[str] = []
@@ -140,17 +141,19 @@ class Server:
     def post(self, url: str, **kw) -> httpx.Response:
         return self.request("POST", url, **kw)
 
-    def start(self, timeout: float = 180) -> Server:
+    def start(self, timeout: float = 180, *, need_worker: bool = True) -> Server:
         """Start `kiln serve` (on the same port and storage after a kill); back when a worker registered
-        (with ``--no-worker``: when the API answers)."""
+        (with ``--no-worker`` or ``need_worker=False``: when the API answers)."""
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(self.port),
                                           "--grpc-port", "-1", *self.args], cwd=ROOT, env=self.env, stdout=log,
                                          stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + timeout
+        t0 = time.monotonic()
+        deadline = t0 + timeout
         while time.monotonic() < deadline:
+            self.started_s = time.monotonic() - t0
             try:
-                if "--no-worker" in self.args:
+                if "--no-worker" in self.args or not need_worker:
                     if self._http.get("/readyz").status_code == 200:
                         return self
                 elif self._http.get("/v1/workers").json()["workers"]:
@@ -358,7 +361,8 @@ def _serving(srv: Server | None, storage: Path, log: Path, mode: str, **env_extr
 
 
 def run_kill(runs: int = 6, *, model: str = "tiny", seed: int = 0, timeout: float = 300.0, work: Path | None = None,
-             mode: str = "embedded", srv: Server | None = None, log=print) -> Result:
+             mode: str = "embedded", srv: Server | None = None, light: bool = False, log=print) -> Result:
+    """``light`` (the short test): jobs stop after quantize, kills aimed at fetch, convert or quantize."""
     rng = random.Random(seed)
     res = Result("1: SIGKILL worker at random points of every stage", mode=mode)
     own = work is None
@@ -370,11 +374,14 @@ def run_kill(runs: int = 6, *, model: str = "tiny", seed: int = 0, timeout: floa
     try:
         with _serving(srv, storage, work / "serve.log", mode) as srv:
             for run in range(runs):
-                target = STAGES[run % len(STAGES)]
+                target = STAGES[run % (3 if light else len(STAGES))]
                 whole = run % 2 == 0  # alternate: the whole worker, the pool child only
                 _wipe_stage_outputs(storage)
                 pid = srv.wait_worker()
-                job_id = srv.submit(job_spec(repo, run))
+                spec = job_spec(repo, run)
+                if light:
+                    spec = {k: v for k, v in spec.items() if k not in ("build", "evaluation")}
+                job_id = srv.submit(spec)
                 res.submitted += 1
                 # wait for the target stage (publish: the end of evaluate), then a random moment inside it
                 watch = "evaluate" if target == "publish" else target
@@ -565,7 +572,7 @@ def _download(srv: Server, job_id: str, kill_after: int | None = None) -> tuple[
             pass  # the connection died with the API
         if killed:
             resumed_from = len(got)
-            srv.start()
+            srv.start(need_worker=False)  # a download needs only the API
             r = srv.get(url, headers={"Range": f"bytes={len(got)}-"})
             if r.status_code != 206 or r.headers.get("Content-Range") != f"bytes {len(got)}-{entry['size'] - 1}/{entry['size']}":
                 raise RuntimeError(f"resume answered {r.status_code} {r.headers.get('Content-Range')}")
@@ -593,7 +600,25 @@ def run_api_kill(runs: int = 3, *, timeout: float = 300.0, work: Path | None = N
                     spec = {k: v for k, v in spec.items() if k not in ("build", "evaluation")}
                 job_id = srv.submit(spec)
                 res.submitted += 1
-                target = ("fetch", "convert", "quantize") if light else (("quantize", "build", "evaluate")[run % 3],)
+                if light:  # one kill for both: mid-download of a finished job's file while a second job runs
+                    if srv.wait_terminal(job_id, timeout) is None:
+                        res.stuck += 1
+                        continue
+                    running = srv.submit({**spec, "dtype": "float16", "labels": {"chaos-run": f"{run}-b"}})
+                    res.submitted += 1
+                    seen = _wait_stage(srv, running, ("fetch", "convert", "quantize"), timeout)["stage"] or "finished"
+                    entry, data, resumed_from = _download(srv, job_id, kill_after=entry_size_quarter(srv, job_id))
+                    res.recovery_s.append(srv.started_s)  # kill -> API back
+                    ok = 0 < resumed_from < entry["size"] and len(data) == entry["size"] and \
+                        hashlib.sha256(data).hexdigest() == entry["sha256"]
+                    resumed_ok += ok
+                    res.kills[f"API mid-download, a job in {seen}"] = res.kills.get(f"API mid-download, a job in {seen}", 0) + 1
+                    res.kills["API mid-download"] = res.kills.get("API mid-download", 0) + 1
+                    finals = _finish_jobs(srv, res, [job_id, running], timeout, log=log)
+                    log(f"run {run}: API killed mid-download (cut at byte {resumed_from} of {entry['size']}: sha256 "
+                        f"{'ok' if ok else 'MISMATCH'}) while a job ran {seen}: {finals.get(running, {}).get('state')}")
+                    continue
+                target = (("quantize", "build", "evaluate")[run % 3],)
                 seen = _wait_stage(srv, job_id, target, timeout)["stage"] or "finished"
                 old_group = srv.proc.pid if srv.proc else None
                 kill_at = time.monotonic()
@@ -748,24 +773,42 @@ def run_pg_restart(runs: int = 3, *, timeout: float = 300.0, work: Path | None =
     return res
 
 
+def mount_tmpfs(path: Path, size_mb: int) -> str | None:
+    """Mount a tmpfs of ``size_mb`` at ``path`` (root only). None when mounted, else why not."""
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        return "not root"
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "kiln-chaos", str(path)],
+                          capture_output=True, text=True)
+    return None if done.returncode == 0 else (done.stderr.strip() or f"mount exited {done.returncode}")
+
+
+def unmount(path: Path) -> None:
+    subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
 def run_disk_full(*, size_mb: int = 64, timeout: float = 300.0, work: Path | None = None, mode: str = "embedded",
-                  log=print) -> Result:
+                  srv: Server | None = None, log=print) -> Result:
     """Scenario 5: the storage root is a small tmpfs (needs root: ``mount -t tmpfs``), filled so that the convert
     stage's 16 MB output cannot fit. The job fails with ``storage_full``, nothing half-published stays visible,
-    the space comes back; with the filler removed the same job succeeds."""
-    res = Result(f"5: disk full on the storage root ({size_mb} MB tmpfs)", mode=mode)
+    the space comes back; with the filler removed the same job succeeds. With ``srv``, its storage root must
+    already be a tmpfs (the short test mounts one)."""
+    res = Result(f"5: disk full on the storage root (a {size_mb} MB tmpfs)" if srv is None
+                 else "5: disk full on the storage root (a tmpfs)", mode=mode)
     t0 = time.monotonic()
-    with _workdir(work) as work, private_backing(mode, work) as (env, _pg, _rds):
-        storage = work / "storage"
-        storage.mkdir(parents=True, exist_ok=True)
-        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "kiln-chaos", str(storage)],
-                                 capture_output=True, text=True)
-        if mounted.returncode != 0:
-            res.notes.append(f"skipped: cannot mount a tmpfs here ({mounted.stderr.strip() or 'not root'})")
+    with _workdir(work) as work, (contextlib.nullcontext(({}, None, None)) if srv is not None
+                                  else private_backing(mode, work)) as (env, _pg, _rds):
+        storage = srv.storage if srv is not None else work / "storage"
+        own_mount = srv is None
+        why = (None if os.path.ismount(storage) else "the shared server's storage root is not a tmpfs") \
+            if srv is not None else mount_tmpfs(storage, size_mb)
+        if why is not None:
+            res.notes.append(f"skipped: cannot mount a tmpfs here ({why})")
             return res
         try:
             repo = install_model("wide", storage, work)
-            with Server(storage, work / "serve.log", **env) as srv:
+            with (contextlib.nullcontext(srv) if srv is not None else Server(storage, work / "serve.log", **env)) as srv:
+                _wipe_stage_outputs(storage)
                 srv.wait_worker()
                 spec = {"model": repo, "dtype": "float32", "labels": {"chaos": "disk-full"}}
                 filler = storage / "filler"
@@ -803,7 +846,8 @@ def run_disk_full(*, size_mb: int = 64, timeout: float = 300.0, work: Path | Non
                 log(f"disk full: {final and final['state']} ({(final or {}).get('error')}); after freeing: "
                     f"{finals.get(again, {}).get('state')}")
         finally:
-            subprocess.run(["umount", "-l", str(storage)], capture_output=True)
+            if own_mount:
+                unmount(storage)
     res.seconds = time.monotonic() - t0
     return res
 
