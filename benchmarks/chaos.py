@@ -1027,26 +1027,13 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{name}: scaled mode only (--mode scaled or both)")
                 continue
             t = args.timeout
-            if name == "kill":
-                results.append(run_kill(args.runs, model=args.model, seed=args.seed, timeout=t, mode=mode))
-            elif name == "poison":
-                results.append(run_poison(args.others, model=args.model, timeout=t, mode=mode))
-            elif name == "api-kill":
-                results.append(run_api_kill(args.repeat, timeout=t, mode=mode))
-            elif name == "redis-restart":
-                results.append(run_redis_restart(args.jobs, timeout=max(t, 600.0)))
-            elif name == "pg-restart":
-                results.append(run_pg_restart(args.repeat, timeout=t))
-            elif name == "disk-full":
-                results.append(run_disk_full(timeout=t, mode=mode))
-            elif name == "race":
-                results.append(run_race(args.repeat, timeout=t, mode=mode))
-            elif name == "redelivery":
-                results.append(run_redelivery(args.repeat, timeout=t))
-            elif name == "load":
-                from benchmarks.chaos_load import run_load
-
-                results.append(run_load(mode, seconds=args.seconds, submitters=args.submitters, pollers=args.pollers))
+            try:
+                _run_scenario(name, mode, args, t, results)
+            except Exception as exc:  # one broken scenario must not lose the others' figures
+                failed = Result(f"{name}: crashed", mode=mode, stuck=1)
+                failed.notes.append(f"{type(exc).__name__}: {exc}")
+                results.append(failed)
+            print(json.dumps(asdict(results[-1])), flush=True)
     print(f"\nkiln chaos, {time.strftime('%Y-%m-%d %H:%M %Z')}, {os.cpu_count()} CPUs, model {args.model}")
     print_table(results)
     if args.json:
@@ -1054,6 +1041,29 @@ def main(argv: list[str] | None = None) -> int:
     bad = any(r.stuck or r.duplicates or r.partial_visible or r.finished_once != r.submitted
               or r.artifacts_ok != r.artifacts or r.api_errors and r.scenario.startswith(("4", "8")) for r in results)
     return 1 if bad else 0
+
+
+def _run_scenario(name: str, mode: str, args: argparse.Namespace, t: float, results: list[Result]) -> None:
+    if name == "kill":
+        results.append(run_kill(args.runs, model=args.model, seed=args.seed, timeout=t, mode=mode))
+    elif name == "poison":
+        results.append(run_poison(args.others, model=args.model, timeout=t, mode=mode))
+    elif name == "api-kill":
+        results.append(run_api_kill(args.repeat, timeout=t, mode=mode))
+    elif name == "redis-restart":
+        results.append(run_redis_restart(args.jobs, timeout=max(t, 600.0)))
+    elif name == "pg-restart":
+        results.append(run_pg_restart(args.repeat, timeout=t))
+    elif name == "disk-full":
+        results.append(run_disk_full(timeout=t, mode=mode))
+    elif name == "race":
+        results.append(run_race(args.repeat, timeout=t, mode=mode))
+    elif name == "redelivery":
+        results.append(run_redelivery(args.repeat, timeout=t))
+    elif name == "load":
+        from benchmarks.chaos_load import run_load
+
+        results.append(run_load(mode, seconds=args.seconds, submitters=args.submitters, pollers=args.pollers))
 
 
 if __name__ == "__main__":
