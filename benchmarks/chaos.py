@@ -584,7 +584,8 @@ def run_api_kill(runs: int = 3, *, timeout: float = 300.0, work: Path | None = N
                  srv: Server | None = None, light: bool = False, log=print) -> Result:
     """Scenario 2: SIGKILL `kiln serve` (the API process) mid-job, restart it as a process manager would; then
     SIGKILL it mid-download of a 16 MB checkpoint file and resume with a Range request: sha256 must match.
-    ``light``: the job stops after quantize (the short test variant), else it also builds and evaluates."""
+    ``light`` (the short test): one kill, while a fetch + convert job's file downloads and a second job pauses
+    mid-job (``chaos_stages``' pause stage); else each job runs every stage and is killed in turn."""
     res = Result("2: SIGKILL the API mid-job and mid-download (Range resume)", mode=mode)
     t0 = time.monotonic()
     with _workdir(work) as work, (contextlib.nullcontext(({}, None, None)) if srv is not None
@@ -596,17 +597,17 @@ def run_api_kill(runs: int = 3, *, timeout: float = 300.0, work: Path | None = N
             for run in range(runs):
                 _wipe_stage_outputs(storage)
                 spec = job_spec(repo, run)
-                if light:
-                    spec = {k: v for k, v in spec.items() if k not in ("build", "evaluation")}
+                if light:  # fetch + convert (the 16 MB file to download)
+                    spec = {"model": repo, "dtype": "float32", "labels": {"chaos-run": str(run)}}
                 job_id = srv.submit(spec)
                 res.submitted += 1
                 if light:  # one kill for both: mid-download of a finished job's file while a second job runs
                     if srv.wait_terminal(job_id, timeout) is None:
                         res.stuck += 1
                         continue
-                    running = srv.submit({**spec, "dtype": "float16", "labels": {"chaos-run": f"{run}-b"}})
+                    running = srv.submit({**spec, "dtype": "float16", "labels": {"chaos-run": f"{run}-b", "chaos-pause": "8"}})
                     res.submitted += 1
-                    seen = _wait_stage(srv, running, ("fetch", "convert", "quantize"), timeout)["stage"] or "finished"
+                    seen = _wait_stage(srv, running, ("pause",), timeout)["stage"] or "finished"
                     entry, data, resumed_from = _download(srv, job_id, kill_after=entry_size_quarter(srv, job_id))
                     res.recovery_s.append(srv.started_s)  # kill -> API back
                     ok = 0 < resumed_from < entry["size"] and len(data) == entry["size"] and \
