@@ -1,29 +1,40 @@
 """Chaos runs against a real `kiln serve` and its supervised worker: on the embedded default (SQLite + file
-broker) and, with ``--mode scaled``, on PostgreSQL + Redis.
+broker) and, with ``--mode scaled``, on PostgreSQL + Redis (issue 19; the README's table comes from here).
 
-Scenario 1 (``kill``): SIGKILL the worker at random points of every stage (fetch, convert, quantize,
-build, evaluate, publish), alternating the whole worker (Celery main process + pool child, which
-`kiln serve` respawns) and the pool child alone (Celery's main process forks a new one). Each run is
-one job through every stage (W8A16 quantization, a torch engine build, an evaluation); the stage
-outputs are wiped between runs so nothing is a cache hit.
+1 ``kill``: SIGKILL the worker at random points of every stage (fetch, convert, quantize, build, evaluate,
+  publish), alternating the whole worker (Celery main + pool child, which `kiln serve` respawns) and the
+  pool child alone; one job through every stage per run, stage outputs wiped between runs.
+2 ``api-kill``: SIGKILL `kiln serve` itself mid-job and restart it; then again mid-download of a 16 MB
+  checkpoint file, resumed with ``Range: bytes=<received>-``: the sha256 must match the manifest.
+3 ``redis-restart`` (scaled): restart a private Redis (AOF on) with 99 jobs queued behind one running.
+4 ``pg-restart`` (scaled): stop a private PostgreSQL for 5 s mid-job while a client polls, lists, submits
+  and probes /readyz: only 2xx/4xx or 503 + Retry-After, recovery by itself, the job finished once.
+5 ``disk-full``: the storage root is a small tmpfs (root only), filled: ``storage_full``, nothing
+  half-published, the space back, the same job fine once freed.
+6 ``poison``: a job whose stage always crashes the worker stops after ``KILN_ATTEMPT_CAP`` attempts with a
+  clear error, while the jobs submitted with it succeed.
+7 ``race``: a second `kiln worker`; two identical jobs compute the same content-addressed keys at once.
+8 ``load`` (``chaos_load.py``): 200 submitters + 1,000 pollers for 60 s: rates, p50/p99, 5xx.
+``redelivery`` (scaled): SIGKILL the worker holding a Redis message, time until kombu puts it back
+  (bounded by visibility timeout + ``KILN_BROKER_RESTORE_INTERVAL_S``; see ``service/workers/broker.py``).
 
-Scenario 6 (``poison``): a job whose stage always crashes the worker stops after ``KILN_ATTEMPT_CAP``
-attempts with a clear error, while the other jobs submitted with it all succeed.
+Each reports: jobs submitted, finished exactly once (terminal, and no write to the row after that),
+artifacts whose files all match their manifest sha256, duplicate stage outputs (committed key directories
+no job stage refers to), partial directories visible (a key directory without a manifest), temporary
+directories left behind, jobs stuck (not terminal within the timeout), API errors the client retried, and
+recovery time (per scenario: kill -> the job claimed again, API back, first 200, message back...). The
+scenarios that restart Redis or PostgreSQL use private servers (``chaos_backends.py``), never the shared
+ones on :6379 / :5432. Run:
 
-Each scenario reports: jobs submitted, finished exactly once (terminal, and no write to the row after
-that), artifacts whose files all match their manifest sha256, duplicate stage outputs (committed key
-directories no job stage refers to), partial directories visible (a key directory without a
-manifest), temporary directories left behind, jobs stuck (not terminal within the timeout), and
-recovery time (kill -> the job claimed again by a live worker). Run:
+    PYTHONPATH=. .venv/bin/python benchmarks/chaos.py --scenario kill,poison --runs 6 --mode both --seed 19
+    PYTHONPATH=. .venv/bin/python benchmarks/chaos.py --mode both --repeat 3 \\
+        --scenario api-kill,disk-full,race,load,redis-restart,pg-restart,redelivery
+    PYTHONPATH=. .venv/bin/python benchmarks/chaos.py --scenario kill --model smollm2   # the real SmolLM2-135M
 
-    PYTHONPATH=. .venv/bin/python benchmarks/chaos.py                      # both scenarios, 6 kill runs
-    PYTHONPATH=. .venv/bin/python benchmarks/chaos.py --scenario kill --runs 20 --seed 7
-    PYTHONPATH=. .venv/bin/python benchmarks/chaos.py --model smollm2      # the real SmolLM2-135M (slower)
-    PYTHONPATH=. .venv/bin/python benchmarks/chaos.py --mode both          # also PostgreSQL + Redis
-
-The tiny model is a random 2-layer Llama made here (never downloaded); SmolLM2 comes from the local
-cache (``service.compiler.sources.smollm2``). ``run_kill`` / ``run_poison`` are what ``tests/service/test_chaos.py``
-calls for its short variant.
+``KILN_CHAOS_KEEP=1`` keeps each run's folder (serve.log, storage). The tiny models are random 2-layer
+Llamas made here (never downloaded; "wide" has a 32k vocabulary for a 16 MB checkpoint file); SmolLM2
+comes from the local cache (``service.compiler.sources.smollm2``). ``tests/service/test_chaos.py`` calls
+``run_kill``, ``run_poison``, ``run_disk_full`` and ``run_api_kill`` for its short variants.
 """
 
 from __future__ import annotations
