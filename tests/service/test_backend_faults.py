@@ -1,7 +1,8 @@
 """Faults of the parts under the service, each found by ``benchmarks/chaos.py`` and fixed:
 
 - PostgreSQL away (scenario 4): the API answered 500 (SQLAlchemy's OperationalError on the store, psycopg's on
-  the status-poll path); now 503 with ``Retry-After`` and code ``unavailable``, and it recovers by itself.
+  the status-poll path) and gRPC INTERNAL; now 503 with ``Retry-After`` and code ``unavailable`` (gRPC
+  UNAVAILABLE), and it recovers by itself.
 - Storage full (scenario 5): a stage that hits ENOSPC failed the job with ``internal`` and was retried onto the
   same full disk; now it fails at once with ``storage_full`` and its temporary output is gone.
 """
@@ -42,12 +43,36 @@ def test_api_answers_503_with_retry_after_while_postgresql_is_away_then_recovers
                 assert r.headers.get("Retry-After") == "2", url
                 if url != "/readyz":
                     assert r.json()["error"]["code"] == "unavailable" and "retry" in r.json()["error"]["hint"]
+            assert _grpc_get_job_status(runtime, settings) == "UNAVAILABLE"  # not UNKNOWN/INTERNAL
             pg.start()
             assert client.get("/v1/jobs").status_code == 200  # the pool reconnects: no restart of the API
             assert client.get("/v1/jobs/00000000-0000-0000-0000-000000000000").status_code == 404
         runtime.close()
     finally:
         pg.close()
+
+
+def _grpc_get_job_status(runtime, settings) -> str:
+    import asyncio
+
+    import grpc
+
+    from service.api.grpc_server import create_server, pb2, pb2_grpc
+
+    async def call() -> str:
+        server, port = await create_server(runtime.service, settings, port=0, host="127.0.0.1")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                try:
+                    await pb2_grpc.KilnStub(channel).GetJob(pb2.GetJobRequest(id="00000000-0000-0000-0000-000000000000"))
+                except grpc.aio.AioRpcError as err:
+                    return err.code().name
+                return "OK"
+        finally:
+            await server.stop(None)
+
+    return asyncio.run(call())
 
 
 @pytest.fixture
