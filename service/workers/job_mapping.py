@@ -13,7 +13,7 @@ def job_mapping(tp_size: int, pp_size: int, pp_split: str, model_dir: Path | Non
 
     if pp_split == "balanced" and pp_size > 1 and model_dir is not None:
         from service.compiler.checkpoint.pipeline_split import balanced_mapping
-        from service.compiler.sources.weights import read_json
+        from service.compiler.sources.layout import model_config
 
-        return balanced_mapping(read_json(model_dir / "config.json", "config.json"), tp=tp_size, pp=pp_size)
+        return balanced_mapping(model_config(model_dir), tp=tp_size, pp=pp_size)
     return Mapping(tp_size=tp_size, pp_size=pp_size)

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from ..errors import InvalidArgument, InvalidCheckpoint
+from ..errors import InvalidArgument, InvalidCheckpoint, KilnError
 from .cli_args import add_generate_arguments
 from .model import ENGINE_LAYOUTS, EngineModel
 from .ranks import add_rank_arguments, exit_rank, join_group, leave_group
@@ -390,12 +390,14 @@ class Engine:
 
 def _load_tokenizer(engine_dir: Path):
     try:
-        from transformers import AutoTokenizer
+        import transformers  # noqa: F401
     except ImportError:
         return None
+    from ..sources.tokenizer import load_tokenizer
+
     try:
-        return AutoTokenizer.from_pretrained(str(engine_dir))
-    except Exception:  # a partial tokenizer is not worth failing the load for; text prompts will say so
+        return load_tokenizer(engine_dir)
+    except KilnError:  # a partial or unsafe tokenizer is not worth failing the load for; text prompts will say so
         return None
 
 
