@@ -85,6 +85,11 @@ class Settings(BaseSettings):
     task_soft_time_limit_s: float | None = Field(
         default=None, description="default: task_time_limit_s - min(60, 10% of it) (soft_time_limit_s)")
     visibility_timeout_s: int = 7 * 3600
+    # Redis: how often a consumer scans `unacked` for messages past the visibility timeout (kombu's default
+    # scans every 10th call of a 10 s timer: up to 100 s late); a worker killed mid-scan holds the scan's
+    # mutex for at most broker_restore_mutex_s
+    broker_restore_interval_s: int = 5
+    broker_restore_mutex_s: int = 30
     worker_queues: str = "cpu"
     worker_heartbeat_s: float = 10.0
     worker_ttl_s: float = 60.0

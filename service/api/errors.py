@@ -8,6 +8,7 @@ has a non-empty hint.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -26,6 +27,7 @@ from .schemas import ErrorOut
 
 # the error responses every API route documents
 ERROR_RESPONSES: dict[int | str, dict] = {code: {"model": ErrorOut} for code in (400, 401, 404, 409, 413, 422)}
+log = logging.getLogger("kiln.api")
 FALLBACK_HINT = "see /docs for the API reference"
 SCHEMA_HINT = "see /docs for the JobSpec schema"
 PARAMETERS_HINT = "see /docs for this route's parameters"
@@ -112,6 +114,54 @@ async def _http_error(request: Request, exc: Exception) -> Response:  # unknown 
     return _envelope(code, str(exc.detail), DEFAULT_HINTS.get(code, ""), exc.status_code, headers or None)
 
 
+# The job store or the broker is away (PostgreSQL restarting, Redis down, a dropped connection): a 503 that says
+# when to retry, never a 500. The pool drops the dead connections on the failure, so the next request after
+# the backend is back reconnects by itself.
+RETRY_AFTER_S = 2
+BACKEND_DOWN_HINT = f"the job store or the broker is unreachable (restarting?); retry after {RETRY_AFTER_S} s"
+
+
+def backend_down(exc: BaseException) -> bool:
+    """An error that means "a backend is unreachable right now", not a bug: SQLAlchemy's OperationalError /
+    InterfaceError (connection refused, closed, admin shutdown) or a DBAPI error on an invalidated connection,
+    psycopg's OperationalError / InterfaceError (``pg_reads``: status polls read PostgreSQL directly), kombu's
+    OperationalError (publish without a broker), redis-py's ConnectionError / TimeoutError."""
+    import sqlalchemy.exc as sa
+
+    if isinstance(exc, (sa.OperationalError, sa.InterfaceError, sa.DisconnectionError)):
+        return True
+    if isinstance(exc, sa.DBAPIError) and exc.connection_invalidated:
+        return True
+    try:
+        import psycopg
+        from kombu.exceptions import OperationalError as BrokerDown
+        from redis.exceptions import ConnectionError as RedisDown
+        from redis.exceptions import TimeoutError as RedisTimeout
+    except ImportError:  # pragma: no cover - both ship with the service's dependencies
+        return False
+    if isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):  # the poll path's own async reads
+        return True
+    return isinstance(exc, (BrokerDown, RedisDown, RedisTimeout))
+
+
+class BackendUnavailable(DomainError):
+    code = "unavailable"
+    default_hint = BACKEND_DOWN_HINT
+
+
+def unavailable_response() -> JSONResponse:
+    return error_response(BackendUnavailable("service temporarily unavailable: the job store or broker is away"),
+                          headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+async def _backend_error(_req: Request, exc: Exception) -> Response:
+    if backend_down(exc):
+        log.warning("backend unavailable: %s: %s", type(exc).__name__, str(exc).splitlines()[0][:200])
+        return unavailable_response()
+    log.error("internal error", exc_info=exc)
+    return _envelope("internal", "internal error", "see the server log", 500)
+
+
 async def _compiler_error(_req: Request, exc: Exception) -> Response:  # e.g. invalid_mapping from the preflight
     return error_response(exc)
 
@@ -121,3 +171,12 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(KilnError, _compiler_error)
+    import psycopg
+    import sqlalchemy.exc as sa
+    from kombu.exceptions import OperationalError as BrokerDown
+    from redis.exceptions import ConnectionError as RedisDown
+    from redis.exceptions import TimeoutError as RedisTimeout
+
+    for backend_error in (sa.DBAPIError, sa.DisconnectionError, psycopg.OperationalError, psycopg.InterfaceError,
+                          BrokerDown, RedisDown, RedisTimeout):
+        app.add_exception_handler(backend_error, _backend_error)

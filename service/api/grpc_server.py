@@ -21,7 +21,7 @@ from service.domain.job import Job
 from service.settings import Settings
 
 from .auth import KeyRing
-from .errors import describe
+from .errors import BackendUnavailable, backend_down, describe
 
 
 def load_stubs():
@@ -83,7 +83,9 @@ class KilnServicer(pb2_grpc.KilnServicer):
             await self._abort(context, exc)
 
     async def _abort(self, context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:
-        body = error_body(exc)
+        body = error_body(BackendUnavailable(str(exc).splitlines()[0][:200]) if backend_down(exc) else exc)
+        if body["code"] == "unavailable":  # the job store or broker is away: the client retries (UNAVAILABLE)
+            body["message"] = "service temporarily unavailable: the job store or broker is away"
         _http, code = status_for(body["code"])
         context.set_trailing_metadata((("kiln-error-code", body["code"]), ("kiln-error-hint", body["hint"])))
         await context.abort(getattr(grpc.StatusCode, code), body["message"])

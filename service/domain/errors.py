@@ -95,6 +95,8 @@ ERROR_TABLE: dict[str, tuple[int, str]] = {
     "range_not_satisfiable": (416, "OUT_OF_RANGE"),
     "request_timeout": (408, "DEADLINE_EXCEEDED"),
     "unavailable": (503, "UNAVAILABLE"),
+    # a job's terminal error when its storage root filled up (ENOSPC / EDQUOT while a stage wrote)
+    "storage_full": (507, "RESOURCE_EXHAUSTED"),
     "internal": (500, "INTERNAL"),
 }
 
@@ -110,6 +112,8 @@ DEFAULT_HINTS: dict[str, str] = {
     "not_found": "see /docs for the API's routes",
     "method_not_allowed": "use a method from the Allow header; /docs lists each route's methods",
     "unavailable": "retry shortly",
+    "storage_full": "free space under KILN_STORAGE (`kiln gc` reclaims orphaned temporary outputs) or grow the "
+                    "volume, then resubmit",
     "request_timeout": "send the whole request promptly; a body that trickles in is cut off",
     "unsupported_architecture": "GET /v1/workers and the README list the supported architectures",
     "invalid_mapping": "choose tp_size / pp_size that divide the model's heads and layers",

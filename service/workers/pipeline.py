@@ -13,6 +13,7 @@ job row: the artifacts become visible to users at once, and only once.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib
 import json
@@ -24,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.domain.errors import InvalidSpec
+from service.domain.errors import DEFAULT_HINTS, InvalidSpec
 from service.domain.job import ArtifactRef, JobError, StageRecord
 from service.domain.spec import JobSpec
 from service.settings import Settings
@@ -152,6 +153,7 @@ PERMANENT_CODES = {
     "invalid_build_config", "unknown_backend", "backend_unavailable", "target_unavailable", "engine_does_not_fit",
     # quality gates
     "accuracy_below_threshold",
+    "storage_full",
 }
 
 
@@ -165,6 +167,27 @@ def redact(text: str) -> str:
 
 def _is_permanent(exc: BaseException) -> bool:
     return getattr(exc, "code", None) in PERMANENT_CODES
+
+
+class StorageFull(Exception):
+    """A stage ran out of space on the storage root. Permanent: a retry would fill the disk again."""
+
+    code = "storage_full"
+    hint = DEFAULT_HINTS["storage_full"]
+
+    def __init__(self, stage: str, cause: OSError):
+        self.message = f"no space left on the storage root while the {stage} stage wrote its output ({cause.strerror})"
+        super().__init__(self.message)
+
+
+def out_of_space(exc: BaseException | None) -> OSError | None:
+    """The ENOSPC / EDQUOT OSError in ``exc``'s chain (raised directly, or wrapped by a library)."""
+    seen = 0
+    while exc is not None and seen < 20:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return exc
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
 
 
 @dataclass
@@ -337,6 +360,8 @@ class PipelineRunner:
             return "cancelled" if self._finish(lease, "cancelled", stages=records, message="cancelled by request") else "lease_lost"
         except Exception as exc:
             record.state = "failed"
+            if (full := out_of_space(exc)) is not None:  # the stage's temp output is already discarded (finally)
+                exc = StorageFull(record.name, full)
             err = JobError(code=getattr(exc, "code", "internal") if _is_permanent(exc) else "internal",
                            message=redact(getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}")[:2000],
                            hint=getattr(exc, "hint", "") or "")

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from service.domain.errors import Unauthenticated
 
 from ..dependencies import RequestMetrics, Service, Tenant, keys_of
-from ..errors import ERROR_RESPONSES
+from ..errors import ERROR_RESPONSES, RETRY_AFTER_S
 from ..schemas import WorkerList, WorkerOut
 
 router = APIRouter()
@@ -41,7 +41,8 @@ def readyz(request: Request, svc: Service) -> Response:
         svc.store.version("readyz-probe")
         svc.artifacts.root.mkdir(parents=True, exist_ok=True)
     except Exception as exc:  # database or storage down
-        return JSONResponse({"status": "unavailable", "reason": type(exc).__name__}, status_code=503)
+        return JSONResponse({"status": "unavailable", "reason": type(exc).__name__}, status_code=503,
+                            headers={"Retry-After": str(RETRY_AFTER_S)})
     body: dict = {"status": "ready", "workers": len(svc.workers())}
     embedded = _embedded_worker(request)
     if embedded is not None:
