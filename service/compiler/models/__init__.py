@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from ..errors import UnsupportedArchitecture
 from .base import ArchSpec
+from .gemma import GEMMA_FAMILY
 from .gpt import GPT2_SPEC, OPT_SPEC
 from .llama import LLAMA
 from .nemotron_nas import NEMOTRON_NAS
+from .qwen3 import QWEN3
 from .spec import ModelSpec
 
 _BY_HF: dict[str, ArchSpec] = {}
@@ -22,7 +24,7 @@ def register(spec: ArchSpec) -> ArchSpec:
     return spec
 
 
-for _spec in (LLAMA, GPT2_SPEC, OPT_SPEC, NEMOTRON_NAS):
+for _spec in (LLAMA, GPT2_SPEC, OPT_SPEC, NEMOTRON_NAS, QWEN3, GEMMA_FAMILY):
     register(_spec)
 
 

@@ -31,6 +31,10 @@ ACTIVATION_NAMES = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new":
                     "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "relu": "relu"}
 ROPE_SCALINGS = (None, "linear", "llama3")
 NOT_YET = {"moe": "Mixture-of-Experts MLPs are not supported yet"}
+# checkpoint norm modules of a block: before attention, before the MLP, after attention, after the MLP
+NORM_NAMES = ("input_layernorm", "post_layernorm", "post_attention_layernorm", "post_feedforward_layernorm")
+# TensorRT-LLM's Gemma 2 / 3 names (models/gemma/model.py): post_layernorm normalizes the attention output
+SANDWICH_NORM_NAMES = ("input_layernorm", "pre_feedforward_layernorm", "post_layernorm", "post_feedforward_layernorm")
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,7 @@ class Block:
     norm: Norm
     placement: str = "pre"
     mlp_module: str = "mlp"  # checkpoint module of the MLP (DeciLM: ffn)
+    norm_names: tuple[str, str, str, str] = NORM_NAMES  # checkpoint modules: pre-attn, pre-MLP, post-attn, post-MLP
 
 
 @dataclass(frozen=True)
