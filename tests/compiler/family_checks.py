@@ -90,10 +90,12 @@ def run_tp2(engine_dir: Path) -> dict:
 def check_engines(model, one: Path, two: Path, tmp_path: Path) -> None:
     """CPU engines at tp 1, merged from tp 2, and kept at tp 2: transformers' greedy tokens."""
     want = hf_greedy(model, PROMPTS, NEW_TOKENS)
-    bc = dict(max_batch_size=2, max_input_len=16, max_seq_len=32, target="cpu")
-    build(one, BuildConfig(**bc), tmp_path / "e1")
-    build(two, BuildConfig(**bc), tmp_path / "e2merged")
-    build(two, BuildConfig(keep_tensor_parallel=True, **bc), tmp_path / "e2")
+    def bc(keep: bool = False) -> BuildConfig:
+        return BuildConfig(max_batch_size=2, max_input_len=16, max_seq_len=32, target="cpu", keep_tensor_parallel=keep)
+
+    build(one, bc(), tmp_path / "e1")
+    build(two, bc(), tmp_path / "e2merged")
+    build(two, bc(True), tmp_path / "e2")
     for d in ("e1", "e2merged"):
         engine = Engine.load(tmp_path / d)
         assert engine.generate(PROMPTS, max_new_tokens=NEW_TOKENS).tokens == want, d

@@ -8,7 +8,6 @@ import json
 
 import pytest
 import torch
-from tests.compiler.family_checks import check_engines, check_gpu, check_reference, convert_both, hf_greedy, perturb_norms
 from safetensors.torch import load_file
 
 from service.compiler import convert_checkpoint
@@ -16,6 +15,14 @@ from service.compiler.build import BuildConfig, build
 from service.compiler.engine.engine import Engine
 from service.compiler.quantization import QuantConfig, quantize_checkpoint
 from service.compiler.reference import ReferenceModel
+from tests.compiler.family_checks import (
+    check_engines,
+    check_gpu,
+    check_reference,
+    convert_both,
+    hf_greedy,
+    perturb_norms,
+)
 
 transformers = pytest.importorskip("transformers")
 

@@ -46,8 +46,8 @@ def engine_weight_map(cfg: dict) -> list[tuple[str, tuple[str, ...]]]:
 
 
 class Qwen3Family(LlamaFamily):
-    hf_architectures = (ARCH,)
-    trt_architectures = (ARCH,)
+    hf_architectures: tuple[str, ...] = (ARCH,)  # type: ignore[assignment]
+    trt_architectures: tuple[str, ...] = (ARCH,)  # type: ignore[assignment]
     engine_layout = ENGINE_LAYOUT  # the Llama engine layout: q_norm / k_norm are slots of it
     block_specs = staticmethod(block_specs)
     engine_weight_map = staticmethod(engine_weight_map)
