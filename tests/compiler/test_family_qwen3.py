@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from service.compiler import convert_checkpoint
 from service.compiler.build import BuildConfig, build
 from service.compiler.engine.engine import Engine
-from service.compiler.quantization import QuantConfig, quantize_checkpoint
+from service.compiler.quantization import CalibrationSettings, QuantConfig, quantize_checkpoint
 from service.compiler.reference import ReferenceModel
 from tests.compiler.family_checks import (
     check_engines,
@@ -80,27 +80,34 @@ def test_qwen3_tied_embeddings_write_the_embedding_as_lm_head(tmp_path):
         torch.testing.assert_close(ref.forward(ids), model(ids).logits.float(), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("algo", ["W8A16", "W4A16"])
-def test_qwen3_weight_only_quantization_runs_in_reference_and_engine(tmp_path, algo):
-    """The generic weight-only path: q/k norms stay float, linears int8 / int4; the engine's greedy
-    tokens equal the reference runtime's on the quantized checkpoint, and stay close to float."""
+QUANT_ERR = {"W8A16": 0.05, "W4A16": 0.3, "FP8": 0.15}
+
+
+@pytest.mark.parametrize("algo", list(QUANT_ERR))
+def test_qwen3_quantization_runs_in_reference_and_engine(tmp_path, algo):
+    """Weight-only int8 / int4 (no calibration) and static FP8 (calibrated by the layer runner, which
+    applies Qwen3's q/k norms): q/k norms stay float, linears quantized; the CPU engine's greedy
+    tokens equal the reference runtime's on the quantized checkpoint, which stays close to float."""
     model = _qwen3()
     model.save_pretrained(tmp_path / "hf", safe_serialization=True)
-    quantize_checkpoint(tmp_path / "hf", tmp_path / "q", QuantConfig(quant_algo=algo), dtype="float32")
+    ids = torch.randint(0, 97, (8, 24), generator=torch.Generator().manual_seed(3))
+    calib = CalibrationSettings(samples=8, seq_len=24, heldout_samples=2, token_ids=ids)
+    quantize_checkpoint(tmp_path / "hf", tmp_path / "q", QuantConfig(quant_algo=algo), dtype="float32",
+                        calibration=calib)
     q = load_file(str(tmp_path / "q" / "rank0.safetensors"))
-    assert q["transformer.layers.0.attention.qkv.weight"].dtype == torch.int8
+    want_dtype = torch.float8_e4m3fn if algo == "FP8" else torch.int8
+    assert q["transformer.layers.0.attention.qkv.weight"].dtype == want_dtype
     assert q["transformer.layers.0.attention.q_layernorm.weight"].dtype == torch.float32
     ref = ReferenceModel.from_checkpoint(tmp_path / "q")
+    prompt = [5, 17, 3, 88, 41, 9, 2]
+    x = torch.tensor([prompt])
+    with torch.no_grad():
+        want = model(x).logits.float()
+    assert (ref.forward(x) - want).abs().max() / want.abs().max() < QUANT_ERR[algo]
     build(tmp_path / "q", BuildConfig(max_batch_size=1, max_input_len=16, max_seq_len=32, target="cpu"),
           tmp_path / "e")
     engine = Engine.load(tmp_path / "e")
-    prompt = [5, 17, 3, 88, 41, 9, 2]
     assert engine.generate([prompt], max_new_tokens=8).tokens[0] == ref.generate(prompt, max_new_tokens=8)
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        want = model(ids).logits.float()
-    err = (ref.forward(ids) - want).abs().max() / want.abs().max()
-    assert err < (0.05 if algo == "W8A16" else 0.3)
     if algo == "W8A16":
         assert hf_greedy(model, [prompt], 4)[0] == ref.generate(prompt, max_new_tokens=4)
 
