@@ -140,6 +140,36 @@ def test_sliding_layers_keep_only_their_window(tmp_path):
     assert NEW_TOKENS > WINDOW
 
 
+def test_gemma2_int8_weight_only_runs_in_reference_and_engine(tmp_path):
+    """W8A16 through the generic calibration-free path: linears int8, the (1 + w) norms float; the CPU
+    engine's greedy tokens equal the reference runtime's on the quantized checkpoint. Calibrated
+    algorithms are refused before any work (the layer runner has no Gemma block)."""
+    from service.compiler.build import BuildConfig, build
+    from service.compiler.engine.engine import Engine
+    from service.compiler.errors import UnsupportedArchitecture
+    from service.compiler.quantization import QuantConfig, quantize_checkpoint
+    from service.compiler.reference import ReferenceModel
+
+    model = _model("gemma2")
+    model.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    quantize_checkpoint(tmp_path / "hf", tmp_path / "q", QuantConfig(quant_algo="W8A16"), dtype="float32")
+    q = load_file(str(tmp_path / "q" / "rank0.safetensors"))
+    assert q["transformer.layers.0.mlp.fc.weight"].dtype == torch.int8
+    assert q["transformer.layers.0.pre_feedforward_layernorm.weight"].dtype == torch.float32
+    ref = ReferenceModel.from_checkpoint(tmp_path / "q")
+    x = torch.tensor([PROMPTS[0]])
+    with torch.no_grad():
+        want = model(x).logits.float()
+    assert (ref.forward(x) - want).abs().max() / want.abs().max() < 0.05
+    build(tmp_path / "q", BuildConfig(max_batch_size=1, max_input_len=16, max_seq_len=32, target="cpu"),
+          tmp_path / "e")
+    engine = Engine.load(tmp_path / "e")
+    assert engine.generate([PROMPTS[0]], max_new_tokens=10).tokens[0] == ref.generate(PROMPTS[0], max_new_tokens=10)
+    with pytest.raises(UnsupportedArchitecture, match="layer runner"):
+        quantize_checkpoint(tmp_path / "hf", tmp_path / "fp8", QuantConfig(quant_algo="FP8"), dtype="float32")
+    assert not (tmp_path / "fp8").exists()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("name", ["gemma2", "gemma3"])
