@@ -100,6 +100,17 @@ def test_gemma_checkpoints_are_tensorrt_llms_layout(tmp_path):
     t3, sd3 = load_file(str(one3 / "rank0.safetensors")), g3.state_dict()
     assert torch.equal(t3["transformer.layers.0.attention.q_layernorm.weight"],
                        sd3["model.layers.0.self_attn.q_norm.weight"] + 1.0)
+    # tp 2 x pp 3: validate derives every rank's tensors from config.json; the reference merges it back
+    from service.compiler import Mapping, validate_checkpoint
+    from service.compiler.reference import ReferenceModel
+
+    convert_checkpoint(tmp_path / "g3" / "hf", tmp_path / "g3pp", dtype="float32", mapping=Mapping(tp_size=2, pp_size=3))
+    report = validate_checkpoint(tmp_path / "g3pp", strict=True)
+    assert report.ok and report.world_size == 6, report.errors
+    ids = torch.tensor([PROMPTS[1]])
+    with torch.no_grad():
+        want = g3(ids).logits.float()
+    torch.testing.assert_close(ReferenceModel.from_checkpoint(tmp_path / "g3pp").forward(ids), want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["gemma2", "gemma3"])
