@@ -1,8 +1,9 @@
 """The engine model: any ``ModelSpec`` (``models/spec.py``) over fused weights, a static KV cache and
 per-layer step functions, resolved once at load.
 
-Every family runs here: the Llama family, GPT-2 / OPT and Nemotron-NAS (DeciLM) are specs plus
-weight maps (``models/<family>.py``). At construction each layer's ``Block`` becomes a ``Plan`` (a
+Every family runs here: the Llama family, Qwen3, Gemma 1/2/3, GPT-2 / OPT and Nemotron-NAS (DeciLM)
+are specs plus weight maps (``models/<family>.py``). A sliding-window layer's KV cache is a ring of
+``min(window, max_seq_len)`` slots (a separate plan and step; full-attention layers are untouched). At construction each layer's ``Block`` becomes a ``Plan`` (a
 tuple of constants: norm kind and placement, attention kind, rope, MLP kind, activation, ...) and a
 step closure that calls the shared step functions with it; torch.compile specializes each function
 on the plan's constants, so the compiled graphs hold only the ops of that plan (a Llama layer's
@@ -20,8 +21,8 @@ row-parallel outputs (biases added once, after the sum) and gathers the vocab.
 A linear slot holds either a float tensor or a ``QLinear`` (``engine_quant.py``: FP8 / int8 / int4
 weights of a quantized checkpoint); on CUDA linears of at most 16 rows run the Triton skinny GEMM.
 
-Engine layouts (the weight maps, per family): ``kiln-llama-fused/1``, ``kiln-gpt-fused/1``,
-``kiln-decilm-fused/1``; per layer ``attn_norm`` (``_bias``), ``qkv`` (``_bias``) or ``attn_linear``,
+Engine layouts (the weight maps, per family): ``kiln-llama-fused/1`` (also Qwen3), ``kiln-gpt-fused/1``,
+``kiln-decilm-fused/1``, ``kiln-gemma-fused/1`` (its ``embed`` a vocabulary slice in a kept-tp engine); per layer ``attn_norm`` (``_bias``), ``qkv`` (``_bias``) or ``attn_linear``,
 ``o`` (``_bias``), ``mlp_norm`` (``_bias``), ``gate_up`` / ``down`` (gated) or ``fc`` / ``proj``
 (plain) or ``ffn_linear`` (with ``_bias``), ``q_norm`` / ``k_norm``, ``post_attn_norm`` /
 ``post_mlp_norm``, ``kv_scale``; ``embed``, ``pos_embed``, ``final_norm`` (``_bias``), ``lm_head``.
