@@ -133,4 +133,5 @@ def check_gpu(model, tmp_path: Path) -> None:
     ref = ReferenceModel.from_checkpoint(tmp_path / "ckpt", device="cuda")
     want = [ref.generate(p, max_new_tokens=NEW_TOKENS) for p in PROMPTS]
     assert got == want
-    torch.testing.assert_close(engine.forward([PROMPTS[0]]), ref.forward([PROMPTS[0]]).cpu(), rtol=2e-2, atol=0.5)
+    x = torch.tensor([PROMPTS[0]])
+    torch.testing.assert_close(engine.forward(x), ref.forward(x).cpu(), rtol=2e-2, atol=0.5)
