@@ -53,6 +53,8 @@ class Settings(BaseSettings):
 
     storage: Path = Field(default=Path(".kiln"), description="shared filesystem root for artifacts and caches")
     database_url: str | None = Field(default=None, description="SQLAlchemy URL; default sqlite under storage")
+    sources_dir: Path | None = Field(default=None, description="root of the Meta / GGUF model files jobs may name "
+                                     "(JobSpec source.path is relative to it); default <storage>/sources")
     broker_url: str | None = Field(default=None, description="Celery broker; default file-backed transport")
     api_keys: str = Field(default="", description="tenant:key or tenant:sha256:<hex>, comma separated")
     api_keys_file: Path | None = None
@@ -63,6 +65,9 @@ class Settings(BaseSettings):
     port: int = 8080
     grpc_port: int = 50051
     max_body_bytes: int = 1 << 20
+    # slow clients (slowloris): a request's headers, and then its body, must arrive within these many seconds
+    request_header_timeout_s: float = Field(10.0, gt=0)
+    request_body_timeout_s: float = Field(30.0, gt=0)
     grpc_max_message_bytes: int = 4 << 20
     page_size_max: int = 200
 
@@ -146,6 +151,11 @@ class Settings(BaseSettings):
     @property
     def hf_cache(self) -> Path:
         return self.storage_root / "hf-cache"
+
+    @property
+    def sources_root(self) -> Path:
+        """Where ``source: {"kind": "meta" | "gguf", "path": ...}`` files live (shared by API and workers)."""
+        return self.sources_dir.expanduser().resolve() if self.sources_dir else self.storage_root / "sources"
 
     @property
     def db_url(self) -> str:

@@ -48,7 +48,7 @@ def create_app(settings: Settings | None = None, *, runtime=None) -> FastAPI:
     app.state.settings = settings
     app.state.keys = KeyRing(settings.api_key_hashes())
     app.state.metrics = Metrics()
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.request_body_timeout_s)
     app.add_middleware(ObserveRequests, metrics=app.state.metrics)
     install_error_handlers(app)
 

@@ -22,6 +22,7 @@ SUBMIT_EXAMPLES = """\
 examples:
   kiln submit HuggingFaceTB/SmolLM2-135M-Instruct --dtype bfloat16 --label team=search --watch
   kiln submit --spec job.json                      # a whole JobSpec: quantization, build, evaluation
+  kiln submit --gguf smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --dtype float16   # a file under KILN_SOURCES_DIR
   KILN_API_KEY=... kiln submit HuggingFaceTB/SmolLM2-135M-Instruct --server http://kiln:8080
 """
 
@@ -77,6 +78,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tp-size", type=int, default=None, metavar="N", help="tensor-parallel ranks (default 1)")
     p.add_argument("--pp-size", type=int, default=None, metavar="N", help="pipeline-parallel stages (default 1)")
     p.add_argument("--revision", default=None, help="repo revision (default: main)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--gguf", default=None, metavar="PATH",
+                     help="a llama.cpp .gguf file on the server's shared storage, relative to its sources root "
+                     "(KILN_SOURCES_DIR); MODEL is then an optional display name")
+    src.add_argument("--meta", default=None, metavar="PATH",
+                     help="a Meta consolidated folder (params.json + consolidated.NN.pth) relative to the server's "
+                     "sources root")
     p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
                    help="a label to filter jobs by (repeatable)")
     p.add_argument("--idempotency-key", default=None, metavar="KEY",
@@ -168,6 +176,20 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def uvicorn_config(app, settings, **overrides):
+    """The uvicorn configuration of ``kiln serve``: its HTTP protocol closes a connection whose request headers
+    do not arrive within ``KILN_REQUEST_HEADER_TIMEOUT_S`` (slowloris; the body has its own deadline in ``BodySizeLimit``)."""
+    import uvicorn
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    from .middleware import header_timeout_protocol
+
+    options = dict(host=settings.host, port=settings.port, log_level="warning", access_log=False,
+                   timeout_graceful_shutdown=5,
+                   http=header_timeout_protocol(AutoHTTPProtocol, settings.request_header_timeout_s))
+    return uvicorn.Config(app, **(options | overrides))
+
+
 async def _serve(settings, supervisor=None) -> None:
     import asyncio
     import gc
@@ -189,8 +211,7 @@ async def _serve(settings, supervisor=None) -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(10_000, 20, 10)
-    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
-                                           access_log=False, timeout_graceful_shutdown=5))
+    server = uvicorn.Server(uvicorn_config(app, settings))
     grpc_server = None
     if settings.grpc_port >= 0:
         try:
@@ -525,13 +546,15 @@ def cmd_submit(args, client: Client) -> int:
             raise UsageError(f"--spec {args.spec} is not valid JSON: {exc}") from None
         if not isinstance(spec, dict):
             raise UsageError(f"--spec {args.spec} must hold a JSON object (a JobSpec)")
-    elif not args.model:
-        raise UsageError("give a model (Hugging Face repo id) or --spec FILE")
+    elif not (args.model or args.gguf or args.meta):
+        raise UsageError("give a model (Hugging Face repo id), --gguf PATH, --meta PATH or --spec FILE")
     bad = [item for item in args.label if "=" not in item]
     if bad:
         raise UsageError(f"--label takes KEY=VALUE, got {bad[0]!r}")
     if args.model:
         spec["model"] = args.model
+    if args.gguf or args.meta:
+        spec["source"] = {"kind": "gguf", "path": args.gguf} if args.gguf else {"kind": "meta", "path": args.meta}
     if args.dtype:
         spec["dtype"] = args.dtype
     if args.revision:

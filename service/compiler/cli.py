@@ -165,13 +165,12 @@ def _convert(args: argparse.Namespace) -> int:
             token=os.environ.get(args.token_env) if args.token_env else None,
             allow_download=not args.offline,
         )
-        mapping = Mapping(tp_size=args.tp_size, pp_size=args.pp_size)
+        mapping = Mapping(tp_size=args.tp_size, pp_size=args.pp_size, moe_ep_size=args.moe_ep_size)
         if args.pp_split == "balanced" and args.pp_size > 1:
             from .checkpoint.pipeline_split import balanced_mapping
-            from .sources.weights import read_json
+            from .sources.layout import model_config
 
-            mapping = balanced_mapping(read_json(model_dir / "config.json", "config.json"),
-                                       tp=args.tp_size, pp=args.pp_size)
+            mapping = balanced_mapping(model_config(model_dir), tp=args.tp_size, pp=args.pp_size)
         if args.quantization or args.kv_cache_quantization:
             summary = _quantize(args, model_dir, mapping, bar)
         else:
@@ -412,11 +411,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "convert",
         help="convert a Hugging Face model into a TensorRT-LLM checkpoint (optionally quantized)",
-        description="Convert a HF model folder or cached repo id into config.json + rank{N}.safetensors "
+        description="Convert a HF model folder, cached repo id, Meta consolidated folder or GGUF file into config.json + rank{N}.safetensors "
         "(one file per tp x pp rank).\n\nSupported architectures: " + ", ".join(supported_hf_architectures()) + ".",
         epilog=CONVERT_EXAMPLES, formatter_class=raw,
     )
-    p.add_argument("src", help="local HF model folder, or a repo id resolved through the HF cache")
+    p.add_argument("src", help="local HF model folder, a Meta consolidated folder (params.json + "
+                   "consolidated.NN.pth), a llama.cpp .gguf file, or a repo id resolved through the HF cache")
     p.add_argument("out", help="output checkpoint directory (written atomically)")
     p.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="dtype of the written weights; auto (default) keeps the model's torch_dtype")
@@ -425,6 +425,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pp-size", type=int, default=1, metavar="N",
                    help="pipeline-parallel stages: the layers split into N consecutive groups (default 1); "
                    "tp-size x pp-size rank files are written")
+    p.add_argument("--moe-ep-size", type=int, default=None, metavar="N",
+                   help="Mixture-of-Experts models: expert parallelism inside the tp ranks (TensorRT-LLM's "
+                   "moe_ep_size; each rank holds num_experts/N experts, each cut tp-size/N ways; default: "
+                   "experts are not distributed, every rank holds a 1/tp-size slice of every expert)")
     p.add_argument("--pp-split", default="even", choices=["even", "balanced"],
                    help="pipeline stages: TensorRT-LLM's even split (default) or Kiln's cost-balanced split "
                    "(weight bytes, FLOPs and KV-cache bytes per layer; runs on Kiln's engine only)")

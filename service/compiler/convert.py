@@ -35,11 +35,13 @@ import numpy as np
 
 from .checkpoint.mapping import Mapping
 from .checkpoint.safetensors_io import DTYPES, RAW_NP, SafetensorsWriter, dtype_name, itemsize, publish_dir
-from .errors import InvalidArgument, KilnError, ModelNotFound, OutputExists
+from .errors import InvalidArgument, InvalidMapping, KilnError, ModelNotFound, OutputExists
 from .models import spec_for_hf
 from .models.base import ArchSpec, Piece, TensorPlan
 from .models.hf_config import resolve_dtype
-from .sources.weights import RawSafetensorsSource, WeightSource, open_weights, read_json
+from .models.moe import MOE
+from .sources.layout import open_model
+from .sources.weights import RawSafetensorsSource, WeightSource
 from .version import __version__
 
 if TYPE_CHECKING:
@@ -99,17 +101,13 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _read_hf_config(model_dir: Path) -> dict:
-    if not model_dir.is_dir():
-        raise ModelNotFound(f"model folder not found: {model_dir}")
-    return read_json(model_dir / "config.json", "config.json")
-
-
 class HFCheckpointModel:
     """A converted model that exists only as a plan over memory-mapped source weights."""
 
-    def __init__(self, model_dir: Path, spec: ArchSpec, config: dict, source: WeightSource):
+    def __init__(self, model_dir: Path, spec: ArchSpec, config: dict, source: WeightSource,
+                 write_extras: Callable[[Path], list[str]] | None = None):
         self.model_dir = model_dir
+        self.write_extras = write_extras  # files written next to config.json (a GGUF's tokenizer)
         self.spec = spec
         self.config = config
         self.mapping = Mapping.from_dict(config["mapping"])
@@ -163,26 +161,42 @@ def from_hugging_face(model_dir: str | os.PathLike, dtype: str = "auto", mapping
                       *, allow_pickle: bool = False, torch_free: bool = False) -> HFCheckpointModel:
     """Read config and weight headers, check the split, and plan every rank; reads no tensor data.
 
+    ``model_dir`` is an HF folder, a Meta consolidated folder (``params.json`` + ``consolidated.NN.pth``,
+    as TensorRT-LLM's ``from_meta_ckpt``) or a ``.gguf`` file (``sources/layout.py`` tells them apart).
     ``torch_free``: plan over a raw source and keep it when no piece needs a cast (the model then
     moves bytes without importing torch; ``tensors()`` still works, importing torch); otherwise, or
     for pickle weights, the ordinary torch source is used.
     """
     model_dir = Path(model_dir)
-    hf = _read_hf_config(model_dir)
-    spec = spec_for_hf(hf)
-    mapping = mapping or Mapping()
-    cfg = spec.trt_config(hf, resolve_dtype(dtype, hf), mapping)
-    if "layer_configs" in cfg:  # per-layer configs (Nemotron-NAS): the checkpoint records its split's cost
-        from .checkpoint.pipeline_split import split_record
-
-        cfg["kiln_pipeline_split"] = split_record(cfg, mapping)
-    spec.check_mapping(cfg, mapping)
-    source = open_weights(model_dir, allow_pickle=allow_pickle, raw=torch_free)
+    if not model_dir.exists():
+        raise ModelNotFound(f"model folder not found: {model_dir}")
+    opened = open_model(model_dir, allow_pickle=allow_pickle, raw=torch_free)
+    source = opened.source
     try:
-        model = HFCheckpointModel(model_dir, spec, cfg, source)
+        hf = opened.hf_config
+        spec = spec_for_hf(hf)
+        mapping = mapping or Mapping()
+        if mapping.moe_ep > 1 and spec is not MOE:
+            raise InvalidMapping(f"moe_ep_size={mapping.moe_ep} splits experts, but {hf['architectures'][0]} has none",
+                                 hint="expert parallelism applies to Mixture-of-Experts models only")
+        try:
+            cfg = spec.trt_config(hf, resolve_dtype(dtype, hf), mapping)
+        except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:  # a required field missing or null
+            nulls = ", ".join(f"{k}=null" for k, v in hf.items() if v is None)
+            what = (f"field {exc.args[0]!r} is missing" if isinstance(exc, KeyError)
+                    else f"a field is null or invalid ({nulls or exc})")
+            raise InvalidArgument(f"config.json of {hf['architectures'][0]}: {what}"[:300],
+                                  hint="config.json is not a complete model configuration: use the model's published "
+                                  "config") from exc
+        if "layer_configs" in cfg:  # per-layer configs (Nemotron-NAS): the checkpoint records its split's cost
+            from .checkpoint.pipeline_split import split_record
+
+            cfg["kiln_pipeline_split"] = split_record(cfg, mapping)
+        spec.check_mapping(cfg, mapping)
+        model = HFCheckpointModel(model_dir, spec, cfg, source, opened.write_extras)
         if isinstance(source, RawSafetensorsSource) and not model.moves_bytes_only():
             source = source.torch_source()  # same opened files, torch dtypes: re-plan for the cast
-            model = HFCheckpointModel(model_dir, spec, cfg, source)
+            model = HFCheckpointModel(model_dir, spec, cfg, source, opened.write_extras)
         return model
     except BaseException:
         source.close()
@@ -195,11 +209,11 @@ def _piece_chunks(plan: TensorPlan, piece: Piece, source: WeightSource, step: in
 
     dtype = plan.dtype
     assert not isinstance(dtype, str)  # _chunks_of sends plans over raw sources to _raw_piece_chunks
-    width = plan.shape[1] if len(plan.shape) == 2 else 1
+    width = plan.shape[-1] if len(plan.shape) >= 2 else 1  # 3-D: stacked experts
     if piece.source is None:  # zero rows (vocab padding)
         for r in range(0, piece.nrows, step):
             n = min(step, piece.nrows - r)
-            yield torch.zeros((n, width) if len(plan.shape) == 2 else (n,), dtype=dtype)
+            yield torch.zeros((n, width) if len(plan.shape) >= 2 else (n,), dtype=dtype)
         return
     view = source.view(piece.source)
     if view.dim() == 1:
@@ -222,12 +236,12 @@ def _piece_chunks(plan: TensorPlan, piece: Piece, source: WeightSource, step: in
 def _raw_piece_chunks(plan: TensorPlan, piece: Piece, source: WeightSource, step: int) -> Iterator[np.ndarray]:
     """``_piece_chunks`` for a plan over a raw source: the same rows as numpy views of same-width
     unsigned integers (the source already holds the output dtype, so nothing is cast)."""
-    width = plan.shape[1] if len(plan.shape) == 2 else 1
+    width = plan.shape[-1] if len(plan.shape) >= 2 else 1  # 3-D: stacked experts
     raw_dt = RAW_NP[itemsize(plan.dtype)]
     if piece.source is None:  # zero rows (vocab padding)
         for r in range(0, piece.nrows, step):
             n = min(step, piece.nrows - r)
-            yield np.zeros((n, width) if len(plan.shape) == 2 else (n,), dtype=raw_dt)
+            yield np.zeros((n, width) if len(plan.shape) >= 2 else (n,), dtype=raw_dt)
         return
     src_dtype = source.info(piece.source).dtype
     if src_dtype != plan.dtype or piece.add:  # from_hugging_face never builds such a raw plan
@@ -255,7 +269,7 @@ def _chunks_of(plan: TensorPlan) -> Callable[[TensorPlan, Piece, WeightSource, i
 
 def _step(plan: TensorPlan, chunk_bytes: int) -> int:
     elt = itemsize(plan.dtype)
-    width = plan.shape[1] if len(plan.shape) == 2 else 1
+    width = plan.shape[-1] if len(plan.shape) >= 2 else 1  # 3-D: stacked experts
     return max(1, chunk_bytes // max(width * elt, 1))
 
 
@@ -381,6 +395,8 @@ def write_checkpoint(model: HFCheckpointModel, out_dir: Path, *, overwrite: bool
         finally:
             for w in writers.values():
                 w.close(fsync=True)
+        if model.write_extras is not None:
+            model.write_extras(tmp)
         publish_dir(tmp, out_dir)  # overwrite: the old one is swapped out only once the new one is complete
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -49,18 +49,29 @@ class UnsafeWeights(KilnError):
     """Pickle weights, remote code, or file names that escape the model folder."""
 
     code = "unsafe_weights"
+    default_hint = "use a safetensors snapshot whose files all lie in the snapshot; Kiln never runs a repository's code"
 
 
 class MalformedWeights(KilnError):
     """A safetensors file whose header or layout is invalid (names the file and tensor)."""
 
     code = "malformed_weights"
+    default_hint = "the weight file is corrupt or not safetensors: fetch the model snapshot again"
 
 
 class WeightsMismatch(KilnError):
     """Weights and config disagree: missing shard or tensor, wrong shape."""
 
     code = "weights_mismatch"
+    default_hint = "the weights do not match config.json, or the snapshot is incomplete: fetch the model again"
+
+
+class InvalidTokenizer(KilnError):
+    """Tokenizer files that cannot be read as data (malformed, remote code, ids beyond the model's vocabulary)."""
+
+    code = "invalid_tokenizer"
+    default_hint = ("ship a tokenizer.json (with tokenizer_config.json) that loads without remote code and whose ids "
+                    "stay below the model's vocab_size")
 
 
 class InvalidCheckpoint(KilnError):

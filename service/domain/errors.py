@@ -59,6 +59,10 @@ class RangeNotSatisfiable(DomainError):
     code = "range_not_satisfiable"
 
 
+class RequestTimeout(DomainError):
+    code = "request_timeout"
+
+
 # code -> (HTTP status, gRPC code name). Unknown codes are internal errors (500 / INTERNAL).
 ERROR_TABLE: dict[str, tuple[int, str]] = {
     "invalid_argument": (400, "INVALID_ARGUMENT"),
@@ -69,6 +73,7 @@ ERROR_TABLE: dict[str, tuple[int, str]] = {
     "malformed_weights": (422, "INVALID_ARGUMENT"),
     "weights_mismatch": (422, "INVALID_ARGUMENT"),
     "invalid_checkpoint": (422, "INVALID_ARGUMENT"),
+    "invalid_tokenizer": (422, "INVALID_ARGUMENT"),
     "no_worker": (422, "INVALID_ARGUMENT"),
     # engine builds (service/compiler/build/config.py)
     "invalid_build_config": (422, "INVALID_ARGUMENT"),
@@ -88,6 +93,7 @@ ERROR_TABLE: dict[str, tuple[int, str]] = {
     "unauthenticated": (401, "UNAUTHENTICATED"),
     "payload_too_large": (413, "RESOURCE_EXHAUSTED"),
     "range_not_satisfiable": (416, "OUT_OF_RANGE"),
+    "request_timeout": (408, "DEADLINE_EXCEEDED"),
     "unavailable": (503, "UNAVAILABLE"),
     "internal": (500, "INTERNAL"),
 }
@@ -104,6 +110,15 @@ DEFAULT_HINTS: dict[str, str] = {
     "not_found": "see /docs for the API's routes",
     "method_not_allowed": "use a method from the Allow header; /docs lists each route's methods",
     "unavailable": "retry shortly",
+    "request_timeout": "send the whole request promptly; a body that trickles in is cut off",
+    "unsupported_architecture": "GET /v1/workers and the README list the supported architectures",
+    "invalid_mapping": "choose tp_size / pp_size that divide the model's heads and layers",
+    "model_not_found": "put the model into the service's Hugging Face cache",
+    "unsafe_weights": "use a safetensors snapshot whose files all lie in the snapshot; Kiln never runs a repository's code",
+    "malformed_weights": "the weight file is corrupt or not safetensors: fetch the model snapshot again",
+    "weights_mismatch": "the weights do not match config.json, or the snapshot is incomplete: fetch the model again",
+    "invalid_tokenizer": "ship a tokenizer.json that loads without remote code, with ids below the model's vocab_size",
+    "invalid_checkpoint": "the checkpoint is damaged: run `kiln validate` on it",
 }
 
 

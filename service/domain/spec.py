@@ -1,8 +1,11 @@
 """JobSpec: what a user asks for. Validated here, once, for REST, gRPC, the CLI and the dashboard.
 
-Only a Hugging Face repo id is accepted as the model source (never a URL or a server path: no SSRF,
-no reads outside the HF cache). ``normalized()`` is the canonical form the idempotency check and
-the stage keys hash.
+The model source is a Hugging Face repo id (``model``, or ``source: {"kind": "hf", "repo": ...}``),
+or a Meta consolidated folder / GGUF file on the service's shared storage (``source: {"kind":
+"meta" | "gguf", "path": ...}``, a plain relative path under ``KILN_SOURCES_DIR``; the workers
+resolve it and refuse anything that leaves that root). Never a URL or an arbitrary server path: no
+SSRF, no reads outside the HF cache and the sources root. ``normalized()`` is the canonical form the
+idempotency check and the stage keys hash (an ``hf`` source is folded into ``model``/``revision``).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 REPO_ID_RE = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 REVISION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,99}$")
+SOURCE_PATH_PART_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+-]{0,127}$")
 LABEL_KEY_RE = re.compile(r"^[a-z0-9][a-z0-9._/-]{0,62}$")
 TARGET_RE = re.compile(r"^(cpu|sm\d{2,3})$")
 
@@ -32,6 +36,10 @@ class MappingSpec(_Strict):
     pp_split: Literal["even", "balanced"] = Field(
         "even", description="pipeline stages: TensorRT-LLM's even split, or Kiln's cost-balanced split "
         "(weight bytes, FLOPs and KV-cache bytes per layer; Kiln's engine only)")
+    moe_ep_size: int | None = Field(
+        None, ge=1, le=64, description="Mixture-of-Experts models: expert parallelism inside the tp ranks "
+        "(TensorRT-LLM's moe_ep_size, dividing tp_size and the expert count); unset: every rank holds a slice "
+        "of every expert")
 
 
 class CalibrationSpec(_Strict):
@@ -169,8 +177,52 @@ class EvaluationSpec(_Strict):
                                              description="engine vs reference top-1 agreement floor (None: reported only)")
 
 
+class SourceSpec(_Strict):
+    """Where the model comes from: a Hugging Face repo, or files on the service's shared storage."""
+
+    kind: Literal["hf", "meta", "gguf"] = Field(
+        "hf", description="hf: a Hugging Face repo id; meta: a folder of Meta consolidated.NN.pth shards + "
+        "params.json; gguf: one llama.cpp .gguf file")
+    repo: str | None = Field(None, description="hf only: the repo id", examples=["HuggingFaceTB/SmolLM2-135M-Instruct"])
+    revision: str | None = Field(None, description="hf only: branch, tag or commit")
+    path: str | None = Field(None, description="meta / gguf only: path relative to the service's sources root "
+                             "(KILN_SOURCES_DIR, default <storage>/sources); plain names joined by '/', no '..'",
+                             examples=["smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"])
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        parts = v.split("/")
+        if len(v) > 512 or len(parts) > 16 or not all(SOURCE_PATH_PART_RE.match(p) for p in parts):
+            raise ValueError("source.path must be a relative path of plain names (letters, digits, '._+-', not "
+                             "starting with '.') joined by '/', inside the service's sources root")
+        return v
+
+    @model_validator(mode="after")
+    def _fields(self) -> SourceSpec:
+        if self.kind == "hf":
+            if not self.repo or self.path is not None:
+                raise ValueError("source kind 'hf' takes 'repo' (and optionally 'revision'), not 'path'")
+            if not REPO_ID_RE.match(self.repo) or ".." in self.repo:
+                raise ValueError("source.repo must be a Hugging Face repo id such as 'org/name'")
+            if self.revision is not None and (not REVISION_RE.match(self.revision) or ".." in self.revision):
+                raise ValueError("source.revision must be a branch, tag or commit sha")
+        else:
+            if not self.path or self.repo is not None or self.revision is not None:
+                raise ValueError(f"source kind {self.kind!r} takes 'path' only")
+            if self.kind == "gguf" and not self.path.lower().endswith(".gguf"):
+                raise ValueError("a gguf source.path must name a .gguf file")
+        return self
+
+
 class JobSpec(_Strict):
-    model: str = Field(..., description="Hugging Face repo id", examples=["HuggingFaceTB/SmolLM2-135M-Instruct"])
+    model: str | None = Field(None, description="Hugging Face repo id (the default source); with a meta/gguf "
+                              "'source', a display name (default: '<kind>/<file or folder name>')",
+                              examples=["HuggingFaceTB/SmolLM2-135M-Instruct"])
+    source: SourceSpec | None = Field(None, description="the model source when it is not the Hugging Face repo "
+                                      "in 'model': {kind: hf, repo, revision} | {kind: meta | gguf, path}")
     revision: str | None = Field(None, description="branch, tag or commit; default main")
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
     mapping: MappingSpec = Field(default_factory=MappingSpec)
@@ -196,8 +248,8 @@ class JobSpec(_Strict):
 
     @field_validator("model")
     @classmethod
-    def _model(cls, v: str) -> str:
-        if not REPO_ID_RE.match(v) or ".." in v:
+    def _model(cls, v: str | None) -> str | None:
+        if v is not None and (not REPO_ID_RE.match(v) or ".." in v):
             raise ValueError("model must be a Hugging Face repo id such as 'org/name' (no URLs or paths)")
         return v
 
@@ -233,6 +285,31 @@ class JobSpec(_Strict):
         return v
 
     @model_validator(mode="after")
+    def _source(self) -> JobSpec:
+        src = self.source
+        if src is None:
+            if self.model is None:
+                raise ValueError("give 'model' (a Hugging Face repo id) or 'source'")
+        elif src.kind == "hf":  # canonical form: the repo in model/revision, no source object
+            if self.model is not None and self.model != src.repo:
+                raise ValueError(f"model {self.model!r} and source.repo {src.repo!r} disagree")
+            if self.revision is not None and src.revision is not None and self.revision != src.revision:
+                raise ValueError("revision and source.revision disagree")
+            self.model, self.revision, self.source = src.repo, self.revision or src.revision, None
+        else:
+            if self.revision is not None:
+                raise ValueError(f"revision applies to Hugging Face repos, not to a {src.kind} source")
+            if self.model is None:
+                name = re.sub(r"[^A-Za-z0-9._-]", "-", (src.path or "").rsplit("/", 1)[-1]).lstrip("._-")[:80]
+                self.model = f"{src.kind}/{name or 'model'}"
+        return self
+
+    @property
+    def is_local_source(self) -> bool:
+        """A Meta / GGUF source on the shared storage (not a Hugging Face repo)."""
+        return self.source is not None and self.source.kind != "hf"
+
+    @model_validator(mode="after")
     def _sections(self) -> JobSpec:
         q = self.quantization
         if q.requested and self.mapping.tp_size * self.mapping.pp_size != 1:
@@ -249,7 +326,10 @@ class JobSpec(_Strict):
         return self
 
     def normalized(self) -> dict:
-        return self.model_dump(mode="json")
+        out = self.model_dump(mode="json")
+        if out.get("source") is None:  # specs without a source hash as they did before sources existed
+            out.pop("source", None)
+        return out
 
     def digest(self) -> str:
         canonical = json.dumps(self.normalized(), sort_keys=True, separators=(",", ":"))
@@ -262,12 +342,27 @@ class JobSpec(_Strict):
         return "cpu"
 
 
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
 def is_private_host(host: str) -> bool:
-    """True for loopback, RFC1918, link-local, ULA and similar addresses (webhook SSRF guard)."""
+    """True for anything but a globally routable address (webhook SSRF guard): loopback, RFC 1918, link-local,
+    ULA, CGNAT (100.64/10: cloud metadata lives there too), benchmarking, reserved, multicast, unspecified, and
+    IPv6 forms that carry such an IPv4 address (IPv4-mapped, IPv4-compatible, 6to4, Teredo, NAT64); names
+    ``localhost`` / ``*.localhost`` / ``*.internal`` (any case, trailing dot or not)."""
+    host = host.strip().rstrip(".").lower()
     try:
-        ip = ipaddress.ip_address(host)
+        ip = ipaddress.ip_address(host.split("%", 1)[0])  # an IPv6 zone (fe80::1%eth0) is link-local anyway
     except ValueError:
-        return host == "localhost" or host.endswith(".localhost") or host.endswith(".internal")
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
-    return ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved or ip.is_multicast or ip.is_unspecified
+        return host == "localhost" or host.endswith((".localhost", ".internal", ".local"))
+    embedded: list[ipaddress.IPv4Address] = []
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped:
+            embedded.append(ip.ipv4_mapped)
+        if ip.sixtofour:
+            embedded.append(ip.sixtofour)
+        if ip.teredo:
+            embedded.extend(ip.teredo)
+        if ip in NAT64 or int(ip) >> 32 == 0:  # NAT64 well-known prefix, IPv4-compatible ::a.b.c.d
+            embedded.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    return any(not a.is_global or a.is_multicast for a in (ip, *embedded))

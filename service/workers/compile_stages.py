@@ -260,7 +260,8 @@ def evaluate_stage(ctx: StageContext, input_dir: Path | None, output_dir: Path, 
 def validate_compile(settings: Settings, spec: JobSpec, model_dir: Path | None) -> None:
     """Quantization and build checks at submit. With the model cached, the compiler's own preflights
     run too (quantizer: algo/arch, group_size vs features, SM; build: limits vs the model, memory
-    estimate vs the target's nominal memory); the target's presence is the worker's concern."""
+    estimate vs the target's nominal memory; the tokenizer's files, for the stages that read it: in the folder,
+    bounded, no remote code); the target's presence is the worker's concern."""
     q, b = spec.quantization, spec.build
     if q.requested:
         from service.compiler.quantization import config as qcfg
@@ -270,14 +271,24 @@ def validate_compile(settings: Settings, spec: JobSpec, model_dir: Path | None) 
         qc = _quant_config(cfg)
         qcfg.check_combination(qc, "", cfg["target_sm"])
     check_quantized_build(spec)
+    if q.requested and spec.source is not None and spec.source.kind == "meta":
+        from service.compiler.errors import InvalidArgument
+
+        raise InvalidArgument("quantization calibrates on text, and a Meta consolidated source has no HF tokenizer",
+                              hint="submit the model's Hugging Face folder or a GGUF file with a tokenizer, or drop "
+                              "'quantization'")
     if model_dir is None:
         return
+    if q.requested or spec.evaluation is not None:  # their stages read the tokenizer: its files are checked now
+        from service.compiler.sources.tokenizer import check_tokenizer_files
+
+        check_tokenizer_files(model_dir)
     from service.compiler.convert import from_hugging_face
 
     from .job_mapping import job_mapping
 
     model = from_hugging_face(model_dir, dtype=spec.dtype, mapping=job_mapping(
-        spec.mapping.tp_size, spec.mapping.pp_size, spec.mapping.pp_split, model_dir))
+        spec.mapping.tp_size, spec.mapping.pp_size, spec.mapping.pp_split, model_dir, spec.mapping.moe_ep_size))
     try:
         if q.requested:
             from service.compiler.quantization.quantize import preflight_quantization

@@ -147,6 +147,7 @@ class LeaseLost(Exception):
 PERMANENT_CODES = {
     "invalid_argument", "unsupported_architecture", "invalid_mapping", "model_not_found", "unsafe_weights",
     "malformed_weights", "weights_mismatch", "invalid_checkpoint", "output_exists",
+    "invalid_tokenizer",
     # build (service/compiler/build/config.py)
     "invalid_build_config", "unknown_backend", "backend_unavailable", "target_unavailable", "engine_does_not_fit",
     # quality gates
@@ -255,7 +256,11 @@ class PipelineRunner:
             if not self.store.update(lease.job_id, token=lease.token, stages=records, **values):
                 raise LeaseLost(lease.job_id)
 
-        input_key = hashlib.sha256(json.dumps({"model": spec.model, "revision": spec.revision}).encode()).hexdigest()
+        origin = {"model": spec.model, "revision": spec.revision}
+        if spec.is_local_source:  # a file on shared storage; the stages after fetch are keyed by its content
+            assert spec.source is not None
+            origin = {"source": spec.source.kind, "path": spec.source.path}
+        input_key = hashlib.sha256(json.dumps(origin).encode()).hexdigest()
         input_dir: Path | None = None
         artifacts: list[ArtifactRef] = []
         outputs: dict[str, Path] = {}

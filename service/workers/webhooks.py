@@ -5,7 +5,9 @@ Loopback, private, link-local and similar addresses are refused unless ``KILN_WE
 the check runs on every address the host name resolves to, and the request then goes to the address
 that was checked (the URL's host replaced by it; ``Host`` header and TLS SNI / certificate name stay
 the host name), so a DNS answer that changes between the check and the connection (DNS rebinding)
-cannot redirect the delivery to an internal address.
+cannot redirect the delivery to an internal address. Redirects are never followed (a 3xx answer ends the
+delivery as refused, without retries): a public endpoint answering ``302 Location: http://127.0.0.1/...``
+reaches nothing.
 """
 
 from __future__ import annotations
@@ -31,19 +33,22 @@ def _resolve(host: str) -> list[str]:
     try:
         infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
-        raise InvalidSpec(f"webhook host {host!r} does not resolve") from exc
+        raise InvalidSpec(f"webhook host {host!r} does not resolve",
+                          hint="check the webhook URL's host name; it must resolve from the workers") from exc
     return list(dict.fromkeys(str(info[4][0]) for info in infos))  # AF_INET(6) addresses are str already
 
 
 def check_webhook_url(url: str, *, allow_private: bool) -> list[str]:
     """The addresses ``url``'s host resolves to, all of them vetted (unless private hosts are allowed)."""
     host = urlsplit(url).hostname or ""
+    refused = InvalidSpec(f"webhook host {host!r} is a loopback/private address",
+                          hint="use a publicly reachable https endpoint; the operator can allow private webhooks "
+                               "with KILN_WEBHOOK_ALLOW_PRIVATE=1")
+    if not allow_private and is_private_host(host):  # by name or literal first: no DNS query for those
+        raise refused
     addresses = _resolve(host)
-    if allow_private:
-        return addresses
-    if is_private_host(host) or any(is_private_host(a) for a in addresses):
-        raise InvalidSpec(f"webhook host {host!r} is a loopback/private address",
-                          hint="the operator can allow private webhooks with KILN_WEBHOOK_ALLOW_PRIVATE=1")
+    if not allow_private and any(is_private_host(a) for a in addresses):
+        raise refused
     return addresses
 
 
@@ -89,6 +94,9 @@ def deliver(settings: Settings, store: JobStore, job_id: str) -> str:
                                                         extensions=extensions))
             if 200 <= resp.status_code < 300:
                 outcome = f"delivered (attempt {attempt}, HTTP {resp.status_code})"
+                break
+            if 300 <= resp.status_code < 400:  # never followed: a redirect could point into private space
+                outcome = f"refused: HTTP {resp.status_code} redirect not followed (webhooks must answer 2xx directly)"
                 break
             outcome = f"HTTP {resp.status_code} after {attempt} attempts"
         except httpx.HTTPError as exc:

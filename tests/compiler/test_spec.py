@@ -66,21 +66,23 @@ def _spec(mlp: MLP | None = None, attention: Attention | None = None) -> ModelSp
 
 
 def test_unsupported_kinds_are_refused_before_anything_is_built():
-    moe = _spec(MLP("moe", "silu", intermediate_size=128))
-    with pytest.raises(UnsupportedArchitecture, match="Mixture-of-Experts MLPs are not supported yet"):
+    moe = _spec(MLP("moe", "silu", intermediate_size=128))  # a MoE MLP without experts (models/moe.py makes real ones)
+    with pytest.raises(UnsupportedArchitecture, match="Mixture-of-Experts MLP needs num_experts > 1"):
         moe.check()
     cfg = {**BASE, "architecture": "LlamaForCausalLM"}
     # no weights at all: the refusal comes before any tensor is looked up, placed or allocated
-    with pytest.raises(UnsupportedArchitecture, match="Mixture-of-Experts.*torch engine"):
+    with pytest.raises(UnsupportedArchitecture, match="Mixture-of-Experts MLP needs"):
         EngineModel(cfg, {}, max_batch=1, max_seq=8, spec=moe)
-    with pytest.raises(UnsupportedArchitecture, match="Mixture-of-Experts.*reference runtime"):
+    with pytest.raises(UnsupportedArchitecture, match="Mixture-of-Experts MLP needs"):
         ReferenceModel(cfg, {}, spec=moe)
+    with pytest.raises(UnsupportedArchitecture, match="top_k 9"):
+        _spec(MLP("moe", "silu", intermediate_size=32, num_experts=8, top_k=9)).check()
     with pytest.raises(UnsupportedArchitecture, match="attention kind 'paged' is not known"):
         _spec(attention=Attention("paged", 4, 2, 16)).check()
     with pytest.raises(UnsupportedArchitecture, match="activation 'swiglu2'"):
         _spec(MLP("gated", "swiglu2", intermediate_size=128)).check()
-    with pytest.raises(UnsupportedArchitecture, match="partial rotary"):
-        EngineModel(cfg, {}, max_batch=1, max_seq=8, spec=_spec(attention=Attention("full", 4, 2, 16, rope=Rope(8))))
+    with pytest.raises(UnsupportedArchitecture, match="swiglu acts on a plain MLP"):  # partial rotary runs (Phi-4-mini)
+        EngineModel(cfg, {}, max_batch=1, max_seq=8, spec=_spec(MLP("gated", "swiglu", intermediate_size=128)))
 
 
 # -- Gemma 2 and Qwen3 blocks, written as data --------------------------------------------------

@@ -19,7 +19,9 @@ KV_CACHE_TYPES = ("continuous", "paged", "disabled")  # trtllm-build's --kv_cach
 ENGINE_DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2}
 LLAMA_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 DECILM_ARCH = "DeciLMForCausalLM"  # Nemotron-NAS: heterogeneous layers, torch backend only
+TORCH_ONLY_ARCHS = ("Phi3ForCausalLM",)  # families of the composable decoder (models/spec.py)
 GPT_ARCHS = ("GPTForCausalLM", "GPT2LMHeadModel", "OPTForCausalLM")  # torch and onnx backends
+MOE_ARCHS = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")  # torch backend only
 # q/k-norm and Gemma dense families (issue 17): torch backend
 QWEN3_GEMMA_ARCHS = ("Qwen3ForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
 GIB = 1 << 30
@@ -179,7 +181,13 @@ def estimate_weight_bytes(ckpt: dict, dtype: str) -> int:
     nkv = int(ckpt.get("num_key_value_heads") or nh)
     d = int(ckpt.get("head_size") or H // nh)
     inter = int(ckpt.get("intermediate_size") or 4 * H)
-    per_layer = (nh + 2 * nkv) * d * H + nh * d * H + 3 * inter * H + 2 * H
+    mlp = 3 * inter * H
+    if ckpt.get("architecture") in MOE_ARCHS:  # every expert, the router and a shared expert
+        from ..models.moe import moe_settings
+
+        experts, _, expert_inter, shared, _ = moe_settings(ckpt)
+        mlp = experts * 3 * expert_inter * H + experts * H + (3 * shared * H + H if shared else 0)
+    per_layer = (nh + 2 * nkv) * d * H + nh * d * H + mlp + 2 * H
     return (L * per_layer + 2 * V * H + H) * ENGINE_DTYPES[dtype]
 
 
@@ -230,7 +238,8 @@ def validate_build(cfg: BuildConfig, ckpt: dict, *, weight_bytes: int | None = N
             f"got {cfg.kv_cache_type!r}", hint="paged KV caches are built by the trtllm backend",
         )
     arch = ckpt.get("architecture")
-    also = {"torch": GPT_ARCHS + (DECILM_ARCH,) + QWEN3_GEMMA_ARCHS, "onnx": GPT_ARCHS, "tensorrt": ()}.get(cfg.backend)
+    also = {"torch": GPT_ARCHS + (DECILM_ARCH,) + MOE_ARCHS + TORCH_ONLY_ARCHS + QWEN3_GEMMA_ARCHS, "onnx": GPT_ARCHS,
+            "tensorrt": ()}.get(cfg.backend)
     if also is not None and arch not in LLAMA_ARCHS + also:
         raise InvalidBuildConfig(f"the {cfg.backend} backend builds the Llama family ({', '.join(LLAMA_ARCHS)})"
                                  + (f" and {', '.join(also)}" if also else "") + f", not {arch!r}")

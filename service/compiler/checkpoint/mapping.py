@@ -3,6 +3,11 @@
 rank = pp_rank * tp_size + tp_rank (no context parallelism); pipeline stages own contiguous,
 equally sized layer ranges (TensorRT-LLM's even split; ``layers_per_stage`` can override it for
 Kiln's own engine, e.g. the cost-balanced split of heterogeneous models).
+
+Mixture-of-Experts layers split their experts over the tp ranks as TensorRT-LLM's ``Mapping`` does:
+tp_size = moe_tp_size x moe_ep_size, moe_tp_rank = tp_rank // moe_ep_size (each expert's
+intermediate dim is cut in moe_tp_size slices), moe_ep_rank = tp_rank % moe_ep_size (rank holds the
+contiguous experts ``ep_experts``). Unset (None, TensorRT-LLM's -1): moe_tp_size = tp_size, moe_ep_size = 1.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ class Mapping:
     pp_size: int = 1
     # Optional explicit layer count per pipeline stage (sums to num_layers); None = even split.
     layers_per_stage: tuple[int, ...] | None = field(default=None)
+    moe_tp_size: int | None = None  # None: tp_size // moe_ep_size
+    moe_ep_size: int | None = None  # None: tp_size // moe_tp_size (1 when both are unset)
 
     def __post_init__(self) -> None:
         if not isinstance(self.tp_size, int) or self.tp_size < 1:
@@ -30,6 +37,46 @@ class Mapping:
                     f"layers_per_stage {list(self.layers_per_stage)} must have pp_size={self.pp_size} "
                     "positive entries"
                 )
+        for name in ("moe_tp_size", "moe_ep_size"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise InvalidMapping(f"{name} must be a positive integer, got {v!r}")
+        if self.moe_tp_size is None and self.moe_ep_size is not None and self.tp_size % self.moe_ep_size:
+            raise InvalidMapping(f"tp_size={self.tp_size} is not divisible by moe_ep_size={self.moe_ep_size}",
+                                 hint="expert parallelism splits the experts inside the tp ranks")
+        if self.moe_tp * self.moe_ep != self.tp_size:
+            raise InvalidMapping(
+                f"tp_size={self.tp_size} must equal moe_tp_size={self.moe_tp} x moe_ep_size={self.moe_ep}",
+                hint="choose moe_ep_size (and moe_tp_size) whose product is tp_size",
+            )
+
+    @property
+    def has_moe_split(self) -> bool:
+        """moe_tp_size / moe_ep_size were given (and are written to the checkpoint)."""
+        return self.moe_tp_size is not None or self.moe_ep_size is not None
+
+    @property
+    def moe_ep(self) -> int:
+        if self.moe_ep_size is not None:
+            return self.moe_ep_size
+        return self.tp_size // self.moe_tp_size if self.moe_tp_size else 1
+
+    @property
+    def moe_tp(self) -> int:
+        if self.moe_tp_size is not None:
+            return self.moe_tp_size
+        return self.tp_size // self.moe_ep if self.moe_ep_size else self.tp_size
+
+    def moe_tp_rank(self, rank: int) -> int:
+        return self.tp_rank(rank) // self.moe_ep
+
+    def moe_ep_rank(self, rank: int) -> int:
+        return self.tp_rank(rank) % self.moe_ep
+
+    def ep_experts(self, num_experts: int, rank: int) -> range:
+        """The experts ``rank`` holds (TensorRT-LLM's ``Mapping.ep_experts``: a contiguous range)."""
+        per = num_experts // self.moe_ep
+        return range(self.moe_ep_rank(rank) * per, (self.moe_ep_rank(rank) + 1) * per)
 
     @property
     def world_size(self) -> int:
@@ -85,8 +132,12 @@ class Mapping:
         return d
 
     def to_dict(self) -> dict[str, int]:
-        # Minimal keys: newer Mapping keys crash older TensorRT-LLM's Mapping(**d).
-        return {"world_size": self.world_size, "tp_size": self.tp_size, "pp_size": self.pp_size}
+        # Minimal keys: newer Mapping keys crash older TensorRT-LLM's Mapping(**d); the MoE split only
+        # when given (a TensorRT-LLM that splits experts knows moe_tp_size / moe_ep_size).
+        d = {"world_size": self.world_size, "tp_size": self.tp_size, "pp_size": self.pp_size}
+        if self.has_moe_split:
+            d.update(moe_tp_size=self.moe_tp, moe_ep_size=self.moe_ep)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> Mapping:
@@ -96,4 +147,6 @@ class Mapping:
         if ws != tp * pp:
             raise InvalidMapping(f"mapping world_size={ws} != tp_size={tp} x pp_size={pp}")
         lps = d.get("layers_per_stage")
-        return cls(tp_size=tp, pp_size=pp, layers_per_stage=tuple(lps) if lps else None)
+        moe = {k: (None if int(d[k]) == -1 else int(d[k])) for k in ("moe_tp_size", "moe_ep_size")
+               if d.get(k) is not None}
+        return cls(tp_size=tp, pp_size=pp, layers_per_stage=tuple(lps) if lps else None, **moe)

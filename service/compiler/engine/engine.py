@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from ..errors import InvalidArgument, InvalidCheckpoint
+from ..errors import InvalidArgument, InvalidCheckpoint, KilnError
 from .cli_args import add_generate_arguments
 from .model import ENGINE_LAYOUTS, EngineModel
 from .ranks import add_rank_arguments, exit_rank, join_group, leave_group
@@ -357,10 +357,18 @@ class Engine:
         eos_t = None if eos is None else torch.tensor([eos] if isinstance(eos, int) else list(eos), device=self.device)
         steps = max_new
         kv = next(k for k in _kv_buckets(self.max_seq) if k >= max(len(s) for s in seqs) + max_new)
+        # longrope (Phi-3): step -> rows whose sequence reaches the original length + 1 there (see recompute)
+        at = getattr(self.model, "recompute_at", None)
+        recompute: dict[int, list[int]] = {}
+        for i, s in enumerate(seqs):
+            if at is not None and 1 <= at + 1 - len(s) < max_new:
+                recompute.setdefault(at + 1 - len(s), []).append(i)
         for t in range(1, max_new):
             logits = self._step(b, kv)
             if sampling.temperature > 0:
                 self.ids_buf[:b] = self._choose(logits, sampling, gen)
+            if recompute and t in recompute:
+                self._recompute(recompute[t], seqs, out, t, sampling, gen)
             out[:, t] = self.ids_buf[:b]
             if eos_t is not None and t % 16 == 0 and bool(torch.isin(out[:n, :t + 1], eos_t).any(1).all()):
                 steps = t + 1
@@ -373,6 +381,16 @@ class Engine:
             cut = next((i + 1 for i, tok in enumerate(row) if tok in eos_set), len(row))
             result.append(row[:cut])
         return result, {"prefill_seconds": t1 - t0, "decode_seconds": t2 - t1, "new_tokens": n * steps}
+
+    def _recompute(self, rows: list[int], seqs: list[list[int]], out: torch.Tensor, t: int,
+                   sampling: SamplingConfig, gen: torch.Generator | None) -> None:
+        """As transformers' Phi-3 ``prepare_inputs_for_generation``: when a row's sequence first grows past
+        the longrope original length, prefill it whole again (the long factors for every position), over
+        its cache row, and choose its token from that prefill's logits instead of the decode step's."""
+        for i in rows:
+            ids = torch.tensor([seqs[i] + out[i, :t].tolist()], device=self.device)
+            logits = self.model.prefill(ids, torch.tensor([ids.shape[1]], device=self.device), row0=i)
+            self.ids_buf[i:i + 1] = self._choose(logits, sampling, gen)
 
     def forward(self, ids: torch.Tensor | list[list[int]]) -> torch.Tensor:
         """Float32 logits of every position, [batch, tokens, vocab] (evaluation; equal-length rows)."""
@@ -390,12 +408,14 @@ class Engine:
 
 def _load_tokenizer(engine_dir: Path):
     try:
-        from transformers import AutoTokenizer
+        import transformers  # noqa: F401
     except ImportError:
         return None
+    from ..sources.tokenizer import load_tokenizer
+
     try:
-        return AutoTokenizer.from_pretrained(str(engine_dir))
-    except Exception:  # a partial tokenizer is not worth failing the load for; text prompts will say so
+        return load_tokenizer(engine_dir)
+    except KilnError:  # a partial or unsafe tokenizer is not worth failing the load for; text prompts will say so
         return None
 
 

@@ -70,11 +70,11 @@ def check_engine_quant(quant: dict | None, arch: str) -> None:
         raise InvalidCheckpoint(
             f"the torch engine does not execute {algo} checkpoints",
             hint=f"it runs {', '.join(ENGINE_QUANT_ALGOS)}; build {algo} with the trtllm backend")
-    if arch not in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+    if arch not in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Phi3ForCausalLM", "Qwen3ForCausalLM",
                     "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM"):  # the fused qkv / gate_up layout
         raise InvalidCheckpoint(f"quantized {arch} checkpoints ({algo or f'{kv} KV cache'}) are not built by the "
                                 "torch engine",
-                                hint="quantized engines cover the Llama, Qwen3 and Gemma families")
+                                hint="quantized engines cover the Llama family, Phi-3, Qwen3 and Gemma")
 
 
 def int4_block_for(k: int, group: int) -> int:
@@ -194,6 +194,8 @@ def quantized_layer_tensors(tensors, layer: int, quant: dict) -> dict[str, torch
     out: dict[str, torch.Tensor] = {}
     base = f"transformer.layers.{layer}."
     for slot, modules in SLOTS.items():
+        if slot == "gate_up" and base + "mlp.gate.weight" not in tensors:
+            modules = ("mlp.fc",)  # Phi-3: one fused swiglu fc [up; gate]
         floats = [tensors[base + m + ".weight"].dtype in FLOAT_DTYPES for m in modules]
         if all(floats):
             continue  # an excluded module: the float engine tensor serves it

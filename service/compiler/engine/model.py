@@ -22,10 +22,21 @@ A linear slot holds either a float tensor or a ``QLinear`` (``engine_quant.py``:
 weights of a quantized checkpoint); on CUDA linears of at most 16 rows run the Triton skinny GEMM.
 
 Engine layouts (the weight maps, per family): ``kiln-llama-fused/1`` (also Qwen3), ``kiln-gpt-fused/1``,
-``kiln-decilm-fused/1``, ``kiln-gemma-fused/1`` (its ``embed`` a vocabulary slice in a kept-tp engine); per layer ``attn_norm`` (``_bias``), ``qkv`` (``_bias``) or ``attn_linear``,
+``kiln-decilm-fused/1``, ``kiln-gemma-fused/1`` (its ``embed`` a vocabulary slice in a kept-tp
+engine), ``kiln-phi3-fused/1`` (its ``gate_up`` slot holds the fused [up; gate] fc of a
+plain swiglu MLP; longrope: a decode table switching to the long factors at the original length and an
+all-long table for longer prefills, both built at load); per layer ``attn_norm`` (``_bias``), ``qkv`` (``_bias``) or ``attn_linear``,
 ``o`` (``_bias``), ``mlp_norm`` (``_bias``), ``gate_up`` / ``down`` (gated) or ``fc`` / ``proj``
 (plain) or ``ffn_linear`` (with ``_bias``), ``q_norm`` / ``k_norm``, ``post_attn_norm`` /
-``post_mlp_norm``, ``kv_scale``; ``embed``, ``pos_embed``, ``final_norm`` (``_bias``), ``lm_head``.
+``post_mlp_norm``, ``kv_scale``; ``embed``, ``pos_embed``, ``final_norm`` (``_bias``), ``lm_head``;
+Mixture of Experts (``kiln-moe-fused/1``): ``router``, ``experts_gate_up`` [E_r, 2 x I_r, H] (each
+expert [up; gate]), ``experts_down`` [E_r, H, I_r], ``shared_gate_up`` / ``shared_down`` /
+``shared_gate``. A MoE layer routes as transformers does (softmax in float32, top-k, optional
+renormalization); decode with few tokens multiplies each token by its top-k experts' weights gathered
+from the stacked tensors (one fused gather-multiply-reduce under torch.compile, no loop over experts);
+prefill (and decode of a batch whose tokens x top_k reach the expert count) runs each held expert once
+over all tokens, weighted by the routing (zero for tokens not routed to it). Under expert parallelism a
+rank holds experts [expert0, expert0 + E_r) and the tensor-parallel sum adds the other ranks' experts.
 """
 
 from __future__ import annotations
@@ -37,20 +48,22 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ..errors import UnsupportedArchitecture
 from ..models import block_specs
 from ..models.gemma import GEMMA_LAYOUT
 from ..models.gpt import GPT_LAYOUT
 from ..models.llama import ENGINE_LAYOUT
+from ..models.moe import MOE_LAYOUT
 from ..models.nemotron_nas import DECILM_LAYOUT
+from ..models.phi3 import PHI3_LAYOUT, longrope_tables
 from ..models.spec import ACTIVATION_NAMES, Block, ModelSpec, Rope
 from .engine_quant import QLinear, load_qlinear, qdq_kv, qlinear_forward
 
-ENGINE_LAYOUTS = (ENGINE_LAYOUT, GPT_LAYOUT, DECILM_LAYOUT, GEMMA_LAYOUT)
+ENGINE_LAYOUTS = (ENGINE_LAYOUT, GPT_LAYOUT, DECILM_LAYOUT, MOE_LAYOUT, PHI3_LAYOUT, GEMMA_LAYOUT)
 LayerWeights = tuple  # LAYER_FIELDS, in order (None where a layer has no such tensor)
 LAYER_FIELDS = ("attn_norm", "qkv", "qkv_bias", "o", "o_bias", "mlp_norm", "gate_up", "gate_up_bias", "down",
                 "down_bias", "kv_scale", "attn_norm_bias", "mlp_norm_bias", "q_norm", "k_norm", "post_attn_norm",
-                "post_mlp_norm")
+                "post_mlp_norm", "router", "experts_gate_up", "experts_down", "shared_gate_up", "shared_down",
+                "shared_gate")
 # engine tensor names a slot may hold, per layout: plain MLPs store fc / proj, linear replacements
 # attn_linear (in the qkv slot) and ffn_linear (in the gate_up slot)
 _SLOT_NAMES = {"qkv": ("qkv", "attn_linear"), "gate_up": ("gate_up", "fc", "ffn_linear"),
@@ -75,6 +88,11 @@ class Plan(NamedTuple):
     window: int = 0
     mlp: str = "gated"
     act: str = "silu"
+    experts: int = 0  # moe: every expert (the router's width), experts per token, renormalize, shared expert
+    top_k: int = 0
+    renorm: bool = False
+    shared: bool = False
+    expert0: int = 0  # moe under expert parallelism: the first expert this rank holds
 
 
 LLAMA_PLAN = Plan()
@@ -84,7 +102,8 @@ def plan_of(block: Block) -> Plan:
     a, m = block.attention, block.mlp
     return Plan(norm=block.norm.kind, placement=block.placement, attn=a.kind, rope=a.rope is not None,
                 qk_norm=a.qk_norm is not None, scale=a.scale, softcap=a.softcap, window=int(a.window or 0),
-                mlp=m.kind, act=m.act)
+                mlp=m.kind, act=m.act, experts=m.num_experts, top_k=m.top_k, renorm=m.renormalize,
+                shared=bool(m.shared_size))
 
 
 def _cuda_kernels():
@@ -171,13 +190,18 @@ def activation(x: torch.Tensor, act: str) -> torch.Tensor:
         return F.relu(x)
     if act == "gelu":
         return F.gelu(x)  # exact erf form, HF's "gelu"
+    if act == "swiglu":  # a plain MLP's fused [up; gate] fc (Phi-3)
+        up, gate = x.chunk(2, -1)
+        return F.silu(gate) * up
     return F.gelu(x, approximate="tanh")  # gelu_tanh
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half].float(), x[..., half:].float()
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype)
+    """GPT-NeoX rotary over the first 2 x cos.shape[-1] dims of each head (partial rotary: the rest pass)."""
+    half = cos.shape[-1]
+    x1, x2 = x[..., :half].float(), x[..., half:2 * half].float()
+    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype)
+    return out if 2 * half == x.shape[-1] else torch.cat([out, x[..., 2 * half:]], -1)
 
 
 def _row_parallel(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, group, dense: bool = False) -> torch.Tensor:
@@ -201,11 +225,56 @@ def _residual(h: torch.Tensor, y: torch.Tensor, pre: torch.Tensor, pre_b: torch.
     return h + y
 
 
+def moe_route(x: torch.Tensor, router: torch.Tensor, top_k: int, renorm: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights [N, k] in x's dtype, expert ids [N, k]) of tokens x [N, H]: softmax of the router
+    logits in float32, top-k, renormalized to sum 1 when ``renorm`` (transformers' order)."""
+    top, idx = torch.topk(torch.softmax(F.linear(x, router).float(), -1), top_k, dim=-1)
+    if renorm:
+        top = top / top.sum(-1, keepdim=True)
+    return top.to(x.dtype), idx
+
+
+def _moe(x: torch.Tensor, w: LayerWeights, group, dense: bool, p: Plan) -> torch.Tensor:
+    """The Mixture-of-Experts MLP of x [..., H] (this rank's share, summed over the tp group)."""
+    shape = x.shape
+    x = x.reshape(-1, shape[-1])
+    weights, idx = moe_route(x, w[17], p.top_k, p.renorm)
+    gate_up, down = w[18], w[19]
+    held = gate_up.shape[0]
+    if dense or x.shape[0] * p.top_k >= held:
+        # each held expert once over every token, weighted by the routing (0 where not routed)
+        scale = torch.zeros(x.shape[0], p.experts, dtype=x.dtype, device=x.device).scatter(1, idx, weights)
+        y = torch.zeros_like(x)
+        for e in range(held):
+            up, gate = F.linear(x, gate_up[e]).chunk(2, -1)
+            y = y + F.linear(activation(gate, p.act) * up, down[e]) * scale[:, p.expert0 + e, None]
+    else:
+        # few tokens: each token times its top-k experts' weights, gathered from the stacked tensors
+        local = idx - p.expert0
+        mine = (local >= 0) & (local < held)
+        sel = local.clamp(0, held - 1)
+        h1 = (x[:, None, None, :] * gate_up[sel]).sum(-1)  # [N, k, 2I]: a gather-GEMV under Inductor
+        up, gate = h1.chunk(2, -1)
+        o = ((activation(gate, p.act) * up)[:, :, None, :] * down[sel]).sum(-1)  # [N, k, H]
+        y = (o * (weights * mine)[..., None]).sum(1)
+    if p.shared:
+        up, gate = linear(x, w[20], dense=dense).chunk(2, -1)
+        y = y + torch.sigmoid(F.linear(x, w[22])) * linear(activation(gate, p.act) * up, w[21], dense=dense)
+    if group is not None:
+        import torch.distributed._functional_collectives as funcol
+
+        y = funcol.all_reduce(y, "sum", group)
+    return y.view(shape)
+
+
 def _mlp(h: torch.Tensor, w: LayerWeights, eps: float, group, dense: bool, p: Plan) -> torch.Tensor:
-    """The MLP part with its norm and residual: gated (act(fc) * gate), plain, one linear, or none."""
+    """The MLP part with its norm and residual: gated (act(fc) * gate), plain, one linear, a Mixture
+    of Experts, or none."""
     if p.mlp == "none":
         return h
     x = h if p.placement == "post" else norm(h, w[5], w[12], eps, p.norm)
+    if p.mlp == "moe":
+        return _residual(h, _moe(x, w, group, dense, p), w[5], w[12], w[16], eps, p)
     if p.mlp == "linear":
         y = linear(x, w[6], dense=dense)
     else:
@@ -430,11 +499,6 @@ def compile_kwargs(mode: str | None, options: dict | None) -> dict:
 def check_engine_spec(spec: ModelSpec, tp_size: int = 1) -> ModelSpec:
     """Refuse, before any weight is placed, what the spec asks and the engine does not run."""
     spec.check("the torch engine")
-    for i, b in enumerate(spec.blocks):
-        rope = b.attention.rope
-        if rope is not None and rope.dim != b.attention.head_size:
-            raise UnsupportedArchitecture(f"layer {i}: partial rotary ({rope.dim} of {b.attention.head_size} dims) "
-                                          "is not supported by the torch engine yet")
     # layers that differ only in their attention span or rope (Gemma's sliding / global) split alike
     heterogeneous = len({(b.attention.num_heads, b.attention.num_kv_heads, b.attention.head_size, b.attention.kind
                           in ("full", "sliding"), b.mlp) for b in spec.blocks}) > 1
@@ -484,6 +548,7 @@ class EngineModel:
             self.embed_first = dist.get_rank(tp_group) * self.embed.shape[0]
         self.layers: list[LayerWeights] = []
         self.plans: list[_Layer] = []
+        expert0 = self._expert_rank(cfg, weights, tp_group, tp_size)
         self.k_cache: list[torch.Tensor] = []
         self.v_cache: list[torch.Tensor] = []
         self.cache_layers: list[int] = []
@@ -505,7 +570,10 @@ class EngineModel:
                     if a.rope not in ropes:
                         ropes.append(a.rope)
                     rope = ropes.index(a.rope)
-            self.plans.append(_Layer(plan_of(b), nh, nkv, d, b.norm.eps, cache, rope, ring))
+            plan = plan_of(b)
+            if plan.mlp == "moe":
+                plan = plan._replace(expert0=expert0 * self.layers[-1][18].shape[0])
+            self.plans.append(_Layer(plan, nh, nkv, d, b.norm.eps, cache, rope, ring))
         if self.kv_algo and any(w[10] is None for w, lp in zip(self.layers, self.plans, strict=True) if lp.cache >= 0):
             raise ValueError(f"kv_cache_quant_algo {self.kv_algo} but the engine lacks layers.*.kv_scale")
         self.final_norm, self.final_norm_bias = weights.get("final_norm"), weights.get("final_norm_bias")
@@ -516,11 +584,28 @@ class EngineModel:
         self.eps = fn.eps if fn is not None else (spec.blocks[0].norm.eps if spec.blocks else 1e-5)
         self.head = weights["lm_head"][: self.vocab] if tp_size == 1 else weights["lm_head"]
         self.rope_tables: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # longrope: decode rows switch to the long factors at the original length; a prefill longer than
+        # it takes the long table for every row (transformers' per-forward choice), resolved here
+        self._long_prefill: list[tuple[int, torch.Tensor, torch.Tensor] | None] = []
         t = torch.arange(max_seq, dtype=torch.float32)
         for r in ropes:
+            sc = r.scaling_dict or {}
+            if sc.get("rope_type") == "longrope":
+                cos, sin = longrope_tables(r, max_seq)
+                self.rope_tables.append((cos.to(self.device), sin.to(self.device)))
+                lc, ls = longrope_tables(r, max_seq, long=True)
+                self._long_prefill.append((int(sc["original_max_position_embeddings"]), lc.to(self.device),
+                                           ls.to(self.device)))
+                continue
             freqs = torch.outer(t, rope_inv_freq({"head_size": r.dim, "rotary_base": r.base,
                                                    "rotary_scaling": r.scaling_dict}))
             self.rope_tables.append((freqs.cos().to(self.device), freqs.sin().to(self.device)))
+            self._long_prefill.append(None)
+        self._has_longrope = any(x is not None for x in self._long_prefill)
+        # transformers' Phi-3 generate() recomputes the whole cache once, when the sequence first grows past
+        # original_max_position_embeddings (so every key then carries the long factors): the position at
+        # which Engine.generate re-prefills a row, or None
+        self.recompute_at: int | None = next((x[0] for x in self._long_prefill if x is not None), None)
         self.slots = torch.arange(max_seq, device=self.device)
         # CUDA: Triton decode attention (+ skinny GEMMs) for plain full-attention layers; SDPA elsewhere
         self.kernels = _cuda_kernels() if self.device.type == "cuda" else None
@@ -536,6 +621,17 @@ class EngineModel:
             "prefill_layer": prefill_layer}
         self._head: Callable[..., torch.Tensor] = lm_head
         self._resolve()
+
+    @staticmethod
+    def _expert_rank(cfg: dict, weights: dict, group, tp_size: int) -> int:
+        """This rank's expert-parallel rank (TensorRT-LLM's tp_rank % moe_ep_size); 0 when not split."""
+        if tp_size == 1 or group is None:
+            return 0
+        import torch.distributed as dist
+
+        from ..checkpoint.mapping import Mapping
+
+        return dist.get_rank(group) % Mapping.from_dict(cfg.get("mapping") or {"tp_size": tp_size}).moe_ep
 
     def _layer_weights(self, weights: dict, i: int, quant: dict) -> LayerWeights:
         fields = []
@@ -647,7 +743,10 @@ class EngineModel:
         (or of every token [B, T, vocab]); K/V go to cache rows [row0, row0 + B)."""
         B, T = ids.shape
         h = self._embed(ids, None, T)
-        ropes = [(cos[:T], sin[:T]) for cos, sin in self.rope_tables] + [(None, None)]
+        # longrope: the longest row's true length (T is padded), one host sync per prefill, only for longrope
+        n = int(lengths.max()) if self._has_longrope else T
+        ropes = [(cos[:T], sin[:T]) if long is None or n <= long[0] else (long[1][:T], long[2][:T])
+                 for (cos, sin), long in zip(self.rope_tables, self._long_prefill, strict=True)] + [(None, None)]
         rings = {s: ring_positions(lengths, s, T) for s in self._rings}
         for step in self._prefill_steps:
             h = step(h, ropes, rings, row0, B)

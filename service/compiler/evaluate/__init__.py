@@ -66,7 +66,11 @@ def eval_data(data_dir: str | os.PathLike | None, vocab: int, samples: int, seq_
     from ..quantization.calibration import evaluation_windows, load_tokenizer
 
     if data_dir is not None and load_tokenizer(data_dir) is not None:
-        return evaluation_windows(data_dir, samples, seq_len), "bundled text (held out from calibration)"
+        from ..sources.tokenizer import check_token_ids
+
+        windows = evaluation_windows(data_dir, samples, seq_len)
+        check_token_ids(windows, vocab, data_dir)
+        return windows, "bundled text (held out from calibration)"
     gen = torch.Generator().manual_seed(0)
     return torch.randint(0, vocab, (samples, seq_len), generator=gen), "random token ids (the model has no tokenizer)"
 

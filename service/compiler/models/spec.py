@@ -1,6 +1,6 @@
 """A decoder described by data: the per-layer block spec both runtimes execute.
 
-Each family module (``llama.py``, ``qwen3.py``, ``gemma.py``, ``gpt.py``, ``nemotron_nas.py``) declares
+Each family module (``llama.py``, ``qwen3.py``, ``gemma.py``, ``gpt.py``, ``nemotron_nas.py``, ``phi3.py``) declares
 ``block_specs(cfg) -> ModelSpec`` from its TensorRT-LLM checkpoint config, and its engine weight map
 (``engine_weight_map(cfg)``: engine tensor <- checkpoint tensors concatenated along dim 0). The torch
 engine (``engine/model.py``) resolves a ``ModelSpec`` into its step functions once, at load; the
@@ -14,7 +14,10 @@ Checkpoint module names per block (what the reference reads, TensorRT-LLM's name
 ``post_feedforward_layernorm``), ``attention.qkv`` / ``attention.dense``
 (``attention`` itself for a linear replacement), ``attention.q_layernorm`` / ``k_layernorm`` (qk-norm),
 ``{mlp_module}.fc`` (the activated branch) / ``.gate`` (the multiplied one) / ``.proj`` (``{mlp_module}``
-itself for a linear replacement).
+itself for a linear replacement); a Mixture-of-Experts MLP (``models/moe.py``): ``.router`` (float32
+[experts, H]), ``.fc`` (stacked [experts, 2 x I, H], each expert's rows [up; gate]: the activated
+branch second, TensorRT-LLM's ``w3w1``), ``.proj`` ([experts, H, I]), and for a shared expert
+``.shared_expert.fc`` ([up; gate]) / ``.shared_expert.proj`` and ``.shared_expert_gate`` ([1, H]).
 """
 
 from __future__ import annotations
@@ -27,12 +30,12 @@ NORM_KINDS = ("rms", "rms_1p", "layernorm")  # rms_1p: Gemma's (1 + w) scale
 PLACEMENTS = ("pre", "post", "sandwich")  # post: OPT post-LN; sandwich: pre + post norms (Gemma 2/3)
 ATTENTION_KINDS = ("full", "sliding", "linear", "none")
 MLP_KINDS = ("gated", "plain", "linear", "none", "moe")
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "swiglu")  # swiglu: plain MLPs only (silu(x[I:]) * x[:I])
 # HF / TensorRT-LLM activation names -> ours (gelu_new, gelu_pytorch_tanh, gelu_fast: the tanh form)
 ACTIVATION_NAMES = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
                     "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "relu": "relu"}
-ROPE_SCALINGS = (None, "linear", "llama3")
-NOT_YET = {"moe": "Mixture-of-Experts MLPs are not supported yet"}
+ROPE_SCALINGS = (None, "linear", "llama3", "longrope")
+NOT_YET: dict[str, str] = {}  # kinds the vocabulary names that no runtime executes yet
 # checkpoint norm modules of a block: before attention, before the MLP, after attention, after the MLP
 NORM_NAMES = ("input_layernorm", "post_layernorm", "post_attention_layernorm", "post_feedforward_layernorm")
 # TensorRT-LLM's Gemma 2 / 3 names (models/gemma/model.py): post_layernorm normalizes the attention output
@@ -80,7 +83,14 @@ class MLP:
     kind: str = "gated"
     act: str = "silu"
     bias: bool = False
-    intermediate_size: int = 0
+    intermediate_size: int = 0  # moe: each expert's
+    # moe only: experts, experts per token (softmax over all experts, top-k, then renormalize the k
+    # weights to sum 1 when ``renormalize``), and a shared expert of ``shared_size`` (0: none) scaled by
+    # sigmoid(shared_expert_gate(x)) (Qwen2-MoE)
+    num_experts: int = 0
+    top_k: int = 0
+    renormalize: bool = True
+    shared_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -117,9 +127,16 @@ class ModelSpec:
                                                   hint=f"known: {', '.join(allowed)}")
             if m.kind in NOT_YET:
                 raise UnsupportedArchitecture(f"{self.architecture} layer {i}: {NOT_YET[m.kind]} by {what}")
+            if m.kind == "moe" and not (m.num_experts > 1 and 0 < m.top_k <= m.num_experts and m.act == "silu"
+                                        and m.intermediate_size > 0 and not m.bias):
+                raise UnsupportedArchitecture(
+                    f"layer {i}: a Mixture-of-Experts MLP needs num_experts > 1, 0 < top_k <= num_experts, "
+                    f"silu experts without bias (got {m.num_experts} experts, top_k {m.top_k}, {m.act!r})")
             if m.kind in ("gated", "plain") and m.act not in ACTIVATIONS:
                 raise UnsupportedArchitecture(f"layer {i}: activation {m.act!r} is not supported",
                                               hint=f"supported: {', '.join(ACTIVATIONS)}")
+            if m.act == "swiglu" and m.kind != "plain":
+                raise UnsupportedArchitecture(f"layer {i}: swiglu acts on a plain MLP's fused [up; gate] fc")
             if a.kind in ("full", "sliding"):
                 if a.num_heads < 1 or a.num_kv_heads < 1 or a.num_heads % a.num_kv_heads:
                     raise UnsupportedArchitecture(f"layer {i}: {a.num_heads} heads over {a.num_kv_heads} KV heads")
@@ -129,7 +146,7 @@ class ModelSpec:
                     kind = (a.rope.scaling_dict or {}).get("rope_type", (a.rope.scaling_dict or {}).get("type"))
                     if kind not in (*ROPE_SCALINGS, "default"):
                         raise UnsupportedArchitecture(f"rope scaling {kind!r} is not supported",
-                                                      hint="supported: linear, llama3")
+                                                      hint="supported: linear, llama3, longrope")
                     if a.rope.dim % 2 or a.rope.dim > a.head_size:
                         raise UnsupportedArchitecture(f"layer {i}: rotary dim {a.rope.dim} for head_size {a.head_size}")
         return self

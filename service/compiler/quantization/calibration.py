@@ -73,11 +73,20 @@ def read_text(source: str) -> str:
 
 
 def load_tokenizer(model_dir: str | os.PathLike | None):
-    if model_dir is None or not any((Path(model_dir) / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
-        return None
-    from transformers import AutoTokenizer
+    """The tokenizer of a model folder as data (``sources.tokenizer``: no remote code, no file outside the
+    folder, typed ``InvalidTokenizer`` errors), of a GGUF file that carries one, or None when there is none."""
+    if model_dir is not None and Path(model_dir).is_file():
+        from ..sources.gguf import has_tokenizer, is_gguf_file
 
-    return AutoTokenizer.from_pretrained(str(model_dir))
+        path = Path(model_dir)
+        if not (is_gguf_file(path) and has_tokenizer(path)):
+            return None
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    from ..sources.tokenizer import load_tokenizer as load
+
+    return load(model_dir)
 
 
 def tokenize_windows(tokenizer, text: str, seq_len: int) -> torch.Tensor:
@@ -108,6 +117,9 @@ def calibration_data(settings: CalibrationSettings, model_dir: str | os.PathLike
             raise InvalidArgument("calibration needs a tokenizer, but the model folder has none",
                                   hint="add tokenizer files to the model folder, or pass token ids")
         windows = tokenize_windows(tok, read_text(settings.source), settings.seq_len)
+        from ..sources.tokenizer import check_token_ids
+
+        check_token_ids(windows, vocab_size, model_dir)
         if windows.shape[0] < settings.samples + m:
             raise InvalidArgument(
                 f"calibration text gives {windows.shape[0]} windows of {settings.seq_len} tokens; "

@@ -42,6 +42,7 @@ ALIASES = {  # ModelOpt / quantize.py qformat names -> TensorRT-LLM QuantAlgo
 }
 FP8_MIN_SM = 89  # E4M3 tensor cores: Ada (8.9) and Hopper (9.0) onwards
 NEMOTRON_NAS = "DeciLMForCausalLM"
+MOE_ARCHITECTURES = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
 
 
 def canonical_algo(name: str | None, allowed: tuple[str, ...], what: str) -> str | None:
@@ -152,6 +153,12 @@ def check_combination(qc: QuantConfig, architecture: str, target_sm: int | None 
     """Refuse what TensorRT-LLM refuses (or the target GPU cannot run) before any work starts."""
     if not qc.enabled:
         return
+    if architecture in MOE_ARCHITECTURES:
+        what = qc.quant_algo or f"{qc.kv_cache_quant_algo} KV cache"
+        raise InvalidArgument(
+            f"{what} is not supported for Mixture-of-Experts models ({architecture}) yet: Kiln's quantizer, "
+            "quantized reference and engine do not handle stacked expert weights",
+            hint="convert without --quantization / --kv-cache-quantization (float16 / bfloat16 experts)")
     if architecture == NEMOTRON_NAS and qc.quant_algo in WEIGHT_ONLY + SMOOTHQUANT:
         raise InvalidArgument(
             f"{qc.quant_algo} is not supported for Nemotron-NAS ({NEMOTRON_NAS}); TensorRT-LLM refuses it",

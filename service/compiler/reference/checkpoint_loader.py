@@ -38,8 +38,10 @@ GEMMA_FAMILY = ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
 LLAMA_FAMILY = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM") + QK_NORM_DENSE + GEMMA_FAMILY
 GPT_FAMILY = ("GPTForCausalLM", "GPT2LMHeadModel")
 OPT_FAMILY = ("OPTForCausalLM",)
+PHI3_FAMILY = ("Phi3ForCausalLM",)  # Llama's tensors, but one fused swiglu mlp.fc [up_r; gate_r] per rank
 DECILM = "DeciLMForCausalLM"  # merged by load_decilm_weights (per-layer KV heads, absent parts)
-SUPPORTED_ARCHITECTURES = LLAMA_FAMILY + GPT_FAMILY + OPT_FAMILY + (DECILM,)
+MOE_FAMILY = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")  # merged by moe_loader
+SUPPORTED_ARCHITECTURES = LLAMA_FAMILY + GPT_FAMILY + OPT_FAMILY + PHI3_FAMILY + (DECILM,) + MOE_FAMILY
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
@@ -63,8 +65,12 @@ def family(config: dict) -> str:
         return "gpt"
     if arch in OPT_FAMILY:
         return "opt"
+    if arch in PHI3_FAMILY:
+        return "phi3"
     if arch == DECILM:
         return "decilm"
+    if arch in MOE_FAMILY:
+        return "moe"
     raise UnsupportedArchitecture(
         f"checkpoint architecture {arch!r} is not supported by the reference runtime",
         hint=f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}",
@@ -133,6 +139,7 @@ class Geometry:
     vocab: int
     max_pos: int
     tp: int
+    swiglu: bool = False  # mlp.fc holds [up; gate] (2 x inter rows), each rank its own halves
 
     @property
     def kv_per_rank(self) -> int:
@@ -154,7 +161,7 @@ class Geometry:
             hidden=_positive_int(cfg, "hidden_size"), heads=_positive_int(cfg, "num_attention_heads"),
             kv_heads=_positive_int(cfg, "num_key_value_heads"), head_size=_positive_int(cfg, "head_size"),
             inter=_positive_int(cfg, "intermediate_size"), vocab=_positive_int(cfg, "vocab_size"),
-            max_pos=int(cfg.get("max_position_embeddings") or 0), tp=tp,
+            max_pos=int(cfg.get("max_position_embeddings") or 0), tp=tp, swiglu=cfg.get("hidden_act") == "swiglu",
         )
         problems = []
         if g.heads % tp:
@@ -186,7 +193,7 @@ class Geometry:
             "post_layernorm.weight": (H,), "post_layernorm.bias": (H,),
             "attention.qkv.weight": (qkv, H), "attention.qkv.bias": (qkv,),
             "attention.dense.weight": (H, self.heads * d), "attention.dense.bias": (H,),
-            "mlp.fc.weight": (inter, H), "mlp.fc.bias": (inter,),
+            "mlp.fc.weight": ((2 if self.swiglu else 1) * inter, H), "mlp.fc.bias": (inter,),
             "mlp.gate.weight": (inter, H), "mlp.gate.bias": (inter,),
             "mlp.proj.weight": (H, inter), "mlp.proj.bias": (H,),
         }.get(name)
@@ -203,7 +210,9 @@ def tensor_names(cfg: dict) -> tuple[set[str], set[str], set[str]]:
                  "post_layernorm.weight", "mlp.fc.weight", "mlp.proj.weight"}
     glob_req = {"transformer.vocab_embedding.weight", "lm_head.weight"}
     layer_opt: set[str] = set()
-    if fam == "llama":
+    if fam == "phi3":
+        glob_req.add("transformer.ln_f.weight")
+    elif fam == "llama":
         layer_req.add("mlp.gate.weight")
         glob_req.add("transformer.ln_f.weight")
         attn_bias = {"attention.qkv.bias"}
@@ -299,6 +308,9 @@ def _merge(files: _Ranks, ranks: list[int], name: str, suffix: str, g: Geometry,
                     f"config.json implies {list(full)}"
                 )
         return files.get(ranks[0], name, full)
+    if rule == "column" and g.swiglu and suffix == "mlp.fc.weight":  # ranks' [up_r; gate_r] -> [up; gate]
+        halves = [files.get(r, name, (full[0] // T,) + rest).chunk(2, 0) for r in ranks]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], 0)
     if rule == "column":
         return torch.cat([files.get(r, name, (full[0] // T,) + rest) for r in ranks], 0)
     if rule == "row":
@@ -324,6 +336,10 @@ def load_checkpoint_weights(ckpt_dir: str | os.PathLike) -> tuple[dict, dict[str
     cfg = read_config(ckpt_dir)
     if cfg.get("architecture") == DECILM:
         return cfg, load_decilm_weights(ckpt_dir, cfg)
+    if cfg.get("architecture") in MOE_FAMILY and not (cfg.get("quantization") or {}).get("quant_algo"):
+        from .moe_loader import load_moe_weights
+
+        return cfg, load_moe_weights(ckpt_dir, cfg)
     family(cfg)
     q = cfg.get("quantization") or {}
     if isinstance(q, dict) and (q.get("quant_algo") or q.get("kv_cache_quant_algo")):

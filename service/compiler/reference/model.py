@@ -13,6 +13,9 @@ own tensor names; the torch engine executes the same spec:
   ``rope.dim`` dims (float32 tables; linear and llama3 scaling) or none (learned positions), optional
   per-head q/k norm, logit soft-cap and scale; or one linear layer; or nothing;
 * MLP: ``proj(act(fc(x)) * gate(x))`` (gated), ``proj(act(fc(x)))`` (plain), one linear, or nothing;
+  or a Mixture of Experts as transformers routes it: softmax of the router logits in float32, top-k,
+  optionally renormalized, each hit expert run on its tokens and added with its weight, plus a shared
+  expert scaled by sigmoid(shared_expert_gate(x)) (Qwen2-MoE);
 * embedding scale, learned absolute positions (row p = position p), final norm, final logit soft-cap.
 
     m = ReferenceModel.from_checkpoint("./ckpt")              # compute_dtype=torch.float32 upcasts
@@ -33,6 +36,7 @@ import torch.nn.functional as F
 
 from ..errors import InvalidArgument, InvalidCheckpoint, UnsupportedArchitecture
 from ..models import block_specs
+from ..models.phi3 import longrope_tables
 from ..models.spec import Block, ModelSpec, Norm, Rope
 from ..quantization.qlinear import keeps_stored_dtype, qdq_kv_cache, qlinear
 from .checkpoint_loader import TORCH_DTYPES, check_complete, family, load_checkpoint_weights
@@ -42,6 +46,7 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": F.gelu,  # exact erf form, as HF's "gelu"
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),  # gelu_new / gelu_pytorch_tanh / gelu_fast
     "relu": F.relu,
+    "swiglu": lambda x: F.silu(x.chunk(2, -1)[1]) * x.chunk(2, -1)[0],  # TensorRT-LLM's fused [up; gate] fc
 }
 
 def rope_inv_freq(cfg: dict) -> torch.Tensor:
@@ -78,6 +83,10 @@ def rope_inv_freq(cfg: dict) -> torch.Tensor:
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
     return torch.where(medium, smoothed, scaled)
+
+
+def _is_longrope(rope: Rope) -> bool:
+    return (rope.scaling_dict or {}).get("rope_type") == "longrope"
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -133,7 +142,7 @@ class ReferenceModel:
         q = config.get("quantization") or {}
         # Quantized checkpoints execute from their low-precision tensors (service/compiler/quantization/qlinear.py).
         self.quant = q if q.get("quant_algo") or q.get("kv_cache_quant_algo") else None
-        if self.quant is None and self.family in ("llama", "gpt", "opt") and spec is None:
+        if self.quant is None and self.family in ("llama", "gpt", "opt", "phi3") and spec is None:
             check_complete(config, weights)  # the uniform families' tensor rules (from_checkpoint's loader checked)
         if compute_dtype is None:
             compute_dtype = TORCH_DTYPES[config["dtype"]]
@@ -150,10 +159,14 @@ class ReferenceModel:
         self.vocab_size = self.spec.vocab_size
         self.max_pos = self.spec.learned_positions or None
         self.inv_freq: dict[Rope, torch.Tensor] = {}
+        # longrope: generate() recomputes the cache when the sequence first passes the original length
+        self._recompute_at = next((int((b.attention.rope.scaling_dict or {})["original_max_position_embeddings"])
+                                   for b in self.spec.blocks if b.attention.rope is not None
+                                   and _is_longrope(b.attention.rope)), None)
         self._tables: tuple = (None, None)
         for b in self.spec.blocks:
             rope = b.attention.rope
-            if rope is not None and rope not in self.inv_freq:
+            if rope is not None and rope not in self.inv_freq and not _is_longrope(rope):
                 cfg = {"head_size": rope.dim, "rotary_base": rope.base, "rotary_scaling": rope.scaling_dict}
                 self.inv_freq[rope] = rope_inv_freq(cfg).to(self.device)
 
@@ -195,6 +208,12 @@ class ReferenceModel:
     def _rope_table(self, rope: Rope, pos0: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [t, dim] of positions [pos0, pos0 + t), in the compute dtype (once per forward)."""
         key = (rope, pos0, t)
+        if self._tables[0] != key and _is_longrope(rope):
+            # transformers: one factor set per forward, the long one once it reaches past the original length
+            long = pos0 + t > int((rope.scaling_dict or {})["original_max_position_embeddings"])
+            cos, sin = longrope_tables(rope, pos0 + t, long=long)
+            emb_cos, emb_sin = (torch.cat([x, x], -1)[pos0:].to(self.device, self.dtype) for x in (cos, sin))
+            self._tables = (key, (emb_cos, emb_sin))
         if self._tables[0] != key:
             pos = torch.arange(pos0, pos0 + t, device=self.device, dtype=torch.float32)
             ang = pos[:, None] * self.inv_freq[rope][None, :]
@@ -247,8 +266,36 @@ class ReferenceModel:
             out = probs @ v
         return self._linear(out.transpose(1, 2).reshape(b, t, nh * d), p + ".dense")
 
+    def route(self, i: int, blk: Block, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights [N, k] in x's dtype, expert ids [N, k]) of tokens x [N, H] at layer i."""
+        m = blk.mlp
+        logits = F.linear(x, self.w[f"transformer.layers.{i}.{blk.mlp_module}.router.weight"])
+        top, idx = torch.topk(torch.softmax(logits.float(), -1), m.top_k, dim=-1)
+        if m.renormalize:
+            top = top / top.sum(-1, keepdim=True)
+        return top.to(x.dtype), idx
+
+    def _moe(self, i: int, blk: Block, h: torch.Tensor) -> torch.Tensor:
+        p = f"transformer.layers.{i}.{blk.mlp_module}"
+        x = h.reshape(-1, h.shape[-1])
+        weights, idx = self.route(i, blk, x)
+        fc, proj = self.w[p + ".fc.weight"], self.w[p + ".proj.weight"]
+        out = torch.zeros_like(x)
+        for e in idx.unique().tolist():  # each hit expert on its tokens
+            tok, slot = torch.where(idx == e)
+            up, gate = F.linear(x[tok], fc[e]).chunk(2, -1)  # each expert's rows: [up; gate]
+            y = F.linear(F.silu(gate) * up, proj[e])
+            out.index_add_(0, tok, y * weights[tok, slot, None])
+        if blk.mlp.shared_size:
+            up, gate = F.linear(x, self.w[p + ".shared_expert.fc.weight"]).chunk(2, -1)
+            shared = F.linear(F.silu(gate) * up, self.w[p + ".shared_expert.proj.weight"])
+            out = out + torch.sigmoid(F.linear(x, self.w[p + ".shared_expert_gate.weight"])) * shared
+        return out.view(h.shape)
+
     def _mlp(self, i: int, blk: Block, h: torch.Tensor) -> torch.Tensor:
         m, p = blk.mlp, f"transformer.layers.{i}.{blk.mlp_module}"
+        if m.kind == "moe":
+            return self._moe(i, blk, h)
         if m.kind == "linear":
             return self._linear(h, p)
         a = ACTIVATIONS[m.act](self._linear(h, p + ".fc"))
@@ -347,6 +394,10 @@ class ReferenceModel:
             out.append(nxt)
             if nxt in eos or len(out) >= max_new_tokens:
                 return out
+            if cache.length == self._recompute_at:  # transformers' Phi-3 generate: the whole sequence again
+                cache = self.new_cache()
+                logits = self._run(torch.cat([ids, torch.tensor([out], dtype=torch.long)], 1), cache)
+                continue
             logits = self._run(torch.tensor([[nxt]], dtype=torch.long), cache)
 
     @torch.inference_mode()

@@ -11,7 +11,7 @@ import os
 import re
 from pathlib import Path
 
-from ..errors import InvalidArgument, ModelNotFound
+from ..errors import InvalidArgument, ModelNotFound, UnsafeWeights
 
 DEFAULT_PATTERNS = [
     "*.safetensors",
@@ -36,12 +36,13 @@ def is_repo_id(source: str) -> bool:
 def resolve_model_dir(source: str | os.PathLike, *, revision: str | None = None, cache_dir: str | os.PathLike | None = None,
                       token: str | None = None, allow_download: bool = True,
                       allow_patterns: list[str] | None = None, repo_only: bool = False) -> Path:
-    """A local folder as is; otherwise the snapshot folder of HF repo ``source`` in ``cache_dir``.
+    """A local folder (or a local ``.gguf`` file) as is; otherwise the snapshot folder of HF repo
+    ``source`` in ``cache_dir``.
 
     ``repo_only=True`` (the service) never interprets ``source`` as a path on this machine.
     """
     path = Path(source).expanduser()
-    if not repo_only and path.is_dir():
+    if not repo_only and (path.is_dir() or (path.is_file() and path.suffix.lower() == ".gguf")):
         return path.resolve()
     text = str(source)
     if not is_repo_id(text):
@@ -72,4 +73,29 @@ def resolve_model_dir(source: str | os.PathLike, *, revision: str | None = None,
     except Exception as exc:  # repository not found, gated, network errors
         name = type(exc).__name__
         raise ModelNotFound(f"cannot fetch {text!r}: {name}") from exc
+    check_snapshot(Path(folder))
     return Path(folder)
+
+
+def check_snapshot(folder: Path) -> None:
+    """Every entry of a huggingface_hub snapshot is a file, a folder, or a symlink into that repo's own
+    ``blobs/`` (or the snapshot itself); a link anywhere else (``/etc/passwd``, another repo's blobs, a
+    folder outside) means the cache was tampered with, and the whole snapshot is refused before any of it
+    is read."""
+    snapshot = folder.resolve()
+    allowed = [snapshot]
+    if snapshot.parent.name == "snapshots":
+        allowed.append((snapshot.parent.parent / "blobs").resolve())
+    for root, dirs, files in os.walk(snapshot):  # does not descend into symlinked folders; they are checked here
+        for name in dirs + files:
+            entry = Path(root) / name
+            if not entry.is_symlink():
+                continue
+            target = entry.resolve()
+            if not any(os.path.commonpath([a, target]) == str(a) for a in allowed):
+                rel = entry.relative_to(snapshot).as_posix()
+                raise UnsafeWeights(
+                    f"{rel} in the Hugging Face snapshot of {folder.parent.parent.name.removeprefix('models--')} "
+                    "links outside the repo",
+                    hint="the cache entry was altered: delete it and download the model again "
+                         "(huggingface-cli download)")

@@ -34,41 +34,69 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 DTYPE_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
 
+def _json_constant(name: str):
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    """Two values for one key mean two parsers may read two different models: refused."""
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"key {key!r} appears twice")
+        out[key] = value
+    return out
+
+
 def read_json(path: Path, what: str, limit: int = MAX_CONFIG_BYTES) -> dict:
+    """A JSON object from a model or checkpoint folder, read as data: the file (a symlink too) must stay in its
+    folder (or, in a huggingface_hub snapshot, in that repo's ``blobs/``), at most ``limit`` bytes, nested less
+    deeply than the interpreter's recursion limit, standard JSON (no NaN/Infinity, no key twice, integers of at most 4300 digits)."""
+    path = Path(path)
+    _inside(path.parent, path.name, what)
     try:
         size = path.stat().st_size
     except FileNotFoundError as exc:
         raise ModelNotFound(f"{what} not found: {path}") from exc
+    if not path.is_file():
+        raise InvalidArgument(f"{path.name} is not a regular file", hint="the model folder is damaged; fetch it again")
     if size > limit:
-        raise InvalidArgument(f"{path.name} is {size} bytes; refusing JSON files over {limit} bytes")
+        raise InvalidArgument(f"{path.name} is {size} bytes; refusing JSON files over {limit} bytes",
+                              hint="a model's JSON files are small; this one is not a real config")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidArgument(f"{path.name} is not valid JSON: {exc}") from exc
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text, parse_constant=_json_constant, object_pairs_hook=_no_duplicates)
+    except RecursionError as exc:
+        raise InvalidArgument(f"{path.name} nests too deeply to be a model's JSON file",
+                              hint="a model's JSON files are shallow; this one is not a real config") from exc
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError; so are 5000-digit ints
+        raise InvalidArgument(f"{path.name} is not valid JSON: {exc}"[:300],
+                              hint="the file must be standard JSON (UTF-8, no NaN/Infinity, no key twice)") from exc
     if not isinstance(data, dict):
-        raise InvalidArgument(f"{path.name} must hold a JSON object")
+        raise InvalidArgument(f"{path.name} must hold a JSON object", hint="the file must be one JSON object")
     return data
 
 
-def _inside(folder: Path, name: str) -> Path:
-    """Resolve a file name from an index, refusing anything that escapes the model folder.
+def _inside(folder: Path, name: str, what: str = "weight file") -> Path:
+    """Resolve a file name from an index (or a well-known file name), refusing anything that escapes the folder.
 
     The name itself must stay inside the folder. A symlinked file may point into the folder or,
     in a huggingface_hub cache snapshot (``snapshots/<commit>/<file>`` -> ``../../blobs/<hash>``),
-    into that repo's own ``blobs/`` folder, and nowhere else.
+    into that repo's own ``blobs/`` folder, and nowhere else (not /etc/passwd, not another repo's blobs).
     """
+    hint = "the model folder (or its Hugging Face snapshot) must hold its own files; re-download it"
     if not isinstance(name, str) or not name or "\x00" in name or name.startswith(("/", "\\")) or "\\" in name:
-        raise UnsafeWeights(f"weight file name {name!r} is not a plain relative path")
+        raise UnsafeWeights(f"{what} name {name!r} is not a plain relative path", hint=hint)
     parts = Path(name).parts
     if any(p in ("..", "") for p in parts):
-        raise UnsafeWeights(f"weight file name {name!r} escapes the model folder")
+        raise UnsafeWeights(f"{what} name {name!r} escapes the model folder", hint=hint)
     path = folder / name
     target = path.resolve()
     allowed = [folder.resolve()]
-    if folder.parent.name == "snapshots":
-        allowed.append((folder.parent.parent / "blobs").resolve())
+    if folder.resolve().parent.name == "snapshots":
+        allowed.append((folder.resolve().parent.parent / "blobs").resolve())
     if not any(os.path.commonpath([root, target]) == str(root) for root in allowed):
-        raise UnsafeWeights(f"weight file name {name!r} resolves outside the model folder")
+        raise UnsafeWeights(f"{what} name {name!r} resolves outside the model folder", hint=hint)
     return path
 
 

@@ -209,7 +209,8 @@ def build_torch_engine(ckpt_dir: Path, resolved: ResolvedBuild, out_dir: Path, *
         engine_cfg: dict[str, Any] = {
             "version": ENGINE_VERSION,
             "backend": "torch",
-            "pretrained_config": {**cfg, "mapping": {"world_size": tp, "tp_size": tp, "pp_size": 1}},
+            "pretrained_config": {**cfg, "mapping": Mapping(tp_size=tp, moe_ep_size=m.moe_ep if tp > 1 and
+                                                            m.has_moe_split else None).to_dict()},
             "build_config": bc.to_dict(),
             "engine": {
                 "layout": engine_layout(cfg)[0],
