@@ -125,7 +125,7 @@ class HFCheckpointModel:
     def moves_bytes_only(self) -> bool:
         """Every piece reads a source already in the output dtype (no cast anywhere)."""
         return all(
-            piece.source is None or self.source.info(piece.source).dtype == plan.dtype
+            piece.source is None or (self.source.info(piece.source).dtype == plan.dtype and not piece.add)
             for plans in self._plans.values() for plan in plans for piece in plan.pieces
         )
 
@@ -217,7 +217,8 @@ def _piece_chunks(plan: TensorPlan, piece: Piece, source: WeightSource, step: in
         return
     view = source.view(piece.source)
     if view.dim() == 1:
-        yield view[piece.rows[0]:piece.rows[1]].to(dtype)
+        rows = view[piece.rows[0]:piece.rows[1]]
+        yield (rows.float() + piece.add).to(dtype) if piece.add else rows.to(dtype)
         source.release(piece.source)
         return
     mat = view.t() if piece.transpose else view
@@ -243,7 +244,7 @@ def _raw_piece_chunks(plan: TensorPlan, piece: Piece, source: WeightSource, step
             yield np.zeros((n, width) if len(plan.shape) >= 2 else (n,), dtype=raw_dt)
         return
     src_dtype = source.info(piece.source).dtype
-    if src_dtype != plan.dtype:  # from_hugging_face never builds such a raw plan
+    if src_dtype != plan.dtype or piece.add:  # from_hugging_face never builds such a raw plan
         raise RuntimeError(f"{plan.name}: raw plan reads {piece.source!r} as {src_dtype}, not {plan.dtype}")
     view = source.raw(piece.source)
     if view.ndim == 1:
@@ -292,7 +293,7 @@ def _piece_nbytes(plan: TensorPlan, piece: Piece) -> int:
 
 def _byte_identical(plan: TensorPlan, piece: Piece, source: WeightSource) -> tuple[int, int, int] | None:
     """Where a piece is a verbatim byte range of its source (same dtype, whole rows), its span."""
-    if piece.source is None or piece.transpose or piece.cols is not None:
+    if piece.source is None or piece.transpose or piece.cols is not None or piece.add:
         return None
     if source.info(piece.source).dtype != plan.dtype:
         return None

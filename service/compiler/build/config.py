@@ -22,6 +22,8 @@ DECILM_ARCH = "DeciLMForCausalLM"  # Nemotron-NAS: heterogeneous layers, torch b
 TORCH_ONLY_ARCHS = ("Phi3ForCausalLM",)  # families of the composable decoder (models/spec.py)
 GPT_ARCHS = ("GPTForCausalLM", "GPT2LMHeadModel", "OPTForCausalLM")  # torch and onnx backends
 MOE_ARCHS = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")  # torch backend only
+# q/k-norm and Gemma dense families (issue 17): torch backend
+QWEN3_GEMMA_ARCHS = ("Qwen3ForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
 GIB = 1 << 30
 
 
@@ -236,7 +238,8 @@ def validate_build(cfg: BuildConfig, ckpt: dict, *, weight_bytes: int | None = N
             f"got {cfg.kv_cache_type!r}", hint="paged KV caches are built by the trtllm backend",
         )
     arch = ckpt.get("architecture")
-    also = {"torch": GPT_ARCHS + (DECILM_ARCH,) + MOE_ARCHS + TORCH_ONLY_ARCHS, "onnx": GPT_ARCHS, "tensorrt": ()}.get(cfg.backend)
+    also = {"torch": GPT_ARCHS + (DECILM_ARCH,) + MOE_ARCHS + TORCH_ONLY_ARCHS + QWEN3_GEMMA_ARCHS, "onnx": GPT_ARCHS,
+            "tensorrt": ()}.get(cfg.backend)
     if also is not None and arch not in LLAMA_ARCHS + also:
         raise InvalidBuildConfig(f"the {cfg.backend} backend builds the Llama family ({', '.join(LLAMA_ARCHS)})"
                                  + (f" and {', '.join(also)}" if also else "") + f", not {arch!r}")

@@ -70,10 +70,11 @@ def check_engine_quant(quant: dict | None, arch: str) -> None:
         raise InvalidCheckpoint(
             f"the torch engine does not execute {algo} checkpoints",
             hint=f"it runs {', '.join(ENGINE_QUANT_ALGOS)}; build {algo} with the trtllm backend")
-    if arch not in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Phi3ForCausalLM"):
+    if arch not in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Phi3ForCausalLM", "Qwen3ForCausalLM",
+                    "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM"):  # the fused qkv / gate_up layout
         raise InvalidCheckpoint(f"quantized {arch} checkpoints ({algo or f'{kv} KV cache'}) are not built by the "
                                 "torch engine",
-                                hint="quantized engines cover the Llama family and Phi-3")
+                                hint="quantized engines cover the Llama family, Phi-3, Qwen3 and Gemma")
 
 
 def int4_block_for(k: int, group: int) -> int:

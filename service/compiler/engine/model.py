@@ -1,8 +1,9 @@
 """The engine model: any ``ModelSpec`` (``models/spec.py``) over fused weights, a static KV cache and
 per-layer step functions, resolved once at load.
 
-Every family runs here: the Llama family, GPT-2 / OPT and Nemotron-NAS (DeciLM) are specs plus
-weight maps (``models/<family>.py``). At construction each layer's ``Block`` becomes a ``Plan`` (a
+Every family runs here: the Llama family, Qwen3, Gemma 1/2/3, GPT-2 / OPT and Nemotron-NAS (DeciLM)
+are specs plus weight maps (``models/<family>.py``). A sliding-window layer's KV cache is a ring of
+``min(window, max_seq_len)`` slots (a separate plan and step; full-attention layers are untouched). At construction each layer's ``Block`` becomes a ``Plan`` (a
 tuple of constants: norm kind and placement, attention kind, rope, MLP kind, activation, ...) and a
 step closure that calls the shared step functions with it; torch.compile specializes each function
 on the plan's constants, so the compiled graphs hold only the ops of that plan (a Llama layer's
@@ -20,8 +21,9 @@ row-parallel outputs (biases added once, after the sum) and gathers the vocab.
 A linear slot holds either a float tensor or a ``QLinear`` (``engine_quant.py``: FP8 / int8 / int4
 weights of a quantized checkpoint); on CUDA linears of at most 16 rows run the Triton skinny GEMM.
 
-Engine layouts (the weight maps, per family): ``kiln-llama-fused/1``, ``kiln-gpt-fused/1``,
-``kiln-decilm-fused/1``, ``kiln-phi3-fused/1`` (its ``gate_up`` slot holds the fused [up; gate] fc of a
+Engine layouts (the weight maps, per family): ``kiln-llama-fused/1`` (also Qwen3), ``kiln-gpt-fused/1``,
+``kiln-decilm-fused/1``, ``kiln-gemma-fused/1`` (its ``embed`` a vocabulary slice in a kept-tp
+engine), ``kiln-phi3-fused/1`` (its ``gate_up`` slot holds the fused [up; gate] fc of a
 plain swiglu MLP; longrope: a decode table switching to the long factors at the original length and an
 all-long table for longer prefills, both built at load); per layer ``attn_norm`` (``_bias``), ``qkv`` (``_bias``) or ``attn_linear``,
 ``o`` (``_bias``), ``mlp_norm`` (``_bias``), ``gate_up`` / ``down`` (gated) or ``fc`` / ``proj``
@@ -47,6 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models import block_specs
+from ..models.gemma import GEMMA_LAYOUT
 from ..models.gpt import GPT_LAYOUT
 from ..models.llama import ENGINE_LAYOUT
 from ..models.moe import MOE_LAYOUT
@@ -55,7 +58,7 @@ from ..models.phi3 import PHI3_LAYOUT, longrope_tables
 from ..models.spec import ACTIVATION_NAMES, Block, ModelSpec, Rope
 from .engine_quant import QLinear, load_qlinear, qdq_kv, qlinear_forward
 
-ENGINE_LAYOUTS = (ENGINE_LAYOUT, GPT_LAYOUT, DECILM_LAYOUT, MOE_LAYOUT, PHI3_LAYOUT)
+ENGINE_LAYOUTS = (ENGINE_LAYOUT, GPT_LAYOUT, DECILM_LAYOUT, MOE_LAYOUT, PHI3_LAYOUT, GEMMA_LAYOUT)
 LayerWeights = tuple  # LAYER_FIELDS, in order (None where a layer has no such tensor)
 LAYER_FIELDS = ("attn_norm", "qkv", "qkv_bias", "o", "o_bias", "mlp_norm", "gate_up", "gate_up_bias", "down",
                 "down_bias", "kv_scale", "attn_norm_bias", "mlp_norm_bias", "q_norm", "k_norm", "post_attn_norm",
@@ -355,6 +358,8 @@ def decode_layer(h: torch.Tensor, w: LayerWeights, k_cache: torch.Tensor, v_cach
     B = h.shape[0]
     q, k, v = decode_qkv(h, w, cos, sin, nh, nkv, d, eps, kv_algo, p)
     rows = torch.arange(B, device=h.device)
+    if p.attn == "sliding":  # a ring of the last ``window`` positions: position pos lives in slot pos % span
+        pos = pos % k_cache.shape[2]
     k_cache[rows, :, pos] = k
     v_cache[rows, :, pos] = v
     # GQA without repeating K/V: the g query heads of a KV head are g "query positions" of it
@@ -363,13 +368,20 @@ def decode_layer(h: torch.Tensor, w: LayerWeights, k_cache: torch.Tensor, v_cach
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                      v_cache: torch.Tensor, p: Plan = LLAMA_PLAN) -> torch.Tensor:
+                      v_cache: torch.Tensor, p: Plan = LLAMA_PLAN, ring: torch.Tensor | None = None) -> torch.Tensor:
     """q [B, nh, T, d], k/v [B, nkv, T, d] (already rounded as the cache stores them) are written to
-    cache slots [0, T); causal attention (a sliding window: only the last ``window`` positions) with
-    the KV heads repeated for GQA; returns [B, T, nh * d]."""
+    cache slots [0, T) (a sliding layer's ring of S slots: slot s of row b takes position ``ring[b, s]``,
+    the last position < length[b] that is s mod S); causal attention (a sliding window: only the last
+    ``window`` positions) with the KV heads repeated for GQA; returns [B, T, nh * d]."""
     B, nh, T, d = q.shape
-    k_cache[:, :, :T] = k
-    v_cache[:, :, :T] = v
+    if p.attn == "sliding":
+        assert ring is not None
+        idx = ring[:, None, :, None].expand(B, k.shape[1], ring.shape[1], d)
+        k_cache.copy_(k.gather(2, idx))
+        v_cache.copy_(v.gather(2, idx))
+    else:
+        k_cache[:, :, :T] = k
+        v_cache[:, :, :T] = v
     if k.shape[1] != nh:
         k = k.repeat_interleave(nh // k.shape[1], 1)
         v = v.repeat_interleave(nh // v.shape[1], 1)
@@ -388,7 +400,8 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
 
 def prefill_layer(h: torch.Tensor, w: LayerWeights, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   cos: torch.Tensor, sin: torch.Tensor, nh: int, nkv: int, d: int, eps: float,
-                  group=None, kv_algo: str | None = None, p: Plan = LLAMA_PLAN) -> torch.Tensor:
+                  group=None, kv_algo: str | None = None, p: Plan = LLAMA_PLAN,
+                  ring: torch.Tensor | None = None) -> torch.Tensor:
     """A right-padded batch from position 0. h [B, T, H]; caches [B, nkv, S, d]; cos/sin [T, d/2]."""
     if p.attn in ("linear", "none"):
         return _linear_attention(h, w, eps, group, True, p)
@@ -410,7 +423,7 @@ def prefill_layer(h: torch.Tensor, w: LayerWeights, k_cache: torch.Tensor, v_cac
     k = k.transpose(1, 2)
     v = v.view(B, T, nkv, d).transpose(1, 2)
     k, v = qdq_kv(k, w[10], kv_algo), qdq_kv(v, w[10], kv_algo)
-    attn = prefill_attention(q, k, v, k_cache, v_cache, p)
+    attn = prefill_attention(q, k, v, k_cache, v_cache, p, ring)
     return _mlp_and_residual(h, attn, w, eps, group, True, p)
 
 
@@ -422,6 +435,26 @@ def decode_mask(slots: torch.Tensor, pos: torch.Tensor, kv: int, dtype: torch.dt
         return torch.zeros((), dtype=dtype, device=slots.device).masked_fill(hidden, float("-inf"))[:, None, None, :]
     return torch.zeros((), dtype=dtype, device=slots.device).masked_fill(
         slots[None, :kv] > pos[:, None], float("-inf"))[:, None, None, :]
+
+
+def ring_positions(lengths: torch.Tensor, span: int, T: int) -> torch.Tensor:
+    """[B, span]: the prompt position each ring slot of a sliding layer holds after prefill, the last
+    position < lengths[b] congruent to the slot mod span (clamped to [0, T) where there is none yet:
+    such a slot is masked until decoding writes it)."""
+    s = torch.arange(span, device=lengths.device)
+    last = lengths[:, None].long() - 1 - s[None, :]
+    return (s[None, :] + span * torch.div(last, span, rounding_mode="floor")).clamp(0, T - 1)
+
+
+def parallel_embedding(ids: torch.Tensor, table: torch.Tensor, first: int, group) -> torch.Tensor:
+    """TensorRT-LLM's vocab-parallel embedding: this rank holds rows [first, first + rows) of the
+    (padded) vocabulary; rows it lacks are zero here and come from their rank through the sum."""
+    import torch.distributed._functional_collectives as funcol
+
+    local = ids - first
+    inside = (local >= 0) & (local < table.shape[0])
+    h = F.embedding(local.clamp(0, table.shape[0] - 1), table) * inside[..., None].to(table.dtype)
+    return funcol.all_reduce(h, "sum", group)
 
 
 def gather_vocab(logits: torch.Tensor, group, vocab: int) -> torch.Tensor:
@@ -466,7 +499,9 @@ def compile_kwargs(mode: str | None, options: dict | None) -> dict:
 def check_engine_spec(spec: ModelSpec, tp_size: int = 1) -> ModelSpec:
     """Refuse, before any weight is placed, what the spec asks and the engine does not run."""
     spec.check("the torch engine")
-    heterogeneous = len(set(spec.blocks)) > 1
+    # layers that differ only in their attention span or rope (Gemma's sliding / global) split alike
+    heterogeneous = len({(b.attention.num_heads, b.attention.num_kv_heads, b.attention.head_size, b.attention.kind
+                          in ("full", "sliding"), b.mlp) for b in spec.blocks}) > 1
     if tp_size > 1 and heterogeneous:
         raise ValueError(f"{spec.architecture} engines with heterogeneous layers run as one rank "
                          "(tp checkpoints are merged at build time)")
@@ -481,6 +516,7 @@ class _Layer(NamedTuple):
     eps: float
     cache: int  # index into k_cache / v_cache, -1 without attention
     rope: int  # index into the rope tables, -1 without rope
+    ring: int = 0  # a sliding layer's cache span (min(window, max_seq) slots, a ring); 0: full attention
 
 
 class EngineModel:
@@ -505,6 +541,11 @@ class EngineModel:
             raise ValueError(f"max_seq_len={max_seq} exceeds the {rows} learned positions")
         self.embed_scale = (torch.tensor(spec.embedding_scale, dtype=self.dtype, device=self.device)
                             if spec.embedding_scale is not None else None)
+        self.embed_first: int | None = None  # a vocab-parallel embedding's first row (kept-tp Gemma)
+        if tp_size > 1 and self.embed.shape[0] != self.vocab:
+            import torch.distributed as dist
+
+            self.embed_first = dist.get_rank(tp_group) * self.embed.shape[0]
         self.layers: list[LayerWeights] = []
         self.plans: list[_Layer] = []
         expert0 = self._expert_rank(cfg, weights, tp_group, tp_size)
@@ -515,12 +556,13 @@ class EngineModel:
         for i, b in enumerate(spec.blocks):
             self.layers.append(self._layer_weights(weights, i, quant))
             a = b.attention
-            cache, rope = -1, -1
+            cache, rope, ring = -1, -1, 0
             nh = nkv = d = 0
             if a.kind in ("full", "sliding"):
                 nh, nkv, d = a.num_heads // tp_size, max(a.num_kv_heads // tp_size, 1), a.head_size
                 cache = len(self.k_cache)
-                shape = (max_batch, nkv, max_seq, d)
+                ring = min(int(a.window or 0), max_seq) if a.kind == "sliding" else 0
+                shape = (max_batch, nkv, ring or max_seq, d)
                 self.k_cache.append(torch.zeros(shape, dtype=self.dtype, device=self.device))
                 self.v_cache.append(torch.zeros(shape, dtype=self.dtype, device=self.device))
                 self.cache_layers.append(i)
@@ -531,7 +573,7 @@ class EngineModel:
             plan = plan_of(b)
             if plan.mlp == "moe":
                 plan = plan._replace(expert0=expert0 * self.layers[-1][18].shape[0])
-            self.plans.append(_Layer(plan, nh, nkv, d, b.norm.eps, cache, rope))
+            self.plans.append(_Layer(plan, nh, nkv, d, b.norm.eps, cache, rope, ring))
         if self.kv_algo and any(w[10] is None for w, lp in zip(self.layers, self.plans, strict=True) if lp.cache >= 0):
             raise ValueError(f"kv_cache_quant_algo {self.kv_algo} but the engine lacks layers.*.kv_scale")
         self.final_norm, self.final_norm_bias = weights.get("final_norm"), weights.get("final_norm_bias")
@@ -570,9 +612,10 @@ class EngineModel:
         self._kernel_layers = [self.kernels is not None and lp.cache >= 0 and lp.plan.attn == "full"
                                and lp.plan.softcap is None and lp.plan.scale is None
                                and self.kernels.decode_attention_supported(lp.d, self.dtype) for lp in self.plans]
-        # decode masks the SDPA layers need (one per window size), built once per step
-        self._mask_windows = sorted({lp.plan.window for lp, k in zip(self.plans, self._kernel_layers, strict=True)
+        # decode masks the SDPA layers need (one per cache span: 0 = full, else a ring's), built once per step
+        self._mask_windows = sorted({lp.ring for lp, k in zip(self.plans, self._kernel_layers, strict=True)
                                      if lp.cache >= 0 and not k})
+        self._rings = sorted({lp.ring for lp in self.plans if lp.ring})
         self._fn: dict[str, Callable[..., Any]] = {
             "decode_layer": decode_layer, "decode_qkv": decode_qkv, "decode_out": decode_out,
             "prefill_layer": prefill_layer}
@@ -608,7 +651,7 @@ class EngineModel:
         self._prefill_steps = [self._prefill_step(i) for i in range(len(self.layers))]
 
     def _decode_step(self, i: int) -> Callable[..., torch.Tensor]:
-        w, (p, nh, nkv, d, eps, c, r) = self.layers[i], self.plans[i]
+        w, (p, nh, nkv, d, eps, c, r, ring) = self.layers[i], self.plans[i]
         group, kv_algo = self.group, self.kv_algo
         if c < 0:
             layer = self._fn["decode_layer"]
@@ -625,21 +668,34 @@ class EngineModel:
                 return out(h, attention(q, k, v, kc, vc, pos, kv), w, eps, group, p)
             return kernel_step
         layer = self._fn["decode_layer"]
+        if ring:
+            def ring_step(h, pos, ropes, masks, kv, B):
+                cos, sin = ropes[r]
+                span = min(kv, ring)
+                return layer(h, w, kc[:B, :, :span], vc[:B, :, :span], pos, cos, sin, masks[ring], nh, nkv, d, eps,
+                             group, kv_algo, p)
+            return ring_step
 
         def step(h, pos, ropes, masks, kv, B):
             cos, sin = ropes[r]
-            return layer(h, w, kc[:B, :, :kv], vc[:B, :, :kv], pos, cos, sin, masks[p.window], nh, nkv, d, eps,
+            return layer(h, w, kc[:B, :, :kv], vc[:B, :, :kv], pos, cos, sin, masks[0], nh, nkv, d, eps,
                          group, kv_algo, p)
         return step
 
     def _prefill_step(self, i: int) -> Callable[..., torch.Tensor]:
-        w, (p, nh, nkv, d, eps, c, r) = self.layers[i], self.plans[i]
+        w, (p, nh, nkv, d, eps, c, r, ring) = self.layers[i], self.plans[i]
         group, kv_algo, layer = self.group, self.kv_algo, self._fn["prefill_layer"]
         if c < 0:
-            return lambda h, ropes, row0, B: layer(h, w, None, None, None, None, 0, 0, 0, eps, group, None, p)
+            return lambda h, ropes, rings, row0, B: layer(h, w, None, None, None, None, 0, 0, 0, eps, group, None, p)
         kc, vc = self.k_cache[c], self.v_cache[c]
+        if ring:
+            def ring_step(h, ropes, rings, row0, B):
+                cos, sin = ropes[r]
+                return layer(h, w, kc[row0:row0 + B], vc[row0:row0 + B], cos, sin, nh, nkv, d, eps, group, kv_algo,
+                             p, rings[ring])
+            return ring_step
 
-        def step(h, ropes, row0, B):
+        def step(h, ropes, rings, row0, B):
             cos, sin = ropes[r]
             return layer(h, w, kc[row0:row0 + B], vc[row0:row0 + B], cos, sin, nh, nkv, d, eps, group, kv_algo, p)
         return step
@@ -655,7 +711,10 @@ class EngineModel:
 
     # -- the steps ---------------------------------------------------------------------------------
     def _embed(self, ids: torch.Tensor, positions: torch.Tensor | None, T: int = 0) -> torch.Tensor:
-        h = F.embedding(ids, self.embed)
+        if self.embed_first is not None:
+            h = parallel_embedding(ids, self.embed, self.embed_first, self.group)
+        else:
+            h = F.embedding(ids, self.embed)
         if self.embed_scale is not None:
             h = h * self.embed_scale
         if self.pos_embed is not None:
@@ -669,7 +728,7 @@ class EngineModel:
         kv = kv or self.max_seq
         h = self._embed(ids, pos)
         ropes = [(cos[pos], sin[pos]) for cos, sin in self.rope_tables] + [(None, None)]
-        masks = {w: decode_mask(self.slots, pos, kv, self.dtype, w) for w in self._mask_windows}
+        masks = {w: decode_mask(self.slots, pos, min(kv, w) if w else kv, self.dtype) for w in self._mask_windows}
         for step in self._decode_steps:
             h = step(h, pos, ropes, masks, kv, B)
         return self._gather_vocab(self._head(h, self.final_norm, self.head, self.eps, self.final_norm_bias,
@@ -688,8 +747,9 @@ class EngineModel:
         n = int(lengths.max()) if self._has_longrope else T
         ropes = [(cos[:T], sin[:T]) if long is None or n <= long[0] else (long[1][:T], long[2][:T])
                  for (cos, sin), long in zip(self.rope_tables, self._long_prefill, strict=True)] + [(None, None)]
+        rings = {s: ring_positions(lengths, s, T) for s in self._rings}
         for step in self._prefill_steps:
-            h = step(h, ropes, row0, B)
+            h = step(h, ropes, rings, row0, B)
         if not all_logits:
             h = h[torch.arange(B, device=h.device), lengths - 1]
         return self._gather_vocab(lm_head(h, self.final_norm, self.head, self.eps, self.final_norm_bias,  # eager

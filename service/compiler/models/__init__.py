@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from ..errors import UnsupportedArchitecture
 from .base import ArchSpec
+from .gemma import GEMMA_FAMILY
 from .gpt import GPT2_SPEC, OPT_SPEC
 from .llama import LLAMA
 from .moe import MOE
 from .nemotron_nas import NEMOTRON_NAS
 from .phi3 import PHI3
+from .qwen3 import QWEN3
 from .spec import ModelSpec
 
 _BY_HF: dict[str, ArchSpec] = {}
@@ -24,7 +26,7 @@ def register(spec: ArchSpec) -> ArchSpec:
     return spec
 
 
-for _spec in (LLAMA, GPT2_SPEC, OPT_SPEC, NEMOTRON_NAS, MOE, PHI3):
+for _spec in (LLAMA, GPT2_SPEC, OPT_SPEC, NEMOTRON_NAS, MOE, PHI3, QWEN3, GEMMA_FAMILY):
     register(_spec)
 
 

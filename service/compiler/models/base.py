@@ -13,7 +13,7 @@ Split rules turn (source tensors, rank) into pieces; an architecture is a table 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, overload
 
 from ..checkpoint.mapping import Mapping
@@ -43,6 +43,7 @@ class Piece:
     cols: tuple[int, int] | None = None  # None: all columns (or a 1-D tensor)
     transpose: bool = False
     ncols: int = 0  # width of the block (0 for 1-D)
+    add: float = 0.0  # added to every value in float32 before the cast (Gemma's norms: TensorRT-LLM stores 1 + w)
 
     @property
     def nrows(self) -> int:
@@ -202,6 +203,12 @@ def vocab_parallel(ctx: SplitContext, src: Sequence[SourceTensor], t: bool) -> l
     if r1 > shape[0]:
         pieces.append(Piece(None, (0, r1 - max(r0, shape[0])), None, False, shape[1]))
     return pieces
+
+
+def plus_one(ctx: SplitContext, src: Sequence[SourceTensor], t: bool) -> list[Piece]:
+    """Replicated, every value + 1 (in float32, then cast): TensorRT-LLM's Gemma converter stores the
+    (1 + w) scale of Gemma's RMSNorm, so its runtime applies a plain RMSNorm."""
+    return [replace(p, add=1.0) for p in replicate(ctx, src, t)]
 
 
 def offset_rows(offset: int) -> Rule:

@@ -1,6 +1,6 @@
 """A decoder described by data: the per-layer block spec both runtimes execute.
 
-Each family module (``llama.py``, ``gpt.py``, ``nemotron_nas.py``, ``phi3.py``) declares
+Each family module (``llama.py``, ``qwen3.py``, ``gemma.py``, ``gpt.py``, ``nemotron_nas.py``, ``phi3.py``) declares
 ``block_specs(cfg) -> ModelSpec`` from its TensorRT-LLM checkpoint config, and its engine weight map
 (``engine_weight_map(cfg)``: engine tensor <- checkpoint tensors concatenated along dim 0). The torch
 engine (``engine/model.py``) resolves a ``ModelSpec`` into its step functions once, at load; the
@@ -8,8 +8,10 @@ reference (``reference/model.py``) runs the same spec in plain float PyTorch. A 
 spec plus its weight map.
 
 Checkpoint module names per block (what the reference reads, TensorRT-LLM's names):
-``input_layernorm`` / ``post_layernorm`` (the block's two norms; the sandwich's extra post norms are
-``post_attention_layernorm`` / ``post_feedforward_layernorm``), ``attention.qkv`` / ``attention.dense``
+``Block.norm_names`` = (pre-attention, pre-MLP, post-attention, post-MLP) norms, by default
+``input_layernorm`` / ``post_layernorm`` / ``post_attention_layernorm`` / ``post_feedforward_layernorm``
+(TensorRT-LLM's Gemma 2 / 3: ``input_layernorm`` / ``pre_feedforward_layernorm`` / ``post_layernorm`` /
+``post_feedforward_layernorm``), ``attention.qkv`` / ``attention.dense``
 (``attention`` itself for a linear replacement), ``attention.q_layernorm`` / ``k_layernorm`` (qk-norm),
 ``{mlp_module}.fc`` (the activated branch) / ``.gate`` (the multiplied one) / ``.proj`` (``{mlp_module}``
 itself for a linear replacement); a Mixture-of-Experts MLP (``models/moe.py``): ``.router`` (float32
@@ -34,6 +36,10 @@ ACTIVATION_NAMES = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new":
                     "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "relu": "relu"}
 ROPE_SCALINGS = (None, "linear", "llama3", "longrope")
 NOT_YET: dict[str, str] = {}  # kinds the vocabulary names that no runtime executes yet
+# checkpoint norm modules of a block: before attention, before the MLP, after attention, after the MLP
+NORM_NAMES = ("input_layernorm", "post_layernorm", "post_attention_layernorm", "post_feedforward_layernorm")
+# TensorRT-LLM's Gemma 2 / 3 names (models/gemma/model.py): post_layernorm normalizes the attention output
+SANDWICH_NORM_NAMES = ("input_layernorm", "pre_feedforward_layernorm", "post_layernorm", "post_feedforward_layernorm")
 
 
 @dataclass(frozen=True)
@@ -94,6 +100,7 @@ class Block:
     norm: Norm
     placement: str = "pre"
     mlp_module: str = "mlp"  # checkpoint module of the MLP (DeciLM: ffn)
+    norm_names: tuple[str, str, str, str] = NORM_NAMES  # checkpoint modules: pre-attn, pre-MLP, post-attn, post-MLP
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""One decoder layer at a time, on TensorRT-LLM checkpoint tensors (Llama/Mistral/Qwen2, GPT-2, OPT).
+"""One decoder layer at a time, on TensorRT-LLM checkpoint tensors (Llama/Mistral/Qwen2/Qwen3, GPT-2, OPT).
 
 The quantizer's calibration and its accuracy report run the model layer by layer with this; every
 linear goes through a caller-supplied ``linear(module, x)`` (float, hooked for statistics, or the
@@ -24,7 +24,7 @@ from ..errors import UnsupportedArchitecture
 
 LinearFn = Callable[[str, torch.Tensor], torch.Tensor]
 KVFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-LLAMA_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+LLAMA_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")  # Qwen3: q/k norms
 GPT_ARCHS = ("GPTForCausalLM", "GPT2LMHeadModel", "OPTForCausalLM")
 
 
@@ -103,6 +103,8 @@ class Decoder:
         q = q.reshape(B, L, self.nh, self.d).transpose(1, 2)
         k = k.reshape(B, L, self.nkv, self.d).transpose(1, 2)
         v = v.reshape(B, L, self.nkv, self.d).transpose(1, 2)
+        if "attention.q_layernorm.weight" in t:  # Qwen3: RMSNorm of each head's q and k, before rope
+            q, k = self.norm(t, "attention.q_layernorm", q), self.norm(t, "attention.k_layernorm", k)
         if self.llama:
             q, k = self._rope(q), self._rope(k)
         if kv is not None:

@@ -32,7 +32,10 @@ from safetensors import safe_open
 from ..checkpoint.mapping import Mapping
 from ..errors import InvalidCheckpoint, InvalidMapping, UnsupportedArchitecture
 
-LLAMA_FAMILY = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+# Qwen3 and Gemma share the Llama tensor rules, plus q/k norms and the sandwich's extra norms
+QK_NORM_DENSE = ("Qwen3ForCausalLM",)
+GEMMA_FAMILY = ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
+LLAMA_FAMILY = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM") + QK_NORM_DENSE + GEMMA_FAMILY
 GPT_FAMILY = ("GPTForCausalLM", "GPT2LMHeadModel")
 OPT_FAMILY = ("OPTForCausalLM",)
 PHI3_FAMILY = ("Phi3ForCausalLM",)  # Llama's tensors, but one fused swiglu mlp.fc [up_r; gate_r] per rank
@@ -185,6 +188,8 @@ class Geometry:
             "transformer.ln_f.weight": (H,), "transformer.ln_f.bias": (H,),
             "lm_head.weight": (self.vocab, H),
             "input_layernorm.weight": (H,), "input_layernorm.bias": (H,),
+            "attention.q_layernorm.weight": (d,), "attention.k_layernorm.weight": (d,),
+            "pre_feedforward_layernorm.weight": (H,), "post_feedforward_layernorm.weight": (H,),
             "post_layernorm.weight": (H,), "post_layernorm.bias": (H,),
             "attention.qkv.weight": (qkv, H), "attention.qkv.bias": (qkv,),
             "attention.dense.weight": (H, self.heads * d), "attention.dense.bias": (H,),
@@ -217,6 +222,11 @@ def tensor_names(cfg: dict) -> tuple[set[str], set[str], set[str]]:
         if cfg.get("mlp_bias"):
             layer_req |= mlp_bias
         layer_opt = (attn_bias | mlp_bias | {"attention.dense.bias"}) - layer_req
+        arch = cfg.get("architecture")
+        if arch in QK_NORM_DENSE or arch == "Gemma3ForCausalLM":
+            layer_req |= {"attention.q_layernorm.weight", "attention.k_layernorm.weight"}
+        if arch in ("Gemma2ForCausalLM", "Gemma3ForCausalLM"):
+            layer_req |= {"pre_feedforward_layernorm.weight", "post_feedforward_layernorm.weight"}
     else:
         layer_req |= {"input_layernorm.bias", "attention.qkv.bias", "attention.dense.bias",
                       "post_layernorm.bias", "mlp.fc.bias", "mlp.proj.bias"}

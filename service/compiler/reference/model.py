@@ -48,8 +48,6 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu,
     "swiglu": lambda x: F.silu(x.chunk(2, -1)[1]) * x.chunk(2, -1)[0],  # TensorRT-LLM's fused [up; gate] fc
 }
-# checkpoint norm modules of a block: before attention, before the MLP, after attention, after the MLP
-NORM_NAMES = ("input_layernorm", "post_layernorm", "post_attention_layernorm", "post_feedforward_layernorm")
 
 def rope_inv_freq(cfg: dict) -> torch.Tensor:
     """float32 inverse frequencies of GPT-NeoX rotary over ``head_size``, with HF's scaling rules."""
@@ -144,8 +142,8 @@ class ReferenceModel:
         q = config.get("quantization") or {}
         # Quantized checkpoints execute from their low-precision tensors (service/compiler/quantization/qlinear.py).
         self.quant = q if q.get("quant_algo") or q.get("kv_cache_quant_algo") else None
-        if self.quant is None and self.family in ("llama", "gpt", "opt", "phi3"):  # the uniform families' tensor rules
-            check_complete(config, weights)
+        if self.quant is None and self.family in ("llama", "gpt", "opt", "phi3") and spec is None:
+            check_complete(config, weights)  # the uniform families' tensor rules (from_checkpoint's loader checked)
         if compute_dtype is None:
             compute_dtype = TORCH_DTYPES[config["dtype"]]
         if compute_dtype not in TORCH_DTYPES.values():
@@ -307,7 +305,7 @@ class ReferenceModel:
 
     def _block(self, i: int, blk: Block, x: torch.Tensor, pos0: int, cache: KVCache | None) -> torch.Tensor:
         p = f"transformer.layers.{i}."
-        pre_attn, pre_mlp, post_attn, post_mlp = (p + n for n in NORM_NAMES)
+        pre_attn, pre_mlp, post_attn, post_mlp = (p + n for n in blk.norm_names)
         parts = ((blk.attention.kind != "none", lambda y: self._attention(i, blk, y, pos0, cache), pre_attn, post_attn),
                  (blk.mlp.kind != "none", lambda y: self._mlp(i, blk, y), pre_mlp, post_mlp))
         for present, part, pre, post in parts:
