@@ -280,6 +280,19 @@ def fp8_gptq_layer(t: dict[str, torch.Tensor], layer: int, stats: dict[str, Modu
     res.fp8 = out
 
 
+@contextlib.contextmanager
+def _tf32(on: bool) -> Iterator[None]:
+    if not on:
+        yield
+        return
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
 LayerSink = Callable[[int | None, dict[str, torch.Tensor], dict[str, torch.Tensor], "LayerResult | None"], None]
 
 
@@ -308,6 +321,10 @@ def calibrate(model, cfg: QuantConfig, data: CalibrationData, settings: Calibrat
     gptq_gains: list[float] = []
     device = torch.device(settings.resolved_device)
     gptq = cfg.quant_algo == qc.FP8 and cfg.fp8_gptq
+    # FP8's fast path (plain max calibration) takes only activation maxima from the forward passes: on
+    # a GPU its float32 matmuls may run as TF32 (10-bit mantissa, finer than the bf16 forward ModelOpt
+    # calibrates with); every other path keeps IEEE float32
+    tf32 = device.type == "cuda" and cfg.quant_algo == qc.FP8 and not cfg.fp8_gptq
     for idx, host in stream_layers(clock.timed("load", model.tensors(0))):
         with clock.part("load"):
             t = {k: v.to(device) for k, v in host.items()}
@@ -334,7 +351,7 @@ def calibrate(model, cfg: QuantConfig, data: CalibrationData, settings: Calibrat
         assert h is not None
         res = LayerResult()
         stats: dict[str, ModuleStats] = {}
-        with clock.part("calibration"):
+        with clock.part("calibration"), _tf32(tf32):
             kvbox = [0.0]
             n = h.shape[0]
             batches = list(range(0, n, MICRO_BATCH))
@@ -496,6 +513,8 @@ def quantize_checkpoint(model, out_dir: str | os.PathLike, cfg: QuantConfig, *,
             if cfg.quant_algo == qc.FP8:
                 record["fp8_weight_rounding"] = (f"gptq (block {GPTQ_BLOCK}, damp {GPTQ_DAMP}, act-order)"
                                                  if cfg.fp8_gptq else "round to nearest (max calibration)")
+                if not cfg.fp8_gptq and device.type == "cuda":
+                    record["calibration_matmul"] = "tf32"
             if cfg.quant_algo == qc.W4A16_AWQ:
                 record.update(awq_grid=cfg.awq_grid, awq_clip=cfg.awq_clip)
             if cfg.quant_algo in qc.WEIGHT_ONLY:  # see layout.py: not TensorRT-LLM's kernel-permuted layout
