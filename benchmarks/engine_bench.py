@@ -207,7 +207,8 @@ def profile_decode(engine, prompt: list[list[int]], steps: int = 20) -> dict:
     return {"kernel_us_per_step": total / steps, "kernels_per_step": sum(e.count for e in rows) / steps, "top": top}
 
 
-def worker_hf(shape: str, mode: str) -> dict:
+def hf_model(shape: str, device: str = "cuda"):
+    """transformers' LlamaForCausalLM with the shape's config, random bf16 weights made on ``device``."""
     import transformers
 
     s = SHAPES[shape]
@@ -219,9 +220,17 @@ def worker_hf(shape: str, mode: str) -> dict:
         rope_scaling={"rope_type": "llama3", "factor": s["rope_factor"], "low_freq_factor": 1.0,
                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
     torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
+    with torch.device(device):
         model = transformers.LlamaForCausalLM(cfg).eval()
     torch.set_default_dtype(torch.float32)
+    return model
+
+
+def worker_hf(shape: str, mode: str) -> dict:
+    import transformers
+
+    s = SHAPES[shape]
+    model = hf_model(shape)
     ids = torch.tensor(prompts(1, PROMPT, s["vocab_size"]), device="cuda")
     kw = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0)
     if mode == "static_compile":  # transformers compiles the decode step itself once the cache is static
