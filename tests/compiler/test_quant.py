@@ -474,7 +474,14 @@ def test_progress_reports_calibration_and_writing(models, tmp_path):
                         progress=lambda f, m: seen.append((f, m)))
     fracs = [f for f, _ in seen]
     assert fracs == sorted(fracs) and fracs[-1] == 1.0
-    assert any("calibrated layer 1/2" in m for _, m in seen) and any("wrote layer 2/2" in m for _, m in seen)
+    # one pass: each layer is written as soon as it is calibrated
+    assert any("calibrated and wrote layer 1/2" in m for _, m in seen) and any("layer 2/2" in m for _, m in seen)
+    seen.clear()  # the SmoothQuant alpha search: calibrate every layer, then write in a second pass
+    quantize_checkpoint(models["llama"], tmp_path / "sq", QuantConfig("W8A8_SQ_PER_CHANNEL", alpha_grid=(0.5, 1.0)),
+                        calibration=_calib(), dtype="float32", progress=lambda f, m: seen.append((f, m)))
+    fracs = [f for f, _ in seen]
+    assert fracs == sorted(fracs) and fracs[-1] == 1.0
+    assert any("calibrated layer 2/2" in m for _, m in seen) and any("wrote layer 2/2" in m for _, m in seen)
 
 
 def test_modelopt_awq_export_imports_and_dequantizes_to_the_exported_weights(models, tmp_path):
