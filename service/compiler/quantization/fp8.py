@@ -142,7 +142,7 @@ class _BlockGraph:
 
 
 _GRAPHS: dict[tuple, _BlockGraph] = {}
-_MAX_GRAPHS = 8  # distinct block shapes kept (an 8B Llama layer has 4: qkv, o, fc+gate, proj)
+_MAX_GRAPHS = 8  # distinct block shapes kept (an 8B Llama layer has 3: qkv, fc+gate, and o and proj alike)
 
 
 def _graph_block(W1: torch.Tensor, E1: torch.Tensor, H1: torch.Tensor, s0: torch.Tensor) -> None:
