@@ -34,10 +34,13 @@ SHAPES = {
     "8b": dict(name="Llama-3.1-8B", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                num_attention_heads=32, num_key_value_heads=8, head_size=128, vocab_size=128256, tie=False,
                rope_factor=8.0),
-    # CPU smoke shape (``--tiny`` of h200_targets.py / quant_speed_bench.py): Llama layout, 4 layers, hidden 512
+    # CPU shapes: "tiny" (quant_speed_bench.py's profile: 4 layers, hidden 512), "micro" (h200_targets.py --tiny)
     "tiny": dict(name="tiny-Llama (4 x 512)", hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
                  num_attention_heads=8, num_key_value_heads=2, head_size=64, vocab_size=32000, tie=False,
                  rope_factor=8.0),
+    "micro": dict(name="micro-Llama (2 x 256)", hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_size=64, vocab_size=4096, tie=False,
+                  rope_factor=8.0),
 }
 VARIANTS = {  # Inductor settings tried for the decode/prefill graphs (env of a fresh process)
     "default": {},

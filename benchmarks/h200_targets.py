@@ -19,7 +19,7 @@ for ``quant`` after the bf16 engine is gone). ``--work`` defaults to /tmp (disk)
     PYTHONPATH=. python3 benchmarks/h200_targets.py --shape 8b --only bf16,hf --out $OUT   # ~7 min on an H200
     PYTHONPATH=. python3 benchmarks/h200_targets.py --shape 8b --only quant --out $OUT     # ~8 min
     PYTHONPATH=. python3 benchmarks/h200_targets.py --shape 1b --out $OUT                  # every group
-    PYTHONPATH=. python3 benchmarks/h200_targets.py --tiny                                 # CPU smoke run, minutes
+    PYTHONPATH=. python3 benchmarks/h200_targets.py --tiny                                 # CPU smoke run (2 x 256 Llama), minutes
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ BUILD_FLAGS = ["--max-batch-size", "32", "--max-input-len", str(LONG), "--max-se
 def use_tiny_sizes() -> None:
     """--tiny (CPU): short prompts and generations, small engines, no build-time measuring."""
     global PROMPT, NEW, LONG, BUILD_FLAGS
-    PROMPT, NEW, LONG = 32, 16, 128
+    PROMPT, NEW, LONG = 16, 4, 64
     eb.PROMPT, eb.NEW = PROMPT, NEW  # engine_bench.fresh_start reads these
     BUILD_FLAGS = ["--max-batch-size", "32", "--max-input-len", str(LONG), "--max-seq-len", str(LONG + NEW)]
 TARGETS = {  # issue 18 (H200): row -> target text
@@ -279,8 +279,9 @@ def group_hf(shape: str, table: Table, res: dict) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", choices=["8b", "1b", "tiny"], default="8b", help="8b, 1b (tiny: same as --tiny)")
-    ap.add_argument("--tiny", action="store_true", help="the CPU smoke run: a 4-layer, 512-wide Llama, small calibration")
+    ap.add_argument("--shape", choices=["8b", "1b", "micro"], default="8b", help="8b, 1b (micro: same as --tiny)")
+    ap.add_argument("--tiny", action="store_true",
+                    help="the CPU smoke run: a 2-layer, 256-wide Llama, short prompts, small calibration")
     ap.add_argument("--only", default="bf16,quant,hf", help="row groups to run, in this order: bf16, quant, hf")
     ap.add_argument("--work", default="/tmp/kiln-h200-targets")
     ap.add_argument("--out", default=os.environ.get("OUT"), help="folder for table.md + h200_targets.json (default $OUT)")
@@ -288,8 +289,8 @@ def main() -> int:
     ap.add_argument("--engine", help=argparse.SUPPRESS)
     ap.add_argument("--full", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
-    shape = "tiny" if a.tiny else a.shape
-    tiny = shape == "tiny"
+    shape = "micro" if a.tiny else a.shape
+    tiny = shape == "micro"
     if tiny:
         use_tiny_sizes()
     if a.worker == "engine":

@@ -9,8 +9,12 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from service.compiler.quantization import CalibrationSettings, QuantConfig, quantize_checkpoint  # noqa: E402
-from service.compiler.quantization import fp8  # noqa: E402
+from service.compiler.quantization import (  # noqa: E402
+    CalibrationSettings,
+    QuantConfig,
+    fp8,  # noqa: E402
+    quantize_checkpoint,
+)
 
 pytestmark = [
     pytest.mark.gpu,
