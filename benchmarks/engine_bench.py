@@ -34,6 +34,13 @@ SHAPES = {
     "8b": dict(name="Llama-3.1-8B", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                num_attention_heads=32, num_key_value_heads=8, head_size=128, vocab_size=128256, tie=False,
                rope_factor=8.0),
+    # CPU shapes: "tiny" (quant_speed_bench.py's profile: 4 layers, hidden 512), "micro" (h200_targets.py --tiny)
+    "tiny": dict(name="tiny-Llama (4 x 512)", hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
+                 num_attention_heads=8, num_key_value_heads=2, head_size=64, vocab_size=32000, tie=False,
+                 rope_factor=8.0),
+    "micro": dict(name="micro-Llama (2 x 256)", hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_size=64, vocab_size=4096, tie=False,
+                  rope_factor=8.0),
 }
 VARIANTS = {  # Inductor settings tried for the decode/prefill graphs (env of a fresh process)
     "default": {},
@@ -203,7 +210,8 @@ def profile_decode(engine, prompt: list[list[int]], steps: int = 20) -> dict:
     return {"kernel_us_per_step": total / steps, "kernels_per_step": sum(e.count for e in rows) / steps, "top": top}
 
 
-def worker_hf(shape: str, mode: str) -> dict:
+def hf_model(shape: str, device: str = "cuda"):
+    """transformers' LlamaForCausalLM with the shape's config, random bf16 weights made on ``device``."""
     import transformers
 
     s = SHAPES[shape]
@@ -215,9 +223,17 @@ def worker_hf(shape: str, mode: str) -> dict:
         rope_scaling={"rope_type": "llama3", "factor": s["rope_factor"], "low_freq_factor": 1.0,
                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
     torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
+    with torch.device(device):
         model = transformers.LlamaForCausalLM(cfg).eval()
     torch.set_default_dtype(torch.float32)
+    return model
+
+
+def worker_hf(shape: str, mode: str) -> dict:
+    import transformers
+
+    s = SHAPES[shape]
+    model = hf_model(shape)
     ids = torch.tensor(prompts(1, PROMPT, s["vocab_size"]), device="cuda")
     kw = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0)
     if mode == "static_compile":  # transformers compiles the decode step itself once the cache is static

@@ -66,6 +66,27 @@ def synth_hf(shape: str, out: Path, std: float = 0.02, *, layers: int | None = N
     return time.perf_counter() - t0
 
 
+def add_word_tokenizer(out: Path, vocab_size: int) -> int:
+    """A word-level tokenizer over the quantizer's bundled calibration text, saved into the HF folder
+    ``out`` (``tokenizer.json`` + config), so ``kiln convert --quantization`` calibrates a random-weight
+    model through the public CLI with real text windows. Ids: the text's words by frequency, below
+    ``vocab_size``; returns the number of ids used."""
+    import collections
+    import re
+
+    import tokenizers
+    import transformers
+
+    from service.compiler.quantization.calibration import bundled_text
+
+    words = collections.Counter(re.findall(r"\w+|[^\w\s]+", bundled_text()))
+    vocab = {"<unk>": 0, **{w: i + 1 for i, (w, _) in enumerate(words.most_common(vocab_size - 1))}}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(out)
+    return len(vocab)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="8b,1b")

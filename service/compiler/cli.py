@@ -196,16 +196,21 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _quantize(args: argparse.Namespace, model_dir, mapping, bar: ProgressBar | None):
+    from .errors import InvalidArgument
     from .quantization import CalibrationSettings, QuantConfig, quantize_checkpoint
 
     if mapping.world_size != 1:
-        from .errors import InvalidArgument
-
         raise InvalidArgument("--quantization runs at --tp-size 1 --pp-size 1",
                               hint="quantize first, then shard the quantized checkpoint")
+    method = args.calibration_method
+    if args.fast:
+        if method not in (None, "max"):
+            raise InvalidArgument("--fast is --calibration-method max; it cannot be combined with "
+                                  f"--calibration-method {method}")
+        method = "max"
     cfg = QuantConfig(args.quantization, kv_cache_quant_algo=args.kv_cache_quantization, group_size=args.group_size,
                       has_zero_point=args.has_zero_point, smoothquant_alpha=args.smoothquant_alpha,
-                      exclude_modules=args.exclude_modules)
+                      exclude_modules=args.exclude_modules, calibration_method=method)
     calib = CalibrationSettings(samples=args.calibration_samples, seq_len=args.calibration_seq_len,
                                 **({"source": args.calibration_file} if args.calibration_file else {}))
     from .convert import from_hugging_face
@@ -382,7 +387,8 @@ examples:
   kiln convert ./SmolLM2-135M ./ckpt                                  # dtype of the model, one rank
   kiln convert ./my-llama ./ckpt --dtype bfloat16 --tp-size 2 --pp-size 2
   kiln convert meta-llama/Llama-3.2-1B ./ckpt --token-env HF_TOKEN    # a repo id through the HF cache
-  kiln convert ./SmolLM2-135M ./ckpt-awq --quantization W4A16_AWQ --group-size 64"""
+  kiln convert ./SmolLM2-135M ./ckpt-awq --quantization W4A16_AWQ --group-size 64
+  kiln convert ./my-llama ./ckpt-fp8 --quantization FP8 --fast      # max calibration, no GPTQ rounding"""
 
 VALIDATE_EXAMPLES = """\
 examples:
@@ -464,6 +470,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="number of calibration sequences (default 128)")
     c.add_argument("--calibration-seq-len", type=int, default=512, metavar="N",
                    help="tokens per calibration sequence (default 512)")
+    c.add_argument("--calibration-method", default=None, choices=["gptq", "max"],
+                   help="FP8 only: gptq (default: max-calibrated scales, GPTQ-rounded E4M3 weights, the "
+                   "accurate one) or max (ModelOpt's plain max calibration, weights rounded to nearest: "
+                   "several times faster, less accurate)")
+    c.add_argument("--fast", action="store_true", help="FP8's fast path: same as --calibration-method max")
     p.set_defaults(func=_convert)
 
     v = sub.add_parser("validate", help="check a TensorRT-LLM checkpoint's rank files against its config.json",

@@ -94,6 +94,10 @@ class QuantizationSpec(_Strict):
     has_zero_point: bool = Field(False, description="W4A16_AWQ only")
     exclude_modules: list[str] | None = Field(None, description="patterns added to the default exclusions (lm_head, ...)")
     smoothquant_alpha: float | None = Field(None, ge=0.0, le=1.0, description="None: per-model search")
+    calibration_method: Literal["gptq", "max"] | None = Field(
+        None, description="FP8 only. gptq (the default when unset): max-calibrated scales and GPTQ-rounded E4M3 "
+        "weights, the accurate one; max: ModelOpt's plain max calibration, weights rounded to nearest (the fast "
+        "path: several times quicker, less accurate)")
     calibration: CalibrationSpec | None = None
     thresholds: ThresholdsSpec = Field(default_factory=ThresholdsSpec)
 
@@ -120,6 +124,8 @@ class QuantizationSpec(_Strict):
             raise ValueError(f"has_zero_point is only supported with W4A16_AWQ, not {self.algo}")
         if self.smoothquant_alpha is not None and self.algo != "W8A8_SQ_PER_CHANNEL":
             raise ValueError("smoothquant_alpha applies to W8A8_SQ_PER_CHANNEL only")
+        if self.calibration_method is not None and self.algo != "FP8":
+            raise ValueError(f"calibration_method applies to FP8 only, not {self.algo}")
         return self
 
     @property

@@ -51,7 +51,7 @@ def quantize_config(spec: JobSpec) -> dict | None:
         "target_sm": spec.build.target_sm if spec.build else None,
     }
     if cfg["algo"] == "FP8":  # FP8 weights are GPTQ-rounded since this key field: older cached ones are not
-        cfg["fp8_weight_rounding"] = "gptq"
+        cfg["fp8_weight_rounding"] = q.calibration_method or "gptq"  # "max": the fast path
     return cfg
 
 
@@ -76,7 +76,7 @@ def _quant_config(cfg: dict):
 
     return QuantConfig(quant_algo=cfg["algo"], kv_cache_quant_algo=cfg["kv_cache"], group_size=cfg["group_size"],
                        has_zero_point=cfg["has_zero_point"], exclude_modules=cfg["exclude_modules"],
-                       smoothquant_alpha=cfg["smoothquant_alpha"])
+                       smoothquant_alpha=cfg["smoothquant_alpha"], calibration_method=cfg.get("fp8_weight_rounding"))
 
 
 def _clean(value):
@@ -97,7 +97,7 @@ def quantize_stage(ctx: StageContext, input_dir: Path | None, output_dir: Path, 
                                   calibration=CalibrationSettings(samples=cal["samples"], seq_len=cal["seq_len"]),
                                   progress=progress, target_sm=cfg["target_sm"], dtype=cfg["dtype"], overwrite=True)
     return _clean({"quant_algo": summary.quant_algo, "kv_cache_quant_algo": summary.kv_cache_quant_algo,
-                   "seconds": round(summary.seconds, 3), "record": summary.record})
+                   "seconds": round(summary.seconds, 3), "timings": summary.timings, "record": summary.record})
 
 
 # -- build --------------------------------------------------------------------------------------

@@ -343,6 +343,62 @@ def test_cli_convert_with_quantization_flags(models, tmp_path, capsys):
     assert rc == 2 and "compute capability >= 8.9" in capsys.readouterr().err and not bad.exists()
 
 
+def _with_word_tokenizer(hf_dir: Path, out: Path) -> Path:
+    """A copy of ``hf_dir`` with a word-level tokenizer over the bundled calibration text (the model's
+    ids), so ``kiln convert`` calibrates it through the CLI."""
+    import re
+    import shutil
+    from collections import Counter
+
+    import tokenizers
+
+    from service.compiler.quantization.calibration import bundled_text
+
+    shutil.copytree(hf_dir, out)
+    words = Counter(re.findall(r"\w+|[^\w\s]+", bundled_text())).most_common(VOCAB - 1)
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({"<unk>": 0, **{w: i + 1 for i, (w, _) in enumerate(words)}},
+                                                           unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(out)
+    return out
+
+
+def test_fp8_calibration_method_fast_path_through_the_cli_and_part_timings(models, tmp_path, capsys):
+    """``--fast`` / ``--calibration-method max`` writes exactly what QuantConfig(fp8_gptq=False) writes, the
+    default writes the GPTQ checkpoint, and the summary splits its time into load / calibration / quantize /
+    write; the method is refused for other algorithms before anything is written."""
+    from service.cli import main
+
+    hf = _with_word_tokenizer(models["llama"], tmp_path / "hf")
+    common = ["--dtype", "float32", "--calibration-samples", "4", "--calibration-seq-len", "16", "--quiet", "--json"]
+    runs = {}
+    for name, flags in (("fast", ["--fast"]), ("max", ["--calibration-method", "max"]), ("gptq", [])):
+        rc = main(["convert", str(hf), str(tmp_path / name), "--quantization", "FP8", *flags, *common])
+        assert rc == 0, capsys.readouterr().err
+        runs[name] = json.loads(capsys.readouterr().out)
+    calib = CalibrationSettings(samples=4, seq_len=16)
+    for name, cfg in (("api-max", QuantConfig("FP8", fp8_gptq=False)), ("api-gptq", QuantConfig("FP8"))):
+        quantize_checkpoint(hf, tmp_path / name, cfg, calibration=calib, dtype="float32")
+    data = {n: (tmp_path / n / "rank0.safetensors").read_bytes() for n in ("fast", "max", "gptq", "api-max", "api-gptq")}
+    assert data["fast"] == data["max"] == data["api-max"] and data["gptq"] == data["api-gptq"] != data["max"]
+    assert runs["fast"]["record"]["fp8_weight_rounding"].startswith("round to nearest")
+    assert runs["gptq"]["record"]["fp8_weight_rounding"].startswith("gptq")
+    for r in runs.values():
+        t = r["timings"]
+        parts = [t[k] for k in ("load_s", "calibration_s", "quantize_s", "write_s", "other_s")]
+        assert min(parts) >= 0.0 and t["calibration_s"] > 0.0 and t["write_s"] > 0.0 and t["quantize_s"] > 0.0
+        assert sum(parts) == pytest.approx(t["total_s"], abs=0.01) and t["total_s"] <= r["seconds"] + 1e-6
+    rc = main(["convert", str(hf), str(tmp_path / "no"), "--quantization", "W8A16", "--fast", "--quiet"])
+    assert rc == 2 and "applies to FP8 only" in capsys.readouterr().err and not (tmp_path / "no").exists()
+    rc = main(["convert", str(hf), str(tmp_path / "no"), "--quantization", "FP8", "--fast",
+               "--calibration-method", "gptq", "--quiet"])
+    assert rc == 2 and "--fast is --calibration-method max" in capsys.readouterr().err
+    with pytest.raises(InvalidArgument, match="unknown calibration method"):
+        QuantConfig("FP8", calibration_method="minmax")
+    assert QuantConfig("FP8", calibration_method="MAX").fp8_gptq is False
+    assert QuantConfig("FP8").fp8_calibration_method == "gptq" and QuantConfig("W8A16").fp8_calibration_method is None
+
+
 def _modelopt_fp8_export(hf_dir: Path, out: Path, skip: str = "mlp.down_proj") -> None:
     """A ModelOpt ``export_hf_checkpoint``-style FP8 folder made from a float HF folder (per-module scales)."""
     import shutil
@@ -418,7 +474,14 @@ def test_progress_reports_calibration_and_writing(models, tmp_path):
                         progress=lambda f, m: seen.append((f, m)))
     fracs = [f for f, _ in seen]
     assert fracs == sorted(fracs) and fracs[-1] == 1.0
-    assert any("calibrated layer 1/2" in m for _, m in seen) and any("wrote layer 2/2" in m for _, m in seen)
+    # one pass: each layer is written as soon as it is calibrated
+    assert any("calibrated and wrote layer 1/2" in m for _, m in seen) and any("layer 2/2" in m for _, m in seen)
+    seen.clear()  # the SmoothQuant alpha search: calibrate every layer, then write in a second pass
+    quantize_checkpoint(models["llama"], tmp_path / "sq", QuantConfig("W8A8_SQ_PER_CHANNEL", alpha_grid=(0.5, 1.0)),
+                        calibration=_calib(), dtype="float32", progress=lambda f, m: seen.append((f, m)))
+    fracs = [f for f, _ in seen]
+    assert fracs == sorted(fracs) and fracs[-1] == 1.0
+    assert any("calibrated layer 2/2" in m for _, m in seen) and any("wrote layer 2/2" in m for _, m in seen)
 
 
 def test_modelopt_awq_export_imports_and_dequantizes_to_the_exported_weights(models, tmp_path):

@@ -64,6 +64,8 @@ def test_w8a16_build_evaluate_job_succeeds_with_checkpoint_engine_report(worker_
     assert [a.name for a in done.artifacts] == ["checkpoint", "engine", "report"]
     stages = {s.name: s for s in done.stages}
     assert stages["quantize"].summary["quant_algo"] == "W8A16"
+    timings = stages["quantize"].summary["timings"]  # the part times of the quantize stage
+    assert timings["write_s"] > 0 and timings["load_s"] > 0 and timings["total_s"] <= stages["quantize"].summary["seconds"]
     assert stages["build"].summary["weights"] == "quantized"  # the torch engine runs the int8 weights
     assert stages["evaluate"].summary["passed"] is True
     assert stages["evaluate"].summary["engine"]["greedy_identical"] == 1.0
@@ -148,6 +150,8 @@ SPEC_ERRORS = {  # refused by JobSpec itself (400 on REST, INVALID_ARGUMENT on g
     "zero point without awq": {"quantization": {"algo": "W4A16", "has_zero_point": True}},
     "calibration from an unknown dataset": {"quantization": {"algo": "FP8", "calibration": {"dataset": "mine"}}},
     "evaluation of nothing": {"evaluation": EVAL},
+    "calibration method for a non-FP8 algo": {"quantization": {"algo": "W8A16", "calibration_method": "max"}},
+    "unknown calibration method": {"quantization": {"algo": "FP8", "calibration_method": "fast"}},
 }
 
 SUBMIT_ERRORS = {  # refused at submit by the compiler's checks: (spec, code)
@@ -188,6 +192,19 @@ def test_every_quantizer_algo_is_accepted_at_submit(local):
                  "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN"):
         job, created = svc.submit("t", JobSpec(model=TINY_REPO, quantization={"algo": algo}))
         assert created and job.state == "queued", algo
+
+
+def test_fp8_calibration_method_reaches_the_quantizer_and_the_stage_key():
+    import service.workers.stages  # noqa: F401  (registers convert, which the quantize stage follows)
+    from service.workers.compile_stages import _quant_config, quantize_config
+
+    default = quantize_config(JobSpec(model=TINY_REPO, quantization={"algo": "FP8"}))
+    gptq = quantize_config(JobSpec(model=TINY_REPO, quantization={"algo": "FP8", "calibration_method": "gptq"}))
+    fast = quantize_config(JobSpec(model=TINY_REPO, quantization={"algo": "FP8", "calibration_method": "max"}))
+    assert default == gptq and default["fp8_weight_rounding"] == "gptq"  # the keys cached before stay valid
+    assert fast != default and fast["fp8_weight_rounding"] == "max"
+    assert _quant_config(default).fp8_gptq and not _quant_config(fast).fp8_gptq
+    assert "fp8_weight_rounding" not in quantize_config(JobSpec(model=TINY_REPO, quantization={"algo": "W8A16"}))
 
 
 def test_trtllm_names_and_old_aliases_normalize_to_one_spec():

@@ -163,6 +163,7 @@ function specFromForm() {
     if (alpha !== undefined) q.smoothquant_alpha = alpha;
     const exclude = $("q-exclude").value.split(",").map((s) => s.trim()).filter(Boolean);
     if (exclude.length) q.exclude_modules = exclude;
+    if ($("q-cal-method").value && q.algo === "FP8") q.calibration_method = $("q-cal-method").value;
     q.calibration = { dataset: "bundled" };
     for (const [key, id] of [["samples", "q-cal-samples"], ["seq_len", "q-cal-seq"]]) {
       const v = numberField(id); if (v !== undefined) q.calibration[key] = v;

@@ -43,6 +43,9 @@ ALIASES = {  # ModelOpt / quantize.py qformat names -> TensorRT-LLM QuantAlgo
 FP8_MIN_SM = 89  # E4M3 tensor cores: Ada (8.9) and Hopper (9.0) onwards
 NEMOTRON_NAS = "DeciLMForCausalLM"
 MOE_ARCHITECTURES = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
+# FP8 calibration methods: "gptq" (the default) = max-calibrated scales + GPTQ-rounded E4M3 weights;
+# "max" = ModelOpt's plain max calibration (weights rounded to nearest): the fast path.
+CALIBRATION_METHODS = ("gptq", "max")
 
 
 def canonical_algo(name: str | None, allowed: tuple[str, ...], what: str) -> str | None:
@@ -71,6 +74,8 @@ class QuantConfig:
     awq_clip: bool = True  # the original AWQ per-group clip search (ModelOpt's awq_lite skips it)
     kv_clip_search: bool = True  # INT8 KV: search the shared K/V scale's clip (False: amax/127 as TensorRT-LLM)
     fp8_gptq: bool = True  # FP8: GPTQ-rounded E4M3 weights (False: ModelOpt's plain max calibration, round to nearest)
+    # FP8 only: "gptq" or "max" (the fast path); sets ``fp8_gptq``. None: keep ``fp8_gptq`` (GPTQ by default)
+    calibration_method: str | None = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -87,6 +92,22 @@ class QuantConfig:
             raise InvalidArgument(f"smoothquant alpha must be in [0, 1], got {self.smoothquant_alpha}")
         if any(not 0.0 <= a <= 1.0 for a in self.alpha_grid) or not self.alpha_grid:
             raise InvalidArgument(f"alpha grid must be non-empty values in [0, 1], got {self.alpha_grid}")
+        if self.calibration_method is not None:
+            method = str(self.calibration_method).lower()
+            if method not in CALIBRATION_METHODS:
+                raise InvalidArgument(f"unknown calibration method {self.calibration_method!r}",
+                                      hint=f"choose one of: {', '.join(CALIBRATION_METHODS)}")
+            if self.quant_algo != FP8:
+                raise InvalidArgument(
+                    f"calibration method {method!r} applies to FP8 only, not {self.quant_algo or 'no quantization'}",
+                    hint="leave the calibration method unset for other algorithms (each has its own calibration)")
+            self.calibration_method = method
+            self.fp8_gptq = method == "gptq"
+
+    @property
+    def fp8_calibration_method(self) -> str | None:
+        """"gptq" or "max" for FP8, else None."""
+        return ("gptq" if self.fp8_gptq else "max") if self.quant_algo == FP8 else None
 
     @property
     def enabled(self) -> bool:
