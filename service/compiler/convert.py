@@ -40,7 +40,7 @@ from .models import spec_for_hf
 from .models.base import ArchSpec, Piece, TensorPlan
 from .models.hf_config import resolve_dtype
 from .models.moe import MOE
-from .sources.layout import open_model
+from .sources.layout import detect_layout, model_config, open_model
 from .sources.weights import RawSafetensorsSource, WeightSource
 from .version import __version__
 
@@ -157,6 +157,29 @@ class HFCheckpointModel:
         self.source.close()
 
 
+def _plan_config(hf: dict, dtype: str, mapping: Mapping) -> tuple[ArchSpec, dict]:
+    """The family and the checkpoint config of an HF config dict, with every check that needs no weights."""
+    spec = spec_for_hf(hf)
+    if mapping.moe_ep > 1 and spec is not MOE:
+        raise InvalidMapping(f"moe_ep_size={mapping.moe_ep} splits experts, but {hf['architectures'][0]} has none",
+                             hint="expert parallelism applies to Mixture-of-Experts models only")
+    try:
+        cfg = spec.trt_config(hf, resolve_dtype(dtype, hf), mapping)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:  # a required field missing or null
+        nulls = ", ".join(f"{k}=null" for k, v in hf.items() if v is None)
+        what = (f"field {exc.args[0]!r} is missing" if isinstance(exc, KeyError)
+                else f"a field is null or invalid ({nulls or exc})")
+        raise InvalidArgument(f"config.json of {hf['architectures'][0]}: {what}"[:300],
+                              hint="config.json is not a complete model configuration: use the model's published "
+                              "config") from exc
+    if "layer_configs" in cfg:  # per-layer configs (Nemotron-NAS): the checkpoint records its split's cost
+        from .checkpoint.pipeline_split import split_record
+
+        cfg["kiln_pipeline_split"] = split_record(cfg, mapping)
+    spec.check_mapping(cfg, mapping)
+    return spec, cfg
+
+
 def from_hugging_face(model_dir: str | os.PathLike, dtype: str = "auto", mapping: Mapping | None = None,
                       *, allow_pickle: bool = False, torch_free: bool = False) -> HFCheckpointModel:
     """Read config and weight headers, check the split, and plan every rank; reads no tensor data.
@@ -170,29 +193,14 @@ def from_hugging_face(model_dir: str | os.PathLike, dtype: str = "auto", mapping
     model_dir = Path(model_dir)
     if not model_dir.exists():
         raise ModelNotFound(f"model folder not found: {model_dir}")
+    mapping = mapping or Mapping()
+    planned = None
+    if detect_layout(model_dir) == "hf":  # config errors before any weight file is opened
+        planned = _plan_config(model_config(model_dir), dtype, mapping)
     opened = open_model(model_dir, allow_pickle=allow_pickle, raw=torch_free)
     source = opened.source
     try:
-        hf = opened.hf_config
-        spec = spec_for_hf(hf)
-        mapping = mapping or Mapping()
-        if mapping.moe_ep > 1 and spec is not MOE:
-            raise InvalidMapping(f"moe_ep_size={mapping.moe_ep} splits experts, but {hf['architectures'][0]} has none",
-                                 hint="expert parallelism applies to Mixture-of-Experts models only")
-        try:
-            cfg = spec.trt_config(hf, resolve_dtype(dtype, hf), mapping)
-        except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:  # a required field missing or null
-            nulls = ", ".join(f"{k}=null" for k, v in hf.items() if v is None)
-            what = (f"field {exc.args[0]!r} is missing" if isinstance(exc, KeyError)
-                    else f"a field is null or invalid ({nulls or exc})")
-            raise InvalidArgument(f"config.json of {hf['architectures'][0]}: {what}"[:300],
-                                  hint="config.json is not a complete model configuration: use the model's published "
-                                  "config") from exc
-        if "layer_configs" in cfg:  # per-layer configs (Nemotron-NAS): the checkpoint records its split's cost
-            from .checkpoint.pipeline_split import split_record
-
-            cfg["kiln_pipeline_split"] = split_record(cfg, mapping)
-        spec.check_mapping(cfg, mapping)
+        spec, cfg = planned or _plan_config(opened.hf_config, dtype, mapping)
         model = HFCheckpointModel(model_dir, spec, cfg, source, opened.write_extras)
         if isinstance(source, RawSafetensorsSource) and not model.moves_bytes_only():
             source = source.torch_source()  # same opened files, torch dtypes: re-plan for the cast
