@@ -85,8 +85,10 @@ def rope_theta(cfg) -> float:
     return float((getattr(cfg, "rope_parameters", None) or {}).get("rope_theta") or getattr(cfg, "rope_theta", 10000.0))
 
 
-def write_gguf(model, arch: str, path, rng, extra: dict[str, np.ndarray] | None = None) -> None:
-    """``extra``: more tensors written as they are (e.g. Llama 3.1's ``rope_freqs.weight``)."""
+def write_gguf(model, arch: str, path, rng, extra: dict[str, np.ndarray] | None = None,
+               extra_kv: dict[str, int | float] | None = None) -> None:
+    """``extra``: more tensors written as they are (e.g. Llama 3.1's ``rope_freqs.weight``); ``extra_kv``: more
+    metadata (ints as uint32, floats as float32)."""
     cfg = model.config
     w = gguf.GGUFWriter(str(path), arch)
     w.add_uint32(f"{arch}.context_length", cfg.max_position_embeddings)
@@ -105,6 +107,8 @@ def write_gguf(model, arch: str, path, rng, extra: dict[str, np.ndarray] | None 
         w.add_uint32(f"{arch}.attention.value_length", cfg.head_dim)
     if arch.startswith("gemma"):
         w.add_uint32(f"{arch}.attention.sliding_window", cfg.sliding_window)
+    for key, value in (extra_kv or {}).items():
+        w.add_uint32(key, value) if isinstance(value, int) else w.add_float32(key, value)
     for hf, t in model.state_dict().items():
         if hf == "lm_head.weight" and cfg.tie_word_embeddings:
             continue

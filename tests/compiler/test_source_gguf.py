@@ -161,6 +161,46 @@ def test_llama3_rope_freqs_become_llama3_rope_scaling(tmp_path, factor):
     assert not (tmp_path / "out").exists()
 
 
+def test_phi3_longrope_factors_become_longrope_scaling(tmp_path):
+    """Phi-3.5's long context: llama.cpp writes the short/long rope factors as tensors and the original
+    length as metadata (which transformers' GGUF loader ignores); Kiln reads them back as HF longrope, and its
+    reference runtime matches an HF Phi-3 model with those weights and that scaling, past the original length."""
+    from service.compiler.models.phi3 import attention_factor
+
+    T = transformers
+    cfg = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+               vocab_size=96, max_position_embeddings=64, tie_word_embeddings=False, pad_token_id=0)
+    short, long = [1.0 + 0.05 * i for i in range(8)], [1.5 + 0.4 * i for i in range(8)]
+    rope = {"rope_type": "longrope", "short_factor": short, "long_factor": long}
+    torch.manual_seed(6)
+    model = T.Phi3ForCausalLM(T.Phi3Config(**cfg)).eval()
+    extra = {"rope_factors_short.weight": np.array(short, dtype=np.float32),
+             "rope_factors_long.weight": np.array(long, dtype=np.float32)}
+    kv = {"phi3.rope.scaling.original_context_length": 16, "phi3.rope.scaling.attn_factor": attention_factor(64, 16)}
+    write_gguf(model, "phi3", tmp_path / "m.gguf", np.random.default_rng(0), extra=extra, extra_kv=kv)
+    loaded = T.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf", dtype=torch.float32)
+    want_model = T.Phi3ForCausalLM(T.Phi3Config(**cfg, original_max_position_embeddings=16, rope_scaling=rope)).eval()
+    want_model.load_state_dict(loaded.state_dict())
+    convert_checkpoint(tmp_path / "m.gguf", tmp_path / "ckpt", dtype="float32")
+    ckpt_cfg = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert ckpt_cfg["original_max_position_embeddings"] == 16
+    assert ckpt_cfg["longrope_scaling_long_factors"] == pytest.approx(long)
+    ref = ReferenceModel.from_checkpoint(tmp_path / "ckpt")
+    for n in (12, 30):  # below the original length (short factors), past it (long factors)
+        ids = torch.tensor([list(range(3, 3 + n))])
+        with torch.no_grad():
+            torch.testing.assert_close(ref.forward(ids), want_model(ids).logits, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        ids = torch.tensor([list(range(3, 33))])
+        assert not torch.allclose(loaded(ids).logits, want_model(ids).logits, atol=1e-3)  # the factors matter
+
+    del extra["rope_factors_short.weight"]  # one factor set without its pair
+    write_gguf(model, "phi3", tmp_path / "bad.gguf", np.random.default_rng(0), extra=extra, extra_kv=kv)
+    with pytest.raises(MalformedWeights, match="rope_factors_short"):
+        convert_checkpoint(tmp_path / "bad.gguf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 # -- hostile files -----------------------------------------------------------------------------
 def _header_end(path) -> int:
     return read_header(path).data_start

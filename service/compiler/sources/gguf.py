@@ -240,7 +240,7 @@ LAYER_NAMES = {
 SANDWICH_NAMES = {"ffn_norm": "pre_feedforward_layernorm", "post_attention_norm": "post_attention_layernorm",
                   "post_ffw_norm": "post_feedforward_layernorm"}
 FUSED_NAMES = {"ffn_up": "mlp.gate_up_proj"}  # Phi-3's ffn_up holds [gate; up]
-IGNORED_TENSORS = {"rope_freqs.weight"}  # read into the config (llama3 rope scaling)
+IGNORED_TENSORS = {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"}  # read into the config (rope scaling)
 LAYER_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 
 
@@ -314,6 +314,9 @@ def hf_config_from_gguf(header: GGUFHeader, path: Path) -> tuple[dict, GGUFArch]
                                       hint="convert the Hugging Face folder instead")
     if "rope_freqs.weight" in header.tensors and name == "llama":
         hf["rope_scaling"] = _llama3_rope(path, header.tensors["rope_freqs.weight"], hf)
+    elif name == "phi3" and any(f"rope_factors_{k}.weight" in header.tensors for k in ("long", "short")):
+        hf["rope_scaling"] = _phi3_longrope(path, header, meta, hf)
+        hf["original_max_position_embeddings"] = hf["rope_scaling"].pop("original_max_position_embeddings")
     elif any(t in header.tensors for t in ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")):
         raise UnsupportedArchitecture(f"{path.name}: per-dimension rope frequency factors (Phi-3 long context rope "
                                       "scaling) in GGUF are not supported", hint="convert the Hugging Face folder instead")
@@ -364,6 +367,51 @@ def _llama3_rope(path: Path, info: GGUFTensorInfo, hf: dict) -> dict:
             return {"rope_type": "llama3", **cand}
     raise UnsupportedArchitecture(f"{path.name}: rope_freqs.weight matches none of Llama 3's rope scaling settings",
                                   hint="convert the Hugging Face folder instead")
+
+
+def _read_f32(path: Path, info: GGUFTensorInfo, n: int, what: str) -> list[float]:
+    """A small F32 vector tensor of the file (rope factors), checked: type, shape, finite values."""
+    import math
+
+    if info.type_name != "F32" or info.shape != (n,):
+        raise MalformedWeights(f"{path.name}: {what} is {info.type_name} {list(info.shape)}, expected F32 [{n}]")
+    with open(path, "rb") as f:
+        f.seek(info.offset)
+        values = struct.unpack(f"<{n}f", f.read(info.nbytes))
+    if not all(math.isfinite(v) and v > 0 for v in values):
+        raise MalformedWeights(f"{path.name}: {what} holds a value that is not a positive finite number")
+    return list(values)
+
+
+def _phi3_longrope(path: Path, header: GGUFHeader, meta: dict, hf: dict) -> dict:
+    """Phi-3's long-context rope as llama.cpp writes it (``convert_hf_to_gguf.py``, Phi3MiniModel): the
+    short and long per-dimension factors as the tensors ``rope_factors_short`` / ``rope_factors_long``
+    (F32, rotary dim / 2), ``phi3.rope.scaling.original_context_length`` and the attention factor
+    ``phi3.rope.scaling.attn_factor`` (llama.cpp derives it as transformers does; the converter checks it).
+    Back to HF's ``rope_scaling: {rope_type: longrope, short_factor, long_factor}``."""
+    head_dim = int(hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"])
+    rot = meta.get("phi3.rope.dimension_count", head_dim)
+    if not isinstance(rot, int) or not 2 <= rot <= head_dim or rot % 2:
+        raise MalformedWeights(f"{path.name}: phi3.rope.dimension_count {rot!r} for head size {head_dim}")
+    original = meta.get("phi3.rope.scaling.original_context_length")
+    if not isinstance(original, int) or original < 1:
+        raise MalformedWeights(f"{path.name}: rope factors without a positive phi3.rope.scaling.original_context_length")
+    out: dict = {"rope_type": "longrope", "original_max_position_embeddings": original}
+    for kind in ("short", "long"):
+        info = header.tensors.get(f"rope_factors_{kind}.weight")
+        if info is None:
+            raise MalformedWeights(f"{path.name}: rope_factors_{kind}.weight is missing beside its pair")
+        out[f"{kind}_factor"] = [_float32_repr(v) for v in _read_f32(path, info, rot // 2, f"rope_factors_{kind}.weight")]
+    attn = meta.get("phi3.rope.scaling.attn_factor")
+    if isinstance(attn, float):
+        from ..models.phi3 import attention_factor
+
+        derived = attention_factor(int(hf.get("max_position_embeddings") or original), original)
+        if abs(attn - derived) > 1e-6 * max(1.0, derived):  # a float32 of the derived value is not a choice
+            out["attention_factor"] = _float32_repr(attn)
+    if rot != head_dim:
+        hf["partial_rotary_factor"] = rot / head_dim
+    return out
 
 
 def _gguf_key(hf_key: str) -> str:
