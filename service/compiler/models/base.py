@@ -265,7 +265,12 @@ class ArchSpec:
         raise NotImplementedError
 
     def check_mapping(self, cfg: dict, mapping: Mapping) -> None:
-        raise NotImplementedError
+        """The dense rule: attention heads (and KV heads, duplicated if fewer) and the MLP's intermediate
+        size split over tp, the layers over pp. Families with other parts (experts, per-layer configs)
+        override it."""
+        check_attention_split(cfg["num_attention_heads"], cfg["num_key_value_heads"], mapping.tp_size)
+        check_divisible("intermediate_size", cfg["intermediate_size"], "tp_size", mapping.tp_size)
+        mapping.stage_sizes(cfg["num_hidden_layers"])
 
     @overload
     def expected(self, cfg: dict, rank: int, dtype: None = None) -> list[TensorSpec]: ...

@@ -33,8 +33,6 @@ from .base import (
     TableArch,
     TensorSpec,
     W,
-    check_attention_split,
-    check_divisible,
     column,
     pad_vocab,
     plus_one,
@@ -214,12 +212,6 @@ class GemmaFamily(TableArch):
         cfg["mapping"] = mapping.config_dict(n)
         block_specs(cfg).check()
         return cfg
-
-    def check_mapping(self, cfg: dict, mapping: Mapping) -> None:
-        tp = mapping.tp_size
-        check_attention_split(cfg["num_attention_heads"], cfg["num_key_value_heads"], tp)
-        check_divisible("intermediate_size", cfg["intermediate_size"], "tp_size", tp)
-        mapping.stage_sizes(cfg["num_hidden_layers"])
 
     @overload
     def expected(self, cfg: dict, rank: int, dtype: None = None) -> list[TensorSpec]: ...

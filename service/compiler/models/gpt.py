@@ -20,8 +20,6 @@ from .base import (
     TableArch,
     TensorSpec,
     W,
-    check_attention_split,
-    check_divisible,
     column,
     offset_rows,
     pad_vocab,
@@ -112,11 +110,6 @@ class GPTLike(TableArch):
     engine_layout = GPT_LAYOUT
     block_specs = staticmethod(block_specs)
     engine_weight_map = staticmethod(engine_weight_map)
-
-    def check_mapping(self, cfg: dict, mapping: Mapping) -> None:
-        check_attention_split(cfg["num_attention_heads"], cfg["num_key_value_heads"], mapping.tp_size)
-        check_divisible("intermediate_size", cfg["intermediate_size"], "tp_size", mapping.tp_size)
-        mapping.stage_sizes(cfg["num_hidden_layers"])
 
     def has_ln_f(self, cfg: dict) -> bool:
         return True

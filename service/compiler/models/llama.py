@@ -19,8 +19,6 @@ from .base import (
     TableArch,
     TensorSpec,
     W,
-    check_attention_split,
-    check_divisible,
     column,
     pad_vocab,
     qkv_separate,
@@ -133,12 +131,6 @@ class LlamaFamily(TableArch):
             cfg["qwen_type"] = "qwen2"
         cfg["mapping"] = mapping.config_dict(cfg["num_hidden_layers"])
         return cfg
-
-    def check_mapping(self, cfg: dict, mapping: Mapping) -> None:
-        tp = mapping.tp_size
-        check_attention_split(cfg["num_attention_heads"], cfg["num_key_value_heads"], tp)
-        check_divisible("intermediate_size", cfg["intermediate_size"], "tp_size", tp)
-        mapping.stage_sizes(cfg["num_hidden_layers"])
 
     # -- the spec: names, shapes and dtypes per rank, from config.json alone --------------------
     @overload

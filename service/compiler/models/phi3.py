@@ -35,8 +35,6 @@ from .base import (
     TensorSpec,
     W,
     block,
-    check_attention_split,
-    check_divisible,
     oriented_shape,
     pad_vocab,
     qkv_fused,
@@ -246,12 +244,6 @@ class Phi3Family(TableArch):
             cfg["sliding_window"] = window  # Kiln's key: TensorRT-LLM's phi3 ignores HF's window
         cfg["mapping"] = mapping.config_dict(cfg["num_hidden_layers"])
         return cfg
-
-    def check_mapping(self, cfg: dict, mapping: Mapping) -> None:
-        tp = mapping.tp_size
-        check_attention_split(cfg["num_attention_heads"], cfg["num_key_value_heads"], tp)
-        check_divisible("intermediate_size", cfg["intermediate_size"], "tp_size", tp)
-        mapping.stage_sizes(cfg["num_hidden_layers"])
 
     @overload
     def expected(self, cfg: dict, rank: int, dtype: None = None) -> list[TensorSpec]: ...
