@@ -115,7 +115,7 @@ def test_local_mistakes_are_not_reported_as_an_unreachable_server(dead_url, tmp_
     assert main(["submit", "m/x", "--label", "team", "--server", dead_url]) == 2
     assert "--label takes KEY=VALUE, got 'team'" in capsys.readouterr().err
     assert main(["submit", "--server", dead_url]) == 2
-    assert "give a model (Hugging Face repo id) or --spec FILE" in capsys.readouterr().err
+    assert "give a model (Hugging Face repo id), --gguf PATH, --meta PATH or --spec FILE" in capsys.readouterr().err
 
 
 def test_a_missing_extra_at_run_time_names_the_extra():
