@@ -136,8 +136,26 @@ def worker_engine(engine_dir: str, shape: str, full: bool) -> dict:
             res[f"bs{b}_e2e_tok_s"] = max(b * NEW / (s["prefill_seconds"] + s["decode_seconds"]) for s in st)
     if torch.cuda.is_available():
         res["peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    if full and os.environ.get("KILN_PROFILE_DIR"):
+        profile_engine(engine, p1, eb.prompts(1, LONG, vocab, seed=2), Path(os.environ["KILN_PROFILE_DIR"]), shape)
     res.pop("all_counters", None)
     return res
+
+
+def profile_engine(engine, short: list, long: list, out: Path, shape: str) -> None:
+    """Profiler tables (kernels by total GPU time) of a batch-1 generate of 32 tokens after a 128-token
+    prompt (the graph-replayed decode steps) and of a 2,048-token prefill, as the engine runs them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out.mkdir(parents=True, exist_ok=True)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    for name, prompts, new in (("decode", short, 33), ("prefill2048", long, 1)):
+        with profile(activities=acts) as prof:
+            engine.generate(prompts, new)
+        key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        (out / f"profile_{shape}_{name}.txt").write_text(
+            f"{shape} {name}: batch 1, {len(prompts[0])}-token prompt, {new} new tokens\n"
+            + prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=90))
 
 
 def worker_hf(shape: str, batches: list[int]) -> dict:

@@ -257,13 +257,39 @@ def test_impossible_splits_and_quantization_are_refused_before_anything_is_writt
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "llama"]  # no temporary left behind
 
 
+def _router_gap(model) -> float:
+    """The smallest gap between a token's 2nd and 3rd router logits over PROMPTS and layers (float32)."""
+    logits: list[torch.Tensor] = []
+    gates = [m for n, m in model.named_modules() if n.endswith(("mlp.gate", "block_sparse_moe.gate"))]
+    hooks = [g.register_forward_hook(lambda _m, _i, o: logits.append(o[0] if isinstance(o, tuple) else o))
+             for g in gates]
+    with torch.no_grad():
+        for p in PROMPTS:
+            model(torch.tensor([p]))
+    for h in hooks:
+        h.remove()
+    assert len(logits) == len(gates) * len(PROMPTS)
+    top = [o.float().reshape(-1, o.shape[-1]).topk(3, -1).values for o in logits]
+    return min(float((t[:, 1] - t[:, 2]).min()) for t in top)
+
+
+def test_router_gap_finds_seed_zeros_near_tie():
+    """The guard the GPU test relies on measures what it says: seed 0's Mixtral has the near tie."""
+    assert _router_gap(tiny("mixtral")) < 0.01 < 0.03 < _router_gap(tiny("mixtral", seed=4))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
 @pytest.mark.parametrize("family", FAMILIES)
 def test_bf16_engine_on_gpu_matches_reference_runtime(family, tmp_path):
     """Compiled bf16 engine (CUDA graphs) on the GPU: greedy tokens equal the reference runtime's
-    (bf16 on the GPU too) for each prompt."""
-    model = tiny(family)
+    (bf16 on the GPU too) for each prompt, and close logits at every position.
+
+    Seed 4: on these prompts no token's 2nd and 3rd router logits lie closer than 0.03 (float32), so bf16
+    rounding, which differs between the compiled engine and the eager reference, cannot swap an expert
+    (seed 0's Mixtral has a 0.005 gap in layer 1, position 3: a different expert there, 6 logits apart)."""
+    model = tiny(family, seed=4)
+    assert _router_gap(model) > 0.03
     with torch.no_grad():
         model.lm_head.weight.mul_(20.0)  # peaked logits: bf16 rounding does not flip greedy choices
     model.save_pretrained(tmp_path / "hf")

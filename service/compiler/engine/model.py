@@ -398,14 +398,24 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
     return attn.transpose(1, 2).reshape(B, T, nh * d)
 
 
+def _row_tables(long_rows: torch.Tensor, short: tuple[torch.Tensor, torch.Tensor],
+                long: tuple[torch.Tensor, torch.Tensor], T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row rope tables [B, T, d/2]: the long ones for rows flagged in ``long_rows`` [B], else the short."""
+    pick = long_rows[:, None, None]
+    return torch.where(pick, long[0][None, :T], short[0][None, :T]), torch.where(pick, long[1][None, :T], short[1][None, :T])
+
+
 def prefill_layer(h: torch.Tensor, w: LayerWeights, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   cos: torch.Tensor, sin: torch.Tensor, nh: int, nkv: int, d: int, eps: float,
                   group=None, kv_algo: str | None = None, p: Plan = LLAMA_PLAN,
                   ring: torch.Tensor | None = None) -> torch.Tensor:
-    """A right-padded batch from position 0. h [B, T, H]; caches [B, nkv, S, d]; cos/sin [T, d/2]."""
+    """A right-padded batch from position 0. h [B, T, H]; caches [B, nkv, S, d]; cos/sin [T, d/2], or
+    [B, T, d/2] when rows take different tables (longrope: each row by its own length)."""
     if p.attn in ("linear", "none"):
         return _linear_attention(h, w, eps, group, True, p)
     B, T, _ = h.shape
+    if p.rope:
+        cos, sin = (cos[None, :, None], sin[None, :, None]) if cos.dim() == 2 else (cos[:, :, None], sin[:, :, None])
     x = h if p.placement == "post" else norm(h, w[0], w[11], eps, p.norm)
     qkv = linear(x, w[1], w[2], dense=True)
     q, k, v = qkv.split([nh * d, nkv * d, nkv * d], -1)
@@ -413,13 +423,13 @@ def prefill_layer(h: torch.Tensor, w: LayerWeights, k_cache: torch.Tensor, v_cac
     if p.qk_norm:
         q = norm(q, w[13], None, eps, p.norm)
     if p.rope:
-        q = apply_rope(q, cos[None, :, None], sin[None, :, None])
+        q = apply_rope(q, cos, sin)
     q = q.transpose(1, 2)
     k = k.view(B, T, nkv, d)
     if p.qk_norm:
         k = norm(k, w[14], None, eps, p.norm)
     if p.rope:
-        k = apply_rope(k, cos[None, :, None], sin[None, :, None])
+        k = apply_rope(k, cos, sin)
     k = k.transpose(1, 2)
     v = v.view(B, T, nkv, d).transpose(1, 2)
     k, v = qdq_kv(k, w[10], kv_algo), qdq_kv(v, w[10], kv_algo)
@@ -743,9 +753,9 @@ class EngineModel:
         (or of every token [B, T, vocab]); K/V go to cache rows [row0, row0 + B)."""
         B, T = ids.shape
         h = self._embed(ids, None, T)
-        # longrope: the longest row's true length (T is padded), one host sync per prefill, only for longrope
-        n = int(lengths.max()) if self._has_longrope else T
-        ropes = [(cos[:T], sin[:T]) if long is None or n <= long[0] else (long[1][:T], long[2][:T])
+        # longrope: each row takes the long factors when its own length passes the original one (what
+        # transformers does for that row alone), so a row's tokens do not depend on its batch-mates
+        ropes = [(cos[:T], sin[:T]) if long is None else _row_tables(lengths > long[0], (cos, sin), long[1:], T)
                  for (cos, sin), long in zip(self.rope_tables, self._long_prefill, strict=True)] + [(None, None)]
         rings = {s: ring_positions(lengths, s, T) for s in self._rings}
         for step in self._prefill_steps:
