@@ -121,6 +121,7 @@ def worker_engine(engine_dir: str, shape: str, full: bool) -> dict:
     vocab = eb.SHAPES[shape]["vocab_size"]
     p1 = eb.prompts(1, PROMPT, vocab)
     engine.generate(p1, NEW)
+    base_tokens = engine.generate(p1, 32).tokens  # eager prefill: the prefill graphs' rows compare with it
     runs = [engine.generate(p1, NEW).stats for _ in range(3)]
     res["bs1_decode_tok_s"] = statistics.median((NEW - 1) / r["decode_seconds"] for r in runs)
     if full:
@@ -128,6 +129,12 @@ def worker_engine(engine_dir: str, shape: str, full: bool) -> dict:
         pl = eb.prompts(1, LONG, vocab, seed=2)
         engine.generate(pl, 1)
         res["ttft2048_s"] = statistics.median(engine.generate(pl, 1).stats["ttft_seconds"] for _ in range(5))
+        if engine.use_graphs and engine.set_prefill_graphs(True):  # the opt-in prefill graphs, same process
+            engine.generate(p1, 1)  # captures the (1, 128) bucket
+            res["ttft128_prefill_graphs_s"] = statistics.median(
+                engine.generate(p1, 1).stats["ttft_seconds"] for _ in range(5))
+            res["prefill_graphs_same_tokens"] = engine.generate(p1, 32).tokens == base_tokens
+            engine.set_prefill_graphs(False)
         for b in BATCHES:
             pb = eb.prompts(b, PROMPT, vocab, seed=3)
             engine.generate(pb, NEW)
@@ -213,6 +220,12 @@ def engine_rows(table: Table, label: str, r: dict, full: bool) -> None:
               f"{1e3 * r['ttft128_s']:.1f} ms")
     table.row("ttft2048" if LONG == 2048 else "ttft_long", f"{label} TTFT, {LONG}-token prompt",
               f"{1e3 * r['ttft2048_s']:.1f} ms")
+    if "ttft128_prefill_graphs_s" in r:
+        table.row("ttft128" if PROMPT == 128 else "ttft_short",
+                  f"{label} TTFT, {PROMPT}-token prompt, prefill CUDA graphs (opt-in, same process)",
+                  f"{1e3 * r['ttft128_prefill_graphs_s']:.1f} ms",
+                  f"{r['ttft128_s'] / r['ttft128_prefill_graphs_s']:.2f}x faster; same greedy tokens: "
+                  f"{r['prefill_graphs_same_tokens']}")
     for b in BATCHES:
         table.row(f"bs{b}", f"{label} decode, batch {b}", f"{r[f'bs{b}_decode_tok_s']:.0f} tok/s",
                   f"end to end (prefill + decode) {r[f'bs{b}_e2e_tok_s']:.0f} tok/s")

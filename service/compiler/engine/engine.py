@@ -36,6 +36,10 @@ from .model import ENGINE_LAYOUTS, EngineModel
 from .ranks import add_rank_arguments, exit_rank, join_group, leave_group
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Short prefills replayed from CUDA graphs (opt-in, see Engine.set_prefill_graphs): prompt lengths are
+# padded up to one of these, batches to the decode buckets, while batch x length stays within the cap
+PREFILL_GRAPH_LENGTHS = (16, 32, 64, 128, 256, 512)
+PREFILL_GRAPH_TOKENS = 512
 
 
 @dataclass(frozen=True)
@@ -106,14 +110,20 @@ class Engine:
         self.pos_buf = torch.zeros(self.max_batch, dtype=torch.long, device=self.device)
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool: Any = None  # a torch.cuda.graph_pool_handle(), shared by the captured graphs
+        # prefill buckets: tokens per bucketed prefill (0 = off), and (batch, length) -> graph, inputs, logits
+        self.prefill_graph_tokens = 0
+        self._prefill_graphs: dict[tuple[int, int], tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.load_stats: dict = {}
 
     # -- loading ---------------------------------------------------------------------------------
     @classmethod
     def load(cls, engine_dir: str | os.PathLike, *, device: str | None = None, compile: bool | None = None,
-             cuda_graphs: bool | None = None, tokenizer=None, warmup: bool = False) -> Engine:
+             cuda_graphs: bool | None = None, tokenizer=None, warmup: bool = False,
+             prefill_graphs: bool | None = None) -> Engine:
         """Load weights and set up compilation against the shipped cache. Graphs are compiled (from
-        the cache) and captured on first use; ``warmup=True`` does every bucket now (what build runs)."""
+        the cache) and captured on first use; ``warmup=True`` does every bucket now (what build runs).
+        ``prefill_graphs`` (default: ``KILN_PREFILL_GRAPHS=1`` in the environment, else off) replays
+        short prefills from CUDA graphs too; see ``set_prefill_graphs``."""
         start = time.perf_counter()
         engine_dir = Path(engine_dir)
         try:
@@ -180,6 +190,10 @@ class Engine:
         if tokenizer is None and config["engine"].get("tokenizer_files"):
             tokenizer = _load_tokenizer(engine_dir)
         engine = cls(engine_dir, config, model, use_graphs=use_graphs, tokenizer=tokenizer)
+        if prefill_graphs is None:
+            prefill_graphs = os.environ.get("KILN_PREFILL_GRAPHS", "0") == "1"
+        if prefill_graphs and use_graphs:
+            engine.set_prefill_graphs(True)
         if warmup and on_gpu:
             engine.warmup()
         engine.load_stats = {"weights_seconds": round(weights_s, 3), "model_seconds": round(model_s, 3),
@@ -187,12 +201,26 @@ class Engine:
                              "load_seconds": round(time.perf_counter() - start, 3)}
         return engine
 
+    def set_prefill_graphs(self, on: bool, tokens: int = PREFILL_GRAPH_TOKENS) -> bool:
+        """Replay prefills of at most ``tokens`` (padded batch x padded length) from CUDA graphs, one per
+        (batch bucket, PREFILL_GRAPH_LENGTHS) pair, captured on first use: a short prompt's prefill is
+        otherwise 32 layers of launches from Python. Off by default until the H200 measures it
+        (``benchmarks/h200_targets.py``). Tensor-parallel and Mixture-of-Experts engines keep eager
+        prefills. Returns whether bucketed prefills are on. On a CPU (no graphs) the same padding
+        runs eagerly, which is what its tests check."""
+        plain = getattr(self.model, "group", None) is None and not any(
+            lp.plan.mlp == "moe" for lp in getattr(self.model, "plans", []))
+        self.prefill_graph_tokens = tokens if on and plain else 0
+        self._prefill_graphs.clear()
+        return self.prefill_graph_tokens > 0
+
     def close(self) -> None:
         """Release the captured CUDA graphs (and their memory pool). A tp engine's graphs hold NCCL
         work: close the engine (or drop every reference to it) before
         ``torch.distributed.destroy_process_group``, which otherwise waits on them forever (seen on two
         H200s). The engine can still generate afterwards; graphs are captured again on first use."""
         self._graphs.clear()
+        self._prefill_graphs.clear()
         self._pool = None
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -323,9 +351,54 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
+    def _prefill_bucket(self, n: int, T: int) -> tuple[int, int] | None:
+        """(batch, length) a bucketed prefill of n prompts of at most T tokens pads to, or None."""
+        if not self.prefill_graph_tokens:
+            return None
+        b = next(x for x in _buckets(self.max_batch) if x >= n)
+        length = next((x for x in PREFILL_GRAPH_LENGTHS if x >= T), None)
+        if length is None or length > self.max_seq or b * length > self.prefill_graph_tokens:
+            return None
+        return b, length
+
+    def _prefill_bucketed(self, seqs: list[list[int]], b: int, length: int) -> torch.Tensor:
+        """Prefill padded to (b, length): rows past len(seqs) are one token 0 each (they fill cache rows
+        no sequence uses), positions past a prompt are masked as in every padded prefill. On a GPU with
+        graphs, one CUDA graph per (b, length), captured on first use; last-token logits [n, vocab]."""
+        ids = torch.zeros(b, length, dtype=torch.long)
+        lengths = torch.ones(b, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, :len(s)] = torch.tensor(s)
+            lengths[i] = len(s)
+        n = len(seqs)
+        if not self.use_graphs:
+            return self.model.prefill(ids.to(self.device), lengths.to(self.device))[:n]
+        key = (b, length)
+        if key not in self._prefill_graphs:
+            ids_in, len_in = ids.to(self.device), lengths.to(self.device)
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # compile (or load) and settle allocations outside the capture
+                    self.model.prefill(ids_in, len_in)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            self._pool = self._pool or torch.cuda.graph_pool_handle()
+            with torch.cuda.graph(graph, pool=self._pool):
+                logits = self.model.prefill(ids_in, len_in)
+            self._prefill_graphs[key] = (graph, ids_in, len_in, logits)
+        graph, ids_in, len_in, logits = self._prefill_graphs[key]
+        ids_in.copy_(ids)
+        len_in.copy_(lengths)
+        graph.replay()
+        return logits[:n]
+
     def _prefill_rows(self, seqs: list[list[int]]) -> torch.Tensor:
         """Right-padded prefill, split into forwards of at most max_num_tokens; last-token logits."""
         T = max(len(s) for s in seqs)
+        bucket = self._prefill_bucket(len(seqs), T)
+        if bucket is not None:
+            return self._prefill_bucketed(seqs, *bucket)
         T = min(-(-T // 8) * 8, self.max_seq)  # pad to a multiple of 8: fewer distinct shapes
         rows_per = max(1, self.max_num_tokens // T)
         out = []
