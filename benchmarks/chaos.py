@@ -259,10 +259,15 @@ def backing(mode: str):
 
 
 def pool_children(pid: int) -> list[int]:
-    try:
-        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
+    """The children of every thread of ``pid``: billiard forks a replacement pool child from its supervisor
+    thread, so the main thread's ``children`` file alone misses it."""
+    kids: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            kids += [int(p) for p in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return sorted(set(kids))
 
 
 def sha_ok(storage: Path, artifact: dict) -> bool:

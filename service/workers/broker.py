@@ -61,6 +61,8 @@ def make_celery(settings: Settings) -> Celery:
         worker_cancel_long_running_tasks_on_connection_loss=True,
         worker_hijack_root_logger=False,
         worker_enable_remote_control=not settings.uses_filesystem_broker,
+        # prefork, with the repair of a task pipe lock a SIGKILLed idle child took with it (pool.py)
+        worker_pool="service.workers.pool:KilnTaskPool",
     )
     return app
 

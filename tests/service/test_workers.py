@@ -4,6 +4,10 @@ deployment (the real Redis + the running PostgreSQL)."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
+from pathlib import Path
 
 import pytest
 
@@ -119,6 +123,37 @@ def test_worker_sigkilled_mid_stage_job_completes_once(cluster):
         for f in manifest["files"]:
             assert sha256_file(keys[0] / f["path"]) == f["sha256"]
     assert (slow_root / stages["slow"].key / "payload.bin").read_bytes() == b"a" * 4096 + b"b" * 4096
+
+
+def _pool_children(pid: int) -> set[int]:
+    """Children of every thread of the worker's main process (billiard forks replacements from a thread)."""
+    kids: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            kids |= {int(c) for c in (task / "children").read_text().split()}
+        except OSError:
+            pass
+    return kids
+
+
+def test_idle_pool_child_sigkilled_between_jobs_does_not_wedge_the_worker(cluster):
+    """An idle pool child waits for work inside the task pipe's shared read lock (billiard's blocking pool,
+    the embedded file broker's); SIGKILLed there it took the lock along and the replacement child waited on
+    it forever: the next jobs stayed queued (chaos scenario 1, 2026-12-03). Three kills in a row, each
+    followed by a job that must run."""
+    worker = cluster.worker("w1")
+    for i in range(3):
+        before = wait_for(lambda: _pool_children(worker.pid) or None, 30, 0.1, "a pool child")
+        time.sleep(0.5)  # idle: blocked reading the task pipe
+        for pid in before:
+            os.kill(pid, signal.SIGKILL)
+        wait_for(lambda b=before: (_pool_children(worker.pid) - b) or None, 30, 0.1, "the replacement child")
+        job, _ = cluster.service.submit("t", JobSpec(model=TINY_REPO, dtype="float16", labels={"i": str(i)}))
+        done = wait_for(lambda j=job: _finished(cluster.store, j.id), 60, what=f"job {i} after killing the idle child")
+        assert done.state == "succeeded", (done.error, cluster.log())
+        assert done.attempts == 1
+    if cluster.settings.uses_filesystem_broker:  # the blocking pool: the repair says what it released
+        assert "holding the task pipe read lock; released for its replacement" in cluster.log()
 
 
 def _temp_entries(root):
