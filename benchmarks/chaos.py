@@ -75,14 +75,17 @@ def free_port() -> int:
 WIDE_REPO = "kiln-chaos/tiny-llama-wide"  # a 32k vocabulary: a 16 MB checkpoint file to download or to overflow a disk
 
 
-def make_tiny_llama(out: Path, vocab: int = 128) -> Path:
+MEDIUM_REPO = "kiln-chaos/medium-llama"  # ~26 M parameters: every stage lasts long enough to be struck inside
+
+
+def make_tiny_llama(out: Path, vocab: int = 128, hidden: int = 64, layers: int = 2) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=256)
-                     ).save_pretrained(out, safe_serialization=True)
+    LlamaForCausalLM(LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                                 num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
+                                 max_position_embeddings=256)).save_pretrained(out, safe_serialization=True)
     return out
 
 
@@ -94,6 +97,10 @@ def install_model(model: str, storage: Path, work: Path) -> str:
 
         install_into_hf_cache(smollm2_hf_dir(), storage / "hf-cache", repo_id=SMOLLM2_REPO)
         return SMOLLM2_REPO
+    if model == "medium":
+        install_into_hf_cache(make_tiny_llama(work / "medium-llama", vocab=8192, hidden=512, layers=4),
+                              storage / "hf-cache", repo_id=MEDIUM_REPO)
+        return MEDIUM_REPO
     if model == "wide":
         install_into_hf_cache(make_tiny_llama(work / "tiny-llama-wide", vocab=32000), storage / "hf-cache",
                               repo_id=WIDE_REPO)
@@ -381,6 +388,7 @@ def run_kill(runs: int = 6, *, model: str = "tiny", seed: int = 0, timeout: floa
     """``light`` (the short test): jobs stop after quantize, kills aimed at fetch, convert or quantize."""
     rng = random.Random(seed)
     res = Result("1: SIGKILL worker at random points of every stage", mode=mode)
+    took: dict[str, float] = {}  # each stage's duration in the last run that ran it: where to strike next time
     own = work is None
     work = Path(tempfile.mkdtemp(prefix="kiln-chaos-")) if own else work
     storage = srv.storage if srv is not None else work / "storage"
@@ -404,9 +412,12 @@ def run_kill(runs: int = 6, *, model: str = "tiny", seed: int = 0, timeout: floa
                 deadline = time.monotonic() + timeout
                 job = srv.job(job_id)
                 while job["stage"] != watch and job["state"] not in TERMINAL and time.monotonic() < deadline:
-                    time.sleep(0.02)
+                    time.sleep(0.005)
                     job = srv.job(job_id)
-                time.sleep(rng.uniform(0.0, 0.4 if target != "publish" else 0.1))
+                # a random moment inside the stage, from the duration it took last time (less the ~30 ms it
+                # takes to see it start); publish: the end of evaluate
+                span = took.get(watch, 0.4)
+                time.sleep(rng.uniform(0.7, 1.0) * span if target == "publish" else rng.uniform(0.0, 0.8) * span)
                 job = srv.job(job_id)
                 seen = job["stage"] or ("after finish" if job["state"] in TERMINAL else "queued")
                 attempts = job["attempts"]
@@ -434,6 +445,9 @@ def run_kill(runs: int = 6, *, model: str = "tiny", seed: int = 0, timeout: floa
                     res.stuck += 1
                     log(f"run {run}: job {job_id} stuck ({srv.job(job_id)['state']})")
                     continue
+                for s in final["stages"]:
+                    if s.get("seconds") and not s.get("cache_hit"):
+                        took[s["name"]] = max(0.0, float(s["seconds"]) - 0.03)
                 _settle_and_audit(srv, res, final, settle_s=2.5)
                 expected = {(s["name"], s["key"]) for s in final["stages"] if s.get("key")}
                 audit = audit_storage(storage, expected)
@@ -1025,7 +1039,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=60.0, help="load: how long")
     ap.add_argument("--submitters", type=int, default=200, help="load: concurrent submitters")
     ap.add_argument("--pollers", type=int, default=1000, help="load: concurrent pollers")
-    ap.add_argument("--model", choices=["tiny", "smollm2"], default="tiny", help="kill and poison scenarios")
+    ap.add_argument("--model", choices=["tiny", "medium", "smollm2"], default="tiny",
+                    help="kill and poison scenarios (medium: 4 x 512 Llama, 8k vocabulary: each stage lasts "
+                         "0.1-2 s on 2 cores, so the kills land inside convert and quantize too)")
     ap.add_argument("--mode", choices=["embedded", "scaled", "both"], default="embedded",
                     help="scaled: PostgreSQL + Redis (private servers for the scenarios that restart them)")
     ap.add_argument("--seed", type=int, default=0)
