@@ -343,3 +343,50 @@ def test_every_kind_of_job_from_the_form_runs_to_its_end_with_its_report(page, s
     expect(table.locator("tr[data-key='decode_b1'] td").nth(1)).to_contain_text(".")
     expect(page.locator("#cmp-chart svg[data-chart='compare'] g[data-metric='total_seconds'] rect")).to_have_count(2)
     assert page.problems == []
+
+
+def test_gguf_and_meta_sources_from_the_form(page, server, tmp_path):
+    """The source selector: a Meta checkpoint folder under the sources root, submitted from the form, runs
+    to its end; a GGUF path that is not there is refused next to the name field; the copied kiln command
+    carries --gguf / --meta and submits the same spec."""
+    from playwright.sync_api import expect
+
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from tests.meta_files import write_meta_checkpoint
+
+    torch.manual_seed(1)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=192,
+        vocab_size=96, tie_word_embeddings=False))
+    folder = server["root"] / "storage" / "sources" / "dashboard" / "tiny-meta"
+    write_meta_checkpoint(model, {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 96,
+                                  "multiple_of": 32, "norm_eps": 1e-5}, folder, shards=2, embed_dim=0)
+    _open(page, server)
+    page.select_option("#f-source", "gguf")
+    expect(page.locator("#f-model-label")).to_contain_text("GGUF file")
+    expect(page.locator("#f-revision")).to_be_disabled()
+    page.fill("#f-model", "dashboard/missing.gguf")
+    assert page.evaluate("specFromForm()")["source"] == {"kind": "gguf", "path": "dashboard/missing.gguf"}
+    expect(page.locator("#cmd-kiln")).to_contain_text("kiln submit --gguf dashboard/missing.gguf")
+    page.click("#f-submit")
+    expect(_field_error(page, "f-model")).to_contain_text("missing.gguf", timeout=15000)
+    # a Meta folder: the form's spec, the copied kiln command's and the job's are one
+    page.select_option("#f-source", "meta")
+    page.fill("#f-model", "dashboard/tiny-meta")
+    page.select_option("#f-dtype", "float32")
+    spec = page.evaluate("specFromForm()")
+    assert spec["source"] == {"kind": "meta", "path": "dashboard/tiny-meta"} and "model" not in spec
+    kiln = page.locator("#cmd-kiln").inner_text()
+    assert "--meta dashboard/tiny-meta" in kiln and "--spec" not in kiln
+    job_id = _submit(page)
+    _finish(page, job_id)
+    job = httpx.get(f"{server['http']}/v1/jobs/{job_id}").json()
+    assert (job["spec"]["source"]["kind"], job["spec"]["source"]["path"]) == ("meta", "dashboard/tiny-meta")
+    assert job["spec"]["model"] == "meta/tiny-meta" and job["artifacts"] == ["checkpoint"]
+    kiln_id = _run(f"cd {tmp_path}\n" + kiln, server).strip().splitlines()[-1]
+    assert httpx.get(f"{server['http']}/v1/jobs/{kiln_id}").json()["spec"] == job["spec"]
+    _reset(page)
+    expect(page.locator("#f-model-label")).to_contain_text("Hugging Face repo id")
+    expect(page.locator("#f-revision")).to_be_enabled()

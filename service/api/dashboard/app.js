@@ -147,10 +147,30 @@ function parseLabels(text) {
   return labels;
 }
 
+// the model source: a Hugging Face repo id (spec.model), or a GGUF file / Meta folder under the service's
+// sources root (spec.source; the API names the job after it)
+const SOURCE_FIELDS = {
+  hf: { label: "Model (Hugging Face repo id)", path: "model", placeholder: "HuggingFaceTB/SmolLM2-135M-Instruct" },
+  gguf: { label: "GGUF file, relative to the sources root", path: "source.path",
+    placeholder: "smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" },
+  meta: { label: "Meta checkpoint folder, relative to the sources root", path: "source.path",
+    placeholder: "llama-3.2-1b" },
+};
+
+function showSource() {
+  const f = SOURCE_FIELDS[$("f-source").value];
+  $("f-model-label").textContent = f.label;
+  $("f-model").dataset.path = f.path;
+  $("f-model").placeholder = f.placeholder;
+  $("f-revision").disabled = $("f-source").value !== "hf";  // revisions are Hugging Face's
+}
+$("f-source").addEventListener("change", () => { showSource(); updateEquivalents(); });
+
 function specFromForm() {
-  const spec = { model: $("f-model").value.trim() };
+  const kind = $("f-source").value, name = $("f-model").value.trim();
+  const spec = kind === "hf" ? { model: name } : { source: { kind, path: name } };
   const revision = $("f-revision").value.trim();
-  if (revision) spec.revision = revision;
+  if (revision && kind === "hf") spec.revision = revision;
   spec.dtype = $("f-dtype").value;
   const tp = numberField("f-tp") ?? 1, pp = numberField("f-pp") ?? 1, split = $("f-pp-split").value;
   if (tp !== 1 || pp !== 1 || split !== "even") spec.mapping = { tp_size: tp, pp_size: pp, pp_split: split };
@@ -216,7 +236,7 @@ function curlCommand(spec) {
   return lines.join(" \\\n  ");
 }
 
-const FLAG_KEYS = new Set(["model", "revision", "dtype", "mapping", "labels"]);
+const FLAG_KEYS = new Set(["model", "source", "revision", "dtype", "mapping", "labels"]);
 
 function kilnCommand(spec) {
   const server = location.origin === "http://127.0.0.1:8080" ? [] : ["--server", location.origin];
@@ -224,7 +244,8 @@ function kilnCommand(spec) {
   // through a JSON JobSpec file (--spec)
   const flagsOnly = Object.keys(spec).every((k) => FLAG_KEYS.has(k)) && (!spec.mapping || spec.mapping.pp_split === "even");
   if (flagsOnly) {
-    const args = ["kiln", "submit", spec.model, ...server];
+    const args = spec.source ? ["kiln", "submit", "--" + spec.source.kind, spec.source.path, ...server]
+      : ["kiln", "submit", spec.model, ...server];
     if (spec.revision) args.push("--revision", spec.revision);
     if (spec.dtype !== "auto") args.push("--dtype", spec.dtype);
     if (spec.mapping) args.push("--tp-size", spec.mapping.tp_size, "--pp-size", spec.mapping.pp_size);
@@ -256,6 +277,7 @@ async function copyText(button, text) {
 $("copy-curl").addEventListener("click", () => copyText($("copy-curl"), $("cmd-curl").textContent));
 $("copy-kiln").addEventListener("click", () => copyText($("copy-kiln"), $("cmd-kiln").textContent));
 $("submit-form").addEventListener("reset", () => setTimeout(() => {  // after the browser restored the defaults
+  showSource();
   for (const [box, fs] of [["q-on", "fs-quant"], ["b-on", "fs-build"], ["e-on", "fs-eval"]]) $(fs).disabled = !$(box).checked;
   clearErrors();
   updateEquivalents();
@@ -328,6 +350,8 @@ function guessPath(code, message) {
 }
 
 function targetFor(path) {
+  // errors about the model name mean the one name field, whichever source it holds
+  if ((path === "model" || path.startsWith("source")) && path !== "source.kind") return $("f-model");
   let p = path;
   while (p) {
     const found = document.querySelector(`#submit-form [data-path="${CSS.escape(p)}"]`);
