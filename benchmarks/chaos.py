@@ -128,7 +128,9 @@ class Server:
         self.env.update({
             "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "KILN_STORAGE": str(storage),
             "KILN_LEASE_TTL_S": "4", "KILN_HEARTBEAT_S": "0.5", "KILN_RECONCILE_INTERVAL_S": "1",
-            "KILN_WORKER_HEARTBEAT_S": "1", "KILN_WORKER_RESTART_BACKOFF_S": "0.5",
+            # a worker that lived 10 s was not crash-looping: the restart backoff starts over (the default,
+            # 60 s, would count scenario 1's kills, one every ~30 s, as a crash loop and wait up to 60 s)
+            "KILN_WORKER_HEARTBEAT_S": "1", "KILN_WORKER_RESTART_BACKOFF_S": "0.5", "KILN_WORKER_STABLE_S": "10",
             "KILN_STAGE_PLUGINS": "benchmarks.chaos_stages",
             "KILN_TASK_TIME_LIMIT_S": "600", "KILN_VISIBILITY_TIMEOUT_S": "900",
         })
