@@ -14,6 +14,8 @@ import json
 import os
 import signal
 import sys
+import time
+import uuid
 from pathlib import Path
 
 DEFAULT_SERVER = "http://127.0.0.1:8080"
@@ -88,7 +90,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
                    help="a label to filter jobs by (repeatable)")
     p.add_argument("--idempotency-key", default=None, metavar="KEY",
-                   help="submitting again with the same key returns the same job")
+                   help="submitting again with the same key returns the same job (default: a fresh key per "
+                        "invocation, so the CLI's own retries of a lost answer never create a second job)")
     p.add_argument("--watch", action="store_true", help="watch until the job finishes")
     p.set_defaults(func=cmd_submit)
 
@@ -422,8 +425,35 @@ class Client:
         self.server = server.rstrip("/")
         self.http = httpx.Client(base_url=self.server, headers=headers, timeout=httpx.Timeout(30.0, read=None))
 
+    # a request that is safe to send again (GET, or a POST carrying an Idempotency-Key) is retried when the
+    # connection broke after it was sent (a keep-alive connection the server closed as the request went
+    # out, a server killed mid-request) or the answer says "not now" (429, 502, 503, 504; Retry-After is
+    # honoured up to RETRY_AFTER_MAX_S). A refused connection is not retried: nothing is listening.
+    RETRIES = 3
+    RETRY_STATUS = frozenset({429, 502, 503, 504})
+    RETRY_AFTER_MAX_S = 10.0
+
     def call(self, method: str, url: str, **kw):
-        resp = self.http.request(method, url, **kw)
+        import httpx
+
+        headers = kw.get("headers") or {}
+        safe = method in ("GET", "HEAD") or any(k.lower() == "idempotency-key" for k in headers)
+        for attempt in range(self.RETRIES + 1 if safe else 1):
+            last = attempt == self.RETRIES or not safe
+            delay = 0.25 * 2 ** attempt
+            try:
+                resp = self.http.request(method, url, **kw)
+            except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError):
+                if last:
+                    raise
+            else:
+                if resp.status_code not in self.RETRY_STATUS or last:
+                    break
+                try:
+                    delay = max(delay, min(float(resp.headers.get("retry-after", "")), self.RETRY_AFTER_MAX_S))
+                except ValueError:
+                    pass
+            time.sleep(delay)
         if resp.status_code >= 400:
             raise error_from_response(resp)
         return resp
@@ -563,7 +593,8 @@ def cmd_submit(args, client: Client) -> int:
         spec["mapping"] = {"tp_size": args.tp_size or 1, "pp_size": args.pp_size or 1}
     if args.label:
         spec["labels"] = dict(item.split("=", 1) for item in args.label)
-    headers = {"Idempotency-Key": args.idempotency_key} if args.idempotency_key else {}
+    # always a key: a submission whose answer was lost on the way is retried without creating a second job
+    headers = {"Idempotency-Key": args.idempotency_key or f"kiln-cli-{uuid.uuid4().hex}"}
     created = client.call("POST", "/v1/jobs", json=spec, headers=headers).json()
     print(created["id"])
     if args.watch:

@@ -125,3 +125,119 @@ def test_a_missing_extra_at_run_time_names_the_extra():
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "kiln status: needs the 'api' extra (no module 'httpx'); install it with: pip install 'kiln[api]'" in r.stderr
+
+
+class _LossyProxy:
+    """A TCP proxy in front of a real `kiln serve`: the first ``drop`` connections carry their request to the
+    server and then lose its answer (the client's socket is closed once the server has answered), as when a
+    keep-alive connection or the server dies on the way back. Later connections are piped through."""
+
+    def __init__(self, upstream_port: int, drop: int = 1):
+        self.upstream, self.drop, self.connections = upstream_port, drop, 0
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(client, self.connections <= self.drop), daemon=True).start()
+
+    def _serve(self, client, lose_answer: bool):
+        upstream = socket.create_connection(("127.0.0.1", self.upstream))
+
+        def pump(src, dst, answer: bool):
+            try:
+                while data := src.recv(65536):
+                    if answer and lose_answer:
+                        return  # the server answered: the client never hears it
+                    dst.sendall(data)
+            except OSError:
+                pass
+            finally:
+                for s in (src, dst):  # shutdown first: it sends the FIN and wakes the other pump's recv
+                    try:
+                        s.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+                    s.close()
+
+        threading.Thread(target=pump, args=(client, upstream, False), daemon=True).start()
+        pump(upstream, client, True)
+
+    def close(self):
+        self.sock.close()
+
+
+def test_a_submission_whose_answer_is_lost_is_retried_once_and_makes_one_job(server, capsys):
+    """The real server gets the submission and creates the job, the answer is lost on the way back; the CLI
+    retries with the Idempotency-Key it made, gets the same job, and there is one job, not two."""
+    import httpx
+
+    from .conftest import TINY_REPO
+
+    port = int(server["http"].rsplit(":", 1)[1])
+    proxy = _LossyProxy(port, drop=1)
+    label = f"lost-answer-{proxy.sock.getsockname()[1]}"
+    try:
+        rc = main(["submit", TINY_REPO, "--label", f"probe={label}", "--server", proxy.url])
+    finally:
+        proxy.close()
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    job_id = out.out.strip().splitlines()[-1]
+    assert proxy.connections == 2
+    jobs = httpx.get(server["http"] + "/v1/jobs", params={"label": f"probe={label}"}).json()["jobs"]
+    assert [j["id"] for j in jobs] == [job_id]
+    httpx.post(f"{server['http']}/v1/jobs/{job_id}:cancel")
+
+
+def test_a_request_that_is_not_safe_to_repeat_is_not_retried(server, capsys):
+    """`kiln cancel` is a POST without an Idempotency-Key: a lost answer is reported, not sent again."""
+    port = int(server["http"].rsplit(":", 1)[1])
+    proxy = _LossyProxy(port, drop=1)
+    try:
+        rc = main(["cancel", "0123456789abcdef", "--server", proxy.url])
+    finally:
+        proxy.close()
+    assert rc == 1 and proxy.connections == 1
+    assert "kiln cancel:" in capsys.readouterr().err
+
+
+def test_503_with_retry_after_is_retried_then_answered(capsys):
+    """A server that is briefly not ready (503 + Retry-After, what `kiln serve` answers while its database is
+    away) gets the same GET again after the advertised wait; the second answer is used."""
+    import time as _time
+
+    seen: list[float] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(_time.monotonic())
+            if len(seen) == 1:
+                body = b'{"error": {"code": "unavailable", "message": "database away", "hint": "retry"}}'
+                self.send_response(503)
+                self.send_header("Retry-After", "1")
+            else:
+                body = b'{"workers": []}'
+                self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_a):
+            pass
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        rc = main(["workers", "--server", f"http://127.0.0.1:{srv.server_address[1]}"])
+    finally:
+        srv.shutdown()
+    assert rc == 0, capsys.readouterr().err
+    assert len(seen) == 2 and seen[1] - seen[0] >= 0.95  # Retry-After: 1 honoured
