@@ -279,7 +279,14 @@ class ArchSpec:
     def expected(self, cfg: dict, rank: int, dtype: torch.dtype | str | None = None
                  ) -> list[TensorSpec] | list[RawTensorSpec]:
         """(name, shape, dtype) of every tensor of ``rank``; ``dtype`` replaces the torch dtype of
-        ``cfg["dtype"]`` (so a shape check need not import torch)."""
+        ``cfg["dtype"]`` (so a shape check need not import torch). Families write ``tensor_specs``."""
+        dt = TORCH_DTYPES[cfg["dtype"]] if dtype is None else dtype
+        return self.tensor_specs(cfg, rank, Mapping.from_dict(cfg["mapping"]), dt, shapes_only=dtype is not None)
+
+    def tensor_specs(self, cfg: dict, rank: int, m: Mapping, dt: torch.dtype | str,
+                     shapes_only: bool) -> list[RawTensorSpec]:
+        """``expected`` of a family: ``m`` is ``cfg``'s mapping, ``dt`` the dtype of its tensors (the torch
+        dtype of ``cfg["dtype"]``, or the caller's stand-in when ``shapes_only``)."""
         raise NotImplementedError
 
     def plan(self, cfg: dict, rank: int, source: WeightSource) -> list[TensorPlan]:

@@ -22,16 +22,14 @@ Embeddings are scaled by sqrt(hidden_size) in the activation dtype at run time (
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, overload
+from typing import TYPE_CHECKING
 
 from ..checkpoint.mapping import Mapping
 from ..errors import UnsupportedArchitecture
 from ..sources.weights import WeightSource
 from .base import (
-    TORCH_DTYPES,
     RawTensorSpec,
     TableArch,
-    TensorSpec,
     W,
     column,
     pad_vocab,
@@ -213,14 +211,8 @@ class GemmaFamily(TableArch):
         block_specs(cfg).check()
         return cfg
 
-    @overload
-    def expected(self, cfg: dict, rank: int, dtype: None = None) -> list[TensorSpec]: ...
-    @overload
-    def expected(self, cfg: dict, rank: int, dtype: torch.dtype | str) -> list[RawTensorSpec]: ...
-    def expected(self, cfg: dict, rank: int, dtype: torch.dtype | str | None = None
-                 ) -> list[TensorSpec] | list[RawTensorSpec]:
-        m = Mapping.from_dict(cfg["mapping"])
-        dt = TORCH_DTYPES[cfg["dtype"]] if dtype is None else dtype
+    def tensor_specs(self, cfg: dict, rank: int, m: Mapping, dt: torch.dtype | str,
+                     shapes_only: bool) -> list[RawTensorSpec]:
         tp = m.tp_size
         H, nh, d, inter = cfg["hidden_size"], cfg["num_attention_heads"], cfg["head_size"], cfg["intermediate_size"]
         nkv = cfg.get("num_key_value_heads") or nh

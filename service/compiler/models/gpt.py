@@ -9,16 +9,14 @@ rows); the checkpoint drops those rows so position p uses row p. ``ln_f`` exists
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, overload
+from typing import TYPE_CHECKING
 
 from ..checkpoint.mapping import Mapping
 from ..errors import UnsupportedArchitecture
 from ..sources.weights import WeightSource
 from .base import (
-    TORCH_DTYPES,
     RawTensorSpec,
     TableArch,
-    TensorSpec,
     W,
     column,
     offset_rows,
@@ -114,14 +112,8 @@ class GPTLike(TableArch):
     def has_ln_f(self, cfg: dict) -> bool:
         return True
 
-    @overload
-    def expected(self, cfg: dict, rank: int, dtype: None = None) -> list[TensorSpec]: ...
-    @overload
-    def expected(self, cfg: dict, rank: int, dtype: torch.dtype | str) -> list[RawTensorSpec]: ...
-    def expected(self, cfg: dict, rank: int, dtype: torch.dtype | str | None = None
-                 ) -> list[TensorSpec] | list[RawTensorSpec]:
-        m = Mapping.from_dict(cfg["mapping"])
-        dt = TORCH_DTYPES[cfg["dtype"]] if dtype is None else dtype
+    def tensor_specs(self, cfg: dict, rank: int, m: Mapping, dt: torch.dtype | str,
+                     shapes_only: bool) -> list[RawTensorSpec]:
         tp = m.tp_size
         H, inter = cfg["hidden_size"], cfg["intermediate_size"]
         nh, d = cfg["num_attention_heads"], cfg["head_size"]

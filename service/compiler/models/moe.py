@@ -19,7 +19,7 @@ E_r = E / moe_ep_size experts (the contiguous range of the rank's moe_ep_rank), 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, overload
+from typing import TYPE_CHECKING
 
 from ..checkpoint.mapping import Mapping
 from ..errors import UnsupportedArchitecture
@@ -30,7 +30,6 @@ from .base import (
     RawTensorSpec,
     SplitContext,
     TensorPlan,
-    TensorSpec,
     W,
     block,
     check_attention_split,
@@ -198,15 +197,9 @@ class MoEFamily(LlamaFamily):
         mapping.stage_sizes(cfg["num_hidden_layers"])
 
     # -- the spec: names, shapes and dtypes per rank, from config.json alone --------------------
-    @overload
-    def expected(self, cfg: dict, rank: int, dtype: None = None) -> list[TensorSpec]: ...
-    @overload
-    def expected(self, cfg: dict, rank: int, dtype: torch.dtype | str) -> list[RawTensorSpec]: ...
-    def expected(self, cfg: dict, rank: int, dtype: torch.dtype | str | None = None
-                 ) -> list[TensorSpec] | list[RawTensorSpec]:
-        m = Mapping.from_dict(cfg["mapping"])
-        dt = TORCH_DTYPES[cfg["dtype"]] if dtype is None else dtype
-        f32 = TORCH_DTYPES["float32"] if dtype is None else dtype  # the router (shapes only when dtype is given)
+    def tensor_specs(self, cfg: dict, rank: int, m: Mapping, dt: torch.dtype | str,
+                     shapes_only: bool) -> list[RawTensorSpec]:
+        f32 = dt if shapes_only else TORCH_DTYPES["float32"]  # the router (float32 unless only shapes are asked)
         tp, ep, mtp = m.tp_size, m.moe_ep, m.moe_tp
         H, nh, d = cfg["hidden_size"], cfg["num_attention_heads"], cfg["head_size"]
         nkv = cfg.get("num_key_value_heads") or nh

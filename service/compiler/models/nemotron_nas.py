@@ -30,19 +30,17 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, overload
+from typing import TYPE_CHECKING
 
 from ..checkpoint.mapping import Mapping
 from ..errors import InvalidArgument, InvalidCheckpoint, InvalidMapping, OutputExists, UnsupportedArchitecture
 from ..sources.weights import SourceTensor, WeightSource, read_json
 from .base import (
-    TORCH_DTYPES,
     Piece,
     RawTensorSpec,
     Rule,
     SplitContext,
     TableArch,
-    TensorSpec,
     W,
     check_attention_split,
     check_divisible,
@@ -345,14 +343,8 @@ class NemotronNAS(TableArch):
         mapping.stage_sizes(cfg["num_hidden_layers"])
 
     # -- the spec: names, shapes and dtypes per rank, from config.json alone --------------------
-    @overload
-    def expected(self, cfg: dict, rank: int, dtype: None = None) -> list[TensorSpec]: ...
-    @overload
-    def expected(self, cfg: dict, rank: int, dtype: torch.dtype | str) -> list[RawTensorSpec]: ...
-    def expected(self, cfg: dict, rank: int, dtype: torch.dtype | str | None = None
-                 ) -> list[TensorSpec] | list[RawTensorSpec]:
-        m = Mapping.from_dict(cfg["mapping"])
-        dt = TORCH_DTYPES[cfg["dtype"]] if dtype is None else dtype
+    def tensor_specs(self, cfg: dict, rank: int, m: Mapping, dt: torch.dtype | str,
+                     shapes_only: bool) -> list[RawTensorSpec]:
         tp = m.tp_size
         H, nh, d = cfg["hidden_size"], cfg["num_attention_heads"], cfg["head_size"]
         layers = checkpoint_layers(cfg)

@@ -21,18 +21,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, overload
+from typing import TYPE_CHECKING
 
 from ..checkpoint.mapping import Mapping
 from ..errors import InvalidArgument, UnsupportedArchitecture, WeightsMismatch
 from ..sources.weights import SourceTensor, WeightSource
 from .base import (
-    TORCH_DTYPES,
     Piece,
     RawTensorSpec,
     SplitContext,
     TableArch,
-    TensorSpec,
     W,
     block,
     oriented_shape,
@@ -245,14 +243,8 @@ class Phi3Family(TableArch):
         cfg["mapping"] = mapping.config_dict(cfg["num_hidden_layers"])
         return cfg
 
-    @overload
-    def expected(self, cfg: dict, rank: int, dtype: None = None) -> list[TensorSpec]: ...
-    @overload
-    def expected(self, cfg: dict, rank: int, dtype: torch.dtype | str) -> list[RawTensorSpec]: ...
-    def expected(self, cfg: dict, rank: int, dtype: torch.dtype | str | None = None
-                 ) -> list[TensorSpec] | list[RawTensorSpec]:
-        m = Mapping.from_dict(cfg["mapping"])
-        dt = TORCH_DTYPES[cfg["dtype"]] if dtype is None else dtype
+    def tensor_specs(self, cfg: dict, rank: int, m: Mapping, dt: torch.dtype | str,
+                     shapes_only: bool) -> list[RawTensorSpec]:
         tp = m.tp_size
         H, nh, inter = cfg["hidden_size"], cfg["num_attention_heads"], cfg["intermediate_size"]
         d = cfg.get("head_size") or H // nh

@@ -11,11 +11,11 @@ qkv per rank [Q_r; K_r; V_r], ``gate_proj`` -> ``mlp.fc`` (the silu branch), ``u
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import TYPE_CHECKING, overload
+from typing import TYPE_CHECKING
 
 from ..checkpoint.mapping import Mapping
 from ..errors import UnsupportedArchitecture
-from .base import RawTensorSpec, TensorSpec, W, replicate
+from .base import RawTensorSpec, W, replicate
 from .llama import ENGINE_LAYOUT, LlamaFamily
 from .llama import block_specs as llama_block_specs
 from .llama import engine_weight_map as llama_weight_map
@@ -65,13 +65,9 @@ class Qwen3Family(LlamaFamily):
                     "disable_weight_only_quant_plugin": False, "mlp_only_layers": [], "decoder_sparse_step": 1})
         return cfg
 
-    @overload
-    def expected(self, cfg: dict, rank: int, dtype: None = None) -> list[TensorSpec]: ...
-    @overload
-    def expected(self, cfg: dict, rank: int, dtype: torch.dtype | str) -> list[RawTensorSpec]: ...
-    def expected(self, cfg: dict, rank: int, dtype: torch.dtype | str | None = None
-                 ) -> list[TensorSpec] | list[RawTensorSpec]:
-        base: list = super().expected({**cfg, "architecture": "LlamaForCausalLM"}, rank, dtype)
+    def tensor_specs(self, cfg: dict, rank: int, m: Mapping, dt: torch.dtype | str,
+                     shapes_only: bool) -> list[RawTensorSpec]:
+        base: list = super().tensor_specs({**cfg, "architecture": "LlamaForCausalLM"}, rank, m, dt, shapes_only)
         out: list = []
         d = int(cfg["head_size"])
         for name, shape, dt in base:
