@@ -29,6 +29,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from family_bench import copy_bandwidth  # noqa: E402
 
 MIXTRAL_8X7B = {"architectures": ["MixtralForCausalLM"], "hidden_size": 4096, "intermediate_size": 14336,
                 "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
@@ -79,21 +82,6 @@ def bytes_per_token(cfg: dict, elt: int) -> tuple[int, int]:
     per_layer += 3 * shared * H + H if shared else 0
     weights = L * per_layer + H + H + V * H  # + one embedding row, the final norm, lm_head
     return weights * elt, L * 2 * nkv * d * elt
-
-
-def copy_bandwidth(device: torch.device) -> float:
-    n = (1 << 30) if device.type == "cuda" else (1 << 26)
-    x = torch.empty(n, dtype=torch.uint8, device=device)
-    y = torch.empty_like(x)
-    for _ in range(3):
-        y.copy_(x)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(10):
-        y.copy_(x)
-    sync()
-    return 2 * n * 10 / (time.perf_counter() - t0)
 
 
 def main() -> int:
