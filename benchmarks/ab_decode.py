@@ -8,6 +8,9 @@ alternating ``--rounds`` times so drift of the card shows in both columns. Print
 of every round's median, and new / old.
 
     PYTHONPATH=. python3 benchmarks/ab_decode.py --old .ab/old --new . --shapes 1b,8b --rounds 2 --out $OUT
+    # one engine (built by the new tree), TTFT at 2,048 too, and the new tree once more with prefill graphs on
+    PYTHONPATH=. python3 benchmarks/ab_decode.py --old .ab/old --shapes 8b --rounds 1 --one-engine --long \\
+        --extra graphs:KILN_PREFILL_GRAPHS=1 --out $OUT
 """
 
 from __future__ import annotations
@@ -60,12 +63,28 @@ def stage_build(shape: str, ckpt: Path, engine: Path, synth: bool) -> dict:
     return res
 
 
+def _variants(a) -> list[tuple[str, Path, dict]]:
+    """(name, tree, extra env): old, new, then each --extra NAME:KEY=VAL[,KEY=VAL] on the new tree."""
+    out = [("old", a.old, {}), ("new", a.new, {})]
+    for spec in a.extra:
+        name, _, env = spec.partition(":")
+        out.append((name, a.new, dict(kv.split("=", 1) for kv in env.split(",") if kv)))
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--old", type=Path, help="tree A (older code)")
     ap.add_argument("--new", type=Path, default=Path("."), help="tree B (this code)")
     ap.add_argument("--shapes", default="1b,8b")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--long", action="store_true", help="also time TTFT at 2,048 tokens")
+    ap.add_argument("--one-engine", action="store_true",
+                    help="build one engine with the new tree and time every variant on it (the engine format "
+                         "is the same; the old tree then compiles what its code does differently)")
+    ap.add_argument("--extra", action="append", default=[], metavar="NAME:KEY=VAL[,KEY=VAL]",
+                    help="a further variant: the new tree with these environment variables, e.g. "
+                         "graphs:KILN_PREFILL_GRAPHS=1 ('{out}' in a value is replaced by --out)")
     ap.add_argument("--work", type=Path, default=Path("/dev/shm/kiln-ab"))
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--stage", choices=["build"], help=argparse.SUPPRESS)
@@ -81,15 +100,16 @@ def main() -> int:
         ap.error("--old is required")
     out = a.out or a.work
     out.mkdir(parents=True, exist_ok=True)
-    trees = {"old": a.old, "new": a.new}
+    variants = _variants(a)
     me = str(Path(__file__).resolve())
     results: dict = {}
     for shape in a.shapes.split(","):
-        r: dict = {"old": [], "new": []}
+        r: dict = {name: [] for name, _, _ in variants}
         results[shape] = r
         shutil.rmtree(a.work / shape, ignore_errors=True)
         ckpt = a.work / shape / "ckpt"
-        for i, (name, tree) in enumerate(trees.items()):
+        builders = [("new", a.new)] if a.one_engine else [("old", a.old), ("new", a.new)]
+        for i, (name, tree) in enumerate(builders):
             engine = a.work / shape / f"engine-{name}"
             b = _run(tree, [me, "--stage", "build", "--shape", shape, "--ckpt", str(ckpt), "--engine", str(engine),
                             *(["--synth"] if i == 0 else [])], timeout=900)
@@ -97,31 +117,43 @@ def main() -> int:
             print(shape, name, "build", json.dumps(b), flush=True)
         shutil.rmtree(ckpt, ignore_errors=True)
         for rnd in range(a.rounds):
-            for name, tree in trees.items():
-                e = _run(tree, [str(tree.resolve() / "benchmarks" / "engine_bench.py"), "--worker", "engine",
-                                "--engine", str(a.work / shape / f"engine-{name}"), "--shape", shape, "--flags", ""],
-                         timeout=900)
+            for name, tree, env in variants:
+                engine = a.work / shape / ("engine-new" if a.one_engine or name != "old" else "engine-old")
+                extra = {k: v.replace("{out}", str(out)) for k, v in env.items()}
+                saved = {k: os.environ.get(k) for k in extra}
+                os.environ.update(extra)
+                try:
+                    e = _run(tree, [str(tree.resolve() / "benchmarks" / "engine_bench.py"), "--worker", "engine",
+                                    "--engine", str(engine), "--shape", shape, "--flags", "long" if a.long else ""],
+                             timeout=900)
+                finally:
+                    for k, v in saved.items():
+                        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
                 e.pop("kernels", None)
                 r[name].append(e)
                 print(shape, name, f"round {rnd}", json.dumps({k: e.get(k) for k in (
-                    "bs1_decode_tok_s", "bs1_decode_tok_s_all", "ttft128_s", "greedy_head", "error")}), flush=True)
+                    "bs1_decode_tok_s", "ttft128_s", "ttft2048_s", "load_to_first_token_s", "greedy_head", "error")}),
+                    flush=True)
                 (out / "ab_decode.json").write_text(json.dumps(results, indent=2))
         shutil.rmtree(a.work / shape, ignore_errors=True)
-    print("\n| shape | old decode tok/s bs1 (rounds) | new decode tok/s bs1 (rounds) | new/old | "
-          "old TTFT@128 ms | new TTFT@128 ms | same greedy tokens |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| shape | variant | decode tok/s bs1 (rounds) | / old | TTFT@128 ms | TTFT@2048 ms | "
+          "load + first token s | same greedy tokens as old |")
+    print("|---|---|---|---|---|---|---|---|")
+
+    def med(runs: list[dict], key: str, scale: float = 1.0) -> float:
+        vals = [e[key] * scale for e in runs if key in e]
+        return statistics.median(vals) if vals else float("nan")
+
     for shape, r in results.items():
-        med = {}
-        for name in trees:
-            ok = [e for e in r[name] if "bs1_decode_tok_s" in e]
-            med[name] = statistics.median(e["bs1_decode_tok_s"] for e in ok) if ok else float("nan")
-        cols = {n: ", ".join(f"{e['bs1_decode_tok_s']:.1f}" if "bs1_decode_tok_s" in e else "ERR" for e in r[n])
-                for n in trees}
-        ttft = {n: statistics.median([e["ttft128_s"] * 1e3 for e in r[n] if "ttft128_s" in e] or [float("nan")])
-                for n in trees}
-        heads = {n: next((e["greedy_head"] for e in r[n] if "greedy_head" in e), None) for n in trees}
-        print(f"| {shape} | {med['old']:.1f} ({cols['old']}) | {med['new']:.1f} ({cols['new']}) | "
-              f"{med['new'] / med['old']:.3f} | {ttft['old']:.1f} | {ttft['new']:.1f} | {heads['old'] == heads['new']} |")
+        base = med(r["old"], "bs1_decode_tok_s")
+        head = next((e["greedy_head"] for e in r["old"] if "greedy_head" in e), None)
+        for name, _, _ in variants:
+            runs = r[name]
+            cols = ", ".join(f"{e['bs1_decode_tok_s']:.1f}" if "bs1_decode_tok_s" in e else "ERR" for e in runs)
+            dec = med(runs, "bs1_decode_tok_s")
+            same = next((e["greedy_head"] == head for e in runs if "greedy_head" in e), None)
+            print(f"| {shape} | {name} | {dec:.1f} ({cols}) | {dec / base:.3f} | {med(runs, 'ttft128_s', 1e3):.1f} | "
+                  f"{med(runs, 'ttft2048_s', 1e3):.1f} | {med(runs, 'load_to_first_token_s'):.2f} | {same} |")
     return 0
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -165,6 +166,12 @@ def fresh_start(engine_dir: str, shape: str):
     from service.compiler.engine.engine import Engine
 
     res["import_engine_s"] = time.time() - created
+    prof_path = os.environ.get("KILN_STARTUP_PROFILE")  # cProfile of load + first token (inflates both)
+    if prof_path:
+        import cProfile
+
+        prof = cProfile.Profile()
+        prof.enable()
     t0 = time.perf_counter()
     engine = Engine.load(engine_dir)
     res["load"] = engine.load_stats
@@ -172,6 +179,16 @@ def fresh_start(engine_dir: str, shape: str):
     first = engine.generate(prompts(1, PROMPT, vocab), 1)
     res["first_ttft_s"] = first.stats["ttft_seconds"]
     res["load_to_first_token_s"] = time.perf_counter() - t0
+    if prof_path:
+        import io
+        import pstats
+
+        prof.disable()
+        buf = io.StringIO()
+        stats = pstats.Stats(prof, stream=buf).sort_stats("cumulative")
+        stats.print_stats(80)
+        stats.sort_stats("tottime").print_stats(40)
+        Path(prof_path).write_text(buf.getvalue())
     res["process_start_to_first_token_s"] = time.time() - created
     from torch._dynamo.utils import counters
 

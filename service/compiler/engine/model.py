@@ -312,11 +312,14 @@ def _scores_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, p: Plan) -> torch.Tensor:
+    """Attention of q [B, nh, Tq, d] over k/v [B, nkv, Tk, d]; fewer KV heads than query heads (GQA)
+    are shared by consecutive query heads, as transformers' repeat_kv lays them out."""
     if p.softcap is not None:
+        if k.shape[1] != q.shape[1]:
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
+            v = v.repeat_interleave(q.shape[1] // v.shape[1], 1)
         return _scores_attention(q, k, v, mask, p)
-    if p.scale is not None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=p.scale)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=p.scale, enable_gqa=k.shape[1] != q.shape[1])
 
 
 def decode_qkv(h: torch.Tensor, w: LayerWeights, cos: torch.Tensor, sin: torch.Tensor, nh: int, nkv: int, d: int,
@@ -372,7 +375,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
     """q [B, nh, T, d], k/v [B, nkv, T, d] (already rounded as the cache stores them) are written to
     cache slots [0, T) (a sliding layer's ring of S slots: slot s of row b takes position ``ring[b, s]``,
     the last position < length[b] that is s mod S); causal attention (a sliding window: only the last
-    ``window`` positions) with the KV heads repeated for GQA; returns [B, T, nh * d]."""
+    ``window`` positions), GQA without repeating the KV heads; returns [B, T, nh * d]."""
     B, nh, T, d = q.shape
     if p.attn == "sliding":
         assert ring is not None
@@ -382,11 +385,9 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
     else:
         k_cache[:, :, :T] = k
         v_cache[:, :, :T] = v
-    if k.shape[1] != nh:
-        k = k.repeat_interleave(nh // k.shape[1], 1)
-        v = v.repeat_interleave(nh // v.shape[1], 1)
     if p.attn == "full" and p.softcap is None and p.scale is None:
-        attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        # GQA in the kernel (flash / cuDNN read each KV head for its query heads): no expanded copy of K/V
+        attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != nh)
     else:
         i = torch.arange(T, device=q.device)
         seen = i[None, :] <= i[:, None]
