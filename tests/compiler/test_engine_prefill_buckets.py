@@ -116,6 +116,23 @@ def test_tensor_parallel_and_moe_engines_keep_the_plain_prefill(engine_and_model
         engine.model.plans = plans
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_compiled_engine_gives_transformers_tokens_on_cpu(family, tmp_path):
+    """The torch.compile'd step functions (what a GPU engine always runs; Inductor's C++ backend here)
+    trace and give transformers' tokens: GQA in the dynamic-shape prefill (Llama, causal SDPA; Gemma 2,
+    sliding masks and soft-capped scores), which the eager CPU tests do not trace."""
+    torch.manual_seed(0)
+    model = FAMILIES[family]().eval()
+    perturb_norms(model)
+    model.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    convert_checkpoint(tmp_path / "hf", tmp_path / "ckpt", dtype="float32")
+    build(tmp_path / "ckpt", BuildConfig(max_batch_size=4, max_input_len=48, max_seq_len=64, target="cpu",
+                                         measure_performance=False), tmp_path / "engine")
+    engine = Engine.load(tmp_path / "engine", compile=True)
+    prompts = PROMPT_SETS[2]
+    assert engine.generate(prompts, max_new_tokens=NEW).tokens == hf_greedy(model, prompts, NEW)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
 def test_prefill_graphs_replay_what_the_eager_prefill_computes(tmp_path):

@@ -319,7 +319,9 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
             k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
             v = v.repeat_interleave(q.shape[1] // v.shape[1], 1)
         return _scores_attention(q, k, v, mask, p)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=p.scale, enable_gqa=k.shape[1] != q.shape[1])
+    if k.shape[1] != q.shape[1]:  # a Python branch: under dynamic shapes the comparison is symbolic
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=p.scale, enable_gqa=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=p.scale)
 
 
 def decode_qkv(h: torch.Tensor, w: LayerWeights, cos: torch.Tensor, sin: torch.Tensor, nh: int, nkv: int, d: int,
@@ -387,7 +389,10 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
         v_cache[:, :, :T] = v
     if p.attn == "full" and p.softcap is None and p.scale is None:
         # GQA in the kernel (flash / cuDNN read each KV head for its query heads): no expanded copy of K/V
-        attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != nh)
+        if k.shape[1] != nh:  # (a Python branch: under dynamic shapes the comparison is symbolic)
+            attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     else:
         i = torch.arange(T, device=q.device)
         seen = i[None, :] <= i[:, None]
