@@ -27,6 +27,7 @@ COPY service/ service/
 COPY proto/ proto/
 COPY --from=proto /src/service/api/grpc_gen/ service/api/grpc_gen/
 RUN pip install -e ".[api]"
+RUN python -m compileall -q -j 0 /app/service
 USER kiln
 EXPOSE 8080 50051
 HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=5 \
@@ -50,6 +51,10 @@ COPY service/ service/
 COPY proto/ proto/
 COPY --from=proto /src/service/api/grpc_gen/ service/api/grpc_gen/
 RUN pip install -e ".[worker,hf,gpu]"
+# Bytecode compiled now: PYTHONDONTWRITEBYTECODE keeps the running worker from writing it, and without it
+# every fresh engine process compiles torch._dynamo / _inductor / sympy / Kiln from source again
+# (~5 s of an 8B engine's first token on the H200, benchmarks/README-engine.md).
+RUN python -m compileall -q -j 0 /app/service /opt/venv/lib
 USER kiln
 # One worker process per GPU set; it advertises build.<sm> queues for the GPUs it sees.
 CMD ["kiln", "worker", "--concurrency", "1"]

@@ -11,6 +11,8 @@ call cut off at its time limit still returns what it measured. Row groups, in th
 * ``quant`` — ``kiln convert --quantization FP8`` at the default calibration (128 x 512) and with
   ``--fast``; FP8 and W4A16 engines (``kiln build --no-measure``, same limits) timed like bf16 at batch 1,
   with their ratio to this call's bf16 decode (a bf16 engine is built for it when ``bf16`` is not run).
+* ``engines`` — ``quant`` without its two convert-timing rows (FP8 converted with ``--fast``); ``--algos``
+  picks the engines, e.g. ``--only bf16,engines --algos W4A16``.
 * ``hf``    — HF ``generate`` with a static cache + torch.compile at batch 1, 8 and 32 (the same prompts).
 
 Disk: at most the HF folder + one checkpoint + one engine at a time (8B: ~34 GB; the HF folder is made again
@@ -121,7 +123,6 @@ def worker_engine(engine_dir: str, shape: str, full: bool) -> dict:
     vocab = eb.SHAPES[shape]["vocab_size"]
     p1 = eb.prompts(1, PROMPT, vocab)
     engine.generate(p1, NEW)
-    base_tokens = engine.generate(p1, 32).tokens  # eager prefill: the prefill graphs' rows compare with it
     runs = [engine.generate(p1, NEW).stats for _ in range(3)]
     res["bs1_decode_tok_s"] = statistics.median((NEW - 1) / r["decode_seconds"] for r in runs)
     if full:
@@ -129,12 +130,14 @@ def worker_engine(engine_dir: str, shape: str, full: bool) -> dict:
         pl = eb.prompts(1, LONG, vocab, seed=2)
         engine.generate(pl, 1)
         res["ttft2048_s"] = statistics.median(engine.generate(pl, 1).stats["ttft_seconds"] for _ in range(5))
-        if engine.use_graphs and engine.set_prefill_graphs(True):  # the opt-in prefill graphs, same process
-            engine.generate(p1, 1)  # captures the (1, 128) bucket
-            res["ttft128_prefill_graphs_s"] = statistics.median(
-                engine.generate(p1, 1).stats["ttft_seconds"] for _ in range(5))
-            res["prefill_graphs_same_tokens"] = engine.generate(p1, 32).tokens == base_tokens
+        if engine.prefill_graph_tokens:  # the default prefill graphs against the eager prefill, same process
+            graphed_tokens = engine.generate(p1, 32).tokens
             engine.set_prefill_graphs(False)
+            engine.generate(p1, 1)
+            res["ttft128_eager_prefill_s"] = statistics.median(
+                engine.generate(p1, 1).stats["ttft_seconds"] for _ in range(5))
+            res["prefill_graphs_same_tokens"] = engine.generate(p1, 32).tokens == graphed_tokens
+            engine.set_prefill_graphs(True)
         for b in BATCHES:
             pb = eb.prompts(b, PROMPT, vocab, seed=3)
             engine.generate(pb, NEW)
@@ -143,10 +146,33 @@ def worker_engine(engine_dir: str, shape: str, full: bool) -> dict:
             res[f"bs{b}_e2e_tok_s"] = max(b * NEW / (s["prefill_seconds"] + s["decode_seconds"]) for s in st)
     if torch.cuda.is_available():
         res["peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    if full and torch.cuda.is_available():
+        res["weights_loaders"] = time_loaders(Path(engine_dir) / "rank0.safetensors")
     if full and os.environ.get("KILN_PROFILE_DIR"):
         profile_engine(engine, p1, eb.prompts(1, LONG, vocab, seed=2), Path(os.environ["KILN_PROFILE_DIR"]), shape)
     res.pop("all_counters", None)
     return res
+
+
+def time_loaders(path: Path, rounds: int = 2) -> dict:
+    """The engine file into GPU memory from the page cache: safetensors' load_file (what Engine.load used)
+    against Kiln's parallel reader (what it uses now), alternating; seconds, the best of ``rounds`` each."""
+    from safetensors.torch import load_file
+
+    from service.compiler.engine.weights import load_weights
+
+    times: dict[str, list[float]] = {"load_file": [], "load_weights": []}
+    for _ in range(rounds):
+        for name, fn in (("load_file", lambda: load_file(str(path), device="cuda")),
+                         ("load_weights", lambda: load_weights(path, "cuda"))):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            w = fn()
+            torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t0)
+            del w
+            torch.cuda.empty_cache()
+    return {"gb": path.stat().st_size / 1e9, **{k: min(v) for k, v in times.items()}}
 
 
 def profile_engine(engine, short: list, long: list, out: Path, shape: str) -> None:
@@ -220,12 +246,16 @@ def engine_rows(table: Table, label: str, r: dict, full: bool) -> None:
               f"{1e3 * r['ttft128_s']:.1f} ms")
     table.row("ttft2048" if LONG == 2048 else "ttft_long", f"{label} TTFT, {LONG}-token prompt",
               f"{1e3 * r['ttft2048_s']:.1f} ms")
-    if "ttft128_prefill_graphs_s" in r:
-        table.row("ttft128" if PROMPT == 128 else "ttft_short",
-                  f"{label} TTFT, {PROMPT}-token prompt, prefill CUDA graphs (opt-in, same process)",
-                  f"{1e3 * r['ttft128_prefill_graphs_s']:.1f} ms",
-                  f"{r['ttft128_s'] / r['ttft128_prefill_graphs_s']:.2f}x faster; same greedy tokens: "
-                  f"{r['prefill_graphs_same_tokens']}")
+    if "ttft128_eager_prefill_s" in r:
+        table.row("ttft_eager", f"{label} TTFT, {PROMPT}-token prompt, eager prefill (KILN_PREFILL_GRAPHS=0, same "
+                  "process)", f"{1e3 * r['ttft128_eager_prefill_s']:.1f} ms",
+                  f"the default prefill graphs are {r['ttft128_eager_prefill_s'] / r['ttft128_s']:.2f}x faster; "
+                  f"same greedy tokens: {r['prefill_graphs_same_tokens']}")
+    if "weights_loaders" in r:
+        w = r["weights_loaders"]
+        table.row("weights", f"{label} engine file ({w['gb']:.1f} GB, page cache) -> GPU", f"{w['load_weights']:.2f} s",
+                  f"Kiln's parallel reader, {w['gb'] / w['load_weights']:.1f} GB/s; safetensors load_file "
+                  f"{w['load_file']:.2f} s ({w['gb'] / w['load_file']:.1f} GB/s); best of 2 each, alternating")
     for b in BATCHES:
         table.row(f"bs{b}", f"{label} decode, batch {b}", f"{r[f'bs{b}_decode_tok_s']:.0f} tok/s",
                   f"end to end (prefill + decode) {r[f'bs{b}_e2e_tok_s']:.0f} tok/s")
@@ -249,9 +279,12 @@ def group_bf16(shape: str, work: Path, table: Table, tiny: bool, res: dict) -> N
     shutil.rmtree(engine)
 
 
-def group_quant(shape: str, work: Path, table: Table, tiny: bool, res: dict, base: float | None) -> None:
-    """FP8 converts (default, --fast), then the FP8 and W4A16 engines, then (without this call's bf16
-    group) a bf16 engine for the ratios. Disk: HF folder + at most two checkpoints or one + an engine."""
+def group_quant(shape: str, work: Path, table: Table, tiny: bool, res: dict, base: float | None,
+                converts: bool = True, algos: tuple[str, ...] = ("FP8", "W4A16")) -> None:
+    """FP8 converts (default, --fast; ``converts``), then the engines of ``algos``, then (without this call's
+    bf16 group) a bf16 engine for the ratios. Without ``converts`` (group ``engines``) the FP8 checkpoint is
+    converted with --fast: the engine's speed does not depend on the calibration. Disk: HF folder + at most
+    two checkpoints or one + an engine."""
     name = eb.SHAPES[shape]["name"]
     hf = work / "hf"
     if not hf.exists():
@@ -259,7 +292,7 @@ def group_quant(shape: str, work: Path, table: Table, tiny: bool, res: dict, bas
     calib = ["--calibration-samples", "16", "--calibration-seq-len", "128"] if tiny else []
     what = "16 x 128 (--tiny)" if tiny else "128 x 512, the default"
     for key, flags, label in (("convert_fp8", [], "GPTQ rounding (default)"),
-                              ("convert_fp8_fast", ["--fast"], "--fast: max calibration")):
+                              ("convert_fp8_fast", ["--fast"], "--fast: max calibration")) if converts else ():
         out = work / ("q-FP8" if key == "convert_fp8" else "q-fp8-fast")
         c = res[key] = run_cli(["convert", str(hf), str(out), "--quantization", "FP8", *flags, *calib])
         t = c.get("timings", {})
@@ -270,11 +303,12 @@ def group_quant(shape: str, work: Path, table: Table, tiny: bool, res: dict, bas
         if key == "convert_fp8_fast":
             shutil.rmtree(out)
     decode: dict[str, float] = {}
-    for algo in ["FP8", "W4A16"] + (["bf16"] if base is None else []):
+    for algo in list(algos) + (["bf16"] if base is None else []):
         ckpt = work / f"q-{algo}"
         if not ckpt.exists():
+            fast = ["--fast"] if algo == "FP8" and not converts else []
             res[f"convert_{algo}"] = run_cli(["convert", str(hf), str(ckpt),
-                                              *([] if algo == "bf16" else ["--quantization", algo])])
+                                              *([] if algo == "bf16" else ["--quantization", algo, *fast, *calib])])
         if algo == "bf16":
             shutil.rmtree(hf)  # the last user of the HF folder
         engine = work / f"engine-{algo}"
@@ -291,7 +325,7 @@ def group_quant(shape: str, work: Path, table: Table, tiny: bool, res: dict, bas
                   f"{decode[algo]:.1f} tok/s", f"build (--no-measure) {res[f'build_{algo}']['seconds']:.0f} s")
     shutil.rmtree(hf, ignore_errors=True)
     base = base if base is not None else decode.get("bf16")
-    for algo in ("FP8", "W4A16"):
+    for algo in algos:
         if algo in decode and base:
             table.row(f"{algo.lower()}_ratio", f"{name} {algo} decode / bf16, batch 1", f"{decode[algo] / base:.2f}x",
                       f"{decode[algo]:.1f} / {base:.1f} tok/s")
@@ -313,7 +347,10 @@ def main() -> int:
     ap.add_argument("--shape", choices=["8b", "1b", "micro"], default="8b", help="8b, 1b (micro: same as --tiny)")
     ap.add_argument("--tiny", action="store_true",
                     help="the CPU smoke run: a 2-layer, 256-wide Llama, short prompts, small calibration")
-    ap.add_argument("--only", default="bf16,quant,hf", help="row groups to run, in this order: bf16, quant, hf")
+    ap.add_argument("--only", default="bf16,quant,hf",
+                    help="row groups to run, in this order: bf16, quant, hf; or engines (the quantized engines' "
+                         "decode without quant's convert-timing rows)")
+    ap.add_argument("--algos", default="FP8,W4A16", help="the quantized engines of quant / engines")
     ap.add_argument("--work", default="/tmp/kiln-h200-targets")
     ap.add_argument("--out", default=os.environ.get("OUT"), help="folder for table.md + h200_targets.json (default $OUT)")
     ap.add_argument("--worker", choices=["engine", "hf"], help=argparse.SUPPRESS)
@@ -331,7 +368,7 @@ def main() -> int:
         print(json.dumps(worker_hf(a.shape, [1, *BATCHES])))
         return 0
     groups = [g.strip() for g in a.only.split(",") if g.strip()]
-    if set(groups) - {"bf16", "quant", "hf"}:
+    if set(groups) - {"bf16", "quant", "engines", "hf"}:
         ap.error(f"unknown group in --only {a.only!r}")
     out = Path(a.out) if a.out else None
     if out:
@@ -353,9 +390,10 @@ def main() -> int:
         for g in groups:
             if g == "bf16":
                 group_bf16(shape, work, table, tiny, results)
-            elif g == "quant":
+            elif g in ("quant", "engines"):
                 base = results.get("engine_bf16", {}).get("bs1_decode_tok_s")
-                group_quant(shape, work, table, tiny, results, base)
+                group_quant(shape, work, table, tiny, results, base, converts=g == "quant",
+                            algos=tuple(x for x in a.algos.split(",") if x))
             else:
                 group_hf(shape, table, results)
             if out:
