@@ -116,21 +116,36 @@ def test_tensor_parallel_and_moe_engines_keep_the_plain_prefill(engine_and_model
         engine.model.plans = plans
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2"])
+@pytest.mark.parametrize("family", ["llama", "gemma2", "phi3", "mixtral"])
 def test_compiled_engine_gives_transformers_tokens_on_cpu(family, tmp_path):
     """The torch.compile'd step functions (what a GPU engine always runs; Inductor's C++ backend here)
-    trace and give transformers' tokens: GQA in the dynamic-shape prefill (Llama, causal SDPA; Gemma 2,
-    sliding masks and soft-capped scores), which the eager CPU tests do not trace."""
+    trace and give transformers' tokens: GQA in the prefill with symbolic batch and length (Llama, causal
+    SDPA; Gemma 2, sliding rings and soft-capped scores; Phi-3, per-row longrope tables; Mixtral, routed
+    experts), which the eager CPU tests do not trace. Prefills of new batch sizes and lengths reuse the
+    graphs compiled for the first ones (no recompiles)."""
+    from torch._dynamo.utils import counters
+
+    from tests.compiler import test_family_moe as moe
+
     torch.manual_seed(0)
-    model = FAMILIES[family]().eval()
-    perturb_norms(model)
+    model = moe.tiny("mixtral") if family == "mixtral" else FAMILIES[family]().eval()
+    if family != "mixtral":
+        perturb_norms(model)
     model.save_pretrained(tmp_path / "hf", safe_serialization=True)
     convert_checkpoint(tmp_path / "hf", tmp_path / "ckpt", dtype="float32")
     build(tmp_path / "ckpt", BuildConfig(max_batch_size=4, max_input_len=48, max_seq_len=64, target="cpu",
                                          measure_performance=False), tmp_path / "engine")
     engine = Engine.load(tmp_path / "engine", compile=True)
-    prompts = PROMPT_SETS[2]
-    assert engine.generate(prompts, max_new_tokens=NEW).tokens == hf_greedy(model, prompts, NEW)
+    if family == "mixtral":  # test_family_moe's prompts and greedy (no min_new_tokens: EOS is a likely token)
+        assert engine.generate(moe.PROMPTS, max_new_tokens=8).tokens == moe.hf_greedy(model)
+    else:
+        prompts = PROMPT_SETS[2]
+        assert engine.generate(prompts, max_new_tokens=NEW).tokens == hf_greedy(model, prompts, NEW)
+    graphs = counters["stats"]["unique_graphs"]
+    with torch.inference_mode():
+        for b, t in ((3, 24), (2, 9), (4, 47)):
+            engine.model.prefill(torch.randint(3, 90, (b, t)), torch.full((b,), t))
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
 @pytest.mark.gpu

@@ -404,6 +404,20 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
     return attn.transpose(1, 2).reshape(B, T, nh * d)
 
 
+def _dynamic(t: torch.Tensor, *dims: int) -> torch.Tensor:
+    """Mark dims of a prefill input as symbolic for torch.compile (batch rows, prompt tokens): one graph
+    serves every batch and prompt length, while weights and widths stay static shapes (dynamic=True made
+    every dim of every input symbolic: slower tracing at load, generic kernels). A no-op when eager."""
+    for d in dims:
+        torch._dynamo.maybe_mark_dynamic(t, d)
+    return t
+
+
+def _rows(cache: torch.Tensor, row0: int, B: int) -> torch.Tensor:
+    """Cache rows [row0, row0 + B) of one layer, the batch dim symbolic like the prefill's other inputs."""
+    return _dynamic(cache[row0:row0 + B], 0)
+
+
 def _row_tables(long_rows: torch.Tensor, short: tuple[torch.Tensor, torch.Tensor],
                 long: tuple[torch.Tensor, torch.Tensor], T: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row rope tables [B, T, d/2]: the long ones for rows flagged in ``long_rows`` [B], else the short."""
@@ -707,13 +721,13 @@ class EngineModel:
         if ring:
             def ring_step(h, ropes, rings, row0, B):
                 cos, sin = ropes[r]
-                return layer(h, w, kc[row0:row0 + B], vc[row0:row0 + B], cos, sin, nh, nkv, d, eps, group, kv_algo,
+                return layer(h, w, _rows(kc, row0, B), _rows(vc, row0, B), cos, sin, nh, nkv, d, eps, group, kv_algo,
                              p, rings[ring])
             return ring_step
 
         def step(h, ropes, rings, row0, B):
             cos, sin = ropes[r]
-            return layer(h, w, kc[row0:row0 + B], vc[row0:row0 + B], cos, sin, nh, nkv, d, eps, group, kv_algo, p)
+            return layer(h, w, _rows(kc, row0, B), _rows(vc, row0, B), cos, sin, nh, nkv, d, eps, group, kv_algo, p)
         return step
 
     def compile(self, mode: str | None = None, options: dict | None = None) -> None:
@@ -721,7 +735,8 @@ class EngineModel:
         self._fn = {"decode_layer": torch.compile(decode_layer, dynamic=False, **kw),
                     "decode_qkv": torch.compile(decode_qkv, dynamic=False, **kw),
                     "decode_out": torch.compile(decode_out, dynamic=False, **kw),
-                    "prefill_layer": torch.compile(prefill_layer, dynamic=True, **kw)}
+                    # batch and prompt length symbolic (marked in prefill), weights and every width static
+                    "prefill_layer": torch.compile(prefill_layer, **kw)}
         self._head = torch.compile(lm_head, dynamic=False, **kw)
         self._resolve()
 
@@ -758,12 +773,13 @@ class EngineModel:
         """ids [B, T] right-padded, lengths [B] -> float32 logits of each row's last token [B, vocab]
         (or of every token [B, T, vocab]); K/V go to cache rows [row0, row0 + B)."""
         B, T = ids.shape
-        h = self._embed(ids, None, T)
+        h = _dynamic(self._embed(ids, None, T), 0, 1)
         # longrope: each row takes the long factors when its own length passes the original one (what
         # transformers does for that row alone), so a row's tokens do not depend on its batch-mates
         ropes = [(cos[:T], sin[:T]) if long is None else _row_tables(lengths > long[0], (cos, sin), long[1:], T)
-                 for (cos, sin), long in zip(self.rope_tables, self._long_prefill, strict=True)] + [(None, None)]
-        rings = {s: ring_positions(lengths, s, T) for s in self._rings}
+                 for (cos, sin), long in zip(self.rope_tables, self._long_prefill, strict=True)]
+        ropes = [(_dynamic(c, *range(c.dim() - 1)), _dynamic(s, *range(s.dim() - 1))) for c, s in ropes] + [(None, None)]
+        rings = {s: _dynamic(ring_positions(lengths, s, T), 0) for s in self._rings}
         for step in self._prefill_steps:
             h = step(h, ropes, rings, row0, B)
         if not all_logits:
