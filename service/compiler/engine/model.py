@@ -776,9 +776,10 @@ class EngineModel:
         h = _dynamic(self._embed(ids, None, T), 0, 1)
         # longrope: each row takes the long factors when its own length passes the original one (what
         # transformers does for that row alone), so a row's tokens do not depend on its batch-mates
-        ropes = [(cos[:T], sin[:T]) if long is None else _row_tables(lengths > long[0], (cos, sin), long[1:], T)
-                 for (cos, sin), long in zip(self.rope_tables, self._long_prefill, strict=True)]
-        ropes = [(_dynamic(c, *range(c.dim() - 1)), _dynamic(s, *range(s.dim() - 1))) for c, s in ropes] + [(None, None)]
+        tables = [(cos[:T], sin[:T]) if long is None else _row_tables(lengths > long[0], (cos, sin), long[1:], T)
+                  for (cos, sin), long in zip(self.rope_tables, self._long_prefill, strict=True)]
+        ropes: list = [(_dynamic(c, *range(c.dim() - 1)), _dynamic(s, *range(s.dim() - 1))) for c, s in tables]
+        ropes.append((None, None))
         rings = {s: _dynamic(ring_positions(lengths, s, T), 0) for s in self._rings}
         for step in self._prefill_steps:
             h = step(h, ropes, rings, row0, B)

@@ -71,12 +71,12 @@ def load_weights(path: str | os.PathLike, device: str | torch.device, threads: i
                 if not on_gpu:
                     while (item := take()) is not None:
                         dst, offset, n = item
-                        _read_exact(f, memoryview(dst.numpy()), offset, path)
+                        _read_exact(f, dst.numpy().data, offset, path)
                     return
                 stream = torch.cuda.Stream(device)
                 pinned = torch.empty(min(chunk, max((n for _, _, n in items), default=1)), dtype=torch.uint8,
                                      pin_memory=True)
-                staged = memoryview(pinned.numpy())
+                staged = pinned.numpy().data
                 done = None  # the event of this buffer's last copy: the buffer is free once it completes
                 with torch.cuda.stream(stream):
                     while (item := take()) is not None:
