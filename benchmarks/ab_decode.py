@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 
 
-def _run(tree: Path, args: list[str], timeout: float) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(tree.resolve()), PYTHONUNBUFFERED="1")
+def _run(tree: Path, args: list[str], timeout: float, env_extra: dict | None = None) -> dict:
+    env = dict(os.environ, **(env_extra or {}), PYTHONPATH=str(tree.resolve()), PYTHONUNBUFFERED="1")
     t0 = time.perf_counter()
     # cwd = the tree: the build's rank processes run `python -m service...` from the working directory
     p = subprocess.run([sys.executable, *args], env=env, cwd=tree.resolve(), capture_output=True, text=True,
@@ -119,16 +119,9 @@ def main() -> int:
         for rnd in range(a.rounds):
             for name, tree, env in variants:
                 engine = a.work / shape / ("engine-new" if a.one_engine or name != "old" else "engine-old")
-                extra = {k: v.replace("{out}", str(out)) for k, v in env.items()}
-                saved = {k: os.environ.get(k) for k in extra}
-                os.environ.update(extra)
-                try:
-                    e = _run(tree, [str(tree.resolve() / "benchmarks" / "engine_bench.py"), "--worker", "engine",
-                                    "--engine", str(engine), "--shape", shape, "--flags", "long" if a.long else ""],
-                             timeout=900)
-                finally:
-                    for k, v in saved.items():
-                        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+                e = _run(tree, [str(tree.resolve() / "benchmarks" / "engine_bench.py"), "--worker", "engine",
+                                "--engine", str(engine), "--shape", shape, "--flags", "long" if a.long else ""],
+                         timeout=900, env_extra={k: v.replace("{out}", str(out)) for k, v in env.items()})
                 e.pop("kernels", None)
                 r[name].append(e)
                 print(shape, name, f"round {rnd}", json.dumps({k: e.get(k) for k in (

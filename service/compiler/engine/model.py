@@ -311,6 +311,14 @@ def _scores_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     return torch.matmul((s + mask).softmax(-1).to(v.dtype), v)
 
 
+def _sdpa_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw) -> torch.Tensor:
+    """F.scaled_dot_product_attention reading each KV head for its group of query heads in the kernel when
+    k/v have fewer heads (GQA; no expanded copy). A Python branch: ``enable_gqa`` must be a bool."""
+    if k.shape[1] != q.shape[1]:
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kw)
+    return F.scaled_dot_product_attention(q, k, v, **kw)
+
+
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, p: Plan) -> torch.Tensor:
     """Attention of q [B, nh, Tq, d] over k/v [B, nkv, Tk, d]; fewer KV heads than query heads (GQA)
     are shared by consecutive query heads, as transformers' repeat_kv lays them out."""
@@ -319,9 +327,7 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
             k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
             v = v.repeat_interleave(q.shape[1] // v.shape[1], 1)
         return _scores_attention(q, k, v, mask, p)
-    if k.shape[1] != q.shape[1]:  # a Python branch: under dynamic shapes the comparison is symbolic
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=p.scale, enable_gqa=True)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=p.scale)
+    return _sdpa_gqa(q, k, v, attn_mask=mask, scale=p.scale)
 
 
 def decode_qkv(h: torch.Tensor, w: LayerWeights, cos: torch.Tensor, sin: torch.Tensor, nh: int, nkv: int, d: int,
@@ -388,11 +394,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
         k_cache[:, :, :T] = k
         v_cache[:, :, :T] = v
     if p.attn == "full" and p.softcap is None and p.scale is None:
-        # GQA in the kernel (flash / cuDNN read each KV head for its query heads): no expanded copy of K/V
-        if k.shape[1] != nh:  # (a Python branch: under dynamic shapes the comparison is symbolic)
-            attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        else:
-            attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        attn = _sdpa_gqa(q, k, v, is_causal=True)
     else:
         i = torch.arange(T, device=q.device)
         seen = i[None, :] <= i[:, None]

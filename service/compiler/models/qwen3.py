@@ -70,11 +70,11 @@ class Qwen3Family(LlamaFamily):
         base: list = super().tensor_specs({**cfg, "architecture": "LlamaForCausalLM"}, rank, m, dt, shapes_only)
         out: list = []
         d = int(cfg["head_size"])
-        for name, shape, dt in base:
-            out.append((name, shape, dt))
+        for name, shape, t in base:  # the q/k norms take the dtype of the layer's dense weight
+            out.append((name, shape, t))
             if name.endswith(".attention.dense.weight"):
                 p = name[: -len("dense.weight")]
-                out += [(p + "q_layernorm.weight", (d,), dt), (p + "k_layernorm.weight", (d,), dt)]
+                out += [(p + "q_layernorm.weight", (d,), t), (p + "k_layernorm.weight", (d,), t)]
         return out
 
     def layer_table(self, cfg: dict, i: int) -> list[W]:
